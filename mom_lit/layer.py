@@ -1,0 +1,224 @@
+"""The Mixture-of-Memories layer.
+
+Per token: the router picks ``topk`` of E memories with renormalised weights; each picked memory m, and the
+always-active shared memory, gets its own key/value (and gate/beta) projections and a short convolution over its
+own token stream; the memories are updated by the configured linear recurrence; the output is
+``sum_j w_j o^(m_j) + o_shared``, then a per-head RMSNorm gated by ``swish(W_g2 x)`` and an output projection.
+
+All (memory, sequence) segments of the batch go through ONE varlen scan (see ``layout.py``). Memories that a
+token did not select never see it, in training and in decoding alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mom_lit.config import MoMConfig
+from mom_lit.layout import build_layout, unsort
+from mom_lit.norm import GatedRMSNorm, l2_normalize
+from mom_lit.ops import scan
+from mom_lit.ops.conv import varlen_short_conv
+from mom_lit.router import Router, Routing
+
+
+@dataclass
+class LayerState:
+    """Recurrent state of one layer for N independent sequences."""
+
+    memory: torch.Tensor
+    """(N, S, H, K, V) fp32 matrix memories (S streams: routed memories, then the shared one)."""
+    conv: torch.Tensor | None
+    """(N, S, W-1, C) last W-1 pre-convolution q|k|v inputs of each stream, or None without convolution."""
+
+
+@dataclass
+class LayerAux:
+    routing: Routing | None
+    state: LayerState | None
+
+
+def _uses_beta(rule: str) -> bool:
+    return rule in ("gated_delta", "delta")
+
+
+def _uses_scalar_gate(rule: str) -> bool:
+    return rule in ("gated_delta", "simple_gla")
+
+
+class MoMLayer(nn.Module):
+    def __init__(self, config: MoMConfig, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        c = config
+        self.num_heads, self.head_dim, self.head_v_dim = c.num_heads, c.head_dim, c.head_v_dim
+        self.num_streams = c.num_streams
+        self.rule = c.update_rule
+        streams, hidden = c.num_streams, c.hidden_size
+
+        self.router = Router(hidden, c.num_memories, c.topk) if c.has_router else None
+        self.q_proj = nn.Linear(hidden, c.key_dim, bias=False)
+        # Per-stream projections, stacked (stream-major) so that no Python loop over memories is needed.
+        self.k_proj = nn.Parameter(torch.empty(streams, c.key_dim, hidden))
+        self.v_proj = nn.Parameter(torch.empty(streams, c.value_dim, hidden))
+        self.b_proj = nn.Parameter(torch.empty(streams, c.num_heads, hidden)) if _uses_beta(self.rule) else None
+        if _uses_scalar_gate(self.rule):
+            self.a_proj = nn.Parameter(torch.empty(streams, c.num_heads, hidden))
+            self.A_log = nn.Parameter(torch.empty(c.num_heads))
+            self.dt_bias = nn.Parameter(torch.empty(c.num_heads))
+            self.A_log._no_weight_decay = True
+            self.dt_bias._no_weight_decay = True
+        else:
+            self.a_proj = self.A_log = self.dt_bias = None
+        if self.rule == "gla":
+            self.gk_down = nn.Parameter(torch.empty(streams, c.gla_gate_rank, hidden))
+            self.gk_up = nn.Parameter(torch.empty(streams, c.key_dim, c.gla_gate_rank))
+            self.gk_bias = nn.Parameter(torch.zeros(streams, c.key_dim))
+            self.gk_bias._no_weight_decay = True
+        else:
+            self.gk_down = self.gk_up = self.gk_bias = None
+        self.conv_channels = 2 * c.key_dim + c.value_dim
+        self.conv_weight = (nn.Parameter(torch.empty(self.conv_channels, c.conv_size)) if c.conv_size > 0 else None)
+        self.g_proj = nn.Linear(hidden, c.value_dim, bias=False) if c.use_output_gate else None
+        self.o_norm = GatedRMSNorm(c.head_v_dim, eps=c.norm_eps)
+        self.o_proj = nn.Linear(c.value_dim, hidden, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        c = self.config
+        std = c.initializer_range
+        for w in (self.q_proj.weight, self.k_proj, self.v_proj, self.b_proj, self.a_proj, self.gk_down,
+                  self.g_proj.weight if self.g_proj is not None else None,
+                  self.router.weight if self.router is not None else None):
+            if w is not None:
+                nn.init.normal_(w, std=std)
+        if self.gk_up is not None:
+            nn.init.normal_(self.gk_up, std=1.0 / math.sqrt(c.gla_gate_rank))
+        # Residual-branch output: scaled down with depth (GPT-2 style).
+        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * c.num_layers))
+        if self.A_log is not None:
+            self.A_log.copy_(torch.empty(c.num_heads).uniform_(1, 16).log())
+            dt = torch.exp(torch.rand(c.num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        if self.conv_weight is not None:
+            bound = 1.0 / math.sqrt(c.conv_size)
+            nn.init.uniform_(self.conv_weight, -bound, bound)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _route(self, x_flat: torch.Tensor) -> tuple[Routing | None, torch.Tensor, torch.Tensor]:
+        """Memory index (N_tok, J) and mixing weight (N_tok, J) of every slot, shared memory included."""
+        num_tokens = x_flat.shape[0]
+        if self.router is None:
+            routing = None
+            memory = torch.zeros(num_tokens, 1, dtype=torch.int64, device=x_flat.device)
+            weight = torch.ones(num_tokens, 1, device=x_flat.device)
+        else:
+            routing = self.router(x_flat)
+            memory, weight = routing.memory, routing.weight
+        if self.config.shared_memory:
+            shared = self.num_streams - 1
+            memory = torch.cat([memory, torch.full_like(memory[:, :1], shared)], dim=1)
+            weight = torch.cat([weight, torch.ones_like(weight[:, :1])], dim=1)
+        return routing, memory, weight
+
+    def _stream_weights(self) -> torch.Tensor:
+        """(S, P, D) all per-stream projections that read x, concatenated along P."""
+        parts = [self.k_proj, self.v_proj]
+        for p in (self.b_proj, self.a_proj, self.gk_down):
+            if p is not None:
+                parts.append(p)
+        return torch.cat(parts, dim=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_id: torch.Tensor,
+        num_sequences: int,
+        state: LayerState | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, LayerAux]:
+        """x: (B, T, D); seq_id: (B*T,) independent-sequence id of each token (rows or packed documents)."""
+        c = self.config
+        batch, seq_len, hidden = x.shape
+        H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
+        x_flat = x.reshape(batch * seq_len, hidden)  # (N_tok, D)
+
+        routing, memory, weight = self._route(x_flat)
+        layout = build_layout(memory, seq_id, num_sequences, S)
+
+        # Projections. Per-stream ones are computed for every stream and then gathered per slot: simple and
+        # loop-free on the reference path (the Triton path uses a grouped projection over the sorted layout).
+        w_stream = self._stream_weights()
+        per_stream = (x_flat @ w_stream.reshape(-1, hidden).to(x.dtype).t()).view(x_flat.shape[0], S, -1)  # (N_tok, S, P)
+        gk = None
+        if self.gk_down is not None:
+            # Low-rank per-key gate: up-project every stream's rank-R code before gathering (no (L, H*K, R) temp).
+            down = per_stream[..., -c.gla_gate_rank:].float()  # (N_tok, S, R)
+            gk_logit = torch.einsum("nsr,skr->nsk", down, self.gk_up.float()) + self.gk_bias.float()
+            gk = (F.logsigmoid(gk_logit) / c.gla_gate_normalizer)[layout.token, layout.memory].view(-1, H, K)
+        slot_proj = per_stream[layout.token, layout.memory]  # (L, P)
+        q = self.q_proj(x_flat)[layout.token]  # (L, H*K)
+        k, v, rest = slot_proj.split([c.key_dim, c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
+
+        initial = state.memory.transpose(0, 1).reshape(S * num_sequences, H, K, V) if state is not None else None
+        qkv = torch.cat([q, k, v], dim=1)  # (L, C)
+        conv_final = None
+        if self.conv_weight is not None:
+            conv_init = None
+            if state is not None and state.conv is not None:
+                conv_init = state.conv.transpose(0, 1).reshape(S * num_sequences, *state.conv.shape[2:])
+            qkv, conv_final = varlen_short_conv(qkv, self.conv_weight.to(qkv.dtype), layout.segment, layout.position,
+                                                layout.cu_seqlens, conv_init, output_final_state=use_cache)
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=1)
+        q = l2_normalize(q.view(-1, H, K))
+        k = l2_normalize(k.view(-1, H, K))
+        v = v.view(-1, H, V)
+
+        g = beta = None
+        if self.b_proj is not None:
+            beta = torch.sigmoid(rest[:, :H].float())  # (L, H)
+        if self.a_proj is not None:
+            a = rest[:, H:2 * H] if self.b_proj is not None else rest[:, :H]
+            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (L, H)
+
+        o, final = scan(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+            g=None if g is None else g.unsqueeze(0),
+            gk=None if gk is None else gk.unsqueeze(0),
+            beta=None if beta is None else beta.unsqueeze(0),
+            scale=K ** -0.5,
+            initial_state=initial,
+            cu_seqlens=layout.cu_seqlens,
+            output_final_state=use_cache,
+            backend=c.backend,
+            chunk_size=c.chunk_size,
+        )
+        o = unsort(o.squeeze(0), layout).view(batch * seq_len, -1, H, V)  # (N_tok, J, H, V)
+        o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, H, V)
+
+        gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
+        o = self.o_norm(o, gate).reshape(batch, seq_len, H * V)
+        out = self.o_proj(o)
+
+        new_state = None
+        if use_cache:
+            new_state = LayerState(
+                memory=final.view(S, num_sequences, H, K, V).transpose(0, 1),
+                conv=None if conv_final is None else conv_final.view(S, num_sequences, *conv_final.shape[1:]).transpose(0, 1),
+            )
+        return out, LayerAux(routing=routing, state=new_state)
+
+    def empty_state(self, num_sequences: int, device, dtype=torch.float32) -> LayerState:
+        S, H, K, V = self.num_streams, self.num_heads, self.head_dim, self.head_v_dim
+        conv = None
+        if self.conv_weight is not None:
+            conv = torch.zeros(num_sequences, S, self.config.conv_size - 1, self.conv_channels, device=device, dtype=dtype)
+        return LayerState(memory=torch.zeros(num_sequences, S, H, K, V, device=device, dtype=torch.float32), conv=conv)

@@ -1,0 +1,275 @@
+"""MoM causal language model: pre-norm blocks of (MoM layer, SwiGLU MLP), recurrent cache, generation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mom_lit.config import MoMConfig
+from mom_lit.layer import LayerState, MoMLayer
+from mom_lit.layout import sequence_ids
+from mom_lit.losses import (load_balancing_loss_global, load_balancing_loss_per_sequence, router_z_loss,
+                            routing_entropy)
+from mom_lit.norm import RMSNorm
+
+
+@dataclass
+class MoMCache:
+    """Recurrent state of every layer for N independent sequences: O(1) in the context length."""
+
+    layers: list[LayerState]
+    seen_tokens: int = 0
+
+    @property
+    def num_sequences(self) -> int:
+        return self.layers[0].memory.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(s.memory.nbytes + (s.conv.nbytes if s.conv is not None else 0) for s in self.layers)
+
+
+@dataclass
+class MoMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    """Language-model loss plus the weighted auxiliary terms (when labels or targets are given)."""
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    """Unweighted load-balancing loss (1 = balanced); None without a router."""
+    z_loss: torch.Tensor | None = None
+    cache: MoMCache | None = None
+    router_load: torch.Tensor | None = None
+    """(num_layers, E) fraction of routed slots per memory, detached."""
+    router_entropy: torch.Tensor | None = None
+    """(num_layers,) mean per-token router entropy in nats, detached."""
+    extras: dict = field(default_factory=dict)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoMBlock(nn.Module):
+    def __init__(self, config: MoMConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = MoMLayer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.mlp_hidden_size)
+
+    def forward(self, x, seq_id, num_sequences, state=None, use_cache=False):
+        h, aux = self.attn(self.attn_norm(x), seq_id, num_sequences, state, use_cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, aux
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device.type == "cpu":  # checking values of a device tensor would stall the GPU
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at the input length {total}, "
+                             f"got {int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+
+
+class MoMForCausalLM(nn.Module):
+    def __init__(self, config: MoMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList([MoMBlock(config, i) for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.mlp.gate_up.weight, std=std)
+            nn.init.normal_(block.mlp.down.weight, std=std / math.sqrt(2 * self.config.num_layers))
+            block.attn.reset_parameters()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def empty_cache(self, num_sequences: int, device=None, dtype=torch.float32) -> MoMCache:
+        device = device if device is not None else self.embed.weight.device
+        return MoMCache([b.attn.empty_state(num_sequences, device, dtype) for b in self.blocks])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: MoMCache | None = None,
+        use_cache: bool = False,
+        targets: torch.Tensor | None = None,
+    ) -> MoMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (B, T) token ids; with ``cu_seqlens``, (1, total) packed documents.
+            labels: (B, T) ids of the same sequence (Hugging Face convention): position t is trained to predict
+                ``labels[:, t+1]``; -100 is ignored. Across a packed-document boundary nothing is predicted.
+            cu_seqlens: (N+1,) int offsets of N packed documents; no information crosses a boundary.
+            cache: state from a previous call over the same N sequences (prefill, then decode).
+            use_cache: return the updated state in ``output.cache``.
+            targets: (B, T) already-shifted targets (``targets[:, t]`` is what position t predicts), -100 ignored;
+                an alternative to ``labels`` for data pipelines that shift themselves.
+        """
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if labels is not None and targets is not None:
+            raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
+        batch, seq_len = input_ids.shape
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}), got min {lo} max {hi}")
+        if cu_seqlens is not None:
+            if batch != 1:
+                raise ValueError(f"with cu_seqlens, input_ids must have shape (1, total), got {tuple(input_ids.shape)}")
+            _check_cu_seqlens(cu_seqlens, seq_len)
+            num_sequences = cu_seqlens.numel() - 1
+        else:
+            num_sequences = batch
+        if cache is not None and cache.num_sequences != num_sequences:
+            raise ValueError(f"cache holds {cache.num_sequences} sequences but the input has {num_sequences}")
+        if use_cache and cache is None:
+            cache = self.empty_cache(num_sequences)
+
+        seq_id = sequence_ids(batch, seq_len, cu_seqlens, input_ids.device)
+        x = self.embed(input_ids)
+        routings, new_states = [], []
+        for i, block in enumerate(self.blocks):
+            state = cache.layers[i] if cache is not None else None
+            x, aux = block(x, seq_id, num_sequences, state, use_cache)
+            if aux.routing is not None:
+                routings.append(aux.routing)
+            new_states.append(aux.state)
+        logits = self.lm_head(self.norm(x))
+
+        out = MoMOutput(logits=logits)
+        if use_cache:
+            out.cache = MoMCache(new_states, seen_tokens=cache.seen_tokens + seq_len)
+        if routings:
+            with torch.no_grad():
+                out.router_load = torch.stack([torch.bincount(r.memory.reshape(-1), minlength=cfg.num_memories).float()
+                                               / r.memory.numel() for r in routings])
+                out.router_entropy = torch.stack([routing_entropy(r) for r in routings])
+            if cfg.aux_loss_type == "global":
+                out.aux_loss = load_balancing_loss_global(routings, cfg.num_memories)
+            else:
+                out.aux_loss = load_balancing_loss_per_sequence(routings, seq_id, num_sequences, cfg.num_memories)
+            if cfg.router_z_loss_coef > 0:
+                out.z_loss = router_z_loss(routings)
+
+        if labels is not None or targets is not None:
+            if targets is None:
+                targets = self._shift_labels(labels, cu_seqlens)
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"labels/targets must have shape {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
+            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
+                                          ignore_index=-100)
+            loss = out.lm_loss
+            if out.aux_loss is not None and cfg.aux_loss_coef > 0:
+                loss = loss + cfg.aux_loss_coef * out.aux_loss
+            if out.z_loss is not None:
+                loss = loss + cfg.router_z_loss_coef * out.z_loss
+            out.loss = loss
+        return out
+
+    @staticmethod
+    def _shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if cu_seqlens is not None:
+            # The last token of a document has no next token in its document.
+            ends = cu_seqlens[1:].to(device=labels.device, dtype=torch.int64) - 1
+            ends = ends[ends >= 0] if ends.device.type == "cpu" else ends.clamp(min=0)
+            targets = targets.clone()
+            targets[0, ends] = -100
+        return targets
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        cache: MoMCache | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations of each row of ``input_ids`` (B, T) with the recurrent cache.
+
+        The prompt is consumed in one chunked forward; every new token then costs one O(1) recurrent step.
+        ``temperature=0`` is greedy. Rows that produced ``eos_token_id`` keep emitting it. Returns (B, T + new).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        out = self(input_ids, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+        tokens = [input_ids]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            tokens.append(nxt[:, None])
+            out = self(nxt[:, None], cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
+        return torch.cat(tokens, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) sampled ids (greedy when temperature is 0)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
