@@ -1,12 +1,63 @@
-"""The one public scan entry point: picks an implementation of the memory recurrence."""
+"""The one public scan entry point: picks an implementation of the memory recurrence, logs the choice once.
+
+Backends:
+    eager     the chunked reference (``mom_lit.ops.chunk``) in plain PyTorch.
+    compiled  the same, with its two batched stages (intra-chunk work, output assembly) run through
+              ``torch.compile(dynamic=True)``: a new batch composition (other segment lengths or counts) reuses
+              the compiled code. The short per-chunk state loop stays eager. Falls back to eager, with one
+              warning, when compilation is unavailable or fails.
+    triton    ``mom_lit.ops.triton.triton_scan`` (CUDA).
+    auto      triton for CUDA inputs when it is importable and the rule has no per-key gate, else compiled.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 
-from mom_lit.ops.recurrent import recurrent_scan
+from mom_lit.ops.chunk import EAGER_KERNELS, ChunkKernels, assemble_output, chunk_scan_with, intra_chunk
 
-__all__ = ["scan"]
+__all__ = ["BACKENDS", "scan"]
+
+BACKENDS = ("auto", "compiled", "eager", "triton")
+
+logger = logging.getLogger("mom_lit")
+
+_compiled_kernels: ChunkKernels | None = None
+_compile_failed = False
+_logged_choices: set[str] = set()
+
+
+def _log_choice(backend: str, reason: str) -> None:
+    if backend not in _logged_choices:
+        _logged_choices.add(backend)
+        logger.info("memory scan backend: %s (%s)", backend, reason)
+
+
+def _get_compiled_kernels() -> ChunkKernels:
+    global _compiled_kernels
+    if _compiled_kernels is None:
+        _compiled_kernels = ChunkKernels(torch.compile(intra_chunk, dynamic=True),
+                                         torch.compile(assemble_output, dynamic=True))
+    return _compiled_kernels
+
+
+def _fall_back_to_eager(error: BaseException) -> None:
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(f"torch.compile of the memory scan failed ({type(error).__name__}: {error}); "
+                  "running the eager chunked scan instead", RuntimeWarning, stacklevel=3)
+
+
+def _load_triton_scan():
+    """The Triton scan, or None when its module is missing or cannot be imported here."""
+    try:
+        from mom_lit.ops.triton import triton_scan
+    except (ImportError, AttributeError):
+        return None
+    return triton_scan
 
 
 def scan(
@@ -24,8 +75,44 @@ def scan(
     backend: str = "auto",
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the memory recurrence (see ``mom_lit.ops.recurrent`` for the maths and shapes)."""
-    if backend not in ("auto", "compiled", "eager", "triton"):
-        raise ValueError(f"backend must be auto|compiled|eager|triton, got {backend!r}")
-    return recurrent_scan(q, k, v, g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state,
-                          cu_seqlens=cu_seqlens, output_final_state=output_final_state)
+    """Run the memory recurrence with the chosen backend.
+
+    Arguments and results are those of :func:`mom_lit.ops.recurrent.recurrent_scan` (q, k: (B, T, H, K);
+    v: (B, T, H, V); optional g (B, T, H), gk (B, T, H, K), beta (B, T, H), initial_state (N, H, K, V),
+    cu_seqlens (N+1,)) -> (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) fp32 or None), plus
+    ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    kwargs = dict(g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                  output_final_state=output_final_state)
+
+    if backend in ("auto", "triton"):
+        triton_scan = _load_triton_scan() if (q.is_cuda or backend == "triton") else None
+        if backend == "triton":
+            if triton_scan is None:
+                raise RuntimeError("backend='triton' was requested but mom_lit.ops.triton.triton_scan is not "
+                                   "importable; use backend='compiled' or 'auto'")
+            _log_choice("triton", "requested")
+            return triton_scan(q, k, v, **kwargs)
+        if triton_scan is not None and gk is None:
+            _log_choice("triton", "auto: CUDA inputs")
+            return triton_scan(q, k, v, **kwargs)
+        backend = "compiled"
+        reason = "auto: per-key gate" if triton_scan is not None else "auto: no Triton path for these inputs"
+    else:
+        reason = "requested"
+
+    if backend == "compiled" and not _compile_failed:
+        try:
+            kernels = _get_compiled_kernels()
+            out = chunk_scan_with(kernels, q, k, v, chunk_size=chunk_size, **kwargs)
+        except ValueError:
+            raise  # invalid arguments, not a compiler problem
+        except Exception as error:  # noqa: BLE001 - any compiler failure degrades to the eager path
+            _fall_back_to_eager(error)
+        else:
+            _log_choice("compiled", reason)
+            return out
+    _log_choice("eager", reason if backend == "eager" else "torch.compile unavailable")
+    return chunk_scan_with(EAGER_KERNELS, q, k, v, chunk_size=chunk_size, **kwargs)

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ScanShapes", "check_scan_inputs", "recurrent_scan"]
+__all__ = ["ScanShapes", "check_scan_inputs", "compute_dtype", "recurrent_scan"]
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp32 for every input precision up to fp32; fp64 when any input is fp64 (gradcheck, high-precision oracles)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def recurrent_scan(
     cu_seqlens: torch.Tensor | None = None,
     output_final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the recurrence one token at a time, in fp32.
+    """Run the recurrence one token at a time, in fp32 (fp64 for fp64 inputs).
 
     Args:
         q, k: (B, T, H, K) queries and keys (not normalised here).
@@ -139,7 +146,8 @@ def recurrent_scan(
         output_final_state: return the (N, H, K, V) fp32 final states, else None.
 
     Returns:
-        o: (B, T, H, V) in ``v.dtype``; final_state: (N, H, K, V) float32 or None.
+        o: (B, T, H, V) in ``v.dtype``; final_state: (N, H, K, V) float32 (float64 if any input is float64) or
+        None.
     """
     shapes = check_scan_inputs(q, k, v, g, gk, beta, initial_state, cu_seqlens, scale)
     B, T, H, K, V, N = (shapes.batch, shapes.seq_len, shapes.num_heads, shapes.key_dim, shapes.value_dim,
@@ -153,32 +161,32 @@ def recurrent_scan(
         offsets = cu_seqlens.tolist()
         segments = [(0, offsets[n], offsets[n + 1]) for n in range(N)]
 
-    f32 = torch.float32
+    dtype = compute_dtype(q, k, v, g, gk, beta, initial_state)
     outputs = []
     finals = []
     for n, (row, start, end) in enumerate(segments):
         if initial_state is None:
-            state = q.new_zeros(H, K, V, dtype=f32)
+            state = q.new_zeros(H, K, V, dtype=dtype)
         else:
-            state = initial_state[n].to(f32)
+            state = initial_state[n].to(dtype)
         for t in range(start, end):
-            q_t = q[row, t].to(f32) * scale  # (H, K)
-            k_t = k[row, t].to(f32)  # (H, K)
-            v_t = v[row, t].to(f32)  # (H, V)
+            q_t = q[row, t].to(dtype) * scale  # (H, K)
+            k_t = k[row, t].to(dtype)  # (H, K)
+            v_t = v[row, t].to(dtype)  # (H, V)
             if g is not None:
-                state = state * g[row, t].to(f32).exp()[:, None, None]
+                state = state * g[row, t].to(dtype).exp()[:, None, None]
             elif gk is not None:
-                state = state * gk[row, t].to(f32).exp()[:, :, None]
+                state = state * gk[row, t].to(dtype).exp()[:, :, None]
             if beta is not None:
                 predicted = torch.einsum("hkv,hk->hv", state, k_t)
-                update = beta[row, t].to(f32)[:, None] * (v_t - predicted)  # (H, V)
+                update = beta[row, t].to(dtype)[:, None] * (v_t - predicted)  # (H, V)
             else:
                 update = v_t
             state = state + k_t[:, :, None] * update[:, None, :]
             outputs.append((row, t, torch.einsum("hkv,hk->hv", state, q_t)))
         finals.append(state)
 
-    o = torch.zeros(B, T, H, V, dtype=f32, device=v.device)
+    o = torch.zeros(B, T, H, V, dtype=dtype, device=v.device)
     if outputs:
         rows = torch.tensor([r for r, _, _ in outputs], device=v.device)
         times = torch.tensor([t for _, t, _ in outputs], device=v.device)
