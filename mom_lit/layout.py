@@ -39,6 +39,13 @@ class StreamLayout:
         return self.num_streams * self.num_sequences
 
 
+def count_values(values: torch.Tensor, size: int) -> torch.Tensor:
+    """(size,) int64 histogram of ``values`` in [0, size). Unlike ``torch.bincount`` it never syncs with the GPU
+    (bincount reads the maximum back to size its output)."""
+    ones = torch.ones_like(values, dtype=torch.int64)
+    return torch.zeros(size, dtype=torch.int64, device=values.device).index_add_(0, values.reshape(-1), ones.reshape(-1))
+
+
 def sequence_ids(batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
     """(B*T,) id of the independent sequence (row, or packed document) that each token belongs to."""
     if cu_seqlens is None:
@@ -60,7 +67,7 @@ def build_layout(memory: torch.Tensor, seq_id: torch.Tensor, num_sequences: int,
     # A token selects distinct memories, so within a segment slots are in token order and the stable sort keeps
     # time order whatever the routing scores were (ties, zero weights).
     segment_sorted, order = torch.sort(segment_flat, stable=True)
-    counts = torch.bincount(segment_flat, minlength=num_streams * num_sequences)
+    counts = count_values(segment_flat, num_streams * num_sequences)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
     position = torch.arange(order.numel(), device=memory.device) - cu_seqlens[segment_sorted]
     return StreamLayout(token=token_flat[order], slot=order, memory=memory_flat[order], segment=segment_sorted,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from mom_lit.layout import count_values
 from mom_lit.router import Routing
 
 
-def _load_fraction(memory: torch.Tensor, num_memories: int) -> torch.Tensor:
+def load_fraction(memory: torch.Tensor, num_memories: int) -> torch.Tensor:
     """(E,) fraction of routed slots that went to each memory."""
-    counts = torch.bincount(memory.reshape(-1), minlength=num_memories).float()
+    counts = count_values(memory, num_memories).float()
     return counts / memory.numel()
 
 
@@ -24,14 +25,14 @@ def load_balancing_loss_global(routings: list[Routing], num_memories: int) -> to
     """All layers' tokens pooled into one group."""
     probs = torch.cat([r.probs for r in routings], dim=0)  # (layers * N_tok, E)
     memory = torch.cat([r.memory for r in routings], dim=0)  # (layers * N_tok, k)
-    return num_memories * (_load_fraction(memory, num_memories) * probs.mean(0)).sum()
+    return num_memories * (load_fraction(memory, num_memories) * probs.mean(0)).sum()
 
 
 def load_balancing_loss_per_sequence(routings: list[Routing], seq_id: torch.Tensor, num_sequences: int,
                                      num_memories: int) -> torch.Tensor:
     """One group per (layer, sequence); the mean over groups. Sequences are rows or packed documents."""
     losses = []
-    tokens = torch.bincount(seq_id, minlength=num_sequences).float()  # (N,)
+    tokens = count_values(seq_id, num_sequences).float()  # (N,)
     for r in routings:
         topk = r.memory.shape[1]
         # (N, E) routed-slot counts and summed probabilities of each sequence.

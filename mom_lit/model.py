@@ -12,8 +12,8 @@ from torch import nn
 from mom_lit.config import MoMConfig
 from mom_lit.layer import LayerState, MoMLayer
 from mom_lit.layout import sequence_ids
-from mom_lit.losses import (load_balancing_loss_global, load_balancing_loss_per_sequence, router_z_loss,
-                            routing_entropy)
+from mom_lit.losses import (load_balancing_loss_global, load_balancing_loss_per_sequence, load_fraction,
+                            router_z_loss, routing_entropy)
 from mom_lit.norm import RMSNorm
 
 
@@ -181,8 +181,7 @@ class MoMForCausalLM(nn.Module):
             out.cache = MoMCache(new_states, seen_tokens=cache.seen_tokens + seq_len)
         if routings:
             with torch.no_grad():
-                out.router_load = torch.stack([torch.bincount(r.memory.reshape(-1), minlength=cfg.num_memories).float()
-                                               / r.memory.numel() for r in routings])
+                out.router_load = torch.stack([load_fraction(r.memory, cfg.num_memories) for r in routings])
                 out.router_entropy = torch.stack([routing_entropy(r) for r in routings])
             if cfg.aux_loss_type == "global":
                 out.aux_loss = load_balancing_loss_global(routings, cfg.num_memories)
