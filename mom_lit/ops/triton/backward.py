@@ -1,0 +1,263 @@
+"""Backward Triton kernels of the chunked scan (notation of ``forward.py``; Qs = scale Q, Qg = diag(Gamma) Qs,
+Kd = diag(exp(gamma_C - gamma)) K, P = (Qs K^T * exp(gamma_i - gamma_j), j <= i)).
+
+Per chunk, with dO and the gradient dS1 of the chunk's end state::
+
+    dU   = P^T dO + Kd dS1                                   (total gradient of U)
+    dS0  = Gamma_C dS1 + Qg^T dO - W^T dU                    (passed backwards through the chunks)
+    dQs  = diag(Gamma) dO S0^T + (dO U^T * mask * decay) K
+    dK  += (dO U^T * mask * decay)^T Qs + diag(exp(gamma_C - gamma)) U dS1^T
+    dW   = -dU S0^T
+    dTinv = dW (beta Gamma K)^T + dU (beta V)^T,   dA = -Tinv^T dTinv Tinv^T (strictly lower)
+    then dK, dV, dbeta through W = Tinv (beta Gamma K), Uv = Tinv (beta V) and A, and dgamma from every decay;
+    dg is the reversed cumulative sum of dgamma inside the chunk.
+
+Kernels, in launch order:
+    du_local_kernel   per (chunk, head, V block): P^T dO
+    state_bwd_kernel  per (segment, head, V block): reverse pass; stores dS1 per chunk, completes dU, dS0 of
+                      the segment's first chunk is d initial_state
+    dqk_kernel        per (chunk, head, K block): dq, the attention/state part of dk, dW, dgamma partials
+    wy_bwd_kernel     per (chunk, head): the WY part of dk, dv, dbeta; sums dgamma and integrates it into dg
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mom_lit.ops.triton.common import chunk_rows, mm, mm32
+
+__all__ = ["dqk_kernel", "du_local_kernel", "state_bwd_kernel", "wy_bwd_kernel"]
+
+
+@triton.jit
+def du_local_kernel(q, k, gamma, do, du, chunk_seg, chunk_start, cu, scale,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    USE_G: tl.constexpr, MODE: tl.constexpr):
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    vb = tl.program_id(2)
+    seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
+    if seg < 0:
+        return
+    rows = tl.arange(0, 64)
+    mr = rows < length
+    tok = (start + rows) * H + h
+    pt = tl.zeros([64, 64], dtype=tl.float32)  # pt[j, i] = k_j . q_i
+    for kk in tl.static_range(0, K, BK):
+        cols = kk + tl.arange(0, BK)
+        mk = mr[:, None] & (cols[None, :] < K)
+        qc = tl.load(q + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+        kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+        pt += mm(kc, tl.trans(qc), MODE)
+    keep = rows[None, :] >= rows[:, None]
+    if USE_G:
+        gam = tl.load(gamma + tok, mask=mr, other=0.0)
+        pt = pt * tl.exp(tl.where(keep, gam[None, :] - gam[:, None], float("-inf")))
+    else:
+        pt = tl.where(keep, pt, 0.0)
+    rv = vb * BV + tl.arange(0, BV)
+    mv = mr[:, None] & (rv[None, :] < V)
+    doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+    tl.store(du + tok[:, None] * V + rv[None, :], mm(pt, doc, MODE) * scale, mask=mv)
+
+
+@triton.jit
+def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, cu, scale,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+                     USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
+                     STORE_DH0: tl.constexpr, MODE: tl.constexpr):
+    nh = tl.program_id(0)
+    vb = tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    c1 = tl.load(chunk_offsets + n + 1).to(tl.int64)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    rk = tl.arange(0, BKF)
+    rv = vb * BV + tl.arange(0, BV)
+    mkv = (rk[:, None] < K) & (rv[None, :] < V)
+    state_off = rk[:, None] * V + rv[None, :]
+    if HAS_DHT:
+        ds = tl.load(dht + nh.to(tl.int64) * K * V + state_off, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        ds = tl.zeros([BKF, BV], dtype=tl.float32)
+    rows = tl.arange(0, 64)
+    for i in range(0, c1 - c0):
+        c = c1 - 1 - i  # int64 chunk id, last chunk first
+        start = bos + (c - c0) * 64
+        length = eos - start
+        mr = rows < length
+        tok = (start + rows) * H + h
+        tl.store(dh + (c * H + h) * K * V + state_off, ds.to(dh.dtype.element_ty), mask=mkv)
+        mk = mr[:, None] & (rk[None, :] < K)
+        mv = mr[:, None] & (rv[None, :] < V)
+        kc = tl.load(k + tok[:, None] * K + rk[None, :], mask=mk, other=0.0).to(tl.float32)
+        qc = tl.load(q + tok[:, None] * K + rk[None, :], mask=mk, other=0.0).to(tl.float32)
+        doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+        duc = tl.load(du + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+        if USE_G:
+            gam = tl.load(gamma + tok, mask=mr, other=0.0)
+            g_last = tl.load(gamma + (start + tl.minimum(length, 64) - 1) * H + h)
+            kc = kc * tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
+            qc = qc * tl.exp(gam)[:, None]
+        duc = duc + mm(kc, ds, MODE)
+        tl.store(du + tok[:, None] * V + rv[None, :], duc, mask=mv)
+        if USE_G:
+            ds = ds * tl.exp(g_last)
+        ds = ds + mm(tl.trans(qc), doc, MODE) * scale
+        if IS_DELTA:
+            wc = tl.load(w + tok[:, None] * K + rk[None, :], mask=mk, other=0.0)
+            ds = ds - mm(tl.trans(wc), duc, MODE)
+    if STORE_DH0:
+        tl.store(dh0 + nh.to(tl.int64) * K * V + state_off, ds, mask=mkv)
+
+
+@triton.jit
+def dqk_kernel(q, k, u, gamma, h_in, dh, do, du, dq, dk, dw, dgam, chunk_seg, chunk_start, cu, scale, T,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    kb = tl.program_id(2)
+    seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
+    if seg < 0:
+        return
+    rows = tl.arange(0, 64)
+    mr = rows < length
+    tok = (start + rows) * H + h
+    cols = kb * BK + tl.arange(0, BK)
+    mcol = cols < K
+    mk = mr[:, None] & mcol[None, :]
+    h_base = (c.to(tl.int64) * H + h) * K * V
+
+    dqg = tl.zeros([64, BK], dtype=tl.float32)  # dO S0^T
+    dkd = tl.zeros([64, BK], dtype=tl.float32)  # U dS1^T
+    dwc = tl.zeros([64, BK], dtype=tl.float32)  # -dU S0^T
+    dp = tl.zeros([64, 64], dtype=tl.float32)  # dO U^T
+    sdot = tl.sum(tl.zeros([16], dtype=tl.float32), 0)  # <S0, dS1> over this K block
+    for vv in tl.static_range(0, V, BV):
+        rv = vv + tl.arange(0, BV)
+        mv = mr[:, None] & (rv[None, :] < V)
+        mkv = mcol[:, None] & (rv[None, :] < V)
+        s0 = tl.load(h_in + h_base + cols[:, None] * V + rv[None, :], mask=mkv, other=0.0)  # (BK, BV)
+        ds1 = tl.load(dh + h_base + cols[:, None] * V + rv[None, :], mask=mkv, other=0.0)
+        doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+        uc = tl.load(u + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+        dqg += mm(doc, tl.trans(s0), MODE)
+        dkd += mm(uc, tl.trans(ds1), MODE)
+        dp += mm(doc, tl.trans(uc), MODE)
+        if IS_DELTA:
+            duc = tl.load(du + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+            dwc -= mm(duc, tl.trans(s0), MODE)
+        if USE_G:
+            sdot += tl.sum(tl.sum(s0.to(tl.float32) * ds1.to(tl.float32), 1), 0)
+
+    qc = tl.load(q + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+    kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
+    causal = rows[:, None] >= rows[None, :]
+    if USE_G:
+        gam = tl.load(gamma + tok, mask=mr, other=0.0)
+        last = tl.minimum(length, 64) - 1
+        g_last = tl.load(gamma + (start + last) * H + h)
+        decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+        dpm = dp * decay
+        e_q = tl.exp(gam)
+        e_k = tl.exp(tl.where(mr, g_last - gam, 0.0))
+        dqs = mm(dpm, kc, MODE) + e_q[:, None] * dqg
+        dkc = mm(tl.trans(dpm), qc, MODE) + e_k[:, None] * dkd
+    else:
+        dpm = tl.where(causal, dp, 0.0)
+        dqs = mm(dpm, kc, MODE) + dqg
+        dkc = mm(tl.trans(dpm), qc, MODE) + dkd
+    tl.store(dq + tok[:, None] * K + cols[None, :], (dqs * scale).to(dq.dtype.element_ty), mask=mk)
+    tl.store(dk + tok[:, None] * K + cols[None, :], dkc.to(dk.dtype.element_ty), mask=mk)
+    if IS_DELTA:
+        tl.store(dw + tok[:, None] * K + cols[None, :], dwc, mask=mk)
+    if USE_G:
+        # this K block's share of dgamma: decays in P, the query gate, the key-to-end gate, the state decay
+        r = dp * mm(qc, tl.trans(kc), MODE) * decay
+        dgv = tl.sum(r, 1) - tl.sum(r, 0)
+        dgv += tl.sum(qc * e_q[:, None] * dqg, 1)
+        kdd = tl.sum(kc * e_k[:, None] * dkd, 1)
+        dgv = dgv - kdd + tl.where(rows == last, tl.sum(kdd, 0) + tl.exp(g_last) * sdot, 0.0)
+        tl.store(dgam + kb.to(tl.int64) * T * H + tok, dgv, mask=mr)
+
+
+@triton.jit
+def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, dg, chunk_seg, chunk_start, cu, T,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  NKB: tl.constexpr, USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
+    if seg < 0:
+        return
+    rows = tl.arange(0, 64)
+    mr = rows < length
+    tok = (start + rows) * H + h
+    dgv = tl.zeros([64], dtype=tl.float32)
+    e_g = tl.full([64], 1.0, dtype=tl.float32)
+    if USE_G:
+        for i in tl.static_range(NKB):
+            dgv += tl.load(dgam + i * T * H + tok, mask=mr, other=0.0)
+        gam = tl.load(gamma + tok, mask=mr, other=0.0)
+        e_g = tl.exp(gam)
+    if IS_DELTA:
+        b = tl.load(beta + tok, mask=mr, other=0.0).to(tl.float32)
+        bk = b * e_g
+        t_inv = tl.load(tinv + tok[:, None] * 64 + rows[None, :], mask=mr[:, None], other=0.0)
+        dti = tl.zeros([64, 64], dtype=tl.float32)  # d Tinv
+        kkt = tl.zeros([64, 64], dtype=tl.float32)
+        for kk in tl.static_range(0, K, BK):
+            cols = kk + tl.arange(0, BK)
+            mk = mr[:, None] & (cols[None, :] < K)
+            kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+            dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+            dti += mm32(dwc, tl.trans(kc.to(tl.float32) * bk[:, None]), MODE)
+            kkt += mm(kc, tl.trans(kc), MODE)
+        for vv in tl.static_range(0, V, BV):
+            cols = vv + tl.arange(0, BV)
+            mv = mr[:, None] & (cols[None, :] < V)
+            vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
+            duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0)
+            dti += mm32(duc, tl.trans(vc * b[:, None]), MODE)
+        strict = (rows[:, None] > rows[None, :]) & mr[:, None]
+        da = -mm32(tl.trans(t_inv), mm32(dti, tl.trans(t_inv), MODE), MODE)
+        da = tl.where(strict, da, 0.0)
+        if USE_G:
+            e_a = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], float("-inf")))
+        else:
+            e_a = tl.where(strict, 1.0, 0.0)
+        dbv = tl.sum(da * kkt * e_a, 1)
+        gm = da * e_a * b[:, None]  # dA_ij beta_i decay_ij: d(k_i . k_j) of A
+        if USE_G:
+            ra = gm * kkt  # dA * A
+            dgv += tl.sum(ra, 1) - tl.sum(ra, 0)
+        for kk in tl.static_range(0, K, BK):
+            cols = kk + tl.arange(0, BK)
+            mk = mr[:, None] & (cols[None, :] < K)
+            kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
+            dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+            dkc = tl.load(dk_in + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+            dkb = mm32(tl.trans(t_inv), dwc, MODE)  # d (beta Gamma K)
+            dkc += bk[:, None] * dkb + mm32(gm, kc, MODE) + mm32(tl.trans(gm), kc, MODE)
+            tl.store(dk + tok[:, None] * K + cols[None, :], dkc.to(dk.dtype.element_ty), mask=mk)
+            kdk = tl.sum(kc * dkb, 1)
+            dbv += e_g * kdk
+            if USE_G:
+                dgv += bk * kdk
+        for vv in tl.static_range(0, V, BV):
+            cols = vv + tl.arange(0, BV)
+            mv = mr[:, None] & (cols[None, :] < V)
+            vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
+            duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0)
+            dvb = mm32(tl.trans(t_inv), duc, MODE)  # d (beta V)
+            tl.store(dv + tok[:, None] * V + cols[None, :], (b[:, None] * dvb).to(dv.dtype.element_ty), mask=mv)
+            dbv += tl.sum(vc * dvb, 1)
+        tl.store(dbeta + tok, dbv.to(dbeta.dtype.element_ty), mask=mr)
+    if USE_G:
+        # gamma_i = sum_{t <= i} g_t, so dg_t = sum_{i >= t} dgamma_i (padded rows hold zeros)
+        dgt = tl.sum(dgv, 0) - tl.cumsum(dgv, 0) + dgv
+        tl.store(dg + tok, dgt.to(dg.dtype.element_ty), mask=mr)

@@ -1,0 +1,198 @@
+"""``triton_scan``: the chunked memory recurrence as Triton kernels, with a full Triton backward.
+
+Supports the scalar-gate and ungated rules (gated_delta, delta, simple_gla, linear), packed varlen segments
+(``cu_seqlens``, empty segments allowed), fp32 / bf16 / fp16 inputs and any head dims (the state pass keeps a
+whole (K, V-block) state in registers, which is what bounds K in practice: up to 256 is exercised). The per-key
+gate ``gk`` is not implemented here and is rejected with a ``ValueError``.
+
+Intermediate buffers (W, U, per-chunk start states) are kept in the input precision; gates, the triangular
+inverse and every state carried from chunk to chunk stay fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from mom_lit.ops.recurrent import check_scan_inputs
+from mom_lit.ops.triton import backward as bwd
+from mom_lit.ops.triton import forward as fwd
+from mom_lit.ops.triton.chunk_index import ChunkIndex, build_chunk_index
+from mom_lit.ops.triton.common import BT, dot_mode
+
+__all__ = ["triton_scan"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer and result of the scan is allocated here (tests fill it with NaN to catch unwritten rows)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _block(dim: int, cap: int = 64) -> int:
+    return min(cap, max(16, triton.next_power_of_2(dim)))
+
+
+def _state_block_v(key_dim: int, value_dim: int) -> int:
+    """V-block of the sequential passes: the (K, BV) fp32 state lives in registers."""
+    return min(_block(value_dim), 64 if key_dim <= 128 else 32)
+
+
+def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state):
+    """Packed inputs (T, H, *) -> o, final states, and what the backward needs."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    index = build_chunk_index(cu, T, BT)
+    NC = index.max_chunks
+    use_g, is_delta = g is not None, beta is not None
+    mode = dot_mode(q.dtype)
+    dummy = q.new_empty(1, dtype=torch.float32)
+    BK, BV = _block(K), _block(V)
+
+    gamma = _empty(T, H, dtype=torch.float32, device=q.device) if use_g else dummy
+    tinv = w = u = None
+    if is_delta:
+        tinv = _empty(T, H, BT, dtype=torch.float32, device=q.device)
+        w = _empty(T, H, K, dtype=q.dtype, device=q.device)
+        u = _empty(T, H, V, dtype=q.dtype, device=q.device)
+    if (use_g or is_delta) and NC > 0:
+        fwd.wy_solve_kernel[(NC, H)](
+            k, g if use_g else dummy, beta if is_delta else dummy, gamma, tinv if is_delta else dummy,
+            index.chunk_seg, index.chunk_start, cu, H=H, K=K, BK=BK, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+    if is_delta and NC > 0:
+        fwd.wy_apply_kernel[(NC, H)](
+            k, v, beta, gamma, tinv, w, u, index.chunk_seg, index.chunk_start, cu,
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode)
+
+    h = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
+    ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    BVS = _state_block_v(K, V)
+    fwd.state_fwd_kernel[(N * H, triton.cdiv(V, BVS))](
+        k, v, w if is_delta else dummy, u if is_delta else dummy, gamma, h,
+        h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets, cu,
+        H=H, K=K, V=V, BKF=triton.next_power_of_2(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, MODE=mode, num_warps=4 if K <= 128 else 8)
+
+    o = _empty(T, H, V, dtype=v.dtype, device=q.device)
+    if NC > 0:
+        fwd.output_kernel[(NC, H, triton.cdiv(V, BV))](
+            q, k, v, u if is_delta else dummy, gamma, h, o, index.chunk_seg, index.chunk_start, cu, scale,
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+    saved = (index, gamma if use_g else None, tinv, w, u, h)
+    return o, ht, saved
+
+
+def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
+    index, gamma, tinv, w, u, h = saved
+    index: ChunkIndex
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    NC = index.max_chunks
+    use_g, is_delta = g is not None, beta is not None
+    mode = dot_mode(q.dtype)
+    dummy = q.new_empty(1, dtype=torch.float32)
+    BK, BV = _block(K), _block(V)
+    NKB = triton.cdiv(K, BK)
+
+    du = _empty(T, H, V, dtype=torch.float32, device=q.device)
+    if NC > 0:
+        bwd.du_local_kernel[(NC, H, triton.cdiv(V, BV))](
+            q, k, gamma if use_g else dummy, do, du, index.chunk_seg, index.chunk_start, cu, scale,
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode)
+    dh = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
+    dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+    BVS = _state_block_v(K, V)
+    bwd.state_bwd_kernel[(N * H, triton.cdiv(V, BVS))](
+        q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
+        dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets, cu, scale,
+        H=H, K=K, V=V, BKF=triton.next_power_of_2(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, num_warps=4 if K <= 128 else 8)
+
+    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty(T, H, K, dtype=torch.float32 if is_delta else k.dtype, device=q.device)
+    dw = _empty(T, H, K, dtype=torch.float32, device=q.device) if is_delta else dummy
+    dgam = _empty(NKB, T, H, dtype=torch.float32, device=q.device) if use_g else dummy
+    if NC > 0:
+        bwd.dqk_kernel[(NC, H, NKB)](
+            q, k, u if is_delta else v, gamma if use_g else dummy, h, dh, do, du, dq, dk, dw, dgam,
+            index.chunk_seg, index.chunk_start, cu, scale, T,
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+
+    dg = _empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
+    dbeta = _empty(*beta.shape, dtype=beta.dtype, device=q.device) if is_delta else None
+    dv = _empty(*v.shape, dtype=v.dtype, device=q.device) if is_delta else du.to(v.dtype)
+    dk_out = _empty(*k.shape, dtype=k.dtype, device=q.device) if is_delta else dk
+    if (use_g or is_delta) and NC > 0:
+        bwd.wy_bwd_kernel[(NC, H)](
+            k, v, beta if is_delta else dummy, gamma if use_g else dummy, tinv if is_delta else dummy,
+            dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
+            index.chunk_seg, index.chunk_start, cu, T,
+            H=H, K=K, V=V, BK=BK, BV=BV, NKB=NKB, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+    return dq, dk_out, dv, dg, dbeta, dh0
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state):
+        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, cu, output_final_state)
+        ctx.save_for_backward(q, k, v, g, beta, h0, cu, *saved[1:],
+                              saved[0].chunk_seg, saved[0].chunk_start, saved[0].chunk_offsets)
+        ctx.max_chunks = saved[0].max_chunks
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0, cu, gamma, tinv, w, u, h, chunk_seg, chunk_start, chunk_offsets = ctx.saved_tensors
+        index = ChunkIndex(ctx.max_chunks, chunk_seg, chunk_start, chunk_offsets)
+        dq, dk, dv, dg, dbeta, dh0 = _backward(
+            do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, beta, ctx.scale, h0, cu,
+            (index, gamma, tinv, w, u, h))
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+
+
+def triton_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    gk: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    output_final_state: bool = True,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.recurrent.recurrent_scan`.
+
+    q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H) or None; initial_state: (N, H, K, V) or None;
+    cu_seqlens: (N + 1,) int offsets with B = 1. Returns o (B, T, H, V) in v's dtype and the (N, H, K, V) fp32
+    final states (or None). Differentiable in q, k, v, g, beta and initial_state. Never synchronises the host.
+    """
+    if gk is not None:
+        raise ValueError("gk (per-key gate) is not supported by the Triton scan; use the chunked reference")
+    if chunk_size != BT:
+        raise ValueError(f"chunk_size must be {BT} for the Triton scan, got {chunk_size!r}")
+    shapes = check_scan_inputs(q, k, v, g, None, beta, initial_state, cu_seqlens, scale)
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the Triton scan, got {tensor.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, T, H, K, V = shapes.batch, shapes.seq_len, shapes.num_heads, shapes.key_dim, shapes.value_dim
+    scale = K ** -0.5 if scale is None else float(scale)
+
+    if cu_seqlens is None:
+        cu = (torch.arange(B + 1, device=q.device) * T).to(torch.int32)  # rows as B equal segments
+    else:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    flat = lambda x, *tail: None if x is None else x.reshape(B * T, H, *tail).contiguous()  # noqa: E731
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    o, ht = _TritonScan.apply(flat(q, K), flat(k, K), flat(v, V), flat(g), flat(beta), scale, h0, cu,
+                              output_final_state)
+    return o.view(B, T, H, V), ht

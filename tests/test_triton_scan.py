@@ -1,0 +1,275 @@
+"""Triton scan (``mom_lit.ops.triton``) against the fp64 references: outputs, final states and every gradient.
+
+On a machine without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on small shapes;
+with CUDA the same small cases run on the GPU and the full-size cases (head dims 64..256, bf16/fp16, hundreds of
+segments, extreme gates) run too. Every buffer the scan allocates is filled with NaN first, so a row that a kernel
+fails to write shows up as NaN. The oracle is ``recurrent_scan`` (token loop) for small cases and ``chunk_scan``
+for large ones, both on fp64 copies of the inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mom_lit.ops.chunk import chunk_scan
+from mom_lit.ops.recurrent import recurrent_scan
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@contextlib.contextmanager
+def _interpreter_without_gpu():
+    """Set ``TRITON_INTERPRET=1`` while the block runs when there is no CUDA device (restored afterwards)."""
+    if ON_GPU:
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _import_scan_module():
+    """Import the Triton scan; without CUDA, (re)import its kernels under the interpreter.
+
+    Triton decides between compiling and interpreting when a kernel is decorated, i.e. at module import, so a
+    copy imported earlier without the interpreter is dropped first.
+    """
+    with _interpreter_without_gpu():
+        if not ON_GPU:
+            for name in [m for m in sys.modules if m.startswith("mom_lit.ops.triton")]:
+                del sys.modules[name]
+        import mom_lit.ops.triton.scan as module
+    return module
+
+
+scan_module = _import_scan_module()
+triton_scan = scan_module.triton_scan
+from mom_lit.ops.triton.chunk_index import build_chunk_index  # noqa: E402  (after the interpreter switch)
+
+# relative RMS error allowed against the fp64 oracle, per input precision and tensor
+TOL = {
+    torch.float32: {"o": 1e-4, "ht": 1e-4, "grad": 1e-4},
+    torch.float16: {"o": 5e-3, "ht": 5e-3, "grad": 1e-2},
+    torch.bfloat16: {"o": 2e-2, "ht": 2e-2, "grad": 4e-2},
+}
+RULES = {  # rule -> (scalar gate, delta rule)
+    "linear": (False, False),
+    "simple_gla": (True, False),
+    "delta": (False, True),
+    "gated_delta": (True, True),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_env():
+    """The interpreter also reads the variable while it runs kernels."""
+    with _interpreter_without_gpu():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_buffers(monkeypatch):
+    """Every tensor the scan allocates starts as NaN, so unwritten rows cannot pass as zeros."""
+
+    def poisoned(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(scan_module, "_empty", poisoned)
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    if expected.numel() == 0:
+        return
+    actual, expected = actual.double(), expected.double()
+    scale = expected.pow(2).mean().sqrt().clamp_min(1e-6)
+    err = ((actual - expected).pow(2).mean().sqrt() / scale).item()
+    assert err <= tol, f"{name}: relative RMS error {err:.2e} > {tol:.0e}"
+
+
+def make_inputs(rule, lengths=None, batch=1, seq_len=None, heads=2, key_dim=32, value_dim=16,
+                dtype=torch.float32, initial=True, gates="normal", seed=42):
+    """Random scan inputs on DEVICE; ``lengths`` packs segments (B = 1), else ``batch`` rows of ``seq_len``."""
+    gen = torch.Generator().manual_seed(seed)
+    use_g, is_delta = RULES[rule]
+    if lengths is not None:
+        seq_len = sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        states = len(lengths)
+    else:
+        cu, states = None, batch
+    shape = (batch if lengths is None else 1, seq_len, heads)
+    q = torch.randn(*shape, key_dim, generator=gen)
+    k = torch.randn(*shape, key_dim, generator=gen)
+    if is_delta:
+        k = F.normalize(k, dim=-1)  # the delta rule is contractive only for unit keys and beta in [0, 1]
+    else:
+        k = k * key_dim ** -0.5
+    v = torch.randn(*shape, value_dim, generator=gen)
+    g = beta = None
+    if use_g:
+        if gates == "extreme":  # a state wiped out (exp(-30)) or kept almost unchanged, token by token
+            g = torch.where(torch.rand(*shape, generator=gen) < 0.5, -30.0, -1e-4)
+        else:
+            g = F.logsigmoid(torch.randn(*shape, generator=gen) + 2.0)
+    if is_delta:
+        if gates == "extreme":
+            beta = (torch.rand(*shape, generator=gen) < 0.5).float()
+        else:
+            beta = torch.rand(*shape, generator=gen)
+    h0 = torch.randn(states, heads, key_dim, value_dim, generator=gen) if initial else None
+    # q, k, v and beta in the input precision; log-gates and start states stay fp32 as the model keeps them
+    q, k, v = (x.to(DEVICE, dtype) for x in (q, k, v))
+    beta = None if beta is None else beta.to(DEVICE, dtype)
+    g = None if g is None else g.to(DEVICE)
+    h0 = None if h0 is None else h0.to(DEVICE)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, cu_seqlens=cu)
+
+
+def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0):
+    """Compare outputs, final states and the gradients of a random linear loss with the fp64 oracle."""
+    names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if inputs[n] is not None]
+    leaves = {n: inputs[n].detach().clone().requires_grad_() for n in names}
+    o, ht = triton_scan(**{**inputs, **leaves}, output_final_state=output_final_state)
+    assert o.dtype == inputs["v"].dtype
+
+    ref_leaves = {n: inputs[n].detach().double().requires_grad_() for n in names}
+    ref_o, ref_ht = oracle(**{**inputs, **ref_leaves}, output_final_state=True)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(ref_o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    dht = torch.randn(ref_ht.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    loss = (o.double() * do).sum()
+    ref_loss = (ref_o * do).sum()
+    if output_final_state:
+        assert ht.dtype == torch.float32
+        loss = loss + (ht.double() * dht).sum()
+        ref_loss = ref_loss + (ref_ht * dht).sum()
+    else:
+        assert ht is None
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    # with no tokens at all the oracle's output does not depend on q, k, v: their gradients are zeros
+    ref_grads = torch.autograd.grad(ref_loss, list(ref_leaves.values()), allow_unused=True)
+    ref_grads = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(ref_leaves.values(), ref_grads)]
+
+    tol = TOL[dtype]
+    assert_close("o", o, ref_o, tol["o"])
+    if output_final_state:
+        assert_close("final_state", ht, ref_ht, tol["ht"])
+    for name, grad, ref in zip(names, grads, ref_grads):
+        assert grad.dtype == inputs[name].dtype, f"d{name} has dtype {grad.dtype}"
+        assert_close(f"d{name}", grad, ref, tol["grad"])
+
+
+# ---------------------------------------------------------------- small cases (interpreter on CPU, or GPU)
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_varlen_with_empty_and_single_token_segments(rule):
+    inputs = make_inputs(rule, lengths=[70, 0, 1, 79])
+    check_against_oracle(inputs, torch.float32)
+
+
+def test_equal_rows_without_cu_seqlens_or_final_state():
+    inputs = make_inputs("gated_delta", batch=2, seq_len=67, key_dim=16, value_dim=32, initial=False)
+    check_against_oracle(inputs, torch.float32, output_final_state=False)
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
+def test_extreme_gates_and_write_strengths(rule):
+    inputs = make_inputs(rule, lengths=[64, 65, 3], gates="extreme", seed=7)
+    check_against_oracle(inputs, torch.float32)
+
+
+def test_no_tokens_passes_initial_state_through():
+    inputs = make_inputs("gated_delta", lengths=[0, 0], heads=1)
+    check_against_oracle(inputs, torch.float32)
+
+
+@pytest.mark.parametrize("lengths", [[5], [0, 64, 0, 65, 1, 0], [128, 127, 200]], ids=["one", "empties", "long"])
+def test_chunk_index_maps_every_chunk_once(lengths):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    index = build_chunk_index(cu, int(cu[-1]), 64)
+    expected = [(n, s) for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())) for s in range(a, b, 64)]
+    seg, start = index.chunk_seg.tolist(), index.chunk_start.tolist()
+    assert index.max_chunks >= len(expected)
+    assert list(zip(seg, start))[: len(expected)] == expected
+    assert all(s == -1 for s in seg[len(expected):])
+    assert index.chunk_offsets[-1].item() == len(expected)
+
+
+def test_rejects_unsupported_arguments():
+    inputs = make_inputs("gated_delta", lengths=[3])
+    with pytest.raises(ValueError, match="gk"):
+        triton_scan(**{**inputs, "g": None}, gk=torch.zeros_like(inputs["q"]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        triton_scan(**inputs, chunk_size=32)
+    with pytest.raises(ValueError, match="share one dtype"):
+        triton_scan(**{**inputs, "v": inputs["v"].half()})
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        triton_scan(**{**inputs, "q": inputs["q"].double(), "k": inputs["k"].double(), "v": inputs["v"].double()})
+
+
+# ---------------------------------------------------------------- full-size cases (CUDA only)
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+MIXED_LENGTHS = [1000, 0, 1, 63, 64, 65, 129, 0, 300, 2, 517]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_gpu_rules_mixed_lengths(rule, dtype):
+    inputs = make_inputs(rule, lengths=MIXED_LENGTHS, heads=4, key_dim=128, value_dim=128, dtype=dtype)
+    check_against_oracle(inputs, dtype, oracle=chunk_scan)
+
+
+@gpu
+@pytest.mark.parametrize("key_dim,value_dim", [(64, 64), (256, 256), (128, 64), (64, 256)])
+def test_gpu_head_dims_bf16(key_dim, value_dim):
+    inputs = make_inputs("gated_delta", lengths=MIXED_LENGTHS, heads=4, key_dim=key_dim, value_dim=value_dim,
+                         dtype=torch.bfloat16, seed=3)
+    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan)
+
+
+@gpu
+def test_gpu_fp16():
+    inputs = make_inputs("gated_delta", lengths=MIXED_LENGTHS, heads=4, key_dim=128, value_dim=128,
+                         dtype=torch.float16, seed=5)
+    check_against_oracle(inputs, torch.float16, oracle=chunk_scan)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_many_short_segments(dtype):
+    gen = torch.Generator().manual_seed(11)
+    lengths = torch.randint(0, 40, (300,), generator=gen).tolist()
+    inputs = make_inputs("gated_delta", lengths=lengths, heads=2, key_dim=64, value_dim=64, dtype=dtype)
+    check_against_oracle(inputs, dtype, oracle=chunk_scan)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_extreme_gates(dtype):
+    inputs = make_inputs("gated_delta", lengths=MIXED_LENGTHS, heads=4, key_dim=256, value_dim=256, dtype=dtype,
+                         gates="extreme", seed=13)
+    check_against_oracle(inputs, dtype, oracle=chunk_scan)
+
+
+@gpu
+def test_gpu_equal_rows_bf16():
+    inputs = make_inputs("gated_delta", batch=3, seq_len=1000, heads=4, key_dim=256, value_dim=256,
+                         dtype=torch.bfloat16, initial=False, seed=17)
+    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan)
