@@ -1,0 +1,203 @@
+"""LightningModule that trains a MoM causal language model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from mom_lit.config import MoMConfig
+from mom_lit.model import MoMBlock, MoMForCausalLM, MoMOutput
+from mom_lit.training.flops import training_flops_per_token
+from mom_lit.training.metrics import SliceAccuracy
+from mom_lit.training.optim import WarmupCosine, decay_plan, param_groups
+from mom_lit.training.throughput import TokenThroughput
+
+_EVAL_STAGES = ("val", "test")
+
+
+class MoMLightningModule(L.LightningModule):
+    """Trains ``MoMForCausalLM(config)`` with AdamW and a warm-up + cosine schedule.
+
+    Batches are dicts with ``input_ids`` (B, T), already-shifted ``labels`` (B, T; -100 ignored), optionally
+    ``cu_seqlens`` of the flattened (1, B*T) batch and a per-example ``slice`` id (MQAR), whose per-slice
+    accuracy is then logged on validation and test.
+
+    Logged: ``train/loss`` (what is optimised: LM loss + weighted auxiliary terms), ``train/lm_loss``,
+    ``train/aux_loss`` (unweighted load balance, 1 = balanced), ``train/z_loss``, ``train/ppl`` (exp of the LM
+    loss), ``train/tokens_seen`` (all ranks), ``throughput/tokens_per_sec`` (all ranks) and ``throughput/mfu``
+    where the device's peak is known; ``val/loss`` and ``val/ppl`` (token-weighted over the whole set), the same
+    for ``test/``. The learning rate is logged by Lightning's ``LearningRateMonitor`` (in every config), per
+    parameter group (``decay``/``no_decay``).
+
+    Args:
+        config: the model. From the command line every field is reachable: ``--model.config.num_layers=2``;
+            ``config.vocab_size`` is linked from the data module by the CLI.
+        lr: peak learning rate.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: decoupled weight decay of the weight matrices (never of gates, norms or biases).
+        warmup_steps: optimizer steps of linear warm-up from ~0 to ``lr``.
+        min_lr_ratio: the cosine decays to ``min_lr_ratio * lr`` at the last step (``trainer.max_steps``, or
+            the Trainer's estimate from ``max_epochs``).
+        compile: ``torch.compile`` the model (in place: checkpoints keep the plain parameter names).
+        activation_checkpointing: recompute each block in the backward pass instead of storing its
+            activations. Under FSDP prefer the strategy's ``activation_checkpointing_policy``.
+        throughput_window: training batches over which tokens/s and MFU are averaged.
+    """
+
+    def __init__(
+        self,
+        config: MoMConfig,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 1024,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        throughput_window: int = 20,
+    ):
+        super().__init__()
+        if isinstance(config, dict):  # hyper-parameters read back from a checkpoint
+            config = MoMConfig.from_dict(config)
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if throughput_window < 2:
+            raise ValueError(f"throughput_window must be >= 2, got {throughput_window}")
+        # Validates warmup_steps and min_lr_ratio now rather than at the first optimizer step.
+        WarmupCosine(warmup_steps, max(warmup_steps, 1), min_lr_ratio)
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.save_hyperparameters({"config": config.to_dict(), "lr": lr, "betas": list(betas), "eps": eps,
+                                   "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                                   "min_lr_ratio": min_lr_ratio, "compile": compile,
+                                   "activation_checkpointing": activation_checkpointing,
+                                   "throughput_window": throughput_window})
+        self.config = config
+        self.model = MoMForCausalLM(config)
+        self._decay_plan = decay_plan(self.model)
+        self._model_prepared = False
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in _EVAL_STAGES})
+        self.slice_accuracy = nn.ModuleDict({stage: SliceAccuracy() for stage in _EVAL_STAGES})
+        self.tokens_seen = 0
+        self._throughput: TokenThroughput | None = None
+
+    # Model ----------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        # Called by every fit/validate/test; wrapping twice would nest checkpoint wrappers.
+        if self._model_prepared:
+            return
+        self._model_prepared = True
+        if self.hparams.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, MoMBlock))
+        if self.hparams.compile:
+            self.model.compile()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MoMOutput:
+        input_ids, targets = batch["input_ids"], batch["labels"]
+        cu_seqlens = batch.get("cu_seqlens")
+        if cu_seqlens is not None:
+            # Packed documents: one row, boundaries given by cu_seqlens.
+            input_ids, targets = input_ids.reshape(1, -1), targets.reshape(1, -1)  # (1, B*T)
+        return self.model(input_ids, targets=targets, cu_seqlens=cu_seqlens)
+
+    # Training -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        out = self(batch)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        metrics = {"train/lm_loss": out.lm_loss.detach(), "train/ppl": out.lm_loss.detach().exp()}
+        if out.aux_loss is not None:
+            metrics["train/aux_loss"] = out.aux_loss.detach()
+        if out.z_loss is not None:
+            metrics["train/z_loss"] = out.z_loss.detach()
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        # Shapes are known on the host: counting tokens costs no synchronisation.
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        result: dict[str, Any] = {"loss": out.loss}
+        if out.router_load is not None:
+            # Read by RoutingStatsCallback; already detached.
+            result["router_load"] = out.router_load
+            result["router_entropy"] = out.router_entropy
+        return result
+
+    def on_train_start(self) -> None:
+        self._throughput = TokenThroughput.for_device(
+            self.hparams.throughput_window, training_flops_per_token(self.config), self.device,
+            str(self.trainer.precision))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        if self._throughput is None:
+            return
+        self._throughput.update(self.tokens_seen)
+        for name, value in self._throughput.compute(self.trainer.world_size).items():
+            self.log(f"throughput/{name}", value, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_start(self) -> None:
+        # Time spent validating is not training throughput: restart the window.
+        if self._throughput is not None:
+            self._throughput.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+
+    # Evaluation -----------------------------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        out = self(batch)
+        targets = batch["labels"]
+        # Token-weighted: the set's mean loss, not the mean of batch means.
+        self.eval_loss[stage].update(out.lm_loss, weight=(targets != -100).sum())
+        if "slice" in batch:
+            logits = out.logits.view(*targets.shape, -1)  # (B, T, V) even for a flattened batch
+            self.slice_accuracy[stage].update(logits, targets, batch["slice"])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        loss = self.eval_loss[stage].compute()  # synchronised across ranks by torchmetrics
+        self.eval_loss[stage].reset()
+        metrics = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}
+        accuracy = self.slice_accuracy[stage]
+        if accuracy.update_called:
+            per_slice = accuracy.compute()
+            accuracy.reset()
+            metrics.update({f"{stage}/acc_slice{s}": a for s, a in per_slice.items()})
+        # The values are already reduced (identical on every rank); sync_dist only averages equal scalars.
+        self.log_dict(metrics, sync_dist=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # Optimisation ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = param_groups(self.model, hp.weight_decay, self._decay_plan)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                      fused=True if self.device.type == "cuda" else None)
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf") or total < 1:
+            raise ValueError("the LR schedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
+        schedule = WarmupCosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
