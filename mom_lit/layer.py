@@ -135,6 +135,39 @@ class MoMLayer(nn.Module):
                 parts.append(p)
         return torch.cat(parts, dim=1)
 
+    def _slot_inputs(self, x_flat: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
+        """Gather each slot's pre-convolution q|k|v (L, C) and its gates from the projections of its token.
+
+        Per-stream projections are computed for every stream and then gathered per slot: one matmul, no loop
+        over memories, at (S / J) times the projection FLOPs of a grouped matmul over the sorted layout.
+        """
+        c, H, K = self.config, self.num_heads, self.head_dim
+        num_tokens, hidden = x_flat.shape
+        w_stream = self._stream_weights()
+        per_stream = (x_flat @ w_stream.reshape(-1, hidden).to(x_flat.dtype).t()).view(num_tokens, self.num_streams, -1)
+        gk = None
+        if self.gk_down is not None:
+            # Low-rank per-key gate: up-project every stream's rank-R code, then gather (no (L, H*K, R) temporary).
+            down = per_stream[..., -c.gla_gate_rank:].float()  # (N_tok, S, R)
+            gk_logit = torch.einsum("nsr,skr->nsk", down, self.gk_up.float()) + self.gk_bias.float()
+            gk = (F.logsigmoid(gk_logit) / c.gla_gate_normalizer)[token, memory].view(-1, H, K)  # (L, H, K)
+        slot_proj = per_stream[token, memory]  # (L, P)
+        k, v, rest = slot_proj.split([c.key_dim, c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
+        qkv = torch.cat([self.q_proj(x_flat)[token], k, v], dim=1)  # (L, C)
+        beta = g = None
+        if self.b_proj is not None:
+            beta = torch.sigmoid(rest[:, :H].float())  # (L, H)
+        if self.a_proj is not None:
+            a = rest[:, H:2 * H] if self.b_proj is not None else rest[:, :H]
+            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (L, H)
+        return qkv, g, gk, beta
+
+    def _split_qkv(self, qkv: torch.Tensor):
+        c, H, K, V = self.config, self.num_heads, self.head_dim, self.head_v_dim
+        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
+        lead = qkv.shape[:-1]
+        return (l2_normalize(q.reshape(*lead, H, K)), l2_normalize(k.reshape(*lead, H, K)), v.reshape(*lead, H, V))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -144,30 +177,26 @@ class MoMLayer(nn.Module):
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, LayerAux]:
         """x: (B, T, D); seq_id: (B*T,) independent-sequence id of each token (rows or packed documents)."""
-        c = self.config
         batch, seq_len, hidden = x.shape
-        H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
+        H, V = self.num_heads, self.head_v_dim
         x_flat = x.reshape(batch * seq_len, hidden)  # (N_tok, D)
-
         routing, memory, weight = self._route(x_flat)
+        if seq_len == 1 and state is not None and num_sequences == batch:
+            o, new_state = self._decode_step(x_flat, memory, state)
+        else:
+            o, new_state = self._scan_segments(x_flat, memory, seq_id, num_sequences, state, use_cache)
+        o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, J, H, V) -> (N_tok, H, V)
+        gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
+        out = self.o_proj(self.o_norm(o, gate).reshape(batch, seq_len, H * V))
+        return out, LayerAux(routing=routing, state=new_state if use_cache else None)
+
+    def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
+        """All (memory, sequence) segments through one varlen scan. Returns (N_tok, J, H, V) slot outputs."""
+        c = self.config
+        H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
         layout = build_layout(memory, seq_id, num_sequences, S)
+        qkv, g, gk, beta = self._slot_inputs(x_flat, layout.token, layout.memory)
 
-        # Projections. Per-stream ones are computed for every stream and then gathered per slot: simple and
-        # loop-free on the reference path (the Triton path uses a grouped projection over the sorted layout).
-        w_stream = self._stream_weights()
-        per_stream = (x_flat @ w_stream.reshape(-1, hidden).to(x.dtype).t()).view(x_flat.shape[0], S, -1)  # (N_tok, S, P)
-        gk = None
-        if self.gk_down is not None:
-            # Low-rank per-key gate: up-project every stream's rank-R code before gathering (no (L, H*K, R) temp).
-            down = per_stream[..., -c.gla_gate_rank:].float()  # (N_tok, S, R)
-            gk_logit = torch.einsum("nsr,skr->nsk", down, self.gk_up.float()) + self.gk_bias.float()
-            gk = (F.logsigmoid(gk_logit) / c.gla_gate_normalizer)[layout.token, layout.memory].view(-1, H, K)
-        slot_proj = per_stream[layout.token, layout.memory]  # (L, P)
-        q = self.q_proj(x_flat)[layout.token]  # (L, H*K)
-        k, v, rest = slot_proj.split([c.key_dim, c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
-
-        initial = state.memory.transpose(0, 1).reshape(S * num_sequences, H, K, V) if state is not None else None
-        qkv = torch.cat([q, k, v], dim=1)  # (L, C)
         conv_final = None
         if self.conv_weight is not None:
             conv_init = None
@@ -177,18 +206,9 @@ class MoMLayer(nn.Module):
                                                 layout.cu_seqlens, conv_init, output_final_state=use_cache)
         else:
             qkv = F.silu(qkv)
-        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=1)
-        q = l2_normalize(q.view(-1, H, K))
-        k = l2_normalize(k.view(-1, H, K))
-        v = v.view(-1, H, V)
+        q, k, v = self._split_qkv(qkv)
 
-        g = beta = None
-        if self.b_proj is not None:
-            beta = torch.sigmoid(rest[:, :H].float())  # (L, H)
-        if self.a_proj is not None:
-            a = rest[:, H:2 * H] if self.b_proj is not None else rest[:, :H]
-            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (L, H)
-
+        initial = state.memory.transpose(0, 1).reshape(S * num_sequences, H, K, V) if state is not None else None
         o, final = scan(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
             g=None if g is None else g.unsqueeze(0),
@@ -201,20 +221,47 @@ class MoMLayer(nn.Module):
             backend=c.backend,
             chunk_size=c.chunk_size,
         )
-        o = unsort(o.squeeze(0), layout).view(batch * seq_len, -1, H, V)  # (N_tok, J, H, V)
-        o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, H, V)
-
-        gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
-        o = self.o_norm(o, gate).reshape(batch, seq_len, H * V)
-        out = self.o_proj(o)
-
+        o = unsort(o.squeeze(0), layout).view(x_flat.shape[0], -1, H, V)  # (N_tok, J, H, V)
         new_state = None
         if use_cache:
             new_state = LayerState(
                 memory=final.view(S, num_sequences, H, K, V).transpose(0, 1),
                 conv=None if conv_final is None else conv_final.view(S, num_sequences, *conv_final.shape[1:]).transpose(0, 1),
             )
-        return out, LayerAux(routing=routing, state=new_state)
+        return o, new_state
+
+    def _decode_step(self, x_flat, memory, state: LayerState):
+        """One token per sequence: update only the selected memories (and the shared one). O(1) in the context.
+
+        x_flat: (B, D); memory: (B, J). Returns (B, J, H, V) slot outputs and the new state.
+        """
+        batch, slots = memory.shape
+        rows = torch.arange(batch, device=memory.device).unsqueeze(1).expand(batch, slots)  # (B, J)
+        qkv, g, gk, beta = self._slot_inputs(x_flat, rows.reshape(-1), memory.reshape(-1))
+        qkv = qkv.view(batch, slots, -1)  # (B, J, C)
+        new_conv = state.conv
+        if self.conv_weight is not None:
+            window = torch.cat([state.conv[rows, memory].to(qkv.dtype), qkv.unsqueeze(2)], dim=2)  # (B, J, W, C)
+            qkv = F.silu((window * self.conv_weight.t().to(qkv.dtype)).sum(2))
+            new_conv = state.conv.clone()
+            new_conv[rows, memory] = window[:, :, 1:].to(new_conv.dtype)
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = (t.float() for t in self._split_qkv(qkv))  # (B, J, H, K|V)
+
+        mem = state.memory[rows, memory]  # (B, J, H, K, V) fp32
+        if g is not None:
+            mem = mem * g.view(batch, slots, -1).exp()[..., None, None]
+        if gk is not None:
+            mem = mem * gk.view(batch, slots, *gk.shape[1:]).exp().unsqueeze(-1)
+        if beta is not None:
+            beta = beta.view(batch, slots, -1, 1)  # (B, J, H, 1)
+            v = beta * (v - torch.einsum("bjhkv,bjhk->bjhv", mem, k))
+        mem = mem + k.unsqueeze(-1) * v.unsqueeze(-2)
+        o = torch.einsum("bjhkv,bjhk->bjhv", mem, q * self.head_dim ** -0.5)
+        new_memory = state.memory.clone()
+        new_memory[rows, memory] = mem
+        return o.to(x_flat.dtype), LayerState(memory=new_memory, conv=new_conv)
 
     def empty_state(self, num_sequences: int, device, dtype=torch.float32) -> LayerState:
         S, H, K, V = self.num_streams, self.num_heads, self.head_dim, self.head_v_dim

@@ -261,3 +261,21 @@ def test_bad_inputs_raise_clear_errors():
         model(ids, cache=cache)
     with pytest.raises(ValueError, match="shape"):
         model(ids[0])
+
+
+@pytest.mark.parametrize("rule", RULES)
+@torch.no_grad()
+def test_decode_step_equals_one_token_scan(rule):
+    cfg = _random_config(2, num_memories=4, topk=2, shared_memory=True, update_rule=rule, conv_size=4)
+    layer = _model(cfg).blocks[0].attn
+    batch = 3
+    state = layer.empty_state(batch, "cpu")
+    state.memory.normal_()
+    state.conv.normal_()
+    x = torch.randn(batch, cfg.hidden_size)
+    _, memory, _ = layer._route(x)
+    fast, fast_state = layer._decode_step(x, memory, state)
+    ref, ref_state = layer._scan_segments(x, memory, torch.arange(batch), batch, state, use_cache=True)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(fast_state.memory, ref_state.memory, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(fast_state.conv, ref_state.conv, atol=ATOL, rtol=1e-5)

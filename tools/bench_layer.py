@@ -1,0 +1,313 @@
+"""Side-by-side GPU benchmark of the MoM layer and model against fla and SDPA attention.
+
+Sections (``--sections``):
+  layer   one layer forward and forward+backward (loss = sum of outputs), peak memory
+  model   a 12-layer model, one training step (forward + backward), tokens/s, peak memory
+  decode  per-token latency of an eager decode loop after a prefill of C tokens
+
+Settings follow the reference figures (hidden 1024, 4 heads x 256, expand_v 1, short conv 4, E=4, top-2, shared
+memory, bf16). fla (flash-linear-attention) and transformers are optional: rows whose library is missing are
+skipped. fla 0.6.0 refuses the gated backward on Hopper with Triton < 3.7.1 because it computes wrong gradients
+there; ``--fla-timing-only`` lifts that guard so that its speed can be timed, never to trust its numbers.
+
+Example (GPU):  python tools/bench_layer.py --sections layer,model,decode --out bench.md
+Smoke run (CPU): python tools/bench_layer.py --device cpu --tiny --sections layer,model,decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
+from mom_lit.layout import sequence_ids  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------- timing
+def bench(fn, device: str, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()``."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_gib(fn, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+# --------------------------------------------------------------------------------------------------- layers
+class SDPABlock(nn.Module):
+    """Plain causal attention: qkv projection, 16 heads x 64, SDPA, output projection."""
+
+    def __init__(self, hidden: int, heads: int = 16):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(o.transpose(1, 2).reshape(b, t, d))
+
+
+class OurLayer(nn.Module):
+    def __init__(self, cfg: MoMConfig):
+        super().__init__()
+        self.layer = MoMLayer(cfg)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        return self.layer(x, sequence_ids(b, t, None, x.device), b)[0]
+
+
+def fla_available() -> bool:
+    try:
+        import fla  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def lift_fla_hopper_guard() -> None:
+    import fla.ops.common.chunk_o as chunk_o
+
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+
+
+def layer_candidates(args, hidden, heads, head_dim):
+    cands = {}
+    for backend in args.backends:
+        cfg = MoMConfig(hidden_size=hidden, num_heads=heads, head_dim=head_dim, expand_v=1.0, num_memories=4, topk=2,
+                        shared_memory=True, num_layers=12, backend=backend, vocab_size=32000)
+        cands[f"mom_lit MoM ({backend})"] = lambda cfg=cfg: OurLayer(cfg)
+        gdn = MoMConfig(**{**cfg.to_dict(), "num_memories": 1, "topk": 1, "shared_memory": False})
+        cands[f"mom_lit GDN, 1 memory ({backend})"] = lambda cfg=gdn: OurLayer(cfg)
+    if fla_available():
+        from fla.layers import GatedDeltaNet, MomAttention
+
+        cands["fla GatedDeltaNet"] = lambda: _first(GatedDeltaNet(hidden_size=hidden, num_heads=heads,
+                                                                  head_dim=head_dim, expand_v=1))
+        cands["fla MomAttention"] = lambda: _first(MomAttention(hidden_size=hidden, num_heads=heads, head_dim=head_dim,
+                                                                expand_v=1, num_memories=4, topk=2, shared_mem=True))
+    cands["SDPA attention"] = lambda: SDPABlock(hidden)
+    return cands
+
+
+class _first(nn.Module):
+    """fla layers return tuples: keep the output."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+def section_layer(args, dtype, rows):
+    hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
+    shapes = [(2, 64), (1, 128)] if args.tiny else [(8, 2048), (2, 8192)]
+    for name, make in layer_candidates(args, hidden, heads, head_dim).items():
+        torch.manual_seed(0)
+        module = make().to(args.device, dtype).train()
+        for b, t in shapes:
+            x = torch.randn(b, t, hidden, device=args.device, dtype=dtype, requires_grad=True)
+
+            def fwd_bwd():
+                module(x).float().sum().backward()
+
+            def fwd():
+                with torch.no_grad():
+                    module(x)
+
+            try:
+                ms_fb = bench(fwd_bwd, args.device)
+                ms_f = bench(fwd, args.device)
+                mem = peak_memory_gib(fwd_bwd, args.device)
+            except Exception as e:  # one failing candidate must not hide the others
+                rows.append(("layer", name, f"{b}x{t}", f"error: {type(e).__name__}: {str(e)[:80]}", "", ""))
+                continue
+            rows.append(("layer", name, f"{b}x{t}", f"{ms_fb:.2f} ms", f"{ms_f:.2f} ms",
+                         "" if mem is None else f"{mem:.2f} GiB"))
+            print(rows[-1], flush=True)
+
+
+def model_candidates(args, tiny):
+    dims = dict(hidden_size=64, num_heads=2, head_dim=16, num_layers=2, vocab_size=512) if tiny else \
+        dict(hidden_size=1024, num_heads=4, head_dim=256, num_layers=12, vocab_size=32000)
+    cands = {}
+    for backend in args.backends:
+        cands[f"mom_lit MoM ({backend})"] = lambda backend=backend: MoMForCausalLM(MoMConfig(
+            **dims, num_memories=4, topk=2, shared_memory=True, backend=backend, tie_embeddings=False))
+        cands[f"mom_lit GDN ({backend})"] = lambda backend=backend: MoMForCausalLM(MoMConfig(
+            **dims, num_memories=1, topk=1, shared_memory=False, backend=backend, tie_embeddings=False))
+    if fla_available():
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, MomConfig, MomForCausalLM
+
+        common = dict(hidden_size=dims["hidden_size"], num_heads=dims["num_heads"], head_dim=dims["head_dim"],
+                      expand_v=1, num_hidden_layers=dims["num_layers"], vocab_size=dims["vocab_size"])
+        cands["fla MomForCausalLM"] = lambda: _HF(MomForCausalLM(MomConfig(**common, num_memories=4, topk=2,
+                                                                           shared_mem=True)))
+        cands["fla GatedDeltaNetForCausalLM"] = lambda: _HF(GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**common)))
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cands["HF Llama (SDPA)"] = lambda: _HF(LlamaForCausalLM(LlamaConfig(
+            hidden_size=dims["hidden_size"], num_attention_heads=16 if not tiny else 2,
+            num_key_value_heads=16 if not tiny else 2, intermediate_size=2816 if not tiny else 128,
+            num_hidden_layers=dims["num_layers"], vocab_size=dims["vocab_size"], attn_implementation="sdpa")))
+    except Exception:
+        pass
+    return cands
+
+
+class _HF(nn.Module):
+    """Hugging Face style models: forward(input_ids, labels) -> .loss; decode with past_key_values."""
+
+    hf = True
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, labels=None):
+        return self.inner(input_ids=ids, labels=labels)
+
+
+def section_model(args, dtype, rows):
+    b, t = (2, 64) if args.tiny else (8, 2048)
+    for name, make in model_candidates(args, args.tiny).items():
+        torch.manual_seed(0)
+        model = make().to(args.device, dtype).train()
+        vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
+        ids = torch.randint(0, vocab, (b, t), device=args.device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+
+        try:
+            ms = bench(step, args.device)
+            mem = peak_memory_gib(step, args.device)
+        except Exception as e:
+            rows.append(("model", name, f"{b}x{t}", f"error: {type(e).__name__}: {str(e)[:80]}", "", ""))
+            continue
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append(("model", f"{name} ({params:.1f} M)", f"{b}x{t}", f"{ms:.1f} ms",
+                     f"{b * t / ms:.1f} K tok/s", "" if mem is None else f"{mem:.2f} GiB"))
+        print(rows[-1], flush=True)
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def section_decode(args, dtype, rows):
+    contexts = [64, 256] if args.tiny else [1024, 8192, 32768, 65536]
+    for name, make in model_candidates(args, args.tiny).items():
+        if "fla" in name and not args.decode_fla:
+            continue
+        torch.manual_seed(0)
+        model = make().to(args.device, dtype).eval()
+        vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
+        for ctx in contexts:
+            prompt = torch.randint(0, vocab, (1, ctx), device=args.device)
+            try:
+                if isinstance(model, _HF):
+                    out = model.inner(input_ids=prompt, use_cache=True)
+                    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+                    def step(state=[None]):
+                        nonlocal cache, nxt
+                        o = model.inner(input_ids=nxt, past_key_values=cache, use_cache=True)
+                        cache, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                else:
+                    out = model(prompt, use_cache=True)
+                    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+
+                    def step():
+                        nonlocal cache, nxt
+                        o = model(nxt, cache=cache, use_cache=True)
+                        cache, nxt = o.cache, o.logits[:, -1:].argmax(-1)
+
+                for _ in range(5):
+                    step()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(30):
+                    step()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) / 30 * 1e3
+            except Exception as e:
+                rows.append(("decode", name, f"C={ctx}", f"error: {type(e).__name__}: {str(e)[:80]}", "", ""))
+                break
+            rows.append(("decode", name, f"C={ctx}", f"{ms:.2f} ms/token", "", ""))
+            print(rows[-1], flush=True)
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sections", default="layer,model,decode")
+    p.add_argument("--backends", default=None, help="comma list of mom_lit scan backends (default: triton on CUDA)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
+    p.add_argument("--fla-timing-only", action="store_true", help="lift fla's Hopper guard (timing only)")
+    p.add_argument("--decode-fla", action="store_true", help="also time fla models in the decode section")
+    p.add_argument("--out", default=None, help="write the markdown table here too")
+    args = p.parse_args()
+    args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
+    dtype = getattr(torch, args.dtype)
+    if args.fla_timing_only and fla_available():
+        lift_fla_hopper_guard()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}", flush=True)
+    rows: list[tuple] = []
+    sections = {"layer": section_layer, "model": section_model, "decode": section_decode}
+    for s in args.sections.split(","):
+        sections[s](args, dtype, rows)
+    lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}", "",
+             "| section | candidate | shape | time (fwd+bwd / step / per token) | fwd only / throughput | peak memory |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
