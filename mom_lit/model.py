@@ -195,8 +195,11 @@ class MoMForCausalLM(nn.Module):
                 targets = self._shift_labels(labels, cu_seqlens)
             if targets.shape != input_ids.shape:
                 raise ValueError(f"labels/targets must have shape {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
-                                          ignore_index=-100)
+            targets = targets.reshape(-1).long()
+            # Mean over the positions that have a target; 0 (not NaN) when none has, e.g. a batch of 1-token docs.
+            total = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets, ignore_index=-100,
+                                    reduction="sum")
+            out.lm_loss = total / (targets != -100).sum().clamp(min=1)
             loss = out.lm_loss
             if out.aux_loss is not None and cfg.aux_loss_coef > 0:
                 loss = loss + cfg.aux_loss_coef * out.aux_loss
