@@ -4,6 +4,7 @@ Sections (``--sections``):
   layer   one layer forward and forward+backward (loss = sum of outputs), peak memory
   model   a 12-layer model, one training step (forward + backward), tokens/s, peak memory
   decode  per-token latency of an eager decode loop after a prefill of C tokens
+  profile top kernels of our layer's forward+backward
 
 Settings follow the reference figures (hidden 1024, 4 heads x 256, expand_v 1, short conv 4, E=4, top-2, shared
 memory, bf16). fla (flash-linear-attention) and transformers are optional: rows whose library is missing are
@@ -277,6 +278,30 @@ def section_decode(args, dtype, rows):
             torch.cuda.empty_cache()
 
 
+def section_profile(args, dtype, rows):
+    """Where the time of our layer's forward+backward goes (top CUDA kernels)."""
+    hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
+    b, t = (2, 64) if args.tiny else (8, 2048)
+    for backend in args.backends:
+        cfg = MoMConfig(hidden_size=hidden, num_heads=heads, head_dim=head_dim, num_memories=4, topk=2,
+                        shared_memory=True, num_layers=12, backend=backend)
+        module = OurLayer(cfg).to(args.device, dtype).train()
+        x = torch.randn(b, t, hidden, device=args.device, dtype=dtype, requires_grad=True)
+        for _ in range(3):
+            module(x).float().sum().backward()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if args.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                module(x).float().sum().backward()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(f"profile of mom_lit MoM ({backend}), {b}x{t}, 3 x fwd+bwd:")
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -295,7 +320,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}", flush=True)
     rows: list[tuple] = []
-    sections = {"layer": section_layer, "model": section_model, "decode": section_decode}
+    sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile}
     for s in args.sections.split(","):
         sections[s](args, dtype, rows)
     lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}", "",
