@@ -37,17 +37,29 @@ def varlen_short_conv(
     if initial_state is not None and initial_state.shape != (num_segments, width - 1, channels):
         raise ValueError(f"conv initial_state must have shape {(num_segments, width - 1, channels)}, "
                          f"got {tuple(initial_state.shape)}")
-    y = x * weight[:, width - 1]
-    for shift in range(1, width):
-        # Input ``shift`` steps back; before the segment start it comes from the cached state (or is zero).
-        back = F.pad(x, (0, 0, shift, 0))[:length]  # (L, C): back[t] = x[t - shift]
-        inside = (position >= shift).unsqueeze(-1)
+    # One depthwise conv over the whole layout; it is right everywhere except the first W-1 rows of each
+    # segment, which saw the previous segment's tail. Those rows (a fixed number: no host sync) are recomputed
+    # from the segment's own cached inputs and written over it.
+    y = F.conv1d(x.t().unsqueeze(0), weight.unsqueeze(1), padding=width - 1, groups=channels)  # (1, C, L+W-1)
+    y = y[0, :, :length].t()  # (L, C)
+    if width > 1 and length > 0:
+        seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # (S,)
+        head = torch.arange(width - 1, device=x.device)  # positions 0..W-2 of every segment
+        rows = cu_seqlens[:-1].unsqueeze(1) + head  # (S, W-1)
+        valid = head < seq_len.unsqueeze(1)  # (S, W-1)
+        taps = torch.arange(width, device=x.device)  # tap j reads the input at position p - (W-1) + j
+        src = head[:, None] - (width - 1) + taps  # (W-1, W) position inside the segment
+        from_x = x[(rows.unsqueeze(-1) - (width - 1) + taps).clamp(0, length - 1)]  # (S, W-1, W, C)
         if initial_state is None:
-            back = torch.where(inside, back, torch.zeros_like(back))
+            from_state = torch.zeros_like(from_x)
         else:
-            cached = initial_state[segment, (width - 1 + position - shift).clamp(0, width - 2)]  # (L, C)
-            back = torch.where(inside, back, cached.to(x.dtype))
-        y = y + back * weight[:, width - 1 - shift]
+            idx = (src + width - 1).clamp(0, width - 2)  # (W-1, W) index into the cached inputs
+            from_state = initial_state[:, idx].to(x.dtype)  # (S, W-1, W, C)
+        window = torch.where((src >= 0)[None, :, :, None], from_x, from_state)
+        fixed = (window * weight.t().to(x.dtype)).sum(2)  # (S, W-1, C)
+        target = torch.where(valid, rows, torch.full_like(rows, length))  # invalid rows go to a dropped spare row
+        y = torch.cat([y, y.new_zeros(1, channels)])
+        y = y.index_put((target.reshape(-1),), fixed.reshape(-1, channels))[:length]
     y = F.silu(y)
 
     final_state = None
