@@ -1,0 +1,223 @@
+"""``TextDataModule``: streams prepared token chunks into batches of the training contract.
+
+Data come from a folder written by :func:`mom_lit.data.prepare.prepare_dataset` (``tools/prepare_data.py``)
+or, by default, from the embedded Shakespeare corpus, prepared on first use. Rows are non-overlapping blocks
+of ``seq_len + 1`` consecutive tokens (``input_ids`` = the first ``seq_len``, ``labels`` = the last
+``seq_len``); see :mod:`mom_lit.data.packing` for the batch contract and the document-boundary convention.
+
+litdata shards the blocks over ranks, nodes and loader workers from the distributed environment and drops
+the remainder so every rank gets the same number of full batches. The train loader's position is part of
+the datamodule's ``state_dict`` and so of every Lightning checkpoint: a resumed run continues mid-epoch with
+the batches it had not seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+
+from mom_lit.data.packing import TokenBlockCollate
+from mom_lit.data.prepare import SPLITS, read_meta
+from mom_lit.data.shakespeare import ensure_shakespeare, shakespeare_dir
+from mom_lit.data.tokenizers import load_tokenizer
+
+__all__ = ["TextDataModule"]
+
+logger = logging.getLogger("mom_lit")
+
+
+class _ResumableLoader(StreamingDataLoader):
+    """A StreamingDataLoader that applies a given state once.
+
+    Lightning restores a stateful train loader from its fit-loop state in addition to the datamodule hook.
+    Each litdata restore advances the loader's cycle over worker ids, so a second restore of the same state
+    leaves the worker position it records wrong: the run itself continues correctly, but the next checkpoint
+    would resume on the wrong worker. A repeated restore before iteration is therefore ignored.
+    """
+
+    _restored_state: dict[str, Any] | None = None
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        if self._restored_state is not None and obj == self._restored_state:
+            return
+        super().load_state_dict(obj)
+        self._restored_state = copy.deepcopy(obj)
+
+    def __iter__(self) -> Any:
+        self._restored_state = None
+        yield from super().__iter__()
+
+
+class TextDataModule(L.LightningDataModule):
+    """Token batches from litdata chunks: ``input_ids``, ``labels`` (B, T) int64, optionally ``cu_seqlens``.
+
+    Args:
+        data_dir: folder with ``train/`` and ``val/`` (and optionally ``test/``) prepared splits; None uses the
+            embedded Shakespeare corpus, prepared on first use into ``cache_dir``.
+        tokenizer: ``"byte"``, a ``tokenizer.json`` path or a locally cached hub name; must match the tokenizer
+            the data were prepared with.
+        seq_len: tokens per row (T); each row reads ``seq_len + 1`` tokens so labels are the next tokens.
+        batch_size: rows per batch and per rank (B).
+        num_workers: data-loader worker processes per rank (0 loads in the main process).
+        pack_documents: emit ``cu_seqlens`` so that no sequence-mixing segment spans two documents.
+        seed: seed of litdata's shuffling (same on every rank; litdata splits the shuffled blocks).
+        shuffle: shuffle the training blocks every epoch (validation and test are never shuffled).
+        eos_token: end-of-document token of a ``tokenizer.json`` without a standard one.
+        cache_dir: where the embedded corpus is prepared (default ``$MOM_LIT_CACHE`` or ``~/.cache/mom_lit``).
+
+    Attributes:
+        vocab_size: rows the model's embedding needs (padded tokenizer vocabulary), known right after init.
+        eos_id: the end-of-document id.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        tokenizer: str = "byte",
+        seq_len: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pack_documents: bool = True,
+        seed: int = 42,
+        shuffle: bool = True,
+        eos_token: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+            raise FileNotFoundError(f"data_dir {data_dir} does not exist (or is not a folder)")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer, eos_token=eos_token)
+        self.vocab_size: int = self.tokenizer.vocab_size
+        self.eos_id: int = self.tokenizer.eos_id
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pack_documents = pack_documents
+        self.seed = seed
+        self.shuffle = shuffle
+        self.cache_dir = cache_dir
+        self.collate = TokenBlockCollate(self.eos_id, pack_documents)
+        self._datasets: dict[str, StreamingDataset] = {}
+        self._train_loader: _ResumableLoader | None = None
+        self._pending_train_state: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------------------------- data
+    @property
+    def root(self) -> Path:
+        """The folder holding the split folders."""
+        if self.data_dir is not None:
+            return self.data_dir
+        return shakespeare_dir(self.tokenizer, self.cache_dir)
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node; ensure_shakespeare also locks for callers that don't.
+        if self.data_dir is None:
+            ensure_shakespeare(self.tokenizer, self.cache_dir)
+
+    def _check_meta(self, split_dir: Path) -> dict[str, Any]:
+        meta = read_meta(split_dir)
+        expected = {
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+        }
+        wrong = {key: meta.get(key) for key, value in expected.items() if meta.get(key) != value}
+        if wrong:
+            raise ValueError(
+                f"{split_dir} was prepared with tokenizer {meta.get('tokenizer')!r} ({wrong}), but this datamodule "
+                f"uses {self.tokenizer.name!r} ({ {k: expected[k] for k in wrong} }); prepare the data again with "
+                "this tokenizer or pass the tokenizer it was prepared with"
+            )
+        return meta
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"{self.root} has no {split!r} split (found {[s for s in SPLITS if (self.root / s).is_dir()]}); "
+                f"prepare it (tools/prepare_data.py, --val_fraction/--test_fraction) or disable that stage"
+            )
+        meta = self._check_meta(split_dir)
+        dataset = StreamingDataset(
+            input_dir=str(split_dir),
+            item_loader=TokensLoader(block_size=self.seq_len + 1),
+            shuffle=shuffle,
+            drop_last=True,
+            seed=self.seed,
+        )
+        blocks = len(dataset)
+        if blocks < self.batch_size:
+            raise ValueError(
+                f"split {split!r} of {self.root} is too small: {meta['num_tokens']} tokens give {blocks} rows of "
+                f"seq_len+1={self.seq_len + 1} tokens on this rank, fewer than batch_size={self.batch_size}; "
+                "use more data, a shorter seq_len or a smaller batch_size"
+            )
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_dir is None:
+            ensure_shakespeare(self.tokenizer, self.cache_dir)  # a no-op once prepare_data has run
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "fit", ())
+        for split in splits:
+            if split not in self._datasets:
+                self._datasets[split] = self._dataset(split, shuffle=self.shuffle and split == "train")
+
+    def _loader(self, split: str, cls: type[StreamingDataLoader] = StreamingDataLoader) -> StreamingDataLoader:
+        if split not in self._datasets:
+            self._datasets[split] = self._dataset(split, shuffle=self.shuffle and split == "train")
+        return cls(
+            self._datasets[split],
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        loader = self._loader("train", _ResumableLoader)
+        assert isinstance(loader, _ResumableLoader)
+        if self._pending_train_state is not None:
+            loader.load_state_dict(self._pending_train_state)
+            self._pending_train_state = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> StreamingDataLoader:
+        return self._loader("test")
+
+    # ------------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Position of the train loader (litdata's state), saved into Lightning checkpoints."""
+        if self._train_loader is not None:
+            return {"train_loader": self._train_loader.state_dict()}
+        if self._pending_train_state is not None:
+            return {"train_loader": self._pending_train_state}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the train loader's position; applied when ``train_dataloader`` builds the loader."""
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending_train_state = state

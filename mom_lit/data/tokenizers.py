@@ -1,0 +1,217 @@
+"""Tokenisers behind one small interface: a built-in byte-level one and Hugging Face ``tokenizer.json`` files.
+
+Nothing here touches the network. A Hugging Face tokeniser is found either by a path (the ``tokenizer.json``
+file or a folder holding it) or by a repository name already present in the local Hugging Face hub cache
+(``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``).
+
+Every tokeniser exposes ``vocab_size`` padded up to a multiple of :data:`VOCAB_MULTIPLE` so the embedding and
+LM-head matrices get tensor-core friendly shapes; the ids above the tokeniser's own vocabulary never occur in
+prepared data and are dropped by ``decode``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "BYTE_EOS_ID",
+    "ByteTokenizer",
+    "EOS_CANDIDATES",
+    "HFTokenizer",
+    "Tokenizer",
+    "TokenizerNotFoundError",
+    "VOCAB_MULTIPLE",
+    "hf_hub_cache_dir",
+    "load_tokenizer",
+]
+
+VOCAB_MULTIPLE = 64
+"""``vocab_size`` of every tokeniser is rounded up to a multiple of this."""
+
+BYTE_EOS_ID = 256
+"""End-of-document id of the byte tokeniser (ids 0..255 are the UTF-8 bytes themselves)."""
+
+EOS_CANDIDATES: tuple[str, ...] = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>", "[EOS]")
+"""Special tokens tried, in order, as the end-of-document token of a ``tokenizer.json`` without an explicit one."""
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """A tokeniser spec that is neither ``"byte"``, an existing path, nor a locally cached hub repository."""
+
+
+class Tokenizer(ABC):
+    """Common interface of all tokenisers.
+
+    Attributes:
+        name: short human-readable name (``"byte"``, a hub repository id, or the file's folder name).
+        vocab_size: number of embedding rows a model needs, padded to a multiple of :data:`VOCAB_MULTIPLE`.
+        eos_id: id appended after every document.
+        fingerprint: identifies the exact vocabulary; prepared data records it to catch mismatches.
+    """
+
+    name: str
+    vocab_size: int
+    eos_id: int
+    fingerprint: str
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without any special token added."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; special and padding ids are dropped."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` over many texts; subclasses override it when a batched path is faster."""
+        return [self.encode(text) for text in texts]
+
+    def slug(self) -> str:
+        """A file-system safe identifier of this tokeniser, used in cache folder names."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-") or "tokenizer"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 is EOS, ``vocab_size`` is 320 (257 padded to 64).
+
+    Any text round-trips exactly; no file or download is needed.
+    """
+
+    name = "byte"
+    eos_id = BYTE_EOS_ID
+    vocab_size = _round_up(BYTE_EOS_ID + 1, VOCAB_MULTIPLE)
+    fingerprint = "byte-utf8-eos256"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` model read from a ``tokenizer.json`` file.
+
+    Args:
+        path: the ``tokenizer.json`` file.
+        name: display name; defaults to the folder holding the file (or the file's stem).
+        eos_token: the end-of-document token; by default the first of :data:`EOS_CANDIDATES` in the vocabulary.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None, eos_token: str | None = None) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self.path = Path(path)
+        raw = self.path.read_bytes()
+        self._tokenizer = _HFTokenizer.from_str(raw.decode("utf-8"))
+        if name is None:
+            name = self.path.parent.name if self.path.name == "tokenizer.json" else self.path.stem
+        self.name = name
+        self.base_vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = _round_up(self.base_vocab_size, VOCAB_MULTIPLE)
+        self.eos_token = self._find_eos(eos_token)
+        eos_id = self._tokenizer.token_to_id(self.eos_token)
+        assert eos_id is not None  # _find_eos only returns tokens of the vocabulary
+        self.eos_id = eos_id
+        self.fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+    def _find_eos(self, eos_token: str | None) -> str:
+        if eos_token is not None:
+            if self._tokenizer.token_to_id(eos_token) is None:
+                raise ValueError(f"eos_token={eos_token!r} is not in the vocabulary of {self.path}")
+            return eos_token
+        for candidate in EOS_CANDIDATES:
+            if self._tokenizer.token_to_id(candidate) is not None:
+                return candidate
+        raise ValueError(
+            f"{self.path} has none of the end-of-document tokens {list(EOS_CANDIDATES)}; pass eos_token= explicitly"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [enc.ids for enc in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        kept = [int(i) for i in ids if 0 <= int(i) < self.base_vocab_size]
+        return self._tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def hf_hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, resolved from the environment the way ``huggingface_hub`` does."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def _cached_tokenizer_json(repo_id: str) -> tuple[Path | None, Path]:
+    """(``tokenizer.json`` of the cached snapshot or None, the repository folder looked in)."""
+    repo_dir = hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip() / "tokenizer.json"
+        if candidate.is_file():
+            return candidate, repo_dir
+    if snapshots.is_dir():
+        # Without a usable ref, the most recently written snapshot that has the file wins.
+        found = sorted(snapshots.glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if found:
+            return found[0], repo_dir
+    return None, repo_dir
+
+
+def load_tokenizer(spec: str | Tokenizer, eos_token: str | None = None) -> Tokenizer:
+    """Resolve a tokeniser spec, offline.
+
+    Args:
+        spec: ``"byte"``; a path to a ``tokenizer.json`` or to a folder holding one; or a hub repository id
+            (``"gpt2"``, ``"org/name"``) whose ``tokenizer.json`` is in the local hub cache. A ``Tokenizer``
+            instance is returned unchanged.
+        eos_token: end-of-document token of a ``tokenizer.json`` (ignored for ``"byte"``).
+
+    Raises:
+        TokenizerNotFoundError: nothing matched; the message lists every place that was tried.
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"tokenizer must be 'byte', a path or a cached hub name, got {spec!r}")
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    tried = ["the built-in 'byte' tokenizer (spec is not 'byte')", f"a path: {path.resolve()} does not exist"]
+    if path.is_file():
+        return HFTokenizer(path, eos_token=eos_token)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer(path / "tokenizer.json", name=path.name, eos_token=eos_token)
+        tried[1] = f"a folder: {path.resolve()} has no tokenizer.json"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec):
+        cached, repo_dir = _cached_tokenizer_json(spec)
+        if cached is not None:
+            return HFTokenizer(cached, name=spec, eos_token=eos_token)
+        tried.append(f"the local hub cache: no {repo_dir}/snapshots/*/tokenizer.json")
+    raise TokenizerNotFoundError(
+        f"cannot find tokenizer {spec!r} offline; tried "
+        + "; ".join(tried)
+        + ". Pass 'byte', a tokenizer.json path, or download it first (e.g. `huggingface-cli download "
+        + f"{spec} tokenizer.json`) while online."
+    )
