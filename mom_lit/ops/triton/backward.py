@@ -16,7 +16,7 @@ Kernels, in launch order:
     du_local_kernel   per (chunk, head, V block): P^T dO
     state_bwd_kernel  per (segment, head, V block): reverse pass; stores dS1 per chunk, completes dU, dS0 of
                       the segment's first chunk is d initial_state
-    dqk_kernel        per (chunk, head, K block): dq, the attention/state part of dk, dW, dgamma partials
+    dqk_kernel        per (chunk, head): dq, the attention/state part of dk, dW, most of dgamma
     wy_bwd_kernel     per (chunk, head): the WY part of dk, dv, dbeta; sums dgamma and integrates it into dg
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import chunk_rows, mm, mm32
+from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_tile_ptrs
 
 __all__ = ["dqk_kernel", "du_local_kernel", "state_bwd_kernel", "wy_bwd_kernel"]
 
@@ -34,9 +34,11 @@ __all__ = ["dqk_kernel", "du_local_kernel", "state_bwd_kernel", "wy_bwd_kernel"]
 def du_local_kernel(q, k, gamma, do, du, chunk_seg, chunk_start, cu, scale,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     USE_G: tl.constexpr, MODE: tl.constexpr):
-    c = tl.program_id(0)
+    # V blocks of one chunk are consecutive programs, sharing its q and k tiles via L2
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    c = tl.program_id(0) // NVB
+    vb = tl.program_id(0) % NVB
     h = tl.program_id(1)
-    vb = tl.program_id(2)
     seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
     if seg < 0:
         return
@@ -44,7 +46,7 @@ def du_local_kernel(q, k, gamma, do, du, chunk_seg, chunk_start, cu, scale,
     mr = rows < length
     tok = (start + rows) * H + h
     pt = tl.zeros([64, 64], dtype=tl.float32)  # pt[j, i] = k_j . q_i
-    for kk in tl.static_range(0, K, BK):
+    for kk in range(0, K, BK):
         cols = kk + tl.arange(0, BK)
         mk = mr[:, None] & (cols[None, :] < K)
         qc = tl.load(q + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
@@ -52,7 +54,7 @@ def du_local_kernel(q, k, gamma, do, du, chunk_seg, chunk_start, cu, scale,
         pt += mm(kc, tl.trans(qc), MODE)
     keep = rows[None, :] >= rows[:, None]
     if USE_G:
-        gam = tl.load(gamma + tok, mask=mr, other=0.0)
+        gam, _ = load_gates(gamma, tok, mr, start, length, H, h)
         pt = pt * tl.exp(tl.where(keep, gam[None, :] - gam[:, None], float("-inf")))
     else:
         pt = tl.where(keep, pt, 0.0)
@@ -63,26 +65,66 @@ def du_local_kernel(q, k, gamma, do, du, chunk_seg, chunk_start, cu, scale,
 
 
 @triton.jit
+def _state_bwd_block(ds, q, k, w, tok, mr, col0: tl.constexpr, doc, duc, decay, to_end, from_start, scale,
+                     K: tl.constexpr, BKS: tl.constexpr, USE_G: tl.constexpr, IS_DELTA: tl.constexpr,
+                     MODE: tl.constexpr):
+    """dS0 = Gamma_C dS1 + Qg^T dO - W^T dU on rows col0 .. col0 + BKS of the state."""
+    qc = rows_tile(q, tok, mr, col0, K, BKS).to(tl.float32)
+    if USE_G:
+        ds = ds * decay
+        qc = qc * from_start
+    ds += mm(tl.trans(qc), doc, MODE) * scale
+    if IS_DELTA:
+        ds -= mm(tl.trans(rows_tile(w, tok, mr, col0, K, BKS)), duc, MODE)
+    return ds
+
+
+@triton.jit
+def _key_to_end(k, tok, mr, col0: tl.constexpr, to_end, K: tl.constexpr, BKS: tl.constexpr, USE_G: tl.constexpr):
+    kc = rows_tile(k, tok, mr, col0, K, BKS)
+    if USE_G:
+        kc = kc.to(tl.float32) * to_end
+    return kc
+
+
+@triton.jit
 def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, cu, scale,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
                      STORE_DH0: tl.constexpr, MODE: tl.constexpr):
-    nh = tl.program_id(0)
-    vb = tl.program_id(1)
+    # the (K, BV) state gradient is held as up to four (BKS, BV) register blocks d1..d4, as in the forward
+    NKS: tl.constexpr = (K + BKS - 1) // BKS
+    # V blocks of one (segment, head) are consecutive programs: they run together and share q, k, w via L2
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    nh = tl.program_id(0) // NVB
+    vb = tl.program_id(0) % NVB
     n = nh // H
     h = nh % H
     c0 = tl.load(chunk_offsets + n).to(tl.int64)
     c1 = tl.load(chunk_offsets + n + 1).to(tl.int64)
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
-    rk = tl.arange(0, BKF)
     rv = vb * BV + tl.arange(0, BV)
-    mkv = (rk[:, None] < K) & (rv[None, :] < V)
-    state_off = rk[:, None] * V + rv[None, :]
+    base = nh.to(tl.int64) * K * V
+    p1, m1 = state_tile_ptrs(base, 0, rv, K, V, BKS)
+    d1 = tl.zeros([BKS, BV], dtype=tl.float32)
     if HAS_DHT:
-        ds = tl.load(dht + nh.to(tl.int64) * K * V + state_off, mask=mkv, other=0.0).to(tl.float32)
-    else:
-        ds = tl.zeros([BKF, BV], dtype=tl.float32)
+        d1 = tl.load(dht + p1, mask=m1, other=0.0)
+    if NKS > 1:
+        p2, m2 = state_tile_ptrs(base, BKS, rv, K, V, BKS)
+        d2 = tl.zeros([BKS, BV], dtype=tl.float32)
+        if HAS_DHT:
+            d2 = tl.load(dht + p2, mask=m2, other=0.0)
+    if NKS > 2:
+        p3, m3 = state_tile_ptrs(base, 2 * BKS, rv, K, V, BKS)
+        d3 = tl.zeros([BKS, BV], dtype=tl.float32)
+        if HAS_DHT:
+            d3 = tl.load(dht + p3, mask=m3, other=0.0)
+    if NKS > 3:
+        p4, m4 = state_tile_ptrs(base, 3 * BKS, rv, K, V, BKS)
+        d4 = tl.zeros([BKS, BV], dtype=tl.float32)
+        if HAS_DHT:
+            d4 = tl.load(dht + p4, mask=m4, other=0.0)
     rows = tl.arange(0, 64)
     for i in range(0, c1 - c0):
         c = c1 - 1 - i  # int64 chunk id, last chunk first
@@ -90,105 +132,133 @@ def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, cu, sc
         length = eos - start
         mr = rows < length
         tok = (start + rows) * H + h
-        tl.store(dh + (c * H + h) * K * V + state_off, ds.to(dh.dtype.element_ty), mask=mkv)
-        mk = mr[:, None] & (rk[None, :] < K)
+        dh_base = (c * H + h) * K * V - base
+        out_ty = dh.dtype.element_ty
+        tl.store(dh + dh_base + p1, d1.to(out_ty), mask=m1)
+        if NKS > 1:
+            tl.store(dh + dh_base + p2, d2.to(out_ty), mask=m2)
+        if NKS > 2:
+            tl.store(dh + dh_base + p3, d3.to(out_ty), mask=m3)
+        if NKS > 3:
+            tl.store(dh + dh_base + p4, d4.to(out_ty), mask=m4)
         mv = mr[:, None] & (rv[None, :] < V)
-        kc = tl.load(k + tok[:, None] * K + rk[None, :], mask=mk, other=0.0).to(tl.float32)
-        qc = tl.load(q + tok[:, None] * K + rk[None, :], mask=mk, other=0.0).to(tl.float32)
         doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
         duc = tl.load(du + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+        decay = 1.0
+        to_end = tl.full([64, 1], 1.0, dtype=tl.float32)
+        from_start = tl.full([64, 1], 1.0, dtype=tl.float32)
         if USE_G:
-            gam = tl.load(gamma + tok, mask=mr, other=0.0)
-            g_last = tl.load(gamma + (start + tl.minimum(length, 64) - 1) * H + h)
-            kc = kc * tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
-            qc = qc * tl.exp(gam)[:, None]
-        duc = duc + mm(kc, ds, MODE)
+            gam, g_last = load_gates(gamma, tok, mr, start, length, H, h)
+            decay = tl.exp(g_last)
+            to_end = tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
+            from_start = tl.exp(gam)[:, None]
+        # dU = P^T dO (already in du) + Kd dS1
+        duc += mm(_key_to_end(k, tok, mr, 0, to_end, K, BKS, USE_G), d1, MODE)
+        if NKS > 1:
+            duc += mm(_key_to_end(k, tok, mr, BKS, to_end, K, BKS, USE_G), d2, MODE)
+        if NKS > 2:
+            duc += mm(_key_to_end(k, tok, mr, 2 * BKS, to_end, K, BKS, USE_G), d3, MODE)
+        if NKS > 3:
+            duc += mm(_key_to_end(k, tok, mr, 3 * BKS, to_end, K, BKS, USE_G), d4, MODE)
         tl.store(du + tok[:, None] * V + rv[None, :], duc, mask=mv)
-        if USE_G:
-            ds = ds * tl.exp(g_last)
-        ds = ds + mm(tl.trans(qc), doc, MODE) * scale
-        if IS_DELTA:
-            wc = tl.load(w + tok[:, None] * K + rk[None, :], mask=mk, other=0.0)
-            ds = ds - mm(tl.trans(wc), duc, MODE)
+        d1 = _state_bwd_block(d1, q, k, w, tok, mr, 0, doc, duc, decay, to_end, from_start, scale,
+                              K, BKS, USE_G, IS_DELTA, MODE)
+        if NKS > 1:
+            d2 = _state_bwd_block(d2, q, k, w, tok, mr, BKS, doc, duc, decay, to_end, from_start, scale,
+                                  K, BKS, USE_G, IS_DELTA, MODE)
+        if NKS > 2:
+            d3 = _state_bwd_block(d3, q, k, w, tok, mr, 2 * BKS, doc, duc, decay, to_end, from_start, scale,
+                                  K, BKS, USE_G, IS_DELTA, MODE)
+        if NKS > 3:
+            d4 = _state_bwd_block(d4, q, k, w, tok, mr, 3 * BKS, doc, duc, decay, to_end, from_start, scale,
+                                  K, BKS, USE_G, IS_DELTA, MODE)
     if STORE_DH0:
-        tl.store(dh0 + nh.to(tl.int64) * K * V + state_off, ds, mask=mkv)
+        tl.store(dh0 + p1, d1, mask=m1)
+        if NKS > 1:
+            tl.store(dh0 + p2, d2, mask=m2)
+        if NKS > 2:
+            tl.store(dh0 + p3, d3, mask=m3)
+        if NKS > 3:
+            tl.store(dh0 + p4, d4, mask=m4)
 
 
 @triton.jit
-def dqk_kernel(q, k, u, gamma, h_in, dh, do, du, dq, dk, dw, dgam, chunk_seg, chunk_start, cu, scale, T,
+def dqk_kernel(q, k, u, gamma, h_in, dh, do, du, dq, dk, dw, dgam, chunk_seg, chunk_start, cu, scale,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
-    kb = tl.program_id(2)
     seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
     if seg < 0:
         return
     rows = tl.arange(0, 64)
     mr = rows < length
     tok = (start + rows) * H + h
-    cols = kb * BK + tl.arange(0, BK)
-    mcol = cols < K
-    mk = mr[:, None] & mcol[None, :]
     h_base = (c.to(tl.int64) * H + h) * K * V
 
-    dqg = tl.zeros([64, BK], dtype=tl.float32)  # dO S0^T
-    dkd = tl.zeros([64, BK], dtype=tl.float32)  # U dS1^T
-    dwc = tl.zeros([64, BK], dtype=tl.float32)  # -dU S0^T
-    dp = tl.zeros([64, 64], dtype=tl.float32)  # dO U^T
-    sdot = tl.sum(tl.zeros([16], dtype=tl.float32), 0)  # <S0, dS1> over this K block
-    for vv in tl.static_range(0, V, BV):
-        rv = vv + tl.arange(0, BV)
-        mv = mr[:, None] & (rv[None, :] < V)
-        mkv = mcol[:, None] & (rv[None, :] < V)
-        s0 = tl.load(h_in + h_base + cols[:, None] * V + rv[None, :], mask=mkv, other=0.0)  # (BK, BV)
-        ds1 = tl.load(dh + h_base + cols[:, None] * V + rv[None, :], mask=mkv, other=0.0)
-        doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
-        uc = tl.load(u + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
-        dqg += mm(doc, tl.trans(s0), MODE)
-        dkd += mm(uc, tl.trans(ds1), MODE)
-        dp += mm(doc, tl.trans(uc), MODE)
-        if IS_DELTA:
-            duc = tl.load(du + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
-            dwc -= mm(duc, tl.trans(s0), MODE)
-        if USE_G:
-            sdot += tl.sum(tl.sum(s0.to(tl.float32) * ds1.to(tl.float32), 1), 0)
-
-    qc = tl.load(q + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32) * scale
-    kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
+    # dP = dO U^T over all of V first: every K block below needs the whole of it
+    dp = tl.zeros([64, 64], dtype=tl.float32)
+    for vv in range(0, V, BV):
+        dp += mm(rows_tile(do, tok, mr, vv, V, BV), tl.trans(rows_tile(u, tok, mr, vv, V, BV)), MODE)
     causal = rows[:, None] >= rows[None, :]
+    dgv = tl.zeros([64], dtype=tl.float32)
     if USE_G:
-        gam = tl.load(gamma + tok, mask=mr, other=0.0)
+        gam, g_last = load_gates(gamma, tok, mr, start, length, H, h)
         last = tl.minimum(length, 64) - 1
-        g_last = tl.load(gamma + (start + last) * H + h)
         decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
         dpm = dp * decay
         e_q = tl.exp(gam)
         e_k = tl.exp(tl.where(mr, g_last - gam, 0.0))
-        dqs = mm(dpm, kc, MODE) + e_q[:, None] * dqg
-        dkc = mm(tl.trans(dpm), qc, MODE) + e_k[:, None] * dkd
     else:
         dpm = tl.where(causal, dp, 0.0)
-        dqs = mm(dpm, kc, MODE) + dqg
-        dkc = mm(tl.trans(dpm), qc, MODE) + dkd
-    tl.store(dq + tok[:, None] * K + cols[None, :], (dqs * scale).to(dq.dtype.element_ty), mask=mk)
-    tl.store(dk + tok[:, None] * K + cols[None, :], dkc.to(dk.dtype.element_ty), mask=mk)
-    if IS_DELTA:
-        tl.store(dw + tok[:, None] * K + cols[None, :], dwc, mask=mk)
+
+    for kk in range(0, K, BK):
+        cols = kk + tl.arange(0, BK)
+        mk = mr[:, None] & (cols[None, :] < K)
+        dqg = tl.zeros([64, BK], dtype=tl.float32)  # dO S0^T
+        dkd = tl.zeros([64, BK], dtype=tl.float32)  # U dS1^T
+        dwc = tl.zeros([64, BK], dtype=tl.float32)  # -dU S0^T
+        sdot = tl.sum(tl.zeros([16], dtype=tl.float32), 0)  # <S0, dS1> over this K block
+        for vv in range(0, V, BV):
+            rv = vv + tl.arange(0, BV)
+            mkv = (cols[:, None] < K) & (rv[None, :] < V)
+            s0 = tl.load(h_in + h_base + cols[:, None] * V + rv[None, :], mask=mkv, other=0.0)  # (BK, BV)
+            ds1 = tl.load(dh + h_base + cols[:, None] * V + rv[None, :], mask=mkv, other=0.0)
+            dqg += mm(rows_tile(do, tok, mr, vv, V, BV), tl.trans(s0), MODE)
+            dkd += mm(rows_tile(u, tok, mr, vv, V, BV), tl.trans(ds1), MODE)
+            if IS_DELTA:
+                dwc -= mm(rows_tile(du, tok, mr, vv, V, BV), tl.trans(s0), MODE)
+            if USE_G:
+                sdot += tl.sum(tl.sum(s0.to(tl.float32) * ds1.to(tl.float32), 1), 0)
+        qc = tl.load(q + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+        kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
+        dqs = mm(dpm, kc, MODE)
+        dkc = mm(tl.trans(dpm), qc, MODE)
+        if USE_G:
+            dqs += e_q[:, None] * dqg
+            dkc += e_k[:, None] * dkd
+        else:
+            dqs += dqg
+            dkc += dkd
+        tl.store(dq + tok[:, None] * K + cols[None, :], (dqs * scale).to(dq.dtype.element_ty), mask=mk)
+        tl.store(dk + tok[:, None] * K + cols[None, :], dkc.to(dk.dtype.element_ty), mask=mk)
+        if IS_DELTA:
+            tl.store(dw + tok[:, None] * K + cols[None, :], dwc, mask=mk)
+        if USE_G:
+            # this K block's share of dgamma: decays in P, the query gate, the key-to-end gate, the state decay
+            r = dp * mm(qc, tl.trans(kc), MODE) * decay
+            dgv += tl.sum(r, 1) - tl.sum(r, 0)
+            dgv += tl.sum(qc * e_q[:, None] * dqg, 1)
+            kdd = tl.sum(kc * e_k[:, None] * dkd, 1)
+            dgv += tl.where(rows == last, tl.sum(kdd, 0) + tl.exp(g_last) * sdot, 0.0) - kdd
     if USE_G:
-        # this K block's share of dgamma: decays in P, the query gate, the key-to-end gate, the state decay
-        r = dp * mm(qc, tl.trans(kc), MODE) * decay
-        dgv = tl.sum(r, 1) - tl.sum(r, 0)
-        dgv += tl.sum(qc * e_q[:, None] * dqg, 1)
-        kdd = tl.sum(kc * e_k[:, None] * dkd, 1)
-        dgv = dgv - kdd + tl.where(rows == last, tl.sum(kdd, 0) + tl.exp(g_last) * sdot, 0.0)
-        tl.store(dgam + kb.to(tl.int64) * T * H + tok, dgv, mask=mr)
+        tl.store(dgam + tok, dgv, mask=mr)
 
 
 @triton.jit
-def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, dg, chunk_seg, chunk_start, cu, T,
+def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, dg, chunk_seg, chunk_start, cu,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  NKB: tl.constexpr, USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
+                  USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
@@ -200,9 +270,8 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
     dgv = tl.zeros([64], dtype=tl.float32)
     e_g = tl.full([64], 1.0, dtype=tl.float32)
     if USE_G:
-        for i in tl.static_range(NKB):
-            dgv += tl.load(dgam + i * T * H + tok, mask=mr, other=0.0)
-        gam = tl.load(gamma + tok, mask=mr, other=0.0)
+        dgv += tl.load(dgam + tok, mask=mr, other=0.0)
+        gam, _ = load_gates(gamma, tok, mr, start, length, H, h)
         e_g = tl.exp(gam)
     if IS_DELTA:
         b = tl.load(beta + tok, mask=mr, other=0.0).to(tl.float32)
@@ -210,14 +279,14 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
         t_inv = tl.load(tinv + tok[:, None] * 64 + rows[None, :], mask=mr[:, None], other=0.0)
         dti = tl.zeros([64, 64], dtype=tl.float32)  # d Tinv
         kkt = tl.zeros([64, 64], dtype=tl.float32)
-        for kk in tl.static_range(0, K, BK):
+        for kk in range(0, K, BK):
             cols = kk + tl.arange(0, BK)
             mk = mr[:, None] & (cols[None, :] < K)
             kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
             dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
             dti += mm32(dwc, tl.trans(kc.to(tl.float32) * bk[:, None]), MODE)
             kkt += mm(kc, tl.trans(kc), MODE)
-        for vv in tl.static_range(0, V, BV):
+        for vv in range(0, V, BV):
             cols = vv + tl.arange(0, BV)
             mv = mr[:, None] & (cols[None, :] < V)
             vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
@@ -235,7 +304,7 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
         if USE_G:
             ra = gm * kkt  # dA * A
             dgv += tl.sum(ra, 1) - tl.sum(ra, 0)
-        for kk in tl.static_range(0, K, BK):
+        for kk in range(0, K, BK):
             cols = kk + tl.arange(0, BK)
             mk = mr[:, None] & (cols[None, :] < K)
             kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
@@ -248,7 +317,7 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
             dbv += e_g * kdk
             if USE_G:
                 dgv += bk * kdk
-        for vv in tl.static_range(0, V, BV):
+        for vv in range(0, V, BV):
             cols = vv + tl.arange(0, BV)
             mv = mr[:, None] & (cols[None, :] < V)
             vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)

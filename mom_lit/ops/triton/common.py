@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BT", "dot_mode", "mm", "mm32", "chunk_rows"]
+__all__ = ["BT", "chunk_rows", "dot_mode", "load_gates", "mm", "mm32", "rows_tile", "state_tile_ptrs"]
 
 BT = 64  # chunk length: four 16-row blocks in the triangular solve
 
@@ -52,3 +52,30 @@ def chunk_rows(chunk_seg, chunk_start, cu, c):
     start = tl.load(chunk_start + c).to(tl.int64)
     end = tl.load(cu + tl.maximum(seg, 0) + 1).to(tl.int64)
     return seg, start, end - start
+
+
+@triton.jit
+def rows_tile(ptr, tok, mr, col0: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """(BT, BD) tile of a (T, H, D) tensor: rows ``tok``, columns col0 .. col0 + BD."""
+    cols = col0 + tl.arange(0, BD)
+    return tl.load(ptr + tok[:, None] * D + cols[None, :], mask=mr[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def state_tile_ptrs(base, row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr):
+    """Offsets and mask of rows row0 .. row0 + BKS, columns rv, of one (K, V) state at ``base``."""
+    rk = row0 + tl.arange(0, BKS)
+    return base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
+
+
+@triton.jit
+def load_gates(gamma, tok, mr, start, length, H: tl.constexpr, h):
+    """Cumulative log-gates of a chunk and their last valid value.
+
+    Padded rows repeat the last valid value, so that every decay exponent gamma_i - gamma_j with j <= i stays
+    <= 0 on padded rows too (a padded row of 0 after a strongly decayed chunk would give exp(+large) = inf, and
+    inf * 0 = NaN in the products that mix padded and valid rows).
+    """
+    g_last = tl.load(gamma + (start + tl.minimum(length, 64) - 1) * H + h)
+    gam = tl.load(gamma + tok, mask=mr, other=0.0)
+    return tl.where(mr, gam, g_last), g_last

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import chunk_rows, mm, mm32
+from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_tile_ptrs
 
 __all__ = ["output_kernel", "state_fwd_kernel", "wy_apply_kernel", "wy_solve_kernel"]
 
@@ -109,7 +109,7 @@ def wy_solve_kernel(k, g, beta, gamma, tinv, chunk_seg, chunk_start, cu,
         a31 = tl.zeros([16, 16], dtype=tl.float32)
         a32 = tl.zeros([16, 16], dtype=tl.float32)
         a33 = tl.zeros([16, 16], dtype=tl.float32)
-        for kk in tl.static_range(0, K, BK):
+        for kk in range(0, K, BK):
             cols = kk + tl.arange(0, BK)
             mc = cols[None, :] < K
             k0 = tl.load(k + t0[:, None] * K + cols[None, :], mask=m0[:, None] & mc, other=0.0)
@@ -192,12 +192,12 @@ def wy_apply_kernel(k, v, beta, gamma, tinv, w, u, chunk_seg, chunk_start, cu,
     bk = b
     if USE_G:
         bk = b * tl.exp(tl.load(gamma + tok, mask=mr, other=0.0))
-    for kk in tl.static_range(0, K, BK):
+    for kk in range(0, K, BK):
         cols = kk + tl.arange(0, BK)
         mask = mr[:, None] & (cols[None, :] < K)
         kb = tl.load(k + tok[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32) * bk[:, None]
         tl.store(w + tok[:, None] * K + cols[None, :], mm32(t_inv, kb, MODE).to(w.dtype.element_ty), mask=mask)
-    for vv in tl.static_range(0, V, BV):
+    for vv in range(0, V, BV):
         cols = vv + tl.arange(0, BV)
         mask = mr[:, None] & (cols[None, :] < V)
         vb = tl.load(v + tok[:, None] * V + cols[None, :], mask=mask, other=0.0).to(tl.float32) * b[:, None]
@@ -206,25 +206,42 @@ def wy_apply_kernel(k, v, beta, gamma, tinv, w, u, chunk_seg, chunk_start, cu,
 
 @triton.jit
 def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, cu,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
                      MODE: tl.constexpr):
-    nh = tl.program_id(0)
-    vb = tl.program_id(1)
+    # the (K, BV) state is held as up to four (BKS, BV) register blocks s1..s4 (K <= 4 * BKS)
+    NKS: tl.constexpr = (K + BKS - 1) // BKS
+    # V blocks of one (segment, head) are consecutive programs: they run together and share q, k, w via L2
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    nh = tl.program_id(0) // NVB
+    vb = tl.program_id(0) % NVB
     n = nh // H
     h = nh % H
     c0 = tl.load(chunk_offsets + n).to(tl.int64)
     c1 = tl.load(chunk_offsets + n + 1).to(tl.int64)
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
-    rk = tl.arange(0, BKF)
     rv = vb * BV + tl.arange(0, BV)
-    mkv = (rk[:, None] < K) & (rv[None, :] < V)
-    state_off = rk[:, None] * V + rv[None, :]  # (BKF, BV) offsets inside one (K, V) state
+    h0_base = nh.to(tl.int64) * K * V
+    p1, m1 = state_tile_ptrs(h0_base, 0, rv, K, V, BKS)
+    s1 = tl.zeros([BKS, BV], dtype=tl.float32)
     if HAS_H0:
-        s = tl.load(h0 + nh.to(tl.int64) * K * V + state_off, mask=mkv, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros([BKF, BV], dtype=tl.float32)
+        s1 = tl.load(h0 + p1, mask=m1, other=0.0)
+    if NKS > 1:
+        p2, m2 = state_tile_ptrs(h0_base, BKS, rv, K, V, BKS)
+        s2 = tl.zeros([BKS, BV], dtype=tl.float32)
+        if HAS_H0:
+            s2 = tl.load(h0 + p2, mask=m2, other=0.0)
+    if NKS > 2:
+        p3, m3 = state_tile_ptrs(h0_base, 2 * BKS, rv, K, V, BKS)
+        s3 = tl.zeros([BKS, BV], dtype=tl.float32)
+        if HAS_H0:
+            s3 = tl.load(h0 + p3, mask=m3, other=0.0)
+    if NKS > 3:
+        p4, m4 = state_tile_ptrs(h0_base, 3 * BKS, rv, K, V, BKS)
+        s4 = tl.zeros([BKS, BV], dtype=tl.float32)
+        if HAS_H0:
+            s4 = tl.load(h0 + p4, mask=m4, other=0.0)
     rows = tl.arange(0, 64)
     for j in range(0, c1 - c0):
         c = c0 + j  # int64 chunk id
@@ -232,36 +249,66 @@ def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, cu,
         length = eos - start
         mr = rows < length
         tok = (start + rows) * H + h  # (BT,) int64
-        tl.store(h_out + (c * H + h) * K * V + state_off, s.to(h_out.dtype.element_ty), mask=mkv)
-        mk = mr[:, None] & (rk[None, :] < K)
+        h_base = (c * H + h) * K * V - h0_base  # the state tile offsets above are relative to h0_base
+        out_ty = h_out.dtype.element_ty
+        tl.store(h_out + h_base + p1, s1.to(out_ty), mask=m1)
+        if NKS > 1:
+            tl.store(h_out + h_base + p2, s2.to(out_ty), mask=m2)
+        if NKS > 2:
+            tl.store(h_out + h_base + p3, s3.to(out_ty), mask=m3)
+        if NKS > 3:
+            tl.store(h_out + h_base + p4, s4.to(out_ty), mask=m4)
         mv = mr[:, None] & (rv[None, :] < V)
-        kc = tl.load(k + tok[:, None] * K + rk[None, :], mask=mk, other=0.0)  # (BT, BKF)
         if IS_DELTA:
-            wc = tl.load(w + tok[:, None] * K + rk[None, :], mask=mk, other=0.0)
             uc = tl.load(u + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
-            uc = uc - mm(wc, s, MODE)
+            uc -= mm(rows_tile(w, tok, mr, 0, K, BKS), s1, MODE)
+            if NKS > 1:
+                uc -= mm(rows_tile(w, tok, mr, BKS, K, BKS), s2, MODE)
+            if NKS > 2:
+                uc -= mm(rows_tile(w, tok, mr, 2 * BKS, K, BKS), s3, MODE)
+            if NKS > 3:
+                uc -= mm(rows_tile(w, tok, mr, 3 * BKS, K, BKS), s4, MODE)
             tl.store(u + tok[:, None] * V + rv[None, :], uc.to(u.dtype.element_ty), mask=mv)
         else:
             uc = tl.load(v + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
         if USE_G:
-            gam = tl.load(gamma + tok, mask=mr, other=0.0)
-            last = tl.minimum(length, 64) - 1
-            g_last = tl.load(gamma + (start + last) * H + h)
-            kd = kc.to(tl.float32) * tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
-            s = s * tl.exp(g_last) + mm(tl.trans(kd), uc, MODE)
+            gam, g_last = load_gates(gamma, tok, mr, start, length, H, h)
+            to_end = tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
+            decay = tl.exp(g_last)
+            s1 = s1 * decay + mm(tl.trans(rows_tile(k, tok, mr, 0, K, BKS) * to_end), uc, MODE)
+            if NKS > 1:
+                s2 = s2 * decay + mm(tl.trans(rows_tile(k, tok, mr, BKS, K, BKS) * to_end), uc, MODE)
+            if NKS > 2:
+                s3 = s3 * decay + mm(tl.trans(rows_tile(k, tok, mr, 2 * BKS, K, BKS) * to_end), uc, MODE)
+            if NKS > 3:
+                s4 = s4 * decay + mm(tl.trans(rows_tile(k, tok, mr, 3 * BKS, K, BKS) * to_end), uc, MODE)
         else:
-            s = s + mm(tl.trans(kc), uc, MODE)
+            s1 += mm(tl.trans(rows_tile(k, tok, mr, 0, K, BKS)), uc, MODE)
+            if NKS > 1:
+                s2 += mm(tl.trans(rows_tile(k, tok, mr, BKS, K, BKS)), uc, MODE)
+            if NKS > 2:
+                s3 += mm(tl.trans(rows_tile(k, tok, mr, 2 * BKS, K, BKS)), uc, MODE)
+            if NKS > 3:
+                s4 += mm(tl.trans(rows_tile(k, tok, mr, 3 * BKS, K, BKS)), uc, MODE)
     if STORE_HT:
-        tl.store(ht + nh.to(tl.int64) * K * V + state_off, s, mask=mkv)
+        tl.store(ht + p1, s1, mask=m1)
+        if NKS > 1:
+            tl.store(ht + p2, s2, mask=m2)
+        if NKS > 2:
+            tl.store(ht + p3, s3, mask=m3)
+        if NKS > 3:
+            tl.store(ht + p4, s4, mask=m4)
 
 
 @triton.jit
 def output_kernel(q, k, v, u, gamma, h_in, o, chunk_seg, chunk_start, cu, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
-    c = tl.program_id(0)
+    # V blocks of one chunk are consecutive programs, sharing its q and k tiles via L2
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    c = tl.program_id(0) // NVB
+    vb = tl.program_id(0) % NVB
     h = tl.program_id(1)
-    vb = tl.program_id(2)
     seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
     if seg < 0:
         return
@@ -273,7 +320,7 @@ def output_kernel(q, k, v, u, gamma, h_in, o, chunk_seg, chunk_start, cu, scale,
     acc_o = tl.zeros([64, BV], dtype=tl.float32)
     acc_p = tl.zeros([64, 64], dtype=tl.float32)
     h_base = (c.to(tl.int64) * H + h) * K * V
-    for kk in tl.static_range(0, K, BK):
+    for kk in range(0, K, BK):
         cols = kk + tl.arange(0, BK)
         mk = mr[:, None] & (cols[None, :] < K)
         qc = tl.load(q + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
@@ -284,7 +331,7 @@ def output_kernel(q, k, v, u, gamma, h_in, o, chunk_seg, chunk_start, cu, scale,
         acc_p += mm(qc, tl.trans(kc), MODE)
     causal = rows[:, None] >= rows[None, :]
     if USE_G:
-        gam = tl.load(gamma + tok, mask=mr, other=0.0)
+        gam, _ = load_gates(gamma, tok, mr, start, length, H, h)
         acc_o = acc_o * tl.exp(gam)[:, None]
         acc_p = acc_p * tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
     else:

@@ -1,15 +1,17 @@
 """``triton_scan``: the chunked memory recurrence as Triton kernels, with a full Triton backward.
 
 Supports the scalar-gate and ungated rules (gated_delta, delta, simple_gla, linear), packed varlen segments
-(``cu_seqlens``, empty segments allowed), fp32 / bf16 / fp16 inputs and any head dims (the state pass keeps a
-whole (K, V-block) state in registers, which is what bounds K in practice: up to 256 is exercised). The per-key
-gate ``gk`` is not implemented here and is rejected with a ``ValueError``.
+(``cu_seqlens``, empty segments allowed), fp32 / bf16 / fp16 inputs, key dims up to 256 (the sequential passes
+keep a (K, V-block) state in at most four register blocks of 64 rows) and any value dim. The per-key gate ``gk``
+is not implemented here and is rejected with a ``ValueError``.
 
 Intermediate buffers (W, U, per-chunk start states) are kept in the input precision; gates, the triangular
 inverse and every state carried from chunk to chunk stay fp32.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,6 +25,7 @@ from mom_lit.ops.triton.common import BT, dot_mode
 __all__ = ["triton_scan"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_KEY_DIM = 4 * 64  # four (64, BV) register blocks of state in the sequential passes
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -30,13 +33,36 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+@dataclass
+class LaunchConfig:
+    """Block sizes and warps of the kernels (None: chosen from the head dims)."""
+
+    state_block_v: int | None = None  # V-block of the sequential passes, whose (K, BV) fp32 state is in registers
+    state_warps: int | None = None
+    state_stages: int = 3
+    solve_warps: int = 4  # the 16-row triangular solve: fewer warps spill, more warps wait on reductions
+    chunk_warps: int = 8  # per-chunk kernels: with 4 warps their 64-row fp32 tiles spill registers at K = 256
+    chunk_stages: int = 2
+    # fp32 inputs take exact (non tensor-core) products whose operand tiles need much more shared memory, so
+    # their loops are not software-pipelined
+
+
+LAUNCH = LaunchConfig()
+
+
+def _chunk_options(mode: int) -> dict[str, int]:
+    return {"num_warps": LAUNCH.chunk_warps, "num_stages": LAUNCH.chunk_stages if mode else 1}
+
+
 def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
-def _state_block_v(key_dim: int, value_dim: int) -> int:
-    """V-block of the sequential passes: the (K, BV) fp32 state lives in registers."""
-    return min(_block(value_dim), 64 if key_dim <= 128 else 32)
+def _state_launch(key_dim: int, value_dim: int, mode: int) -> tuple[int, dict[str, int]]:
+    """V-block and launch options of the sequential passes."""
+    block_v = LAUNCH.state_block_v or (64 if key_dim <= 128 else 32)
+    warps = LAUNCH.state_warps or (4 if key_dim <= 128 else 8)
+    return min(_block(value_dim), block_v), {"num_warps": warps, "num_stages": LAUNCH.state_stages if mode else 1}
 
 
 def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state):
@@ -60,26 +86,28 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state):
     if (use_g or is_delta) and NC > 0:
         fwd.wy_solve_kernel[(NC, H)](
             k, g if use_g else dummy, beta if is_delta else dummy, gamma, tinv if is_delta else dummy,
-            index.chunk_seg, index.chunk_start, cu, H=H, K=K, BK=BK, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+            index.chunk_seg, index.chunk_start, cu,
+            H=H, K=K, BK=BK, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            **{**_chunk_options(mode), "num_warps": LAUNCH.solve_warps})
     if is_delta and NC > 0:
         fwd.wy_apply_kernel[(NC, H)](
             k, v, beta, gamma, tinv, w, u, index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode)
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode, **_chunk_options(mode))
 
     h = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
     ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    BVS = _state_block_v(K, V)
-    fwd.state_fwd_kernel[(N * H, triton.cdiv(V, BVS))](
+    BVS, state_options = _state_launch(K, V, mode)
+    fwd.state_fwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         k, v, w if is_delta else dummy, u if is_delta else dummy, gamma, h,
         h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets, cu,
-        H=H, K=K, V=V, BKF=triton.next_power_of_2(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
-        HAS_H0=h0 is not None, STORE_HT=ht is not None, MODE=mode, num_warps=4 if K <= 128 else 8)
+        H=H, K=K, V=V, BKS=BK, BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, MODE=mode, **state_options)
 
     o = _empty(T, H, V, dtype=v.dtype, device=q.device)
     if NC > 0:
-        fwd.output_kernel[(NC, H, triton.cdiv(V, BV))](
+        fwd.output_kernel[(NC * triton.cdiv(V, BV), H)](
             q, k, v, u if is_delta else dummy, gamma, h, o, index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode, **_chunk_options(mode))
     saved = (index, gamma if use_g else None, tinv, w, u, h)
     return o, ht, saved
 
@@ -95,31 +123,30 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
     BK, BV = _block(K), _block(V)
-    NKB = triton.cdiv(K, BK)
 
     du = _empty(T, H, V, dtype=torch.float32, device=q.device)
     if NC > 0:
-        bwd.du_local_kernel[(NC, H, triton.cdiv(V, BV))](
+        bwd.du_local_kernel[(NC * triton.cdiv(V, BV), H)](
             q, k, gamma if use_g else dummy, do, du, index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode)
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode, **_chunk_options(mode))
     dh = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    BVS = _state_block_v(K, V)
-    bwd.state_bwd_kernel[(N * H, triton.cdiv(V, BVS))](
+    BVS, state_options = _state_launch(K, V, mode)
+    bwd.state_bwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets, cu, scale,
-        H=H, K=K, V=V, BKF=triton.next_power_of_2(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, num_warps=4 if K <= 128 else 8)
+        H=H, K=K, V=V, BKS=BK, BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **state_options)
 
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(T, H, K, dtype=torch.float32 if is_delta else k.dtype, device=q.device)
     dw = _empty(T, H, K, dtype=torch.float32, device=q.device) if is_delta else dummy
-    dgam = _empty(NKB, T, H, dtype=torch.float32, device=q.device) if use_g else dummy
+    dgam = _empty(T, H, dtype=torch.float32, device=q.device) if use_g else dummy
     if NC > 0:
-        bwd.dqk_kernel[(NC, H, NKB)](
+        bwd.dqk_kernel[(NC, H)](
             q, k, u if is_delta else v, gamma if use_g else dummy, h, dh, do, du, dq, dk, dw, dgam,
-            index.chunk_seg, index.chunk_start, cu, scale, T,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+            index.chunk_seg, index.chunk_start, cu, scale,
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode, **_chunk_options(mode))
 
     dg = _empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
     dbeta = _empty(*beta.shape, dtype=beta.dtype, device=q.device) if is_delta else None
@@ -129,8 +156,8 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
         bwd.wy_bwd_kernel[(NC, H)](
             k, v, beta if is_delta else dummy, gamma if use_g else dummy, tinv if is_delta else dummy,
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
-            index.chunk_seg, index.chunk_start, cu, T,
-            H=H, K=K, V=V, BK=BK, BV=BV, NKB=NKB, USE_G=use_g, IS_DELTA=is_delta, MODE=mode)
+            index.chunk_seg, index.chunk_start, cu,
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode, **_chunk_options(mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
 
@@ -185,6 +212,8 @@ def triton_scan(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, H, K, V = shapes.batch, shapes.seq_len, shapes.num_heads, shapes.key_dim, shapes.value_dim
+    if K > _MAX_KEY_DIM:
+        raise ValueError(f"the key dim of q and k must be at most {_MAX_KEY_DIM} for the Triton scan, got {K}")
     scale = K ** -0.5 if scale is None else float(scale)
 
     if cu_seqlens is None:
