@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from mom_lit.ops.recurrent import check_scan_inputs, compute_dtype
 
-__all__ = ["ChunkKernels", "EAGER_KERNELS", "chunk_scan", "chunk_scan_with", "intra_chunk", "assemble_output",
-           "segsum"]
+__all__ = ["ChunkKernels", "EAGER_KERNELS", "assemble_output", "chunk_layout", "chunk_scan", "chunk_scan_with",
+           "intra_chunk", "pass_states", "segsum"]
 
 # Sub-block length of the per-key-gate scores: the exact (sub, sub, K) segment sums are only formed on the
 # diagonal blocks, keeping the memory of a chunk at C * sub * K instead of C * C * K.
@@ -107,13 +106,23 @@ def _per_key_gate_scores(x: torch.Tensor, y: torch.Tensor, gk: torch.Tensor, str
 
 
 class IntraChunk(NamedTuple):
-    """Per-chunk pieces that do not depend on the chunk start state (all in compute precision)."""
+    """State-independent pieces of every chunk (compute precision).
+
+    The state-passing pieces are already in step order: row ``j * N + n`` belongs to step j of segment n, and
+    steps past a segment's end are identity steps (no decay, no write).
+    """
 
     q_state: torch.Tensor  # (NC, H, C, K): O = o_local + q_state @ S0
     o_local: torch.Tensor  # (NC, H, C, V)
-    key_state: torch.Tensor | None  # (NC, H, K, K): S_C = decay * S0 - key_state @ S0 + value_state (delta)
-    value_state: torch.Tensor  # (NC, H, K, V)
-    decay: torch.Tensor | None  # (NC, H) scalar gate, (NC, H, K) per-key gate, None without gate
+    key_steps: torch.Tensor | None  # (J*N, H, K, K): S_C = decay S0 - key @ S0 + value (delta rule only)
+    value_steps: torch.Tensor  # (J*N, H, K, V)
+    decay_steps: torch.Tensor | None  # (J*N, H, 1, 1) scalar gate, (J*N, H, K, 1) per-key gate, None ungated
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
+    """``x[index]`` where ``index == len(x)`` selects a row filled with ``fill`` (padding / identity)."""
+    pad = torch.full_like(x[:1], fill)
+    return torch.cat([x, pad])[index]
 
 
 def intra_chunk(
@@ -123,58 +132,101 @@ def intra_chunk(
     g: torch.Tensor | None,
     gk: torch.Tensor | None,
     beta: torch.Tensor | None,
+    gather: torch.Tensor,
+    step_chunks: torch.Tensor,
     scale: float,
 ) -> IntraChunk:
     """All state-independent work of every chunk at once.
 
-    q, k: (NC, C, H, K); v: (NC, C, H, V); g, beta: (NC, C, H); gk: (NC, C, H, K). Padded tokens are zeros.
+    q, k: (L, H, K); v: (L, H, V); g, beta: (L, H); gk: (L, H, K) for the L = B*T flat tokens.
+    gather: (NC, C) token of every chunk slot, L for padding. step_chunks: (J*N,) chunk of every state step, NC
+    for an identity step.
     """
     dtype = compute_dtype(q, k, v, g, gk, beta)
-    q = q.transpose(1, 2).to(dtype) * scale  # (NC, H, C, K)
-    k = k.transpose(1, 2).to(dtype)  # (NC, H, C, K)
-    v = v.transpose(1, 2).to(dtype)  # (NC, H, C, V)
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:
+        """(L, H, ...) -> (NC, H, C, ...) in compute precision, padding slots zero (identity tokens)."""
+        return _gather_rows(x.to(dtype), gather, 0.0).transpose(1, 2)
+
+    q, k, v = chunked(q) * scale, chunked(k), chunked(v)  # (NC, H, C, K|V)
     if g is not None:
-        g = g.transpose(1, 2).to(dtype)  # (NC, H, C)
+        g = chunked(g)  # (NC, H, C)
         from_start = g.cumsum(-1).exp().unsqueeze(-1)  # (NC, H, C, 1)
         to_end = _suffix_sums(g, -1).exp().unsqueeze(-1)  # (NC, H, C, 1)
-        decay = g.sum(-1).exp()  # (NC, H)
+        decay = g.sum(-1).exp()[..., None, None]  # (NC, H, 1, 1)
         scores = lambda x, y, strict: _scalar_gate_scores(x, y, g, strict)  # noqa: E731
     elif gk is not None:
-        gk = gk.transpose(1, 2).to(dtype)  # (NC, H, C, K)
+        gk = chunked(gk)  # (NC, H, C, K)
         from_start = gk.cumsum(-2).exp()
         to_end = _suffix_sums(gk, -2).exp()
-        decay = gk.sum(-2).exp()  # (NC, H, K)
+        decay = gk.sum(-2).exp().unsqueeze(-1)  # (NC, H, K, 1)
         scores = lambda x, y, strict: _per_key_gate_scores(x, y, gk, strict)  # noqa: E731
     else:
         from_start = to_end = decay = None
         scores = lambda x, y, strict: _scalar_gate_scores(x, y, None, strict)  # noqa: E731
 
     q_decayed = q if from_start is None else q * from_start
-    k_to_end = k if to_end is None else k * to_end  # Kd
+    k_to_end_t = (k if to_end is None else k * to_end).transpose(-1, -2)  # Kd^T: (NC, H, K, C)
     p = scores(q, k, False)  # (NC, H, C, C)
+    decay_steps = None if decay is None else _gather_rows(decay, step_chunks, 1.0)
     if beta is None:
-        return IntraChunk(q_decayed, p @ v, None, k_to_end.transpose(-1, -2) @ v, decay)
+        value_steps = _gather_rows(k_to_end_t @ v, step_chunks, 0.0)
+        return IntraChunk(q_decayed, p @ v, None, value_steps, decay_steps)
 
-    b = beta.transpose(1, 2).to(dtype).unsqueeze(-1)  # (NC, H, C, 1)
+    b = chunked(beta).unsqueeze(-1)  # (NC, H, C, 1)
     a = b * scores(k, k, True)  # strictly lower; the unit diagonal of (I + A) is implied below
     k_decayed = k if from_start is None else k * from_start
     rhs = torch.cat([b * k_decayed, b * v], -1)  # (NC, H, C, K + V)
     solved = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
     w, u_v = solved.split([k.shape[-1], v.shape[-1]], -1)
-    k_to_end_t = k_to_end.transpose(-1, -2)  # (NC, H, K, C)
-    return IntraChunk(q_decayed - p @ w, p @ u_v, k_to_end_t @ w, k_to_end_t @ u_v, decay)
+    key_steps = _gather_rows(k_to_end_t @ w, step_chunks, 0.0)
+    value_steps = _gather_rows(k_to_end_t @ u_v, step_chunks, 0.0)
+    return IntraChunk(q_decayed - p @ w, p @ u_v, key_steps, value_steps, decay_steps)
 
 
-def assemble_output(o_local: torch.Tensor, q_state: torch.Tensor, start_states: torch.Tensor) -> torch.Tensor:
-    """(NC, H, C, V) + (NC, H, C, K) @ (NC, H, K, V) -> chunk-major outputs (NC, C, H, V)."""
-    return (o_local + q_state @ start_states).transpose(1, 2)
+def pass_states(intra: IntraChunk, initial: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carry the states of all N segments through their chunks, one chunk of every segment per step.
+
+    initial: (N, H, K, V). Returns the start state of every (step, segment) (J*N, H, K, V) and the final states.
+    """
+    num_states = initial.shape[0]
+    # one gather per tensor already happened in step order; per step only views are taken
+    values = intra.value_steps.view(steps, num_states, *intra.value_steps.shape[1:]).unbind(0)
+    keys = decays = None
+    if intra.key_steps is not None:
+        keys = intra.key_steps.view(steps, num_states, *intra.key_steps.shape[1:]).unbind(0)
+    if intra.decay_steps is not None:
+        decays = intra.decay_steps.view(steps, num_states, *intra.decay_steps.shape[1:]).unbind(0)
+
+    state = initial
+    starts = []
+    for step in range(steps):
+        starts.append(state)
+        update = values[step] if keys is None else values[step] - keys[step] @ state
+        state = (state if decays is None else decays[step] * state) + update
+    return torch.stack(starts).flatten(0, 1), state
+
+
+def assemble_output(
+    o_local: torch.Tensor,
+    q_state: torch.Tensor,
+    start_steps: torch.Tensor,
+    start_order: torch.Tensor,
+    scatter: torch.Tensor,
+) -> torch.Tensor:
+    """Outputs of every token: (NC, H, C, V) + (NC, H, C, K) @ S0 -> (L, H, V) in token order.
+
+    start_order: (NC,) row of each chunk in the (J*N) step-ordered start states; scatter: (L,) slot of each token.
+    """
+    o = o_local + q_state @ start_steps[start_order]  # (NC, H, C, V)
+    return o.transpose(1, 2).flatten(0, 1)[scatter]  # (NC*C, H, V) -> (L, H, V)
 
 
 class ChunkKernels(NamedTuple):
     """The two batched stages of the chunked scan; swapped for compiled versions by the dispatcher."""
 
     intra: Callable[..., IntraChunk]
-    output: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    output: Callable[..., torch.Tensor]
 
 
 EAGER_KERNELS = ChunkKernels(intra_chunk, assemble_output)
@@ -182,97 +234,45 @@ EAGER_KERNELS = ChunkKernels(intra_chunk, assemble_output)
 
 @dataclass(frozen=True)
 class ChunkLayout:
-    """Where every token sits in the chunked layout, and which chunk every segment visits at each step.
+    """Where every token sits in the chunked layout, and which chunk every segment visits at each step."""
 
-    ``gather``/``scatter`` are None for equal-length rows (a plain pad + reshape suffices).
-    """
-
-    num_chunks: int  # NC
     steps: int  # J, the most chunks of any segment
-    chunk_map: torch.Tensor  # (N, J) chunk index per (segment, step); NC marks an identity step
-    gather: torch.Tensor | None  # (NC * C,) token index per slot; T marks a padding slot
-    scatter: torch.Tensor | None  # (T,) slot index per token
-    start_order: torch.Tensor | None  # (NC,) position of each chunk in the (J, N) stack of start states
+    gather: torch.Tensor  # (NC, C) flat token index per chunk slot; L marks a padding slot
+    scatter: torch.Tensor  # (L,) slot index (into NC*C) per token
+    step_chunks: torch.Tensor  # (J*N,) chunk index per (step, segment); NC marks an identity step
+    start_order: torch.Tensor  # (NC,) row of each chunk in the (J*N) step order
+
+    @property
+    def num_chunks(self) -> int:
+        return self.gather.shape[0]
 
 
-def _dense_layout(batch: int, seq_len: int, chunk: int, device: torch.device) -> ChunkLayout:
-    steps = -(-seq_len // chunk)
-    chunk_map = torch.arange(batch * steps, device=device).view(batch, steps)
-    return ChunkLayout(batch * steps, steps, chunk_map, None, None, None)
+def chunk_layout(offsets: torch.Tensor, chunk: int, device: torch.device) -> ChunkLayout:
+    """Layout of segments ``[offsets[n], offsets[n+1])`` of the flat tokens; ``offsets`` is a CPU int64 tensor.
 
-
-def _varlen_layout(cu_seqlens: torch.Tensor, seq_len: int, chunk: int, device: torch.device) -> ChunkLayout:
-    offsets = cu_seqlens.to("cpu", torch.int64)  # the one host copy of a scan call
+    Each segment is padded only up to a multiple of ``chunk``; empty segments own no chunk.
+    """
+    num_tokens = int(offsets[-1])
     lengths = offsets[1:] - offsets[:-1]  # (N,)
     segments = lengths.numel()
     counts = (lengths + chunk - 1) // chunk  # chunks per segment
     first = torch.cumsum(counts, 0) - counts  # first chunk of each segment
     num_chunks = int(counts.sum())
-    steps = int(counts.max())
+    steps = int(counts.max()) if segments else 0
 
     segment_of_chunk = torch.repeat_interleave(torch.arange(segments), counts)  # (NC,)
     step_of_chunk = torch.arange(num_chunks) - first[segment_of_chunk]
     tokens = (offsets[segment_of_chunk] + step_of_chunk * chunk).unsqueeze(1) + torch.arange(chunk)  # (NC, C)
-    gather = torch.where(tokens < offsets[segment_of_chunk + 1].unsqueeze(1), tokens, seq_len).reshape(-1)
+    gather = torch.where(tokens < offsets[segment_of_chunk + 1].unsqueeze(1), tokens, num_tokens)
 
-    segment_of_token = torch.repeat_interleave(torch.arange(segments), lengths)  # (T,)
-    scatter = first[segment_of_token] * chunk + torch.arange(seq_len) - offsets[segment_of_token]
+    segment_of_token = torch.repeat_interleave(torch.arange(segments), lengths)  # (L,)
+    scatter = first[segment_of_token] * chunk + torch.arange(num_tokens) - offsets[segment_of_token]
 
-    step = torch.arange(steps)
-    chunk_map = torch.where(step < counts.unsqueeze(1), first.unsqueeze(1) + step, num_chunks)  # (N, J)
+    step = torch.arange(steps).unsqueeze(1)  # (J, 1)
+    step_chunks = torch.where(step < counts, first + step, num_chunks).reshape(-1)  # (J*N,) step-major
     start_order = step_of_chunk * segments + segment_of_chunk
     to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    return ChunkLayout(num_chunks, steps, to(chunk_map), to(gather), to(scatter), to(start_order))
-
-
-def _to_chunks(x: torch.Tensor | None, layout: ChunkLayout, chunk: int) -> torch.Tensor | None:
-    """(B, T, ...) -> (NC, C, ...) with identity (zero) padding."""
-    if x is None:
-        return None
-    if layout.gather is None:
-        batch, seq_len = x.shape[:2]
-        pad = layout.steps * chunk - seq_len
-        if pad:
-            x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, pad])
-        return x.reshape(layout.num_chunks, chunk, *x.shape[2:])
-    flat = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])  # (T + 1, ...): the last row is the padding token
-    return flat[layout.gather].view(layout.num_chunks, chunk, *x.shape[2:])
-
-
-def pass_states(intra: IntraChunk, layout: ChunkLayout, initial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Carry the state through every segment's chunks; all segments advance together, one chunk per step.
-
-    Returns the start state of every chunk (NC, H, K, V) and the final state of every segment (N, H, K, V).
-    """
-    key_state, value_state, decay = intra.key_state, intra.value_state, intra.decay
-    if layout.gather is not None:
-        # one identity chunk at index NC for the steps past a segment's end: no decay, no write
-        value_state = torch.cat([value_state, value_state.new_zeros(1, *value_state.shape[1:])])
-        if key_state is not None:
-            key_state = torch.cat([key_state, key_state.new_zeros(1, *key_state.shape[1:])])
-        if decay is not None:
-            decay = torch.cat([decay, decay.new_ones(1, *decay.shape[1:])])
-
-    state = initial
-    starts = []
-    for step in range(layout.steps):
-        index = layout.chunk_map[:, step]  # (N,)
-        starts.append(state)
-        update = value_state[index]
-        if key_state is not None:
-            update = update - key_state[index] @ state
-        if decay is not None:
-            step_decay = decay[index]
-            # (N, H) -> (N, H, 1, 1) for a scalar gate; (N, H, K) -> (N, H, K, 1) per key
-            state = state * (step_decay[..., None, None] if step_decay.dim() == 2 else step_decay[..., None])
-        state = state + update
-
-    stacked = torch.stack(starts)  # (J, N, H, K, V)
-    if layout.start_order is None:
-        start_states = stacked.transpose(0, 1).reshape(-1, *stacked.shape[2:])  # chunk order is (row, step)
-    else:
-        start_states = stacked.flatten(0, 1)[layout.start_order]
-    return start_states, state
+    return ChunkLayout(steps, to(gather), to(scatter), to(step_chunks), to(start_order))
 
 
 def chunk_scan_with(
@@ -298,30 +298,23 @@ def chunk_scan_with(
                         shapes.num_states)
     scale = K ** -0.5 if scale is None else float(scale)
     dtype = compute_dtype(q, k, v, g, gk, beta, initial_state)
+    initial = (torch.zeros(N, H, K, V, dtype=dtype, device=q.device) if initial_state is None
+               else initial_state.to(dtype))
 
-    if initial_state is None:
-        initial = torch.zeros(N, H, K, V, dtype=dtype, device=q.device)
-    else:
-        initial = initial_state.to(dtype)
     if cu_seqlens is None:
-        layout = _dense_layout(B, T, chunk_size, q.device)
+        offsets = torch.arange(B + 1) * T  # rows are B equal segments of the flat B*T tokens
     else:
-        layout = _varlen_layout(cu_seqlens, T, chunk_size, q.device)
+        offsets = cu_seqlens.to("cpu", torch.int64)  # the one host copy of a scan call
+    layout = chunk_layout(offsets, chunk_size, q.device)
     if layout.num_chunks == 0:  # no tokens at all: every final state is its initial state
         return v.new_zeros(B, T, H, V), (initial if output_final_state else None)
 
-    chunks = [_to_chunks(x, layout, chunk_size) for x in (q, k, v, g, gk, beta)]
-    intra = kernels.intra(*chunks, scale)
-    start_states, final = pass_states(intra, layout, initial)
-    o = kernels.output(intra.o_local, intra.q_state, start_states)  # (NC, C, H, V)
-
-    if layout.scatter is None:
-        o = o.reshape(B, layout.steps * chunk_size, H, V)[:, :T]
-    else:
-        o = o.reshape(layout.num_chunks * chunk_size, H, V)[layout.scatter].unsqueeze(0)  # (1, T, H, V)
-    return o.to(v.dtype), (final if output_final_state else None)
-
-
+    flat = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731  (B, T, ...) -> (B*T, ...)
+    intra = kernels.intra(flat(q), flat(k), flat(v), flat(g), flat(gk), flat(beta), layout.gather,
+                          layout.step_chunks, scale)
+    start_steps, final = pass_states(intra, initial, layout.steps)
+    o = kernels.output(intra.o_local, intra.q_state, start_steps, layout.start_order, layout.scatter)  # (L, H, V)
+    return o.view(B, T, H, V).to(v.dtype), (final if output_final_state else None)
 def chunk_scan(
     q: torch.Tensor,
     k: torch.Tensor,

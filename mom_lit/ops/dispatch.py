@@ -7,15 +7,22 @@ Backends:
               the compiled code. The short per-chunk state loop stays eager. Falls back to eager, with one
               warning, when compilation is unavailable or fails.
     triton    ``mom_lit.ops.triton.triton_scan`` (CUDA).
-    auto      triton for CUDA inputs when it is importable and the rule has no per-key gate, else compiled.
+    auto      triton for CUDA inputs when it is importable, the rule has no per-key gate and the inputs are not
+              float64; compiled otherwise.
+
+``chunk_size`` is the chunk length of the chunked backends; the Triton kernels use their own fixed tile (the
+result does not depend on the chunk length).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
+from typing import Callable
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from mom_lit.ops.chunk import EAGER_KERNELS, ChunkKernels, assemble_output, chunk_scan_with, intra_chunk
 
@@ -36,11 +43,26 @@ def _log_choice(backend: str, reason: str) -> None:
         logger.info("memory scan backend: %s (%s)", backend, reason)
 
 
+def _without_duck_sizing(compiled: Callable) -> Callable:
+    """Trace with every dynamic size its own symbol.
+
+    By default two sizes that happen to be equal on the first call (say 5 segments and 5 chunk steps) are
+    merged into one symbol, and the next batch where they differ recompiles; batch compositions vary freely.
+    """
+
+    @functools.wraps(compiled)
+    def run(*args):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return run
+
+
 def _get_compiled_kernels() -> ChunkKernels:
     global _compiled_kernels
     if _compiled_kernels is None:
-        _compiled_kernels = ChunkKernels(torch.compile(intra_chunk, dynamic=True),
-                                         torch.compile(assemble_output, dynamic=True))
+        _compiled_kernels = ChunkKernels(_without_duck_sizing(torch.compile(intra_chunk, dynamic=True)),
+                                         _without_duck_sizing(torch.compile(assemble_output, dynamic=True)))
     return _compiled_kernels
 
 
@@ -95,11 +117,11 @@ def scan(
                                    "importable; use backend='compiled' or 'auto'")
             _log_choice("triton", "requested")
             return triton_scan(q, k, v, **kwargs)
-        if triton_scan is not None and gk is None:
+        if triton_scan is not None and gk is None and q.dtype != torch.float64:
             _log_choice("triton", "auto: CUDA inputs")
             return triton_scan(q, k, v, **kwargs)
         backend = "compiled"
-        reason = "auto: per-key gate" if triton_scan is not None else "auto: no Triton path for these inputs"
+        reason = "auto: no Triton path for these inputs"
     else:
         reason = "requested"
 

@@ -1,0 +1,301 @@
+"""Reference forms of the memory recurrence: recurrent (fp64 oracle) -> chunked eager -> chunked compiled.
+
+Every comparison covers outputs, final states and the gradients of every input.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mom_lit.ops import chunk_scan, recurrent_scan, scan
+from mom_lit.ops import dispatch
+
+# rule -> which optional inputs it takes; "delta_per_key" (per-key gate + delta rule) is also supported by the op
+RULES: dict[str, tuple[str, ...]] = {
+    "gated_delta": ("g", "beta"),
+    "delta": ("beta",),
+    "simple_gla": ("g",),
+    "gla": ("gk",),
+    "linear": (),
+    "delta_per_key": ("gk", "beta"),
+}
+INPUTS = ("q", "k", "v", "g", "gk", "beta", "initial_state")
+
+# Relative RMS tolerances, stated once: fp32 chunked vs fp64 oracle, and compiled vs eager (both fp32).
+TOL_CHUNK = 1e-4
+TOL_COMPILED = 1e-4
+RMS_FLOOR = 1e-6  # absolute floor of the reference RMS, for (near-)zero references
+
+H, K, V = 2, 16, 8
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine thread barriers dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    """Relative RMS error of ``out`` against ``ref`` (with an absolute floor) is at most ``tol``; no NaN/inf."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    assert torch.isfinite(ref).all(), f"{name}: non-finite reference values"
+    if ref.numel() == 0:
+        return
+    diff = (out.double() - ref.double()).pow(2).mean().sqrt().item()
+    base = max(ref.double().pow(2).mean().sqrt().item(), RMS_FLOOR)
+    assert diff <= tol * base, f"{name}: relative RMS error {diff / base:.3e} > {tol:.1e}"
+
+
+def make_inputs(rule: str, batch: int, seq_len: int, num_states: int, *, seed: int = 42,
+                gate: str = "normal", dtype: torch.dtype = torch.float32,
+                key_dim: int = K, value_dim: int = V, heads: int = H) -> dict[str, torch.Tensor]:
+    """Leaf tensors (requires_grad) for ``rule``; keys are L2-normalised as the layer does."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    def log_gate(*shape: int) -> torch.Tensor:
+        if gate == "near_zero":
+            return -1e-4 * torch.rand(*shape, generator=gen, dtype=dtype)
+        if gate == "very_negative":
+            return -20.0 - torch.rand(*shape, generator=gen, dtype=dtype)
+        if gate == "mixed":  # alternating forgetting and remembering
+            return torch.where(torch.rand(*shape, generator=gen, dtype=dtype) < 0.3, torch.tensor(-20.0, dtype=dtype),
+                               torch.tensor(-1e-3, dtype=dtype))
+        return F.logsigmoid(randn(*shape) + 2.0)
+
+    inputs = {
+        "q": randn(batch, seq_len, heads, key_dim),
+        "k": F.normalize(randn(batch, seq_len, heads, key_dim), dim=-1),
+        "v": randn(batch, seq_len, heads, value_dim),
+        "initial_state": randn(num_states, heads, key_dim, value_dim),
+    }
+    if "g" in RULES[rule]:
+        inputs["g"] = log_gate(batch, seq_len, heads)
+    if "gk" in RULES[rule]:
+        inputs["gk"] = log_gate(batch, seq_len, heads, key_dim)
+    if "beta" in RULES[rule]:
+        inputs["beta"] = torch.rand(batch, seq_len, heads, generator=gen, dtype=dtype)
+    return {name: t.requires_grad_() for name, t in inputs.items()}
+
+
+def run_with_grads(fn, inputs: dict[str, torch.Tensor], seed: int = 7, **kwargs) -> dict[str, torch.Tensor]:
+    """Outputs, final states and input gradients of a random linear loss of (o, final_state)."""
+    o, final = fn(inputs["q"], inputs["k"], inputs["v"], **{n: inputs.get(n) for n in INPUTS[3:]}, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+    loss = loss + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64)).sum()
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return {"o": o, "final_state": final, **{f"d{name}": grad for name, grad in zip(inputs, grads)}}
+
+
+def as_float64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().double().requires_grad_() for name, t in inputs.items()}
+
+
+def check_all(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], tol: float, what: str) -> None:
+    assert ref.keys() == out.keys()
+    for name in ref:
+        assert_close(f"{what} {name}", ref[name], out[name], tol)
+
+
+# --- chunked (eager) vs the fp64 token-by-token oracle ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("seq_len", [1, 7, 63, 65, 200])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_chunk_matches_recurrent(rule: str, seq_len: int, chunk_size: int) -> None:
+    inputs = make_inputs(rule, batch=2, seq_len=seq_len, num_states=2)
+    ref = run_with_grads(recurrent_scan, as_float64(inputs))
+    out = run_with_grads(chunk_scan, inputs, chunk_size=chunk_size)
+    assert out["o"].dtype == torch.float32 and out["final_state"].dtype == torch.float32
+    check_all(ref, out, TOL_CHUNK, f"{rule} T={seq_len} C={chunk_size}")
+
+
+VARLEN_LENGTHS = [
+    pytest.param([0, 1, 63, 0, 65, 7, 1, 130], id="mixed-with-empty"),
+    pytest.param([200], id="single"),
+    pytest.param([0, 0, 3], id="leading-empty"),
+    pytest.param([5, 0, 0], id="trailing-empty"),
+]
+
+
+@pytest.mark.parametrize("lengths", VARLEN_LENGTHS)
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_chunk_varlen_matches_recurrent(rule: str, chunk_size: int, lengths: list[int]) -> None:
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    inputs = make_inputs(rule, batch=1, seq_len=sum(lengths), num_states=len(lengths), seed=3)
+    ref = run_with_grads(recurrent_scan, as_float64(inputs), cu_seqlens=offsets)
+    out = run_with_grads(chunk_scan, inputs, cu_seqlens=offsets.to(torch.int32), chunk_size=chunk_size)
+    check_all(ref, out, TOL_CHUNK, f"{rule} varlen C={chunk_size}")
+    # an empty segment passes its initial state through unchanged
+    for n, length in enumerate(lengths):
+        if length == 0:
+            assert torch.equal(out["final_state"][n], inputs["initial_state"][n].detach())
+
+
+def test_varlen_equals_separate_calls() -> None:
+    """Packing segments changes nothing: each segment alone gives the same output and final state."""
+    lengths = [33, 0, 70, 1]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    inputs = {n: t.detach() for n, t in make_inputs("gated_delta", 1, sum(lengths), len(lengths)).items()}
+    o, final = chunk_scan(**inputs, cu_seqlens=offsets, chunk_size=16)
+    for n, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        o_n, final_n = chunk_scan(inputs["q"][:, start:end], inputs["k"][:, start:end], inputs["v"][:, start:end],
+                                  g=inputs["g"][:, start:end], beta=inputs["beta"][:, start:end],
+                                  initial_state=inputs["initial_state"][n:n + 1], chunk_size=16)
+        assert_close(f"segment {n} o", o_n, o[:, start:end], 1e-6)
+        assert_close(f"segment {n} final_state", final_n[0], final[n], 1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("gate", ["near_zero", "very_negative", "mixed"])
+@pytest.mark.parametrize("rule", ["gated_delta", "simple_gla", "gla", "delta_per_key"])
+def test_chunk_extreme_gates(rule: str, gate: str, chunk_size: int) -> None:
+    inputs = make_inputs(rule, batch=1, seq_len=130, num_states=1, gate=gate, seed=11)
+    ref = run_with_grads(recurrent_scan, as_float64(inputs))
+    out = run_with_grads(chunk_scan, inputs, chunk_size=chunk_size)
+    check_all(ref, out, TOL_CHUNK, f"{rule} gate={gate} C={chunk_size}")
+
+
+def test_low_precision_inputs_keep_fp32_state() -> None:
+    inputs = {n: t.detach() for n, t in make_inputs("gated_delta", 1, 40, 1).items()}
+    ref_o, ref_final = chunk_scan(**inputs, chunk_size=16)
+    low = {n: (t if n == "initial_state" else t.bfloat16()) for n, t in inputs.items()}
+    o, final = chunk_scan(**low, chunk_size=16)
+    assert o.dtype == torch.bfloat16 and final.dtype == torch.float32
+    assert_close("bf16 o", ref_o, o.float(), 2e-2)
+    assert_close("bf16 final_state", ref_final, final, 2e-2)
+
+
+def test_no_final_state_and_default_initial_state() -> None:
+    inputs = {n: t.detach() for n, t in make_inputs("delta", 2, 20, 2).items()}
+    del inputs["initial_state"]
+    o, final = chunk_scan(**inputs, output_final_state=False, chunk_size=16)
+    assert final is None
+    zeros = torch.zeros(2, H, K, V)
+    o_ref, _ = recurrent_scan(**inputs, initial_state=zeros)
+    assert_close("o", o_ref, o, TOL_CHUNK)
+
+
+# --- gradcheck in float64 on tiny shapes (chunk form) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_chunk_gradcheck(rule: str) -> None:
+    # chunk 32 > the short segment, < the long one; 32 also takes the per-key path's two-sub-block branch
+    lengths = [3, 0, 37]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    inputs = make_inputs(rule, 1, sum(lengths), len(lengths), dtype=torch.float64, key_dim=3, value_dim=2, heads=1,
+                         seed=5)
+    names = list(inputs)
+
+    def fn(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        given = dict(zip(names, tensors))
+        return chunk_scan(given["q"], given["k"], given["v"], **{n: given.get(n) for n in INPUTS[3:]},
+                          cu_seqlens=offsets, chunk_size=32)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# --- input validation ---------------------------------------------------------------------------------------------
+
+
+def _base() -> dict[str, torch.Tensor]:
+    return {n: t.detach() for n, t in make_inputs("gated_delta", 1, 10, 1).items()}
+
+
+BAD_CALLS = [
+    pytest.param(lambda b: dict(b, q=b["q"][0]), "q must be", id="q-rank"),
+    pytest.param(lambda b: dict(b, k=b["k"][..., :-1]), "k must have the shape", id="k-shape"),
+    pytest.param(lambda b: dict(b, v=b["v"][:, :-1]), "v must be", id="v-shape"),
+    pytest.param(lambda b: dict(b, q=b["q"].long()), "q must be a floating", id="q-dtype"),
+    pytest.param(lambda b: dict(b, gk=torch.zeros(1, 10, H, K)), "at most one of g", id="g-and-gk"),
+    pytest.param(lambda b: dict(b, g=b["g"][..., :1]), "g must have shape", id="g-shape"),
+    pytest.param(lambda b: dict(b, beta=b["beta"][:, :5]), "beta must have shape", id="beta-shape"),
+    pytest.param(lambda b: dict(b, initial_state=torch.zeros(2, H, K, V)), "initial_state must have shape",
+                 id="state-shape"),
+    pytest.param(lambda b: dict(b, cu_seqlens=torch.tensor([0.0, 10.0])), "int32 or int64", id="cu-dtype"),
+    pytest.param(lambda b: dict(b, cu_seqlens=torch.tensor([[0, 10]])), "1-D", id="cu-rank"),
+    pytest.param(lambda b: dict(b, cu_seqlens=torch.tensor([0, 4])), "end at T=10", id="cu-end"),
+    pytest.param(lambda b: dict(b, cu_seqlens=torch.tensor([1, 10])), "start at 0", id="cu-start"),
+    pytest.param(lambda b: dict(b, cu_seqlens=torch.tensor([0, 6, 4, 10]),
+                                initial_state=torch.zeros(3, H, K, V)), "non-decreasing", id="cu-order"),
+    pytest.param(lambda b: dict({n: torch.cat([t, t]) for n, t in b.items()}, cu_seqlens=torch.tensor([0, 10])),
+                 "batch size must be 1", id="cu-batch"),
+    pytest.param(lambda b: dict(b, chunk_size=0), "chunk_size", id="chunk-size"),
+    pytest.param(lambda b: dict(b, backend="cuda"), "backend must be", id="backend"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_CALLS)
+def test_invalid_inputs_raise(bad, message: str) -> None:
+    kwargs = bad(_base())
+    with pytest.raises(ValueError, match=message):
+        scan(**kwargs) if "backend" in kwargs else chunk_scan(**kwargs)
+    if "backend" not in kwargs and "chunk_size" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            recurrent_scan(**kwargs)
+
+
+# --- compiled path ------------------------------------------------------------------------------------------------
+
+
+def test_compiled_matches_eager_without_recompiling() -> None:
+    """Three batch compositions (segment counts and lengths) run through one compiled graph per stage."""
+    from torch._dynamo.utils import counters
+
+    compositions = [[5, 0, 70, 1, 64], [130, 2, 0], [1, 0, 0, 33, 17, 90, 16]]
+    graphs_after_first = None
+    for i, lengths in enumerate(compositions):
+        offsets = torch.tensor([0] + lengths).cumsum(0)
+        inputs = make_inputs("gated_delta", 1, sum(lengths), len(lengths), seed=20 + i)
+        ref = run_with_grads(chunk_scan, inputs, cu_seqlens=offsets, chunk_size=16)
+        out = run_with_grads(scan, inputs, cu_seqlens=offsets, chunk_size=16, backend="compiled")
+        check_all(ref, out, TOL_COMPILED, f"compiled {lengths}")
+        if i == 0:
+            graphs_after_first = counters["stats"]["unique_graphs"]
+    assert not dispatch._compile_failed
+    assert counters["stats"]["unique_graphs"] == graphs_after_first, "a new batch composition recompiled"
+
+
+def test_compiled_per_key_gate_matches_eager() -> None:
+    inputs = make_inputs("gla", 2, 70, 2, seed=31)
+    ref = run_with_grads(chunk_scan, inputs, chunk_size=64)
+    out = run_with_grads(scan, inputs, chunk_size=64, backend="auto")  # auto is the compiled path on CPU
+    check_all(ref, out, TOL_COMPILED, "compiled gla")
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(dispatch, "_compiled_kernels", None)
+    monkeypatch.setattr(dispatch, "_compile_failed", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    inputs = {n: t.detach() for n, t in make_inputs("delta", 1, 20, 1).items()}
+    ref_o, ref_final = chunk_scan(**inputs, chunk_size=16)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the memory scan failed"):
+        o, final = scan(**inputs, chunk_size=16, backend="compiled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call must not warn again
+        scan(**inputs, chunk_size=16, backend="compiled")
+    assert torch.equal(o, ref_o) and torch.equal(final, ref_final)
+
+
+def test_requested_triton_backend_must_be_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_load_triton_scan", lambda: None)
+    inputs = {n: t.detach() for n, t in make_inputs("linear", 1, 9, 1).items()}
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        scan(**inputs, backend="triton")
