@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -286,3 +290,87 @@ def test_packed_batch_goes_through_cu_seqlens():
         first = module.model(packed["input_ids"][:1, :5], targets=packed["labels"][:1, :5])
     assert out.logits.shape == (1, 26, 61)
     torch.testing.assert_close(out.logits[0, :5], first.logits[0], rtol=1e-5, atol=1e-5)
+
+
+# The command line, end to end -----------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+# The quickstart recipe on a toy model and short rows; RoutingStatsCallback is the last callback of the config,
+# so `--trainer.callbacks.log_every_n_steps` reaches it.
+TINY_QUICKSTART = [
+    "--config", str(REPO / "configs" / "quickstart.yaml"),
+    "--model.config.hidden_size=32", "--model.config.num_layers=2", "--model.config.head_dim=8",
+    "--model.config.chunk_size=16", "--model.config.backend=eager", "--model.warmup_steps=2",
+    "--data.init_args.seq_len=32", "--data.init_args.batch_size=4",
+    "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.callbacks.log_every_n_steps=1",
+]
+
+
+class StopAtStep(L.Callback):
+    """Ends fit after ``step`` optimizer steps, like an interrupted job (used by the CLI tests)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "mom_lit", "fit", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def event_tags(run_dir: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, set[str]] = {}
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for kind, names in acc.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, set()).update(names)
+    return tags
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+def test_quickstart_cli_logs_to_tensorboard_and_resumes_exactly(tmp_path):
+    whole = tmp_path / "whole"
+    run_cli(tmp_path, *TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={whole}")
+    run_dir = whole / "quickstart" / "version_0"
+    tags = event_tags(run_dir)
+    assert {"train/loss", "train/lm_loss", "train/aux_loss", "train/ppl", "train/tokens_seen",
+            "throughput/tokens_per_sec", "val/loss", "val/ppl", "lr-AdamW/decay", "lr-AdamW/no_decay",
+            "routing/starved", "routing/layer0/load_mem0", "routing/layer1/router_entropy",
+            "routing/layer1/load_entropy", "routing/layer1/max_min_ratio"} <= set(tags["scalars"])
+    assert "routing/load_heatmap" in tags["images"]
+    assert {"routing/load_share", "routing/router_entropy"} <= set(tags["histograms"])
+
+    # Interrupted after 3 of 6 steps, then resumed with `--ckpt_path last` into the same run folder.
+    parts = tmp_path / "parts"
+    run_cli(tmp_path, *TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={parts}",
+            "--trainer.callbacks+=test_training.StopAtStep", "--trainer.callbacks.step=3")
+    assert load_checkpoint(parts / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    run_cli(tmp_path, *TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={parts}", "--ckpt_path", "last")
+    assert not (parts / "quickstart" / "version_1").exists()
+
+    expected = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    resumed = load_checkpoint(parts / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == expected["global_step"] == 6
+    assert resumed["tokens_seen"] == expected["tokens_seen"] == 6 * 4 * 32
+    assert resumed["state_dict"].keys() == expected["state_dict"].keys()
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    for a, b in zip(expected["optimizer_states"][0]["state"].values(),
+                    resumed["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["lr_schedulers"][0]["_last_lr"] == expected["lr_schedulers"][0]["_last_lr"]

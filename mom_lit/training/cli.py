@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -10,11 +12,33 @@ from lightning.pytorch.cli import LightningCLI
 from mom_lit.training.module import MoMLightningModule
 
 
+def latest_run_checkpoint(logger: Any) -> tuple[int, Path] | None:
+    """(version, ``last.ckpt``) of the newest run of a ``save_dir``/``name``/``version_N`` logger, if any.
+
+    ``logger`` is the parsed logger config (class_path + init_args). Only loggers whose version is left to
+    auto-increment qualify: a run resumed from one of them must write into that same version.
+    """
+    args = getattr(logger, "init_args", None)
+    if args is None or getattr(args, "version", None) is not None or getattr(args, "save_dir", None) is None:
+        return None
+    root = Path(args.save_dir) / (getattr(args, "name", None) or "")
+    runs = []
+    for path in root.glob("version_*/checkpoints/last.ckpt"):
+        match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
+        if match:
+            runs.append((int(match.group(1)), path))
+    return max(runs) if runs else None
+
+
 class MoMLightningCLI(LightningCLI):
     """LightningCLI for :class:`MoMLightningModule` and any data module given by ``data.class_path``.
 
     ``model.config.vocab_size`` is not set by hand: it is linked from the instantiated data module's
     ``vocab_size`` (so it cannot appear in a config file either).
+
+    ``--ckpt_path last`` resumes the newest run of the configured logger (``save_dir/name/version_N``) from
+    its ``checkpoints/last.ckpt`` and keeps logging into that run's folder; Lightning on its own would look
+    in the new, empty version folder.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
@@ -24,6 +48,16 @@ class MoMLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is None or config.get("ckpt_path") != "last":
+            return
+        found = latest_run_checkpoint(config.trainer.logger)
+        if found is not None:
+            version, path = found
+            config.trainer.logger.init_args.version = version
+            config.ckpt_path = str(path)
 
 
 def cli_main(args: Any = None, run: bool = True) -> MoMLightningCLI:

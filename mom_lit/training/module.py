@@ -199,5 +199,7 @@ class MoMLightningModule(L.LightningModule):
         if total == float("inf") or total < 1:
             raise ValueError("the LR schedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
         schedule = WarmupCosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Passed as a plain function, which LambdaLR leaves out of its state: a resumed run follows the
+        # schedule of its own max_steps (e.g. an extended run) rather than the one it was saved with.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -55,8 +55,6 @@ def param_groups(model: nn.Module, weight_decay: float, plan: dict[str, bool] | 
 class WarmupCosine:
     """LR multiplier for optimizer step ``step`` (0-based): linear warm-up to 1 over ``warmup_steps``, then a
     half cosine down to ``min_ratio`` at ``total_steps``, constant afterwards.
-
-    A callable object (not a closure) so that ``LambdaLR.state_dict`` stores its fields in checkpoints.
     """
 
     warmup_steps: int
