@@ -374,3 +374,8 @@ def test_quickstart_cli_logs_to_tensorboard_and_resumes_exactly(tmp_path):
                     resumed["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["lr_schedulers"][0]["_last_lr"] == expected["lr_schedulers"][0]["_last_lr"]
+
+    # The checkpoint alone rebuilds the module (its config is stored as plain values).
+    module = MoMLightningModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.config.num_layers == 2 and module.config.vocab_size == 320
+    assert torch.equal(module.model.embed.weight, expected["state_dict"]["model.embed.weight"])
