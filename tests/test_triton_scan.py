@@ -59,11 +59,13 @@ scan_module = _import_scan_module()
 triton_scan = scan_module.triton_scan
 from mom_lit.ops.triton.chunk_index import build_chunk_index  # noqa: E402  (after the interpreter switch)
 
-# relative RMS error allowed against the fp64 oracle, per input precision and tensor
+# relative RMS error allowed against the fp64 oracle, per input precision and tensor ("grad": any other gradient).
+# dbeta sums large, nearly cancelling products (most of all without a gate, where nothing is ever forgotten), so
+# the rounding of the half-precision intermediates (W, U, per-chunk states) shows most there.
 TOL = {
     torch.float32: {"o": 1e-4, "ht": 1e-4, "grad": 1e-4},
-    torch.float16: {"o": 5e-3, "ht": 5e-3, "grad": 1e-2},
-    torch.bfloat16: {"o": 2e-2, "ht": 2e-2, "grad": 4e-2},
+    torch.float16: {"o": 5e-3, "ht": 5e-3, "grad": 1e-2, "dbeta": 3e-2},
+    torch.bfloat16: {"o": 1e-2, "ht": 1e-2, "grad": 2e-2, "dbeta": 8e-2},
 }
 RULES = {  # rule -> (scalar gate, delta rule)
     "linear": (False, False),
@@ -171,7 +173,7 @@ def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_stat
         assert_close("final_state", ht, ref_ht, tol["ht"])
     for name, grad, ref in zip(names, grads, ref_grads):
         assert grad.dtype == inputs[name].dtype, f"d{name} has dtype {grad.dtype}"
-        assert_close(f"d{name}", grad, ref, tol["grad"])
+        assert_close(f"d{name}", grad, ref, tol.get(f"d{name}", tol["grad"]))
 
 
 # ---------------------------------------------------------------- small cases (interpreter on CPU, or GPU)

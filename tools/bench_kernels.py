@@ -14,7 +14,6 @@ q, k, v, g and beta. The table is printed last (markdown) and optionally written
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import torch
@@ -23,7 +22,7 @@ import triton
 import triton.testing
 
 from mom_lit.ops.triton import scan as scan_module
-from mom_lit.ops.triton.scan import LaunchConfig, triton_scan
+from mom_lit.ops.triton.scan import Launch, LaunchConfig, triton_scan
 
 
 def mom_lengths(batch: int, seq_len: int, memories: int, topk: int, shared: bool, gen: torch.Generator) -> list[int]:
@@ -89,6 +88,43 @@ def time_sdpa(batch: int, seq_len: int, heads: int, head_dim: int, dtype: torch.
     return bench(lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves, is_causal=True), leaves, do))
 
 
+def load_fla():
+    """fla's chunk_gated_delta_rule when fla is importable, else None.
+
+    fla 0.6 refuses its gated backward on Hopper with Triton < 3.7.1, whose compiler gives it a wrong dk (fla issue
+    #640); the kernels' work is the same, so the guard is lifted here for timing only (fla's gradients are not
+    used).
+    """
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    return chunk_gated_delta_rule
+
+
+def time_fla(fla_scan, inputs, backward: bool) -> float:
+    q, k, v, g, beta, cu = inputs
+    cu = cu.long()
+    if not backward:
+        with torch.no_grad():
+            return bench(lambda: fla_scan(q, k, v, g, beta, cu_seqlens=cu, output_final_state=False))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    do = torch.randn_like(v)
+    return bench(lambda: torch.autograd.grad(fla_scan(*leaves, cu_seqlens=cu, output_final_state=False)[0],
+                                             leaves, do))
+
+
+def fla_output_difference(fla_scan, inputs) -> float:
+    """Relative RMS difference of the forward outputs of fla and of this scan (a cross-check of both)."""
+    q, k, v, g, beta, cu = inputs
+    with torch.no_grad():
+        ours = triton_scan(q, k, v, g=g, beta=beta, cu_seqlens=cu, output_final_state=False)[0].float()
+        theirs = fla_scan(q, k, v, g, beta, cu_seqlens=cu.long(), output_final_state=False)[0].float()
+    return ((ours - theirs).norm() / theirs.norm()).item()
+
+
 def peak_memory_gib(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -98,32 +134,98 @@ def peak_memory_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def kernel_breakdown(inputs) -> str:
-    """Device time per kernel of one fwd+bwd (profiler), largest first."""
+def fwd_bwd_step(inputs):
     q, k, v, g, beta, cu = inputs
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     do = torch.randn_like(v)
 
     def step():
         o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False)
-        torch.autograd.grad(o, leaves, do)
+        return o, torch.autograd.grad(o, leaves, do)
 
+    return step
+
+
+def kernel_times(inputs, reps: int = 5) -> dict[str, tuple[float, int]]:
+    """Device ms and launches per fwd+bwd of every kernel (profiler), by kernel name."""
+    step = fwd_bwd_step(inputs)
     step()
     torch.cuda.synchronize()
-    reps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    rows = []
+    times = {}
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if total > 0:
-            rows.append((total / reps / 1000, event.count // reps, event.key))
-    rows.sort(reverse=True)
+            times[event.key] = (total / reps / 1000, event.count // reps)
+    return times
+
+
+def kernel_breakdown(inputs) -> str:
+    rows = sorted(((ms, n, name) for name, (ms, n) in kernel_times(inputs).items()), reverse=True)
     lines = ["| kernel | ms per fwd+bwd | launches |", "|---|---|---|"]
-    lines += [f"| {name[:60]} | {ms:.3f} | {count} |" for ms, count, name in rows[:14]]
+    lines += [f"| {name[:60]} | {ms:.3f} | {n} |" for ms, n, name in rows[:12]]
     return "\n".join(lines)
+
+
+CHUNK_KERNELS = ("wy_solve", "wy_apply", "output", "du_local", "dqk", "wy_bwd")
+STATE_KERNELS = ("state_fwd", "state_bwd")
+
+
+def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
+    """Time every kernel under several launch settings; return the fastest setting per kernel and a report."""
+    chunk_combos = [(4, 1), (4, 2), (8, 1), (8, 2), (8, 3), (4, 3)]
+    state_combos = [(8, 1, 32), (8, 2, 32), (8, 1, 16), (8, 2, 16), (4, 1, 16), (4, 2, 16), (8, 1, 64), (4, 1, 32)]
+    results = []  # (kernel, (warps, stages, block_v or None), ms)
+    for i, (warps, stages, block_v) in enumerate(state_combos):
+        chunk = Launch(*chunk_combos[i % len(chunk_combos)])
+        cfg = LaunchConfig(state_block_v=block_v, **{name: chunk for name in CHUNK_KERNELS},
+                           **{name: Launch(warps, stages) for name in STATE_KERNELS})
+        scan_module.LAUNCH = cfg
+        try:
+            times = kernel_times(inputs, reps=3)
+        except Exception as error:  # noqa: BLE001 - a setting may not fit (registers, shared memory)
+            print(f"setting {i} failed: {type(error).__name__}: {error}", flush=True)
+            continue
+        for name in CHUNK_KERNELS:
+            results.append((name, (chunk.num_warps, chunk.num_stages, None), times[f"{name}_kernel"][0]))
+        for name in STATE_KERNELS:
+            results.append((name, (warps, stages, block_v), times[f"{name}_kernel"][0]))
+        print(f"setting {i}: " + ", ".join(f"{n}={times[n + '_kernel'][0]:.3f}" for n in CHUNK_KERNELS + STATE_KERNELS),
+              flush=True)
+    best = {}
+    for name, setting, ms in results:
+        if name in CHUNK_KERNELS and (name not in best or ms < best[name][1]):
+            best[name] = (setting, ms)
+    # the two state passes share one V-block: pick it by their summed time, then each pass's warps/stages
+    def state_total(block_v: int) -> float:
+        return sum(min(ms for n, s, ms in results if n == name and s[2] == block_v) for name in STATE_KERNELS)
+
+    block_v = min({s[2] for n, s, _ in results if n in STATE_KERNELS}, key=state_total)
+    for name in STATE_KERNELS:
+        best[name] = min(((s, ms) for n, s, ms in results if n == name and s[2] == block_v), key=lambda x: x[1])
+    cfg = LaunchConfig(state_block_v=block_v, **{name: Launch(*best[name][0][:2]) for name in best})
+    lines = ["| kernel | best (warps, stages) | ms | all settings tried (warps, stages[, BV]): ms |",
+             "|---|---|---|---|"]
+    for name in CHUNK_KERNELS + STATE_KERNELS:
+        tried = ", ".join(f"{s[0]},{s[1]}{'' if s[2] is None else ',' + str(s[2])}: {ms:.3f}"
+                          for n, s, ms in results if n == name)
+        lines.append(f"| {name} | {best[name][0][:2]} | {best[name][1]:.3f} | {tried} |")
+    return cfg, lines
+
+
+def max_relative_difference(inputs, cfg_a: LaunchConfig, cfg_b: LaunchConfig) -> float:
+    """Largest relative RMS difference of o and the gradients between two launch configs (same inputs)."""
+    torch.manual_seed(0)
+    step = fwd_bwd_step(inputs)
+    outs = []
+    for cfg in (cfg_a, cfg_b):
+        scan_module.LAUNCH = cfg
+        o, grads = step()
+        outs.append([o, *grads])
+    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*outs))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--sweep", action="store_true", help="time several launch configs on the first shape")
     parser.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of the first shape")
+    parser.add_argument("--fla", action="store_true", help="also time fla's chunk_gated_delta_rule, if importable")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -150,19 +253,12 @@ def main(argv: list[str] | None = None) -> None:
         B, T = shapes[0]
         inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
                              H, D, D, dtype, seed=0)
-        lines = ["| launch config | fwd ms | fwd+bwd ms |", "|---|---|---|"]
-        for cfg in (LaunchConfig(), LaunchConfig(state_block_v=64), LaunchConfig(state_block_v=16, state_warps=4),
-                    LaunchConfig(state_stages=1), LaunchConfig(chunk_stages=1), LaunchConfig(solve_warps=2),
-                    LaunchConfig(solve_warps=8)):
-            scan_module.LAUNCH = cfg
-            fields = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg))
-            try:
-                lines.append(f"| {fields} | {time_scan(inputs, False):.3f} | {time_scan(inputs, True):.3f} |")
-            except Exception as error:  # noqa: BLE001 - a config may not compile (registers, shared memory)
-                lines.append(f"| {fields} | failed: {type(error).__name__} | |")
-            print(lines[-1], flush=True)
-        scan_module.LAUNCH = LaunchConfig()
-        report += [f"\nLaunch configs at {B} x {T}:", *lines]
+        best, lines = sweep(inputs)
+        diff = max_relative_difference(inputs, LaunchConfig(), best)
+        scan_module.LAUNCH = best
+        report += [f"\nPer-kernel launch sweep at {B} x {T} (ms per fwd+bwd):", *lines, f"\nfastest: {best!r}",
+                   f"largest relative difference of o and gradients against the default config: {diff:.1e}"]
+        print("\n".join(report[-4:]), flush=True)
 
     if args.profile:
         B, T = shapes[0]
@@ -193,6 +289,26 @@ def main(argv: list[str] | None = None) -> None:
                      f"{sdpa_b[0]:.3f} / {sdpa_b[1]:.3f} ms | {peak:.2f} |")
         print(table[-1], flush=True)
     report += ["", *table]
+
+    fla_scan = load_fla() if args.fla else None
+    if args.fla and fla_scan is None:
+        report.append("\nfla is not importable here: no fla figures")
+    if fla_scan is not None:
+        import fla
+
+        lines = [f"\nfla {fla.__version__} chunk_gated_delta_rule on the same inputs (its Hopper guard lifted, "
+                 "timing only):", "| shape (B x T) | layout | ours fwd / fwd+bwd | fla fwd / fwd+bwd | "
+                 "o difference ours vs fla |", "|---|---|---|---|---|"]
+        for B, T in shapes:
+            lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(B * T))
+            for layout, inputs in (("MoM, 3 streams", scan_inputs(lengths, H, D, D, dtype, seed=1)),
+                                   ("1 stream", scan_inputs([T] * B, H, D, D, dtype, seed=2))):
+                ours = time_scan(inputs, False), time_scan(inputs, True)
+                theirs = time_fla(fla_scan, inputs, False), time_fla(fla_scan, inputs, True)
+                lines.append(f"| {B} x {T} | {layout} | {ours[0]:.3f} / {ours[1]:.3f} ms | {theirs[0]:.3f} / "
+                             f"{theirs[1]:.3f} ms | {fla_output_difference(fla_scan, inputs):.1e} |")
+                print(lines[-1], flush=True)
+        report += lines
     text = "\n".join(report)
     print("\n" + text)
     if args.out:

@@ -6,7 +6,9 @@ keep a (K, V-block) state in at most four register blocks of 64 rows) and any va
 is not implemented here and is rejected with a ``ValueError``.
 
 Intermediate buffers (W, U, per-chunk start states) are kept in the input precision; gates, the triangular
-inverse and every state carried from chunk to chunk stay fp32.
+inverse and every state carried from chunk to chunk stay fp32. The forward keeps W, U, the inverse and the start
+state of every chunk (NC x H x K x V elements) for the backward instead of recomputing them: faster, at the cost
+of activation memory (about 2 GiB at 49K scan tokens, 4 heads x 256, bf16).
 """
 
 from __future__ import annotations
@@ -33,36 +35,43 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Warps and software-pipelining depth of one kernel."""
+
+    num_warps: int
+    num_stages: int
+
+
 @dataclass
 class LaunchConfig:
-    """Block sizes and warps of the kernels (None: chosen from the head dims)."""
+    """Launch settings of every kernel: the fastest of ``tools/bench_kernels.py --sweep`` on an H200, bf16, K = V = 256
+    (see BENCHMARKS.md); every setting there fits the shared memory of an H100/H200.
 
-    state_block_v: int | None = None  # V-block of the sequential passes, whose (K, BV) fp32 state is in registers
-    state_warps: int | None = None
-    state_stages: int = 3
-    solve_warps: int = 4  # the 16-row triangular solve: fewer warps spill, more warps wait on reductions
-    chunk_warps: int = 8  # per-chunk kernels: with 4 warps their 64-row fp32 tiles spill registers at K = 256
-    chunk_stages: int = 2
-    # fp32 inputs take exact (non tensor-core) products whose operand tiles need much more shared memory, so
-    # their loops are not software-pipelined
+    Inputs in fp32 take exact (non tensor-core) products whose operand tiles need far more shared memory, so
+    their loops are never software-pipelined (num_stages 1).
+    """
+
+    state_block_v: int = 32  # V-block of the sequential passes, whose (K, BV) fp32 state lives in registers
+    wy_solve: Launch = Launch(4, 2)
+    wy_apply: Launch = Launch(4, 1)
+    state_fwd: Launch = Launch(8, 2)
+    output: Launch = Launch(4, 3)
+    du_local: Launch = Launch(8, 3)
+    state_bwd: Launch = Launch(8, 2)
+    dqk: Launch = Launch(8, 3)
+    wy_bwd: Launch = Launch(4, 1)
 
 
 LAUNCH = LaunchConfig()
 
 
-def _chunk_options(mode: int) -> dict[str, int]:
-    return {"num_warps": LAUNCH.chunk_warps, "num_stages": LAUNCH.chunk_stages if mode else 1}
+def _options(launch: Launch, mode: int) -> dict[str, int]:
+    return {"num_warps": launch.num_warps, "num_stages": launch.num_stages if mode else 1}
 
 
 def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
-
-
-def _state_launch(key_dim: int, value_dim: int, mode: int) -> tuple[int, dict[str, int]]:
-    """V-block and launch options of the sequential passes."""
-    block_v = LAUNCH.state_block_v or (64 if key_dim <= 128 else 32)
-    warps = LAUNCH.state_warps or (4 if key_dim <= 128 else 8)
-    return min(_block(value_dim), block_v), {"num_warps": warps, "num_stages": LAUNCH.state_stages if mode else 1}
 
 
 def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state):
@@ -88,26 +97,28 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state):
             k, g if use_g else dummy, beta if is_delta else dummy, gamma, tinv if is_delta else dummy,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, BK=BK, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            **{**_chunk_options(mode), "num_warps": LAUNCH.solve_warps})
+            **_options(LAUNCH.wy_solve, mode))
     if is_delta and NC > 0:
         fwd.wy_apply_kernel[(NC, H)](
             k, v, beta, gamma, tinv, w, u, index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode, **_chunk_options(mode))
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode,
+            **_options(LAUNCH.wy_apply, mode))
 
     h = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
     ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    BVS, state_options = _state_launch(K, V, mode)
+    BVS = min(_block(V), LAUNCH.state_block_v)
     fwd.state_fwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         k, v, w if is_delta else dummy, u if is_delta else dummy, gamma, h,
         h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets, cu,
         H=H, K=K, V=V, BKS=BK, BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
-        HAS_H0=h0 is not None, STORE_HT=ht is not None, MODE=mode, **state_options)
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, MODE=mode, **_options(LAUNCH.state_fwd, mode))
 
     o = _empty(T, H, V, dtype=v.dtype, device=q.device)
     if NC > 0:
         fwd.output_kernel[(NC * triton.cdiv(V, BV), H)](
             q, k, v, u if is_delta else dummy, gamma, h, o, index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode, **_chunk_options(mode))
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            **_options(LAUNCH.output, mode))
     saved = (index, gamma if use_g else None, tinv, w, u, h)
     return o, ht, saved
 
@@ -128,15 +139,16 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     if NC > 0:
         bwd.du_local_kernel[(NC * triton.cdiv(V, BV), H)](
             q, k, gamma if use_g else dummy, do, du, index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode, **_chunk_options(mode))
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode,
+            **_options(LAUNCH.du_local, mode))
     dh = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    BVS, state_options = _state_launch(K, V, mode)
+    BVS = min(_block(V), LAUNCH.state_block_v)
     bwd.state_bwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets, cu, scale,
         H=H, K=K, V=V, BKS=BK, BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **state_options)
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **_options(LAUNCH.state_bwd, mode))
 
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(T, H, K, dtype=torch.float32 if is_delta else k.dtype, device=q.device)
@@ -146,7 +158,8 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
         bwd.dqk_kernel[(NC, H)](
             q, k, u if is_delta else v, gamma if use_g else dummy, h, dh, do, du, dq, dk, dw, dgam,
             index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode, **_chunk_options(mode))
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            **_options(LAUNCH.dqk, mode))
 
     dg = _empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
     dbeta = _empty(*beta.shape, dtype=beta.dtype, device=q.device) if is_delta else None
@@ -157,7 +170,8 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             k, v, beta if is_delta else dummy, gamma if use_g else dummy, tinv if is_delta else dummy,
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
             index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode, **_chunk_options(mode))
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            **_options(LAUNCH.wy_bwd, mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
 
