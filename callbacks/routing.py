@@ -47,16 +47,17 @@ def load_heatmap(load: torch.Tensor, cell: int = 16) -> torch.Tensor:
 
 
 def _heatmap_figure(load: torch.Tensor):
-    """A labelled matplotlib heatmap, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
+    """A labelled matplotlib heatmap, or None when matplotlib is not installed.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Built on ``matplotlib.figure.Figure`` rather than pyplot so that the process's plotting backend is left alone.
+    """
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     relative = load.float().cpu().numpy() * load.shape[-1]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * load.shape[1], 1.0 + 0.3 * load.shape[0]))
+    fig = Figure(figsize=(2.5 + 0.6 * load.shape[1], 1.2 + 0.3 * load.shape[0]))
+    ax = fig.subplots()
     image = ax.imshow(relative, cmap="coolwarm", vmin=0.0, vmax=2.0, aspect="auto")
     ax.set_xlabel("memory")
     ax.set_ylabel("layer")

@@ -121,7 +121,7 @@ def test_print_config_is_complete_and_round_trips(tmp_path, capsys):
     assert {"lr", "betas", "eps", "weight_decay", "warmup_steps", "min_lr_ratio", "compile",
             "activation_checkpointing"} <= set(values["model"])
     assert values["data"]["class_path"] == "mom_lit.data.TextDataModule"
-    assert values["trainer"]["max_steps"] == 300
+    assert values["trainer"]["max_steps"] == 250
     (tmp_path / "printed.yaml").write_text(printed)
     with pytest.raises(SystemExit):
         cli_main(args=["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
