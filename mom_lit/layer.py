@@ -12,6 +12,7 @@ token did not select never see it, in training and in decoding alike.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,9 @@ class LayerState:
 class LayerAux:
     routing: Routing | None
     state: LayerState | None
+
+
+_FUSION = {"disabled": False}
 
 
 def _uses_beta(rule: str) -> bool:
@@ -195,19 +199,14 @@ class MoMLayer(nn.Module):
         c = self.config
         H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
         layout = build_layout(memory, seq_id, num_sequences, S)
-        qkv, g, gk, beta = self._slot_inputs(x_flat, layout.token, layout.memory)
-
-        conv_final = None
-        if self.conv_weight is not None:
-            conv_init = None
-            if state is not None and state.conv is not None:
-                conv_init = state.conv.transpose(0, 1).reshape(S * num_sequences, *state.conv.shape[2:])
-            qkv, conv_final = varlen_short_conv(qkv, self.conv_weight.to(qkv.dtype), layout.segment, layout.position,
-                                                layout.cu_seqlens, conv_init, output_final_state=use_cache)
-        else:
-            qkv = F.silu(qkv)
-        q, k, v = self._split_qkv(qkv)
-
+        conv_init = None
+        if state is not None and state.conv is not None:
+            conv_init = state.conv.transpose(0, 1).reshape(S * num_sequences, *state.conv.shape[2:])
+        fused = self._fused_stages(x_flat)
+        prepare = fused if fused is not None else self._prepare_slots
+        q, k, v, g, gk, beta, conv_final = prepare(x_flat, layout.token, layout.memory, layout.segment,
+                                                   layout.position, layout.cu_seqlens, conv_init, use_cache,
+                                                   fused is not None)
         initial = state.memory.transpose(0, 1).reshape(S * num_sequences, H, K, V) if state is not None else None
         o, final = scan(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
@@ -229,6 +228,34 @@ class MoMLayer(nn.Module):
                 conv=None if conv_final is None else conv_final.view(S, num_sequences, *conv_final.shape[1:]).transpose(0, 1),
             )
         return o, new_state
+
+    def _prepare_slots(self, x_flat, token, memory, segment, position, cu_seqlens, conv_init, use_cache, shifted):
+        """Projections, short convolution, normalisation and gates of every sorted slot: the scan's inputs."""
+        qkv, g, gk, beta = self._slot_inputs(x_flat, token, memory)
+        conv_final = None
+        if self.conv_weight is not None:
+            qkv, conv_final = varlen_short_conv(qkv, self.conv_weight.to(qkv.dtype), segment, position, cu_seqlens,
+                                                conv_init, output_final_state=use_cache, shifted=shifted)
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = self._split_qkv(qkv)
+        return q, k, v, g, gk, beta, conv_final
+
+    def _fused_stages(self, x_flat):
+        """On CUDA next to the Triton scan, the elementwise work around it (gathers, convolution, norms, gates)
+        runs as a ``torch.compile``d function, so that it costs a few fused kernels instead of dozens of passes
+        over the (slots x channels) activations. None where that does not apply or compilation is unavailable."""
+        if not x_flat.is_cuda or self.config.backend not in ("auto", "triton") or _FUSION["disabled"]:
+            return None
+        if "prepare" not in self.__dict__:
+            try:
+                self.__dict__["prepare"] = torch.compile(self._prepare_slots)
+            except Exception as error:  # pragma: no cover - depends on the installation
+                _FUSION["disabled"] = True
+                warnings.warn(f"torch.compile is unavailable ({error}); the MoM layer runs its elementwise stages "
+                              "eagerly", RuntimeWarning, stacklevel=2)
+                return None
+        return self.__dict__["prepare"]
 
     def _decode_step(self, x_flat, memory, state: LayerState):
         """One token per sequence: update only the selected memories (and the shared one). O(1) in the context.

@@ -26,7 +26,8 @@ def _reference(x, weight, cu, initial):
 @pytest.mark.parametrize("lengths", [[5, 0, 1, 9, 3], [0, 0, 2], [17], [1, 1, 1, 1]], ids=str)
 @pytest.mark.parametrize("width", [2, 4])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_matches_per_segment_conv(lengths, width, with_state):
+@pytest.mark.parametrize("shifted", [False, True], ids=["conv1d", "shifts"])
+def test_matches_per_segment_conv(lengths, width, with_state, shifted):
     torch.manual_seed(0)
     channels = 6
     cu = torch.tensor([0] + lengths).cumsum(0)
@@ -35,7 +36,7 @@ def test_matches_per_segment_conv(lengths, width, with_state):
     segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     position = torch.arange(x.shape[0]) - cu[segment]
     initial = torch.randn(len(lengths), width - 1, channels, dtype=torch.float64) if with_state else None
-    y, final = varlen_short_conv(x, weight, segment, position, cu, initial, output_final_state=True)
+    y, final = varlen_short_conv(x, weight, segment, position, cu, initial, output_final_state=True, shifted=shifted)
     ref_y, ref_final = _reference(x, weight, cu, initial if with_state else torch.zeros(len(lengths), width - 1, channels,
                                                                                        dtype=torch.float64))
     torch.testing.assert_close(y, ref_y)

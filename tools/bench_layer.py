@@ -88,6 +88,11 @@ class OurLayer(nn.Module):
         return self.layer(x, sequence_ids(b, t, None, x.device), b)[0]
 
 
+def selected(args, candidates: dict):
+    skip = [s for s in args.skip.split(",") if s]
+    return [(name, make) for name, make in candidates.items() if not any(s in name for s in skip)]
+
+
 def fla_available() -> bool:
     try:
         import fla  # noqa: F401
@@ -135,7 +140,7 @@ class _first(nn.Module):
 def section_layer(args, dtype, rows):
     hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
     shapes = [(2, 64), (1, 128)] if args.tiny else [(8, 2048), (2, 8192)]
-    for name, make in layer_candidates(args, hidden, heads, head_dim).items():
+    for name, make in selected(args, layer_candidates(args, hidden, heads, head_dim)):
         torch.manual_seed(0)
         module = make().to(args.device, dtype).train()
         for b, t in shapes:
@@ -204,7 +209,7 @@ class _HF(nn.Module):
 
 def section_model(args, dtype, rows):
     b, t = (2, 64) if args.tiny else (8, 2048)
-    for name, make in model_candidates(args, args.tiny).items():
+    for name, make in selected(args, model_candidates(args, args.tiny)):
         torch.manual_seed(0)
         model = make().to(args.device, dtype).train()
         vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
@@ -232,7 +237,7 @@ def section_model(args, dtype, rows):
 @torch.no_grad()
 def section_decode(args, dtype, rows):
     contexts = [64, 256] if args.tiny else [1024, 8192, 32768, 65536]
-    for name, make in model_candidates(args, args.tiny).items():
+    for name, make in selected(args, model_candidates(args, args.tiny)):
         if "fla" in name and not args.decode_fla:
             continue
         torch.manual_seed(0)
@@ -311,6 +316,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
     p.add_argument("--fla-timing-only", action="store_true", help="lift fla's Hopper guard (timing only)")
     p.add_argument("--decode-fla", action="store_true", help="also time fla models in the decode section")
+    p.add_argument("--skip", default="", help="comma list of substrings: candidates whose name contains one are skipped")
     p.add_argument("--out", default=None, help="write the markdown table here too")
     args = p.parse_args()
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")

@@ -19,8 +19,12 @@ def varlen_short_conv(
     cu_seqlens: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SiLU(causal depthwise conv) of each segment of ``x``.
+
+    ``shifted=False`` runs one library depthwise convolution and patches the segment heads (fastest eagerly);
+    ``shifted=True`` sums W shifted, masked copies, which ``torch.compile`` fuses into a single kernel.
 
     Args:
         x: (L, C) segment-sorted inputs.
@@ -37,6 +41,49 @@ def varlen_short_conv(
     if initial_state is not None and initial_state.shape != (num_segments, width - 1, channels):
         raise ValueError(f"conv initial_state must have shape {(num_segments, width - 1, channels)}, "
                          f"got {tuple(initial_state.shape)}")
+    if shifted:
+        y = _conv_by_shifts(x, weight, segment, position, initial_state)
+    else:
+        y = _conv_then_patch_heads(x, weight, cu_seqlens, initial_state)
+    y = F.silu(y)
+
+    final_state = None
+    if output_final_state:
+        seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # (S,)
+        offsets = torch.arange(width - 1, device=x.device)
+        rel = seq_len.unsqueeze(1) - (width - 1) + offsets  # (S, W-1): position of each kept input
+        from_x = x[(cu_seqlens[:-1].unsqueeze(1) + rel).clamp(0, max(length - 1, 0))] if length else None
+        if initial_state is None:
+            from_state = x.new_zeros(num_segments, width - 1, channels)
+        else:
+            idx = (seq_len.unsqueeze(1) + offsets).clamp(max=width - 2)  # (S, W-1)
+            from_state = torch.gather(initial_state, 1, idx.unsqueeze(-1).expand(-1, -1, channels)).to(x.dtype)
+        if from_x is None:
+            final_state = from_state
+        else:
+            final_state = torch.where((rel >= 0).unsqueeze(-1), from_x, from_state)
+    return y, final_state
+
+
+def _conv_by_shifts(x, weight, segment, position, initial_state):
+    width = weight.shape[1]
+    y = x * weight[:, width - 1]
+    for shift in range(1, width):
+        # Input ``shift`` steps back; before the segment start it comes from the cached state (or is zero).
+        back = F.pad(x, (0, 0, shift, 0))[: x.shape[0]]  # (L, C): back[t] = x[t - shift]
+        inside = (position >= shift).unsqueeze(-1)
+        if initial_state is None:
+            back = torch.where(inside, back, torch.zeros_like(back))
+        else:
+            cached = initial_state[segment, (width - 1 + position - shift).clamp(0, width - 2)]  # (L, C)
+            back = torch.where(inside, back, cached.to(x.dtype))
+        y = y + back * weight[:, width - 1 - shift]
+    return y
+
+
+def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
+    length, channels = x.shape
+    width = weight.shape[1]
     # One depthwise conv over the whole layout; it is right everywhere except the first W-1 rows of each
     # segment, which saw the previous segment's tail. Those rows (a fixed number: no host sync) are recomputed
     # from the segment's own cached inputs and written over it.
@@ -60,21 +107,4 @@ def varlen_short_conv(
         target = torch.where(valid, rows, torch.full_like(rows, length))  # invalid rows go to a dropped spare row
         y = torch.cat([y, y.new_zeros(1, channels)])
         y = y.index_put((target.reshape(-1),), fixed.reshape(-1, channels))[:length]
-    y = F.silu(y)
-
-    final_state = None
-    if output_final_state:
-        seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # (S,)
-        offsets = torch.arange(width - 1, device=x.device)
-        rel = seq_len.unsqueeze(1) - (width - 1) + offsets  # (S, W-1): position of each kept input
-        from_x = x[(cu_seqlens[:-1].unsqueeze(1) + rel).clamp(0, max(length - 1, 0))] if length else None
-        if initial_state is None:
-            from_state = x.new_zeros(num_segments, width - 1, channels)
-        else:
-            idx = (seq_len.unsqueeze(1) + offsets).clamp(max=width - 2)  # (S, W-1)
-            from_state = torch.gather(initial_state, 1, idx.unsqueeze(-1).expand(-1, -1, channels)).to(x.dtype)
-        if from_x is None:
-            final_state = from_state
-        else:
-            final_state = torch.where((rel >= 0).unsqueeze(-1), from_x, from_state)
-    return y, final_state
+    return y
