@@ -294,8 +294,31 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytes
     assert torch.equal(o, ref_o) and torch.equal(final, ref_final)
 
 
-def test_requested_triton_backend_must_be_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit triton request goes to the Triton scan (or fails clearly); auto never sends CPU inputs there."""
+    calls = []
+
+    def fake_triton_scan(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return chunk_scan(q, k, v, **kwargs)
+
+    # shapes, chunk size and autograd mode of the compiled test above: auto (compiled on CPU) reuses its graphs
+    inputs = make_inputs("gated_delta", 1, 40, 1)
+    monkeypatch.setattr(dispatch, "_load_triton_scan", lambda: fake_triton_scan)
+    scan(**inputs, backend="triton")
+    assert len(calls) == 1 and calls[0]["g"] is inputs["g"] and calls[0]["beta"] is inputs["beta"]
+    scan(**inputs, backend="auto", chunk_size=16)
+    assert len(calls) == 1, "auto picked the Triton scan for CPU tensors"
+
     monkeypatch.setattr(dispatch, "_load_triton_scan", lambda: None)
-    inputs = {n: t.detach() for n, t in make_inputs("linear", 1, 9, 1).items()}
     with pytest.raises(RuntimeError, match="backend='triton'"):
         scan(**inputs, backend="triton")
+
+
+def test_backend_choice_is_logged_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(dispatch, "_logged_choices", set())
+    inputs = {n: t.detach() for n, t in make_inputs("linear", 1, 9, 1).items()}
+    with caplog.at_level("INFO", logger="mom_lit"):
+        scan(**inputs, backend="eager")
+        scan(**inputs, backend="eager")
+    assert [r.getMessage() for r in caplog.records] == ["memory scan backend: eager (requested)"]

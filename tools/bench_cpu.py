@@ -41,15 +41,18 @@ class Row:
                 f"{self.tokens / self.compiled_s:,.0f} | {speedup:.2f}x |")
 
 
-def median_seconds(step: Callable[[], None], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
+def median_seconds(steps: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, float]:
+    """Median step time of each variant; timed steps alternate between variants so load drifts hit all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def mom_segment_lengths(batch: int, seq_len: int, memories: int, topk: int, gen: torch.Generator) -> list[int]:
@@ -139,10 +142,11 @@ def main() -> None:
     rows: list[Row] = []
     for rule in args.rules:
         for heads, dim in zip(args.op_heads, args.op_dims):
-            seconds = {}
+            steps = {}
             for backend in ("eager", "compiled"):
-                step, tokens = op_step(rule, args.op_batch, args.op_seq_len, heads, dim, backend, args.chunk_size)
-                seconds[backend] = median_seconds(step, args.warmup, args.reps)
+                steps[backend], tokens = op_step(rule, args.op_batch, args.op_seq_len, heads, dim, backend,
+                                                 args.chunk_size)
+            seconds = median_seconds(steps, args.warmup, args.reps)
             rows.append(Row(f"op {rule} B={args.op_batch} T={args.op_seq_len} H={heads} K=V={dim} "
                             f"C={args.chunk_size}", tokens, seconds["eager"], seconds["compiled"]))
             print(rows[-1].markdown(), flush=True)
@@ -150,10 +154,10 @@ def main() -> None:
         for spec in args.models:
             preset, shape = spec.split(":")
             batch, seq_len = (int(x) for x in shape.split("x"))
-            seconds = {}
+            steps = {}
             for backend in ("eager", "compiled"):
-                step, tokens = model_step(preset, batch, seq_len, backend)
-                seconds[backend] = median_seconds(step, args.warmup, args.reps)
+                steps[backend], tokens = model_step(preset, batch, seq_len, backend)
+            seconds = median_seconds(steps, args.warmup, args.reps)
             rows.append(Row(f"model {preset} B={batch} T={seq_len}", tokens, seconds["eager"], seconds["compiled"]))
             print(rows[-1].markdown(), flush=True)
 

@@ -63,35 +63,27 @@ def _suffix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([shifted, torch.zeros_like(x.narrow(dim, 0, 1))], dim)
 
 
-def _masked_scores(scores: torch.Tensor, strict: bool) -> torch.Tensor:
-    return scores.tril(-1) if strict else scores.tril()
+def _per_key_gate_scores(x: torch.Tensor, y: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
+    """D(x, y) for a per-key gate, lower triangular incl. the diagonal.
 
-
-def _scalar_gate_scores(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None, strict: bool) -> torch.Tensor:
-    """D(x, y) for a scalar (or no) gate: x, y (N, H, C, K), g (N, H, C) -> (N, H, C, C)."""
-    scores = x @ y.transpose(-1, -2)
-    if g is not None:
-        scores = scores * segsum(g).exp()
-    return _masked_scores(scores, strict)
-
-
-def _per_key_gate_scores(x: torch.Tensor, y: torch.Tensor, gk: torch.Tensor, strict: bool) -> torch.Tensor:
-    """D(x, y) for a per-key gate: x, y, gk (N, H, C, K) -> (N, H, C, C).
+    x: (..., N, H, C, K) (extra leading dims share the keys and gates); y, gk: (N, H, C, K) -> (..., N, H, C, C).
 
     Diagonal sub-blocks use exact per-dimension segment sums. For a key in an earlier sub-block J and a query in
     sub-block I, the decay factors into (query side: from the start of I) x (whole blocks strictly between J and
     I) x (key side: to the end of J); each factor has a non-positive exponent, so nothing overflows.
     """
-    n, h, chunk, dim = x.shape
+    n, h, chunk, dim = y.shape
+    lead = x.shape[:-4]
     sub = _PER_KEY_SUB_BLOCK if chunk % _PER_KEY_SUB_BLOCK == 0 else chunk
     blocks = chunk // sub
-    xb, yb, gb = (t.reshape(n, h, blocks, sub, dim) for t in (x, y, gk))  # (N, H, nb, sub, K)
+    xb = x.reshape(*lead, n, h, blocks, sub, dim)  # (..., N, H, nb, sub, K)
+    yb, gb = (t.reshape(n, h, blocks, sub, dim) for t in (y, gk))
 
-    seg = segsum(gb.transpose(-1, -2)).exp()  # (N, H, nb, K, sub, sub)
-    diag = torch.einsum("nhbik,nhbjk,nhbkij->nhbij", xb, yb, seg)  # (N, H, nb, sub, sub)
-    diag = _masked_scores(diag, strict)
+    # exact decays inside each sub-block; exp(-inf) = 0 above the diagonal
+    seg = segsum(gb.transpose(-1, -2)).permute(0, 1, 2, 4, 5, 3).exp()  # (N, H, nb, sub_i, sub_j, K)
+    diag = (xb.unsqueeze(-2) * (yb.unsqueeze(-3) * seg)).sum(-1)  # (..., N, H, nb, sub, sub)
     if blocks == 1:
-        return diag.reshape(n, h, chunk, chunk)
+        return diag.reshape(*lead, n, h, chunk, chunk)
 
     from_start = gb.cumsum(-2).exp()  # (N, H, nb, sub, K)
     to_end = _suffix_sums(gb, -2).exp()  # (N, H, nb, sub, K)
@@ -99,30 +91,69 @@ def _per_key_gate_scores(x: torch.Tensor, y: torch.Tensor, gk: torch.Tensor, str
     through = segsum(totals)  # [I, J] = sum over blocks J < b <= I
     # shift rows by one: [I, J] = sum over blocks strictly between J and I, -inf unless J < I
     between = torch.cat([torch.full_like(through[..., :1, :], float("-inf")), through[..., :-1, :]], -2).exp()
-    off = torch.einsum("nhIik,nhkIJ,nhJjk->nhIiJj", xb * from_start, between, yb * to_end)
-    eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
-    full = off + torch.einsum("nhbij,bc->nhbicj", diag, eye)  # (N, H, nb, sub, nb, sub)
-    return full.reshape(n, h, chunk, chunk)
+    # query side decayed to the end of every key block J: (..., N, H, J, I*sub, K)
+    q_side = (xb * from_start).unsqueeze(-4) * between.permute(0, 1, 4, 3, 2).unsqueeze(-2)
+    q_side = q_side.reshape(*lead, n, h, blocks, chunk, dim)
+    k_side = (yb * to_end).transpose(-1, -2)  # (N, H, J, K, sub)
+    off = (q_side @ k_side).view(*lead, n, h, blocks, blocks, sub, sub)  # (..., N, H, J, I, sub_i, sub_j)
+    off = off.movedim(-4, -2)  # (..., N, H, I, sub_i, J, sub_j)
+    on_diagonal = torch.eye(blocks, dtype=x.dtype, device=x.device)[:, None, :, None]  # (I, 1, J, 1)
+    full = off + diag.unsqueeze(-2) * on_diagonal  # (..., N, H, nb, sub, nb, sub)
+    return full.reshape(*lead, n, h, chunk, chunk)
 
 
 class IntraChunk(NamedTuple):
     """State-independent pieces of every chunk (compute precision).
 
-    The state-passing pieces are already in step order: row ``j * N + n`` belongs to step j of segment n, and
-    steps past a segment's end are identity steps (no decay, no write).
+    The state-passing pieces are in step order: row ``j * N + n`` belongs to step j of segment n; steps past a
+    segment's end are identity steps. A step maps its start state S0 to
+    ``transition @ S0 + value`` (delta rule) or ``decay * S0 + value`` (additive rules; no decay when ungated).
     """
 
     q_state: torch.Tensor  # (NC, H, C, K): O = o_local + q_state @ S0
     o_local: torch.Tensor  # (NC, H, C, V)
-    key_steps: torch.Tensor | None  # (J*N, H, K, K): S_C = decay S0 - key @ S0 + value (delta rule only)
+    transition_steps: torch.Tensor | None  # (J*N, H, K, K), delta rule
     value_steps: torch.Tensor  # (J*N, H, K, V)
-    decay_steps: torch.Tensor | None  # (J*N, H, 1, 1) scalar gate, (J*N, H, K, 1) per-key gate, None ungated
+    decay_steps: torch.Tensor | None  # (J*N, H, 1, 1) scalar gate, (J*N, H, K, 1) per-key gate; additive rules
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
-    """``x[index]`` where ``index == len(x)`` selects a row filled with ``fill`` (padding / identity)."""
-    pad = torch.full_like(x[:1], fill)
-    return torch.cat([x, pad])[index]
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, pad: torch.Tensor | float) -> torch.Tensor:
+    """``x[index]`` where ``index == len(x)`` selects ``pad`` (a padding token / an identity step)."""
+    pad_row = torch.full_like(x[:1], pad) if isinstance(pad, float) else pad.expand_as(x[:1]).to(x.dtype)
+    return torch.cat([x, pad_row])[index]
+
+
+class _Relayout(torch.autograd.Function):
+    """``cat([x, 0])[index]`` for a one-to-one ``index`` whose inverse is known.
+
+    The adjoint of such a gather is the inverse gather, so the backward is a plain gather too, never an
+    accumulating scatter. ``index`` may point at row ``len(x)`` (the zero row) and ``inverse`` may point one past
+    the last output row likewise (slots that receive no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.index_dims = index.dim()
+        return _gather_rows(x, index, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return _gather_rows(grad.flatten(0, ctx.index_dims - 1), inverse, 0.0), None, None
+
+
+def to_chunks(x: torch.Tensor | None, layout: "ChunkLayout") -> torch.Tensor | None:
+    """(L, H, ...) flat tokens -> (NC, C, H, ...) chunk slots; padding slots are zero identity tokens.
+
+    Kept out of the compiled stage on purpose: a gather fused into its consumers is recomputed in every inner loop.
+    """
+    return None if x is None else _Relayout.apply(x, layout.gather, layout.scatter)
+
+
+def to_tokens(x: torch.Tensor, layout: "ChunkLayout") -> torch.Tensor:
+    """(NC*C, H, ...) chunk slots -> (L, H, ...) flat tokens (padding slots dropped)."""
+    return _Relayout.apply(x, layout.scatter, layout.gather.flatten())
 
 
 def intra_chunk(
@@ -132,56 +163,65 @@ def intra_chunk(
     g: torch.Tensor | None,
     gk: torch.Tensor | None,
     beta: torch.Tensor | None,
-    gather: torch.Tensor,
     step_chunks: torch.Tensor,
     scale: float,
 ) -> IntraChunk:
     """All state-independent work of every chunk at once.
 
-    q, k: (L, H, K); v: (L, H, V); g, beta: (L, H); gk: (L, H, K) for the L = B*T flat tokens.
-    gather: (NC, C) token of every chunk slot, L for padding. step_chunks: (J*N,) chunk of every state step, NC
-    for an identity step.
+    q, k: (NC, C, H, K); v: (NC, C, H, V); g, beta: (NC, C, H); gk: (NC, C, H, K), padding slots zero.
+    step_chunks: (J*N,) chunk of every state step, NC for an identity step.
     """
     dtype = compute_dtype(q, k, v, g, gk, beta)
 
     def chunked(x: torch.Tensor) -> torch.Tensor:
-        """(L, H, ...) -> (NC, H, C, ...) in compute precision, padding slots zero (identity tokens)."""
-        return _gather_rows(x.to(dtype), gather, 0.0).transpose(1, 2)
+        return x.to(dtype).transpose(1, 2)  # (NC, C, H, ...) -> (NC, H, C, ...)
 
     q, k, v = chunked(q) * scale, chunked(k), chunked(v)  # (NC, H, C, K|V)
+    key_dim = k.shape[-1]
+    # query rows, and for the delta rule key rows too: both are scored against the keys in one product
+    rows = q.unsqueeze(0) if beta is None else torch.stack([q, k])  # (R, NC, H, C, K)
     if g is not None:
         g = chunked(g)  # (NC, H, C)
-        from_start = g.cumsum(-1).exp().unsqueeze(-1)  # (NC, H, C, 1)
-        to_end = _suffix_sums(g, -1).exp().unsqueeze(-1)  # (NC, H, C, 1)
-        decay = g.sum(-1).exp()[..., None, None]  # (NC, H, 1, 1)
-        scores = lambda x, y, strict: _scalar_gate_scores(x, y, g, strict)  # noqa: E731
+        decays = segsum(g).exp()  # (NC, H, C, C): Gamma_i / Gamma_j, 0 above the diagonal
+        scores = (rows @ k.transpose(-1, -2)) * decays  # (R, NC, H, C, C)
+        # Gamma_i = exp(g_0) * decays[i, 0];  Gamma_C / Gamma_j = decays[C-1, j]
+        from_start = (decays[..., :, 0] * g[..., :1].exp()).unsqueeze(-1)  # (NC, H, C, 1)
+        to_end = decays[..., -1, :].unsqueeze(-1)  # (NC, H, C, 1)
+        chunk_decay = from_start[..., -1:, :]  # (NC, H, 1, 1)
     elif gk is not None:
         gk = chunked(gk)  # (NC, H, C, K)
-        from_start = gk.cumsum(-2).exp()
-        to_end = _suffix_sums(gk, -2).exp()
-        decay = gk.sum(-2).exp().unsqueeze(-1)  # (NC, H, K, 1)
-        scores = lambda x, y, strict: _per_key_gate_scores(x, y, gk, strict)  # noqa: E731
+        scores = _per_key_gate_scores(rows, k, gk)  # (R, NC, H, C, C)
+        from_start = gk.cumsum(-2).exp()  # (NC, H, C, K)
+        to_end = _suffix_sums(gk, -2).exp()  # (NC, H, C, K)
+        chunk_decay = from_start[..., -1, :].unsqueeze(-1)  # (NC, H, K, 1)
     else:
-        from_start = to_end = decay = None
-        scores = lambda x, y, strict: _scalar_gate_scores(x, y, None, strict)  # noqa: E731
+        scores = (rows @ k.transpose(-1, -2)).tril()
+        from_start = to_end = chunk_decay = None
 
+    p = scores[0]  # (NC, H, C, C) query-key scores
     q_decayed = q if from_start is None else q * from_start
     k_to_end_t = (k if to_end is None else k * to_end).transpose(-1, -2)  # Kd^T: (NC, H, K, C)
-    p = scores(q, k, False)  # (NC, H, C, C)
-    decay_steps = None if decay is None else _gather_rows(decay, step_chunks, 1.0)
     if beta is None:
         value_steps = _gather_rows(k_to_end_t @ v, step_chunks, 0.0)
+        decay_steps = None if chunk_decay is None else _gather_rows(chunk_decay, step_chunks, 1.0)
         return IntraChunk(q_decayed, p @ v, None, value_steps, decay_steps)
 
     b = chunked(beta).unsqueeze(-1)  # (NC, H, C, 1)
-    a = b * scores(k, k, True)  # strictly lower; the unit diagonal of (I + A) is implied below
+    # The solve reads only the strictly lower triangle of A (unit diagonal implied) and its gradient w.r.t. A is
+    # projected onto that triangle, so the diagonal of the key-key scores needs no masking.
+    a = b * scores[1]
     k_decayed = k if from_start is None else k * from_start
     rhs = torch.cat([b * k_decayed, b * v], -1)  # (NC, H, C, K + V)
-    solved = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
-    w, u_v = solved.split([k.shape[-1], v.shape[-1]], -1)
-    key_steps = _gather_rows(k_to_end_t @ w, step_chunks, 0.0)
-    value_steps = _gather_rows(k_to_end_t @ u_v, step_chunks, 0.0)
-    return IntraChunk(q_decayed - p @ w, p @ u_v, key_steps, value_steps, decay_steps)
+    solved = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)  # [W | Uv]
+    p_solved = p @ solved  # [P W | P Uv]
+    k_solved = k_to_end_t @ solved  # [Kd^T W | Kd^T Uv]: (NC, H, K, K + V)
+    eye = torch.eye(key_dim, dtype=dtype, device=q.device)
+    start_map = eye if chunk_decay is None else chunk_decay * eye  # Gamma_C as a (K, K) diagonal
+    transition = start_map - k_solved[..., :key_dim]  # (NC, H, K, K)
+    transition_steps = _gather_rows(transition, step_chunks, eye)
+    value_steps = _gather_rows(k_solved[..., key_dim:], step_chunks, 0.0)
+    return IntraChunk(q_decayed - p_solved[..., :key_dim], p_solved[..., key_dim:], transition_steps, value_steps,
+                      None)
 
 
 def pass_states(intra: IntraChunk, initial: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,20 +230,22 @@ def pass_states(intra: IntraChunk, initial: torch.Tensor, steps: int) -> tuple[t
     initial: (N, H, K, V). Returns the start state of every (step, segment) (J*N, H, K, V) and the final states.
     """
     num_states = initial.shape[0]
-    # one gather per tensor already happened in step order; per step only views are taken
-    values = intra.value_steps.view(steps, num_states, *intra.value_steps.shape[1:]).unbind(0)
-    keys = decays = None
-    if intra.key_steps is not None:
-        keys = intra.key_steps.view(steps, num_states, *intra.key_steps.shape[1:]).unbind(0)
-    if intra.decay_steps is not None:
-        decays = intra.decay_steps.view(steps, num_states, *intra.decay_steps.shape[1:]).unbind(0)
 
+    def per_step(x: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+        # the rows are already in step order: each step only takes a view
+        return None if x is None else x.view(steps, num_states, *x.shape[1:]).unbind(0)
+
+    values, transitions, decays = (per_step(x) for x in (intra.value_steps, intra.transition_steps,
+                                                            intra.decay_steps))
     state = initial
     starts = []
     for step in range(steps):
         starts.append(state)
-        update = values[step] if keys is None else values[step] - keys[step] @ state
-        state = (state if decays is None else decays[step] * state) + update
+        if transitions is not None:
+            state = transitions[step] @ state
+        elif decays is not None:
+            state = decays[step] * state
+        state = state + values[step]
     return torch.stack(starts).flatten(0, 1), state
 
 
@@ -212,14 +254,13 @@ def assemble_output(
     q_state: torch.Tensor,
     start_steps: torch.Tensor,
     start_order: torch.Tensor,
-    scatter: torch.Tensor,
 ) -> torch.Tensor:
-    """Outputs of every token: (NC, H, C, V) + (NC, H, C, K) @ S0 -> (L, H, V) in token order.
+    """Outputs of every chunk slot: (NC, H, C, V) + (NC, H, C, K) @ S0 -> (NC*C, H, V).
 
-    start_order: (NC,) row of each chunk in the (J*N) step-ordered start states; scatter: (L,) slot of each token.
+    start_order: (NC,) row of each chunk in the (J*N) step-ordered start states.
     """
     o = o_local + q_state @ start_steps[start_order]  # (NC, H, C, V)
-    return o.transpose(1, 2).flatten(0, 1)[scatter]  # (NC*C, H, V) -> (L, H, V)
+    return o.transpose(1, 2).flatten(0, 1)
 
 
 class ChunkKernels(NamedTuple):
@@ -310,10 +351,10 @@ def chunk_scan_with(
         return v.new_zeros(B, T, H, V), (initial if output_final_state else None)
 
     flat = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731  (B, T, ...) -> (B*T, ...)
-    intra = kernels.intra(flat(q), flat(k), flat(v), flat(g), flat(gk), flat(beta), layout.gather,
-                          layout.step_chunks, scale)
+    chunks = [to_chunks(flat(x), layout) for x in (q, k, v, g, gk, beta)]  # (NC, C, H, ...)
+    intra = kernels.intra(*chunks, layout.step_chunks, scale)
     start_steps, final = pass_states(intra, initial, layout.steps)
-    o = kernels.output(intra.o_local, intra.q_state, start_steps, layout.start_order, layout.scatter)  # (L, H, V)
+    o = to_tokens(kernels.output(intra.o_local, intra.q_state, start_steps, layout.start_order), layout)  # (L, H, V)
     return o.view(B, T, H, V).to(v.dtype), (final if output_final_state else None)
 def chunk_scan(
     q: torch.Tensor,

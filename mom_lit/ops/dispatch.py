@@ -43,15 +43,20 @@ def _log_choice(backend: str, reason: str) -> None:
         logger.info("memory scan backend: %s (%s)", backend, reason)
 
 
-def _without_duck_sizing(compiled: Callable) -> Callable:
-    """Trace with every dynamic size its own symbol.
+def _batch_dynamic(compiled: Callable) -> Callable:
+    """Call ``compiled`` with only the leading (chunk / step / token count) dim of every tensor symbolic.
 
-    By default two sizes that happen to be equal on the first call (say 5 segments and 5 chunk steps) are
-    merged into one symbol, and the next batch where they differ recompiles; batch compositions vary freely.
+    Head counts, head dims and the chunk length stay static, so the generated loops are fixed-size and
+    vectorised, while a new batch composition (other segment lengths or counts) reuses the compiled code.
+    Duck sizing is off: two counts that happen to be equal on one call (say 5 segments and 5 chunk steps) must
+    not become one symbol, or the next batch where they differ would recompile.
     """
 
     @functools.wraps(compiled)
     def run(*args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
         with fx_config.patch(use_duck_shape=False):
             return compiled(*args)
 
@@ -61,8 +66,8 @@ def _without_duck_sizing(compiled: Callable) -> Callable:
 def _get_compiled_kernels() -> ChunkKernels:
     global _compiled_kernels
     if _compiled_kernels is None:
-        _compiled_kernels = ChunkKernels(_without_duck_sizing(torch.compile(intra_chunk, dynamic=True)),
-                                         _without_duck_sizing(torch.compile(assemble_output, dynamic=True)))
+        _compiled_kernels = ChunkKernels(_batch_dynamic(torch.compile(intra_chunk, dynamic=False)),
+                                         _batch_dynamic(torch.compile(assemble_output, dynamic=False)))
     return _compiled_kernels
 
 
