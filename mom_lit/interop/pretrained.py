@@ -1,0 +1,189 @@
+"""mom_lit's own checkpoint directory, Lightning checkpoints, and one loader for every format.
+
+A *pretrained directory* holds ``config.json``::
+
+    {"model_type": "mom_lit", "config": {<MoMConfig fields>}, "tokenizer": "byte" | <spec> | null}
+
+and ``model.safetensors`` with ``MoMForCausalLM.state_dict()`` names (``lm_head.weight`` left out when it is tied
+to the embedding). A ``tokenizer.json`` beside them is what ``"tokenizer": "tokenizer.json"`` refers to.
+
+A Lightning checkpoint (``.ckpt`` of ``MoMLightningModule``) holds the model under ``state_dict`` with the prefix
+``model.``, its :class:`MoMConfig` under ``hyper_parameters["config"]`` and, when the data module saved its
+hyper-parameters (``TextDataModule`` does), the tokeniser under ``datamodule_hyper_parameters["tokenizer"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mom_lit.config import MoMConfig
+from mom_lit.interop.fla import FLA_MODEL_TYPES, load_fla
+from mom_lit.interop.io import build_model, read_json, read_safetensors_dir, require_directory, save_safetensors
+from mom_lit.model import MoMForCausalLM
+
+__all__ = ["LoadedModel", "PRETRAINED_MODEL_TYPE", "export_lightning_checkpoint", "load_checkpoint",
+           "load_lightning_checkpoint", "load_pretrained", "read_lightning_checkpoint", "save_pretrained"]
+
+PRETRAINED_MODEL_TYPE = "mom_lit"
+_TOKENIZER_FILE = "tokenizer.json"
+# Segments that wrappers (activation checkpointing, FSDP, torch.compile) may leave in parameter names.
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+
+
+@dataclass
+class LoadedModel:
+    model: MoMForCausalLM
+    config: MoMConfig
+    tokenizer: str | None
+    """Tokeniser spec recorded with the checkpoint (``"byte"``, a path, a hub name), or None if unknown."""
+    source: str
+    """``"lightning"``, ``"pretrained"`` or the fla model type."""
+
+
+# Our own directory ----------------------------------------------------------------------------------------------
+def _tokenizer_entry(tokenizer: str | None, directory: Path) -> str | None:
+    """Copy a file-based tokeniser into ``directory`` so that the directory is self-contained."""
+    if tokenizer is None or tokenizer == "byte":
+        return tokenizer
+    path = Path(tokenizer).expanduser()
+    if path.is_dir() and (path / _TOKENIZER_FILE).is_file():
+        path = path / _TOKENIZER_FILE
+    if path.is_file():
+        if path.resolve() != (directory / _TOKENIZER_FILE).resolve():
+            shutil.copyfile(path, directory / _TOKENIZER_FILE)
+        return _TOKENIZER_FILE
+    return tokenizer  # a hub name, resolved from the local hub cache when used
+
+
+def save_pretrained(model: MoMForCausalLM, directory: str | Path, tokenizer: str | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as a pretrained directory; a file-based ``tokenizer`` is copied in. Returns the directory."""
+    return _write_pretrained(model.config, model.state_dict(), directory, tokenizer, dtype)
+
+
+def _write_pretrained(config: MoMConfig, state: dict[str, torch.Tensor], directory: str | Path,
+                      tokenizer: str | None, dtype: torch.dtype | None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    if dtype is not None:
+        state = {name: t.to(dtype) for name, t in state.items()}
+    meta = {"model_type": PRETRAINED_MODEL_TYPE, "config": config.to_dict(),
+            "tokenizer": _tokenizer_entry(tokenizer, directory)}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_safetensors(state, directory / "model.safetensors")
+    return directory
+
+
+def _read_pretrained(directory: Path, dtype: torch.dtype | None, device) -> LoadedModel:
+    meta = read_json(directory / "config.json")
+    if meta.get("model_type") != PRETRAINED_MODEL_TYPE or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{directory / 'config.json'} is not a mom_lit config (model_type "
+                         f"{meta.get('model_type')!r}, expected {PRETRAINED_MODEL_TYPE!r} and a 'config' dict)")
+    config = MoMConfig.from_dict(meta["config"])
+    state = read_safetensors_dir(directory)
+    if config.tie_embeddings:
+        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed.weight"]):
+            raise ValueError(f"{directory}: tie_embeddings is set but lm_head.weight differs from embed.weight")
+        state["lm_head.weight"] = state["embed.weight"]
+    tokenizer = meta.get("tokenizer")
+    if tokenizer == _TOKENIZER_FILE:
+        tokenizer = str(directory / _TOKENIZER_FILE)
+    return LoadedModel(build_model(config, state, dtype, device), config, tokenizer, "pretrained")
+
+
+def load_pretrained(directory: str | Path, dtype: torch.dtype | None = torch.float32,
+                    device: str | torch.device = "cpu") -> tuple[MoMForCausalLM, MoMConfig]:
+    """Load a directory written by :func:`save_pretrained` or :func:`export_lightning_checkpoint`.
+
+    ``dtype`` None keeps the stored dtype. Returns the model (eval mode) and its config.
+    """
+    loaded = _read_pretrained(require_directory(directory), dtype, device)
+    return loaded.model, loaded.config
+
+
+# Lightning checkpoints ------------------------------------------------------------------------------------------
+def _canonical(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def read_lightning_checkpoint(path: str | Path) -> tuple[MoMConfig, dict[str, torch.Tensor], str | None]:
+    """(config, model parameters with ``MoMForCausalLM`` names, tokeniser spec or None) of a ``.ckpt`` file.
+
+    The file is a pickle: load only checkpoints you trust.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: a sharded (distributed) Lightning checkpoint. Consolidate it "
+                         f"into one file first: python -m lightning.pytorch.utilities.consolidate_checkpoint {path}")
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "config" not in hparams:
+        raise ValueError(f"{path} has no hyper_parameters['config']: not a MoMLightningModule checkpoint")
+    config = hparams["config"]
+    config = config if isinstance(config, MoMConfig) else MoMConfig.from_dict(dict(config))
+    state = {_canonical(name)[len("model."):]: t for name, t in ckpt["state_dict"].items()
+             if _canonical(name).startswith("model.")}
+    if config.tie_embeddings and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    data_hparams = ckpt.get("datamodule_hyper_parameters") or {}
+    tokenizer = data_hparams.get("tokenizer", hparams.get("tokenizer"))
+    return config, state, tokenizer if isinstance(tokenizer, str) else None
+
+
+def load_lightning_checkpoint(path: str | Path, dtype: torch.dtype | None = torch.float32,
+                              device: str | torch.device = "cpu") -> tuple[MoMForCausalLM, MoMConfig]:
+    """The model (eval mode) and config of a ``MoMLightningModule`` checkpoint file."""
+    config, state, _ = read_lightning_checkpoint(path)
+    return build_model(config, state, dtype, device), config
+
+
+def export_lightning_checkpoint(path: str | Path, directory: str | Path, dtype: torch.dtype | None = None,
+                                tokenizer: str | None = None) -> Path:
+    """Write the model of a Lightning ``.ckpt`` as a pretrained directory (no optimizer or loop state).
+
+    ``tokenizer`` overrides the one recorded in the checkpoint. The parameters are checked against the config
+    before anything is written. Returns the directory.
+    """
+    config, state, recorded = read_lightning_checkpoint(path)
+    build_model(config, state, None, "meta")  # validates names and shapes, copies nothing
+    return _write_pretrained(config, state, directory, tokenizer if tokenizer is not None else recorded, dtype)
+
+
+# Any format -----------------------------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = torch.float32,
+                    device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a Lightning ``.ckpt`` file, a pretrained directory, or an fla checkpoint directory.
+
+    A directory's kind is read from ``config.json``'s ``model_type``. An fla directory's tokeniser is the
+    ``tokenizer.json`` beside the weights, if there is one.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file() or (path.is_dir() and not (path / "config.json").is_file() and (path / "meta.pt").is_file()):
+        config, state, tokenizer = read_lightning_checkpoint(path)
+        return LoadedModel(build_model(config, state, dtype, device), config, tokenizer, "lightning")
+    model_type = read_json(path / "config.json").get("model_type")
+    if model_type == PRETRAINED_MODEL_TYPE:
+        return _read_pretrained(path, dtype, device)
+    if model_type in FLA_MODEL_TYPES:
+        model, config = load_fla(path, dtype, device)
+        tokenizer = str(path) if (path / _TOKENIZER_FILE).is_file() else None
+        return LoadedModel(model, config, tokenizer, model_type)
+    raise ValueError(f"{path / 'config.json'} has model_type {model_type!r}; expected "
+                     f"{PRETRAINED_MODEL_TYPE!r} or one of fla's {FLA_MODEL_TYPES}")
