@@ -12,13 +12,16 @@ cumulative log-gate ``gamma_i`` and ``Gamma_i = exp(gamma_i)`` (a vector over K 
     O   = (Gamma * scale Q) S0 + P U       = (Gamma * scale Q - P W) S0 + P Uv
     S_C = Gamma_C S0 + (K * Gamma_C / Gamma)^T U = (Gamma_C - Kd^T W) S0 + Kd^T Uv,   Kd = K * Gamma_C / Gamma
 
-Everything that does not depend on ``S0`` is computed for all chunks at once (``intra_chunk``); the state is then
-passed through the chunks of every segment with one small matmul per chunk step (``pass_states``), and the
-outputs are assembled for all chunks at once (``assemble_output``).
+so a chunk maps its start state affinely, ``S_C = M S0 + B``, with M = Gamma_C - Kd^T W (a (K, K) matrix for the
+delta rule, the decay Gamma_C for additive rules) and B = Kd^T Uv. Everything that does not depend on ``S0`` is
+computed for all chunks at once (``intra_chunk``); the states are then passed through the chunks of every segment
+with one small matmul per chunk step (``pass_states``), and the outputs are assembled for all chunks at once
+(``assemble_output``).
 
 Decays are never formed as a difference of long cumulative sums: a decay from j to i inside a chunk is the exp of
-a masked cumulative sum over (j, i] (``segsum``), the decay from the chunk start is a cumulative sum from the
-start and the decay to the chunk end is a reversed cumulative sum; every exponent is <= 0.
+a masked cumulative sum over (j, i] (``segsum``); decays from the chunk start are cumulative sums from the start
+and decays to the chunk end are sums over (j, C] (the last row of the segment sums, or a reversed cumulative
+sum per key); every exponent is <= 0.
 
 Packed segments (``cu_seqlens``) are laid out chunk by chunk, each padded only to a multiple of ``C`` with
 identity tokens (zero key, value and query, gate 0, beta 0), so segments never mix and no segment is padded to
@@ -143,7 +146,7 @@ class _Relayout(torch.autograd.Function):
         return _gather_rows(grad.flatten(0, ctx.index_dims - 1), inverse, 0.0), None, None
 
 
-def to_chunks(x: torch.Tensor | None, layout: "ChunkLayout") -> torch.Tensor | None:
+def to_chunks(x: torch.Tensor | None, layout: ChunkLayout) -> torch.Tensor | None:
     """(L, H, ...) flat tokens -> (NC, C, H, ...) chunk slots; padding slots are zero identity tokens.
 
     Kept out of the compiled stage on purpose: a gather fused into its consumers is recomputed in every inner loop.
@@ -151,7 +154,7 @@ def to_chunks(x: torch.Tensor | None, layout: "ChunkLayout") -> torch.Tensor | N
     return None if x is None else _Relayout.apply(x, layout.gather, layout.scatter)
 
 
-def to_tokens(x: torch.Tensor, layout: "ChunkLayout") -> torch.Tensor:
+def to_tokens(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """(NC*C, H, ...) chunk slots -> (L, H, ...) flat tokens (padding slots dropped)."""
     return _Relayout.apply(x, layout.scatter, layout.gather.flatten())
 
@@ -356,6 +359,8 @@ def chunk_scan_with(
     start_steps, final = pass_states(intra, initial, layout.steps)
     o = to_tokens(kernels.output(intra.o_local, intra.q_state, start_steps, layout.start_order), layout)  # (L, H, V)
     return o.view(B, T, H, V).to(v.dtype), (final if output_final_state else None)
+
+
 def chunk_scan(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -3,8 +3,9 @@
 Backends:
     eager     the chunked reference (``mom_lit.ops.chunk``) in plain PyTorch.
     compiled  the same, with its two batched stages (intra-chunk work, output assembly) run through
-              ``torch.compile(dynamic=True)``: a new batch composition (other segment lengths or counts) reuses
-              the compiled code. The short per-chunk state loop stays eager. Falls back to eager, with one
+              ``torch.compile`` with only the chunk/step count symbolic: a new batch composition (other segment
+              lengths or counts) reuses the compiled code (a count of exactly 1 is specialised once). The
+              layout gathers and the short per-chunk state loop stay eager. Falls back to eager, with one
               warning, when compilation is unavailable or fails.
     triton    ``mom_lit.ops.triton.triton_scan`` (CUDA).
     auto      triton for CUDA inputs when it is importable, the rule has no per-key gate and the inputs are not
