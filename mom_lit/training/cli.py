@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from mom_lit.training.faults import install_fault_tolerance, verify_checkpoint_file
 from mom_lit.training.module import MoMLightningModule
 
 
@@ -39,6 +40,9 @@ class MoMLightningCLI(LightningCLI):
     ``--ckpt_path last`` resumes the newest run of the configured logger (``save_dir/name/version_N``) from
     its ``checkpoints/last.ckpt`` and keeps logging into that run's folder; Lightning on its own would look
     in the new, empty version folder.
+
+    Every Trainer it builds writes checkpoints atomically and saves ``last.ckpt`` and stops on SIGTERM/SIGUSR1
+    (see :func:`~mom_lit.training.faults.install_fault_tolerance`).
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
@@ -48,6 +52,20 @@ class MoMLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the hyper-parameters of a given checkpoint right after parsing: a damaged file
+        # would fail there with torch's message, which does not name it.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).is_file():
+            verify_checkpoint_file(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        install_fault_tolerance(trainer)
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None

@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from mom_lit.config import MoMConfig
 from mom_lit.model import MoMBlock, MoMForCausalLM, MoMOutput
+from mom_lit.training.faults import NONFINITE_POLICIES, NonFiniteStepError, describe_nonfinite, step_is_finite
 from mom_lit.training.flops import training_flops_per_token
 from mom_lit.training.metrics import SliceAccuracy
 from mom_lit.training.optim import WarmupCosine, decay_plan, param_groups
@@ -47,6 +48,12 @@ class MoMLightningModule(L.LightningModule):
         activation_checkpointing: recompute each block in the backward pass instead of storing its
             activations. Under FSDP prefer the strategy's ``activation_checkpointing_policy``.
         throughput_window: training batches over which tokens/s and MFU are averaged.
+        nonfinite: what a step with a non-finite loss or gradient does. ``"skip"``: the optimizer step is
+            skipped (gradients dropped, so AdamW's moments and weight decay are untouched; the LR schedule
+            still advances) and counted in ``train/skipped_steps``. ``"stop"``: training ends with a
+            :class:`~mom_lit.training.faults.NonFiniteStepError` naming the step, the layers whose router went
+            non-finite and the first non-finite parameters and gradients. The check costs one host
+            synchronisation per optimizer step.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class MoMLightningModule(L.LightningModule):
         compile: bool = False,
         activation_checkpointing: bool = False,
         throughput_window: int = 20,
+        nonfinite: str = "skip",
     ):
         super().__init__()
         if isinstance(config, dict):  # hyper-parameters read back from a checkpoint
@@ -77,11 +85,13 @@ class MoMLightningModule(L.LightningModule):
         WarmupCosine(warmup_steps, max(warmup_steps, 1), min_lr_ratio)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.save_hyperparameters({"config": config.to_dict(), "lr": lr, "betas": list(betas), "eps": eps,
                                    "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                                    "min_lr_ratio": min_lr_ratio, "compile": compile,
                                    "activation_checkpointing": activation_checkpointing,
-                                   "throughput_window": throughput_window})
+                                   "throughput_window": throughput_window, "nonfinite": nonfinite})
         self.config = config
         self.model = MoMForCausalLM(config)
         self._decay_plan = decay_plan(self.model)
@@ -89,6 +99,9 @@ class MoMLightningModule(L.LightningModule):
         self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in _EVAL_STAGES})
         self.slice_accuracy = nn.ModuleDict({stage: SliceAccuracy() for stage in _EVAL_STAGES})
         self.tokens_seen = 0
+        self.skipped_steps = 0
+        # (loss, router entropy) of the last training batch, read by the non-finite check.
+        self._last_step: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._throughput: TokenThroughput | None = None
 
     # Model ----------------------------------------------------------------------------------------------------
@@ -124,6 +137,7 @@ class MoMLightningModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False)
         # Shapes are known on the host: counting tokens costs no synchronisation.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self._last_step = (out.loss.detach(), out.router_entropy)
         result: dict[str, Any] = {"loss": out.loss}
         if out.router_load is not None:
             # Read by RoutingStatsCallback; already detached.
@@ -136,8 +150,26 @@ class MoMLightningModule(L.LightningModule):
             self.hparams.throughput_window, training_flops_per_token(self.config), self.device,
             str(self.trainer.precision))
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Runs after backward (and the DDP gradient all-reduce) and before clipping and the optimizer step.
+        if self._last_step is None:
+            return
+        loss, router_entropy = self._last_step
+        self._last_step = None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if step_is_finite(loss, [p.grad for p in params if p.grad is not None]):
+            return
+        if self.hparams.get("nonfinite", "skip") == "stop":
+            raise NonFiniteStepError(f"non-finite training step at global step {self.trainer.global_step}: "
+                                     f"{describe_nonfinite(self.model, loss, router_entropy)}")
+        # Without gradients AdamW leaves every parameter and its moments as they are.
+        for p in params:
+            p.grad = None
+        self.skipped_steps += 1
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
         if self._throughput is None:
             return
         self._throughput.update(self.tokens_seen)
@@ -151,9 +183,11 @@ class MoMLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     # Evaluation -----------------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:

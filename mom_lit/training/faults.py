@@ -1,0 +1,197 @@
+"""Fault tolerance of training: non-finite steps, atomic checkpoint files and preemption signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+# Non-finite steps -------------------------------------------------------------------------------------------------
+def step_is_finite(loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
+    """Whether the loss and every gradient are finite, at the cost of one host synchronisation.
+
+    Under DDP the gradients are already all-reduced here, so a non-finite value on any rank is seen by all of
+    them and every rank takes the same decision.
+    """
+    flags = [torch.isfinite(loss.detach()).all()]
+    if grads:
+        # One norm per tensor is non-finite exactly when the tensor holds a NaN or an infinity.
+        flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    return bool(torch.stack(flags).all())
+
+
+def describe_nonfinite(module: torch.nn.Module, loss: torch.Tensor, router_entropy: torch.Tensor | None,
+                       limit: int = 5) -> str:
+    """Where a non-finite step came from: the layers whose router went non-finite and the first offending
+    parameters and gradients. Only called once a step is known to be bad, so its synchronisations are free."""
+    parts = [f"loss={float(loss.detach()):g}"]
+    if router_entropy is not None:
+        bad_layers = torch.nonzero(~torch.isfinite(router_entropy)).flatten().tolist()
+        if bad_layers:
+            parts.append(f"router logits non-finite in layer(s) {bad_layers}")
+    bad_params = [n for n, p in module.named_parameters() if not torch.isfinite(p.detach()).all()]
+    bad_grads = [n for n, p in module.named_parameters()
+                 if p.grad is not None and not torch.isfinite(p.grad).all()]
+    total = sum(1 for _ in module.parameters())
+    for kind, names in (("parameters", bad_params), ("gradients", bad_grads)):
+        if names:
+            # In model order; a non-finite value deep in the model spreads to the gradients of all layers below.
+            parts.append(f"non-finite {kind} in {len(names)} of {total} tensors, first: {names[:limit]}")
+    return "; ".join(parts)
+
+
+class NonFiniteStepError(FloatingPointError):
+    """Raised by the ``nonfinite="stop"`` policy."""
+
+
+# Atomic checkpoint files ------------------------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it and renames it into place.
+
+    ``os.replace`` within one file system is atomic: a crash while saving leaves the previous ``last.ckpt``
+    intact instead of a truncated one. Loading a file that cannot be read raises an error naming it.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename itself is durable only once the folder's entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({err})") from err
+
+
+def verify_checkpoint_file(path: _PATH) -> None:
+    """Raises an error naming ``path`` unless it is a complete ``torch.save`` archive.
+
+    Reads only the archive's central directory, which sits at the very end of the file: a truncated
+    checkpoint is caught without loading it. Damage inside the data is caught by
+    :meth:`AtomicCheckpointIO.load_checkpoint`.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({err})") from err
+
+
+# Preemption -------------------------------------------------------------------------------------------------------
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM or SIGUSR1 (what SLURM sends before preemption), saves ``last.ckpt`` at the next step boundary
+    and stops training cleanly; ``--ckpt_path last`` then resumes exactly.
+
+    The handlers are installed on every rank for the duration of training (replacing Lightning's own SIGTERM
+    handler, which would end the run with an exception instead). Like any early stop, the Trainer runs its
+    validation loop before exiting: keep ``limit_val_batches`` within the grace period. Under several processes the decision is
+    all-reduced each step, so every rank saves and stops at the same step even if only some got the signal.
+
+    Args:
+        signals: names of the signals to handle.
+    """
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+        for name in signals:
+            if not isinstance(getattr(signal, name, None), signal.Signals):
+                raise ValueError(f"signals must name POSIX signals, got {name!r}")
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, after the Trainer registered its own handlers; signal.signal works in the main thread only.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signals:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                # Its own: a later save of last.ckpt overwrites the file instead of writing last-v1.ckpt.
+                callback.last_model_path = str(path)
+        # Lightning runs validation (when configured) before an early stop, as for EarlyStopping.
+        trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """``last.ckpt`` in the folder of the first ``ModelCheckpoint``, else in the run's ``checkpoints`` folder."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+def install_fault_tolerance(trainer: L.Trainer) -> None:
+    """Atomic checkpoint writes (unless another ``CheckpointIO`` was configured) and preemption handling (unless
+    a :class:`PreemptionCheckpoint` is already among the callbacks)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
+        # Before the checkpoint callbacks, which the Trainer keeps last.
+        index = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, ModelCheckpoint)),
+                     len(trainer.callbacks))
+        trainer.callbacks.insert(index, PreemptionCheckpoint())
