@@ -155,12 +155,41 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class KillAtStep(L.Callback):
+    """SIGKILLs this process between backward and optimizer step of step ``step``: nothing can be saved."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordLosses(L.Callback):
+    """Appends ``global_step loss`` (exact float repr) to ``path`` after every training step."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {float(outputs['loss'])!r}\n")
+
+
+def read_losses(path: Path) -> list[tuple[int, float]]:
+    return [(int(step), float(loss)) for step, loss in (line.split() for line in path.read_text().splitlines())]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [int(signal.SIGTERM)])
 def test_preempted_run_saves_and_resumes_exactly(tmp_path, signum):
     short = [*TINY_QUICKSTART, "--trainer.max_steps=4", "--trainer.val_check_interval=2"]  # last.ckpt at 2, 4
     whole = tmp_path / "whole"
-    run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={whole}")
+    run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={whole}",
+            "--trainer.callbacks+=test_faults.RecordLosses", f"--trainer.callbacks.path={tmp_path / 'whole.txt'}")
+    expected_losses = read_losses(tmp_path / "whole.txt")
+    assert [step for step, _ in expected_losses] == [1, 2, 3, 4]
 
     parts = tmp_path / "parts"
     run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={parts}",
@@ -177,3 +206,14 @@ def test_preempted_run_saves_and_resumes_exactly(tmp_path, signum):
     assert resumed["global_step"] == expected["global_step"] == 4
     for name, value in expected["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
+
+    # Killed outright during step 4, after last.ckpt was written at step 2: the resumed run repeats steps 3 and 4
+    # with exactly the losses of the uninterrupted run.
+    killed = tmp_path / "killed"
+    record = ["--trainer.callbacks+=test_faults.RecordLosses", f"--trainer.callbacks.path={tmp_path / 'killed.txt'}"]
+    proc = _cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={killed}", *record,
+                "--trainer.callbacks+=test_faults.KillAtStep", "--trainer.callbacks.step=3")
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(killed / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={killed}", *record, "--ckpt_path", "last")
+    assert read_losses(tmp_path / "killed.txt") == expected_losses[:3] + expected_losses[2:]
