@@ -155,6 +155,20 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+def test_sigusr1_saves_last_and_stops_in_process(tmp_path):
+    torch.manual_seed(0)
+    before = signal.getsignal(signal.SIGUSR1)
+    module = MoMLightningModule(tiny_config(), warmup_steps=1)
+    trainer = fit(module, RandomTokens(), tmp_path, max_steps=6, limit_val_batches=0, default_root_dir=tmp_path,
+                  callbacks=[SignalAtStep(2, int(signal.SIGUSR1)), PreemptionCheckpoint()])
+    assert trainer.global_step == 3  # the step during which the signal came was completed, then training stopped
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 3
+    for name, value in module.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], value), name
+    assert signal.getsignal(signal.SIGUSR1) is before  # the handler is only installed while training
+
+
 class KillAtStep(L.Callback):
     """SIGKILLs this process between backward and optimizer step of step ``step``: nothing can be saved."""
 
