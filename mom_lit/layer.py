@@ -24,6 +24,7 @@ from mom_lit.layout import build_layout, unsort
 from mom_lit.norm import GatedRMSNorm, l2_normalize
 from mom_lit.ops import scan
 from mom_lit.ops.conv import varlen_short_conv
+from mom_lit.ops.decode import decode_step
 from mom_lit.router import Router, Routing
 
 
@@ -185,7 +186,7 @@ class MoMLayer(nn.Module):
         H, V = self.num_heads, self.head_v_dim
         x_flat = x.reshape(batch * seq_len, hidden)  # (N_tok, D)
         routing, memory, weight = self._route(x_flat)
-        if seq_len == 1 and state is not None and num_sequences == batch:
+        if seq_len == 1 and state is not None and num_sequences == batch and use_cache:  # in-place step
             o, new_state = self._decode_step(x_flat, memory, state)
         else:
             o, new_state = self._scan_segments(x_flat, memory, seq_id, num_sequences, state, use_cache)
@@ -258,37 +259,32 @@ class MoMLayer(nn.Module):
         return self.__dict__["prepare"]
 
     def _decode_step(self, x_flat, memory, state: LayerState):
-        """One token per sequence: update only the selected memories (and the shared one). O(1) in the context.
+        """One token per sequence: update only the selected memories (and the shared one), IN PLACE in ``state``.
 
-        x_flat: (B, D); memory: (B, J). Returns (B, J, H, V) slot outputs and the new state.
+        x_flat: (B, D); memory: (B, J). Returns (B, J, H, V) slot outputs and ``state`` (its tensors updated).
+        O(1) in the context: per-stream projections are plain matrix-vector products over the stacked weights
+        (no weight concatenation), and ``mom_lit.ops.decode.decode_step`` does the rest (one Triton kernel on
+        CUDA; the torch reference elsewhere and for the per-key gate of ``gla``).
         """
-        batch, slots = memory.shape
-        rows = torch.arange(batch, device=memory.device).unsqueeze(1).expand(batch, slots)  # (B, J)
-        qkv, g, gk, beta = self._slot_inputs(x_flat, rows.reshape(-1), memory.reshape(-1))
-        qkv = qkv.view(batch, slots, -1)  # (B, J, C)
-        new_conv = state.conv
-        if self.conv_weight is not None:
-            window = torch.cat([state.conv[rows, memory].to(qkv.dtype), qkv.unsqueeze(2)], dim=2)  # (B, J, W, C)
-            qkv = F.silu((window * self.conv_weight.t().to(qkv.dtype)).sum(2))
-            new_conv = state.conv.clone()
-            new_conv[rows, memory] = window[:, :, 1:].to(new_conv.dtype)
-        else:
-            qkv = F.silu(qkv)
-        q, k, v = (t.float() for t in self._split_qkv(qkv))  # (B, J, H, K|V)
+        c = self.config
+        batch, hidden = x_flat.shape
 
-        mem = state.memory[rows, memory]  # (B, J, H, K, V) fp32
-        if g is not None:
-            mem = mem * g.view(batch, slots, -1).exp()[..., None, None]
-        if gk is not None:
-            mem = mem * gk.view(batch, slots, *gk.shape[1:]).exp().unsqueeze(-1)
-        if beta is not None:
-            beta = beta.view(batch, slots, -1, 1)  # (B, J, H, 1)
-            v = beta * (v - torch.einsum("bjhkv,bjhk->bjhv", mem, k))
-        mem = mem + k.unsqueeze(-1) * v.unsqueeze(-2)
-        o = torch.einsum("bjhkv,bjhk->bjhv", mem, q * self.head_dim ** -0.5)
-        new_memory = state.memory.clone()
-        new_memory[rows, memory] = mem
-        return o.to(x_flat.dtype), LayerState(memory=new_memory, conv=new_conv)
+        def per_stream(weight):  # (S, P, D) -> (B, S, P)
+            if weight is None:
+                return None
+            return F.linear(x_flat, weight.reshape(-1, hidden).to(x_flat.dtype)).view(batch, self.num_streams, -1)
+
+        gk = None
+        if self.gk_down is not None:
+            down = per_stream(self.gk_down).float()  # (B, S, R)
+            gk = F.logsigmoid(torch.einsum("bsr,skr->bsk", down, self.gk_up.float()) + self.gk_bias.float())
+            gk = gk / c.gla_gate_normalizer  # (B, S, H*K)
+        conv_weight = self.conv_weight.to(x_flat.dtype) if self.conv_weight is not None else None
+        o = decode_step(self.q_proj(x_flat), per_stream(self.k_proj), per_stream(self.v_proj), memory,
+                        state.memory, state.conv, conv_weight, a=per_stream(self.a_proj),
+                        b=per_stream(self.b_proj), gk=gk, a_log=self.A_log, dt_bias=self.dt_bias,
+                        scale=self.head_dim ** -0.5, backend=c.backend)
+        return o, state
 
     def empty_state(self, num_sequences: int, device, dtype=torch.float32) -> LayerState:
         S, H, K, V = self.num_streams, self.num_heads, self.head_dim, self.head_v_dim

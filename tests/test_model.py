@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mom_lit import MoMConfig, MoMForCausalLM
+from mom_lit import LayerState, MoMConfig, MoMForCausalLM
 
 ATOL = 2e-5  # fp32 rounding differs between batch compositions (chunk boundaries move); leaks are O(1e-2)
 
@@ -274,7 +274,7 @@ def test_decode_step_equals_one_token_scan(rule):
     state.conv.normal_()
     x = torch.randn(batch, cfg.hidden_size)
     _, memory, _ = layer._route(x)
-    fast, fast_state = layer._decode_step(x, memory, state)
+    fast, fast_state = layer._decode_step(x, memory, LayerState(state.memory.clone(), state.conv.clone()))
     ref, ref_state = layer._scan_segments(x, memory, torch.arange(batch), batch, state, use_cache=True)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(fast_state.memory, ref_state.memory, atol=ATOL, rtol=1e-5)
