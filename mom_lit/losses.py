@@ -1,4 +1,5 @@
-"""Auxiliary router losses: Switch-style load balancing (global or per layer and sequence) and router z-loss.
+"""Auxiliary router losses (Switch-style load balancing, global or per layer and sequence, and router z-loss) and
+the chunked language-model cross entropy.
 
 Load balance of one group of tokens (routed slots ``k`` per token, E memories):
     f_m = (slots routed to m) / (tokens * k),   P_m = mean router probability of m,   loss = E * sum_m f_m P_m
@@ -56,3 +57,81 @@ def routing_entropy(routing: Routing) -> torch.Tensor:
     """Mean per-token entropy (nats) of the router distribution."""
     p = routing.probs
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+
+
+# Language-model loss -------------------------------------------------------------------------------------------
+def _chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk: about 2^26 fp32 logits (256 MiB) at a time."""
+    return max(1, (1 << 26) // max(vocab_size, 1))
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, ignore_index: int):
+    """(fp32 logits, log-partition, valid mask, clamped targets, summed loss) of one chunk of rows."""
+    logits = (h @ weight.t()).float()  # (n, vocab), rounded like the eager head's output before the upcast
+    valid = t != ignore_index
+    safe = torch.where(valid, t, torch.zeros_like(t))
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    return logits, lse, valid, safe, ((lse - picked) * valid).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of ``hidden @ weight.T``; the gradients are computed chunk by chunk in the forward,
+    so neither the logits nor their gradient ever exist for all rows at once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
+            logits, lse, valid, safe, loss = _chunk_loss(h, weight, t, ignore_index)
+            total += loss
+            # d loss / d logits = softmax - onehot(target) on valid rows, 0 on ignored ones (in place of the logits)
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
+            grad.mul_(valid[:, None])
+            grad = grad.to(hidden.dtype)
+            if need_h:
+                dh[s:s + chunk_rows] = grad @ weight
+            if need_w:
+                dw += (grad.t() @ h).float()  # (vocab, D); fp32 sum of the per-chunk products
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dh, dw = ctx.saved_tensors
+        dh = None if dh is None else dh * grad_total.to(dh.dtype)
+        dw = None if dw is None else (dw * grad_total).to(ctx.weight_dtype)
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed cross entropy of the logits ``hidden @ weight.T`` against ``targets`` (rows equal to
+    ``ignore_index`` add nothing), without materialising all logits: the rows go through in chunks of
+    ``chunk_rows`` (default: about 2^26 logits), so memory holds one chunk's fp32 logits instead of
+    (rows x vocab) fp32 logits and their gradient.
+
+    hidden: (N, D); weight: (vocab, D); targets: (N,) int. Returns a 0-dim fp32 tensor, differentiable in
+    ``hidden`` and ``weight`` (their gradients are computed during this call when autograd needs them).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (N, D) and weight (vocab, D), got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    chunk_rows = _chunk_rows(weight.shape[0]) if chunk_rows is None else int(chunk_rows)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    targets = targets.long()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk_rows):
+        total += _chunk_loss(hidden[s:s + chunk_rows], weight, targets[s:s + chunk_rows], ignore_index)[-1]
+    return total

@@ -12,8 +12,8 @@ from torch import nn
 from mom_lit.config import MoMConfig
 from mom_lit.layer import LayerState, MoMLayer
 from mom_lit.layout import sequence_ids
-from mom_lit.losses import (load_balancing_loss_global, load_balancing_loss_per_sequence, load_fraction,
-                            router_z_loss, routing_entropy)
+from mom_lit.losses import (linear_cross_entropy, load_balancing_loss_global, load_balancing_loss_per_sequence,
+                            load_fraction, router_z_loss, routing_entropy)
 from mom_lit.norm import RMSNorm
 
 
@@ -34,7 +34,6 @@ class MoMCache:
 
 @dataclass
 class MoMOutput:
-    logits: torch.Tensor
     loss: torch.Tensor | None = None
     """Language-model loss plus the weighted auxiliary terms (when labels or targets are given)."""
     lm_loss: torch.Tensor | None = None
@@ -47,6 +46,19 @@ class MoMOutput:
     router_entropy: torch.Tensor | None = None
     """(num_layers,) mean per-token router entropy in nats, detached."""
     extras: dict = field(default_factory=dict)
+    hidden_states: torch.Tensor | None = None
+    """(B, T, D) final normalised hidden states, the LM head's input."""
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+    _head_weight: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, T, vocab) logits. Without labels/targets they come from the forward; with them the loss is computed
+        chunk by chunk without ever holding all logits, and they are computed here on first access instead (from
+        ``hidden_states``, under the grad mode of that access)."""
+        if self._logits is None:
+            self._logits = F.linear(self.hidden_states, self._head_weight)
+        return self._logits
 
 
 class SwiGLU(nn.Module):
@@ -174,9 +186,10 @@ class MoMForCausalLM(nn.Module):
             if aux.routing is not None:
                 routings.append(aux.routing)
             new_states.append(aux.state)
-        logits = self.lm_head(self.norm(x))
-
-        out = MoMOutput(logits=logits)
+        hidden = self.norm(x)
+        with_loss = labels is not None or targets is not None
+        out = MoMOutput(hidden_states=hidden, _head_weight=self.lm_head.weight,
+                        _logits=None if with_loss else self.lm_head(hidden))
         if use_cache:
             out.cache = MoMCache(new_states, seen_tokens=cache.seen_tokens + seq_len)
         if routings:
@@ -197,8 +210,8 @@ class MoMForCausalLM(nn.Module):
                 raise ValueError(f"labels/targets must have shape {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
             targets = targets.reshape(-1).long()
             # Mean over the positions that have a target; 0 (not NaN) when none has, e.g. a batch of 1-token docs.
-            total = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets, ignore_index=-100,
-                                    reduction="sum")
+            # Chunked and fused with the LM head: the (B*T, vocab) fp32 logits and their gradient never exist.
+            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets)
             out.lm_loss = total / (targets != -100).sum().clamp(min=1)
             loss = out.lm_loss
             if out.aux_loss is not None and cfg.aux_loss_coef > 0:
