@@ -1,8 +1,8 @@
 """On CPU, the Triton kernel tests run under ``TRITON_INTERPRET=1`` in a fresh process.
 
 The interpreter has to be active before Triton's language module is first used, which other tests of the suite
-(torch.compile, inductor) do; a separate process keeps the two apart. On a GPU, ``test_triton_scan.py`` runs the
-kernels natively and this wrapper has nothing to add.
+(torch.compile, inductor) do; a separate process keeps the two apart. On a GPU, ``test_triton_scan.py`` and
+``test_triton_decode.py`` run the kernels natively and this wrapper has nothing to add.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_triton_scan.py runs the kernels natively")
 def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    target = Path(__file__).with_name("test_triton_scan.py")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(target)],
+    targets = [str(Path(__file__).with_name(name)) for name in ("test_triton_scan.py", "test_triton_decode.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets],
                           env=env, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1])
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
