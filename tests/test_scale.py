@@ -1,0 +1,100 @@
+"""Multi-node launch on CPU (two single-process "nodes" from torchrun-style variables) and tools/scale_runs.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import scale_runs  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_on_cpu(tmp_path):
+    """``trainer.num_nodes=2, devices=1`` under the variables torchrun gives each node's process: one run of
+    world size 2 in which the node ranks become the global ranks, ranks read different rows and end equal."""
+    steps, batch, seq_len = 3, 4, 32
+    args = [
+        sys.executable, "-m", "mom_lit", "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
+        "--config", str(REPO / "configs" / "ddp.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.precision=32-true",
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=2", f"--trainer.val_check_interval={steps}",
+        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.callbacks+=test_ddp.RecordRank", f"--trainer.callbacks.out_dir={tmp_path}",
+        "--trainer.callbacks+=scale_runs.ScaleProbe", f"--trainer.callbacks.out_dir={tmp_path}",
+        "--trainer.callbacks.warmup_steps=1",
+        "--model.config.hidden_size=32", "--model.config.num_layers=2", "--model.config.head_dim=8",
+        "--model.config.chunk_size=16", "--model.config.backend=eager", "--model.warmup_steps=1",
+        f"--data.init_args.seq_len={seq_len}", f"--data.init_args.batch_size={batch}",
+        "--data.init_args.num_workers=0",
+    ]
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), str(REPO / "tools"), os.environ.get("PYTHONPATH")]))
+    common = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+              "TORCHELASTIC_RUN_ID": "two-nodes"}
+    procs = [subprocess.Popen(args, cwd=tmp_path, env={**common, "RANK": str(node), "GROUP_RANK": str(node)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    rows = [{tuple(row.tolist()) for b in r["batches"] for row in b} for r in ranks]
+    assert len(rows[0]) == len(rows[1]) == steps * batch and not rows[0] & rows[1]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name
+    assert not torch.equal(ranks[0]["state"]["embed.weight"], ranks[0]["initial"]["embed.weight"])
+
+    probe = json.loads((tmp_path / scale_runs.PROBE_FILE).read_text())
+    assert (probe["num_nodes"], probe["devices_per_node"], probe["world_size"]) == (2, 1, 2)
+    assert probe["strategy"] == "DDPStrategy" and len(probe["step_losses"]) == steps
+    assert all(t == (steps - 1) * batch * seq_len for t in probe["timed_tokens_per_rank"])  # after 1 warm-up step
+    assert probe["val_loss"] is not None
+
+
+def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, capsys):
+    assert scale_runs.main(["--dry_run", "--out", str(tmp_path), "--global_batch", "32"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    runs: dict[str, list[list[str]]] = {}
+    for line in lines:
+        name, command = line.split(" ", 1)
+        runs.setdefault(name.strip("[]"), []).append(shlex.split(command))
+    assert set(runs) == set(scale_runs.RUNS)
+    for name, commands in runs.items():
+        for words in commands:
+            opts = dict(w[2:].split("=", 1) for w in words if w.startswith("--trainer.") or w.startswith("--data."))
+            rows = (int(opts["data.init_args.batch_size"]) * int(opts["trainer.accumulate_grad_batches"])
+                    * int(opts["trainer.devices"]) * int(opts["trainer.num_nodes"]))
+            assert rows == 32, name
+            # validation once, at the last optimizer step
+            assert int(opts["trainer.val_check_interval"]) == (int(opts["trainer.max_steps"])
+                                                               * int(opts["trainer.accumulate_grad_batches"]))
+    assert [w for w in runs["1gpu"][0] if w.startswith("CUDA_VISIBLE_DEVICES")] == ["CUDA_VISIBLE_DEVICES=0"]
+    agents = runs["2node"]
+    assert [a[0] for a in agents] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]
+    for agent in agents:
+        assert {"--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"} <= set(agent)
+    endpoints = {w for a in agents for w in a if w.startswith("--rdzv-endpoint=")}
+    assert len(endpoints) == 1  # both agents meet at one rendezvous
+    assert any(w.endswith("configs/fsdp.yaml") for w in runs["fsdp"][0])
+
+
+def test_scale_runs_reject_a_global_batch_that_does_not_split(tmp_path):
+    with pytest.raises(ValueError, match="not a multiple"):
+        scale_runs.main(["--dry_run", "--out", str(tmp_path), "--global_batch", "12"])
