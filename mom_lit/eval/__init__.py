@@ -1,0 +1,8 @@
+"""Evaluation: token scoring of packed or chunked sequences, loss against context length, and the
+lm-evaluation-harness model ``mom_lit`` (:mod:`mom_lit.eval.lm_eval_adapter`, needs ``pip install lm_eval``;
+``python -m mom_lit.eval`` runs lm_eval's command line with it registered)."""
+
+from mom_lit.eval.length import PositionLoss, bucket_edges, position_loss
+from mom_lit.eval.scoring import TokenScores, pack_batches, score_continuations
+
+__all__ = ["PositionLoss", "TokenScores", "bucket_edges", "pack_batches", "position_loss", "score_continuations"]

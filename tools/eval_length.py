@@ -1,0 +1,151 @@
+"""Loss and perplexity against position in the context, past the length a model was trained on.
+
+Every document is cut to its first ``--max-length + 1`` tokens and fed ``--chunk-size`` tokens at a time,
+each chunk continuing from the recurrent cache of the previous one, so memory stays constant however long the
+context (:func:`mom_lit.eval.position_loss`). The loss of each position is averaged over the documents, then
+over buckets of positions that double in width (``[0, 64)``, ``[64, 128)``, ``[128, 256)``, ...). A model that
+extrapolates keeps a flat or falling curve past its training length (the dashed line).
+
+Documents: ``--text`` files or folders (``.txt`` = one document, ``.jsonl`` / ``.parquet`` = one per record,
+``--text-field``); by default Shakespeare's plays from the embedded corpus, one play per document (84K to 171K
+bytes each), so every bucket averages the same 38 documents. Only documents at least ``--max-length + 1`` tokens
+long are used unless ``--allow-short``: then a bucket averages the documents that reach it.
+
+Usage::
+
+    python tools/eval_length.py --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt \\
+        --max-length 32768 --train-length 256 --out docs/eval_length
+
+writes ``docs/eval_length.png`` (needs matplotlib), ``docs/eval_length.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mom_lit.data.prepare import discover_sources, iter_documents
+from mom_lit.data.tokenizers import load_tokenizer
+from mom_lit.eval import bucket_edges, position_loss
+from mom_lit.interop import load_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tools/eval_length.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt, mom_lit or fla checkpoint directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the checkpoint's, else byte)")
+    parser.add_argument("--text", nargs="+", default=None,
+                        help=".txt/.jsonl/.parquet files or folders (default: Shakespeare's plays)")
+    parser.add_argument("--text-field", default="text", help="field of a .jsonl/.parquet record holding the text")
+    parser.add_argument("--max-length", type=int, default=8192, help="context length evaluated, in tokens")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="documents per batch")
+    parser.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
+    parser.add_argument("--allow-short", action="store_true",
+                        help="also use documents shorter than --max-length + 1 tokens")
+    parser.add_argument("--first-bucket", type=int, default=64, help="width of the first bucket of positions")
+    parser.add_argument("--train-length", type=int, default=None, help="training context length, marked on the plot")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype")
+    parser.add_argument("--backend", default=None, help="scan backend (default: auto on cuda, eager on cpu)")
+    parser.add_argument("--out", default=None, help="output path stem: writes STEM.json and STEM.png")
+    parser.add_argument("--title", default=None, help="plot title (default: the checkpoint's name)")
+    return parser
+
+
+def _documents(args: argparse.Namespace) -> tuple[list[str], str]:
+    if args.text:
+        sources = discover_sources(args.text)
+        texts = [t for path in sources for t in iter_documents(path, args.text_field)]
+        return texts, ", ".join(str(p) for p in args.text)
+    from mom_lit.data.shakespeare import play_scenes
+
+    plays: dict[str, list[str]] = {}
+    for scene in play_scenes():
+        plays.setdefault(scene.play, []).append(scene.text)
+    return ["\n".join(scenes) for scenes in plays.values()], "Shakespeare's plays (one document each)"
+
+
+def _plot(rows: list[dict], path: Path, title: str, train_length: int | None, note: str) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise SystemExit(f"the plot needs matplotlib (pip install matplotlib): {error}")
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.add_subplot()
+    x = [r["stop"] for r in rows]
+    ax.plot(x, [r["loss"] for r in rows], marker="o", label="mean loss of the positions in each bucket")
+    if train_length is not None:
+        ax.axvline(train_length, color="grey", linestyle="--", label=f"training length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the context (upper edge of the bucket, tokens)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, note, fontsize=7, color="dimgray")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.max_length < 2 or args.chunk_size < 1 or args.batch_size < 1 or args.first_bucket < 1:
+        raise SystemExit("--max-length must be >= 2; --chunk-size, --batch-size, --first-bucket >= 1")
+    device = torch.device(args.device)
+    loaded = load_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
+    model = loaded.model.eval()
+    model.config.backend = args.backend or ("auto" if device.type == "cuda" else "eager")
+    tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer or "byte")
+    texts, source = _documents(args)
+    docs = [tokenizer.encode(t) for t in texts]
+    if not args.allow_short:
+        docs = [d for d in docs if len(d) > args.max_length]
+    docs = docs[:args.max_docs] if args.max_docs is not None else docs
+    if not docs:
+        raise SystemExit(f"no document has {args.max_length + 1} tokens: lower --max-length or pass --allow-short")
+    top = max(max(d) for d in docs)
+    if top >= loaded.config.vocab_size:
+        raise SystemExit(f"tokenizer {tokenizer.name!r} gives id {top} beyond the model's vocab_size "
+                         f"{loaded.config.vocab_size}: pass the tokenizer the model was trained with")
+
+    start = time.perf_counter()
+    result = position_loss(model, docs, args.max_length, args.chunk_size, args.batch_size)
+    seconds = time.perf_counter() - start
+    edges = bucket_edges(args.max_length, args.first_bucket)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        loss, tokens = result.bucket(lo, hi)
+        rows.append({"start": lo, "stop": hi, "loss": loss, "ppl": math.exp(loss), "tokens": tokens})
+
+    scored = int(result.count.sum())
+    setting = (f"{len(docs)} documents from {source}; tokenizer {tokenizer.name}; {device.type} {args.dtype}; "
+               f"chunks of {args.chunk_size} on the recurrent cache; {scored} tokens in {seconds:.0f} s")
+    print(f"| positions | loss (nats/token) | perplexity | tokens |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['start']}-{r['stop']} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['tokens']} |")
+    print(setting, file=sys.stderr)
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"checkpoint": str(args.checkpoint), "max_length": args.max_length, "chunk_size": args.chunk_size,
+                "train_length": args.train_length, "documents": len(docs), "source": source,
+                "tokenizer": tokenizer.name, "device": device.type, "dtype": args.dtype, "seconds": seconds}
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "buckets": rows}, indent=2) + "\n")
+        title = args.title or f"Loss against context position: {Path(args.checkpoint).name}"
+        _plot(rows, out.with_suffix(".png"), title, args.train_length, setting)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
