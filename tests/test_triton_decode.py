@@ -39,6 +39,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # memories, row 2 others in another order; memory 3 of rows 0/1 and memories 0/2 of row 2 stay unselected.
 SLOTS = [[1, 0, 4], [1, 0, 4], [3, 1, 4]]
 SHAPES = {"h2_k32_v24": (2, 32, 24), "h1_k128_v96": (1, 128, 96)}  # the second walks two V blocks
+if ON_GPU:
+    SHAPES["h4_k256_v256"] = (4, 256, 256)  # the model's heads: eight V blocks, eight warps
 DTYPES = [torch.float32] + ([torch.bfloat16] if ON_GPU else [])  # bf16: the interpreter mishandles it
 
 
@@ -156,7 +158,7 @@ def test_model_decoding_with_the_triton_step_matches_the_torch_step(dtype):
     ids = torch.randint(0, 101, (3, 40), device="cuda")
     caches = {}
     for backend in ("auto", "eager"):
-        model.config.backend = "auto"
+        model.config.backend = "eager"  # the same prefill for both (and no compile wait)
         out = model(ids[:, :30], use_cache=True)
         model.config.backend = backend  # only the decoding steps differ
         logits, cache = [], out.cache
@@ -169,3 +171,43 @@ def test_model_decoding_with_the_triton_step_matches_the_torch_step(dtype):
     assert rel_rms(fast, ref) <= TOL[dtype] * 10
     for a, b in zip(fast_cache.layers, ref_cache.layers):
         assert rel_rms(a.memory, b.memory) <= TOL[dtype] * 10
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+@torch.no_grad()
+def test_captured_model_step_replays_the_eager_step():
+    """The whole per-token step of ``tools/bench_decode.py``, captured once as a CUDA graph (static cache buffers,
+    updated in place), gives the eager step's logits and keeps decoding the eager sequence."""
+    import importlib.util
+    from pathlib import Path
+
+    from mom_lit import MoMConfig, MoMForCausalLM
+
+    path = Path(__file__).parents[1] / "tools" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    cfg = MoMConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=2, head_dim=32, num_memories=4,
+                    topk=2, shared_memory=True, backend="eager")  # eager prefill: no compile wait
+    model = MoMForCausalLM(cfg).cuda().eval()
+    prompt = torch.randint(0, 101, (1, 20), device="cuda")
+    cache, token = tool.mom_prefill(model, prompt, chunk=8)
+    state = [s.memory.clone() for s in cache.layers]
+    cfg.backend = "auto"  # Triton decoding steps
+    replay, error = tool.mom_graph_step(model, cache, token, "cuda")
+    assert error <= 1e-4
+    tokens = []
+    for _ in range(5):
+        replay()
+        tokens.append(token.clone())
+    # The checked step and the five replays again, eagerly, from a second prefill.
+    cfg.backend = "eager"
+    eager_cache, eager_token = tool.mom_prefill(model, prompt, chunk=8)
+    for s, memory in zip(eager_cache.layers, state):
+        assert torch.equal(s.memory, memory)
+    cfg.backend = "auto"
+    for expected in [None] + tokens:
+        eager_token = model(eager_token, cache=eager_cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if expected is not None:
+            assert torch.equal(eager_token, expected)

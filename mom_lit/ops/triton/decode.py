@@ -10,7 +10,8 @@ One program per (sequence b, slot j, head h). Slot j of sequence b reads memory 
    place, and the output ``o = S^T q * scale`` of the slot.
 
 A token selects distinct memories, so no two programs touch the same state or conv channels: every read of a
-channel happens in the program that writes it, and nothing races. Memories that no slot selected are never read
+channel happens in the program that writes it (a barrier orders the reads of a program's threads before its
+overwrites). Memories that no slot selected are never read
 or written. The cost is O(J H K V) per sequence, independent of the context length, and nothing syncs with the
 host. The (K, V) state of one head is not split across programs (the conv state of the q/k channels is shared
 by all V blocks and is rewritten in place), so a batch of one runs J x H programs.
@@ -29,18 +30,22 @@ _STATE_TILE = 8192  # elements of one (BK, BV) fp32 state tile held in registers
 
 
 @triton.jit
-def _conv_silu(base, conv_w, ch, mask, x, C: tl.constexpr, W: tl.constexpr):
+def _conv_silu(base, conv_w, ch, mask, x, C: tl.constexpr, W: tl.constexpr, BW: tl.constexpr):
     """SiLU of the short convolution at the current token for channels ``ch``; shifts their conv state.
 
     ``base`` points at row 0 of a (W-1, C) conv state (oldest row first); ``x`` holds the new pre-convolution
     inputs (input dtype). The state keeps what the torch step keeps: old rows cast through the input dtype.
     """
-    acc = x.to(tl.float32) * tl.load(conv_w + ch * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
-    for i in tl.static_range(W - 1):
-        old = tl.load(base + i * C + ch, mask=mask, other=0.0).to(x.dtype)
-        acc += old.to(tl.float32) * tl.load(conv_w + ch * W + i, mask=mask, other=0.0).to(tl.float32)
-        if i > 0:  # row i - 1 was read one iteration earlier, by the same program
-            tl.store(base + (i - 1) * C + ch, old, mask=mask)
+    rw = tl.arange(0, BW)  # conv-state rows, BW >= W - 1
+    tile = (rw[:, None] < W - 1) & mask[None, :]
+    old = tl.load(base + rw[:, None] * C + ch[None, :], mask=tile, other=0.0).to(x.dtype)  # (BW, BK)
+    taps = tl.load(conv_w + ch[None, :] * W + rw[:, None], mask=tile, other=0.0).to(tl.float32)
+    acc = tl.sum(old.to(tl.float32) * taps, 0)
+    acc += x.to(tl.float32) * tl.load(conv_w + ch * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
+    # A channel can live in several threads (replicated layouts): all of them must have read the old rows
+    # before any thread overwrites one.
+    tl.debug_barrier()
+    tl.store(base + (rw[:, None] - 1) * C + ch[None, :], old, mask=tile & (rw[:, None] >= 1))
     tl.store(base + (W - 2) * C + ch, x, mask=mask)
     return acc * tl.sigmoid(acc)
 
@@ -69,7 +74,7 @@ def decode_step_kernel(
     state, state_sn, state_ss,
     out, scale,
     S: tl.constexpr, J: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    USE_GATE: tl.constexpr, USE_BETA: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_GATE: tl.constexpr, USE_BETA: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over (B, J, H), h fastest
     h = pid % H
@@ -88,8 +93,8 @@ def decode_step_kernel(
     xk = tl.load(k_in + stream * KD + h * K + rk, mask=mk, other=0.0)
     conv_base = conv + b * conv_sn + m * conv_ss
     if W > 0:
-        q = _conv_silu(conv_base, conv_w, h * K + rk, mk, xq, C, W)
-        k = _conv_silu(conv_base, conv_w, KD + h * K + rk, mk, xk, C, W)
+        q = _conv_silu(conv_base, conv_w, h * K + rk, mk, xq, C, W, BW)
+        k = _conv_silu(conv_base, conv_w, KD + h * K + rk, mk, xk, C, W, BW)
     else:
         q = xq.to(tl.float32)
         q = q * tl.sigmoid(q)
@@ -113,7 +118,7 @@ def decode_step_kernel(
         mv = rv < V
         xv = tl.load(v_in + stream * VD + h * V + rv, mask=mv, other=0.0)
         if W > 0:
-            v = _conv_silu(conv_base, conv_w, 2 * KD + h * V + rv, mv, xv, C, W)
+            v = _conv_silu(conv_base, conv_w, 2 * KD + h * V + rv, mv, xv, C, W, BW)
         else:
             v = xv.to(tl.float32)
             v = v * tl.sigmoid(v)
@@ -126,6 +131,7 @@ def decode_step_kernel(
         if USE_BETA:
             v = beta * (v - tl.sum(s * k[:, None], 0))
         s = s + k[:, None] * v[None, :]
+        tl.debug_barrier()  # as in _conv_silu: every copy of the tile is read before it is overwritten
         tl.store(ptrs, s, mask=tile_mask)
         o = tl.sum(s * q[:, None], 0)
         tl.store(o_base + rv, o.to(out.dtype.element_ty), mask=mv)
@@ -161,7 +167,8 @@ def triton_decode_step(
     batch, slots = memory.shape
     _, streams, heads, key_dim, value_dim = state.shape
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of float32, bfloat16 or float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share one of float32, bfloat16 or float16, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if state.dtype != torch.float32 or not _inner_contiguous(state, 3):
         raise ValueError("the memory state must be fp32 with contiguous (H, K, V) dims to be updated in place")
     if (a is None) != (a_log is None) or (a is None) != (dt_bias is None):
@@ -194,6 +201,7 @@ def triton_decode_step(
         out, scale,
         S=streams, J=slots, H=heads, K=key_dim, V=value_dim, W=width,
         USE_GATE=a is not None, USE_BETA=b is not None, BK=block_k, BV=block_v,
+        BW=triton.next_power_of_2(max(width - 1, 2)),
         num_warps=4 if block_k * block_v <= 4096 else 8,
     )
     return out
