@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mom_lit.layout import count_values
+from mom_lit.ops.fused import maybe_compiled
 from mom_lit.router import Routing
 
 
@@ -65,14 +66,20 @@ def _chunk_rows(vocab_size: int) -> int:
     return max(1, (1 << 26) // max(vocab_size, 1))
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, ignore_index: int):
-    """(fp32 logits, log-partition, valid mask, clamped targets, summed loss) of one chunk of rows."""
-    logits = (h @ weight.t()).float()  # (n, vocab), rounded like the eager head's output before the upcast
+def _ce_chunk(logits: torch.Tensor, t: torch.Tensor, ignore_index: int, with_grad: bool):
+    """Summed cross entropy of one chunk of (n, vocab) logits and, if asked, its gradient d loss / d logits
+    (softmax - onehot(target) on valid rows, zero on ignored rows) in the logits' dtype."""
+    x = logits.float()  # the eager head's output is rounded to its dtype before the upcast too
     valid = t != ignore_index
     safe = torch.where(valid, t, torch.zeros_like(t))
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    picked = logits.gather(1, safe[:, None]).squeeze(1)
-    return logits, lse, valid, safe, ((lse - picked) * valid).sum()
+    lse = torch.logsumexp(x, dim=-1)  # (n,)
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    if not with_grad:
+        return loss, None
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe[:, None]  # (n, vocab)
+    grad = ((x - lse[:, None]).exp() - onehot.float()) * valid[:, None]
+    return loss, grad.to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -85,15 +92,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        chunk = maybe_compiled(_ce_chunk, hidden)  # on CUDA one fused pass over each chunk's logits
         for s in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
-            logits, lse, valid, safe, loss = _chunk_loss(h, weight, t, ignore_index)
+            loss, grad = chunk(h @ weight.t(), t, ignore_index, True)
             total += loss
-            # d loss / d logits = softmax - onehot(target) on valid rows, 0 on ignored ones (in place of the logits)
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
-            grad.mul_(valid[:, None])
-            grad = grad.to(hidden.dtype)
             if need_h:
                 dh[s:s + chunk_rows] = grad @ weight
             if need_w:
@@ -132,6 +135,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    chunk = maybe_compiled(_ce_chunk, hidden)
     for s in range(0, hidden.shape[0], chunk_rows):
-        total += _chunk_loss(hidden[s:s + chunk_rows], weight, targets[s:s + chunk_rows], ignore_index)[-1]
+        total += chunk(hidden[s:s + chunk_rows] @ weight.t(), targets[s:s + chunk_rows], ignore_index, False)[0]
     return total

@@ -14,7 +14,7 @@ from mom_lit.layer import LayerState, MoMLayer
 from mom_lit.layout import sequence_ids
 from mom_lit.losses import (linear_cross_entropy, load_balancing_loss_global, load_balancing_loss_per_sequence,
                             load_fraction, router_z_loss, routing_entropy)
-from mom_lit.norm import RMSNorm
+from mom_lit.ops.fused import FusedRMSNorm, swiglu_mlp
 
 
 @dataclass
@@ -68,16 +68,16 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        # down(silu(gate) * up), keeping only the gate|up projection for the backward
+        return swiglu_mlp(x, self.gate_up.weight, self.down.weight)
 
 
 class MoMBlock(nn.Module):
     def __init__(self, config: MoMConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn_norm = FusedRMSNorm(config.hidden_size, config.norm_eps)
         self.attn = MoMLayer(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp_norm = FusedRMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.mlp_hidden_size)
 
     def forward(self, x, seq_id, num_sequences, state=None, use_cache=False):
@@ -106,7 +106,7 @@ class MoMForCausalLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList([MoMBlock(config, i) for i in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = FusedRMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_embeddings:

@@ -1,0 +1,91 @@
+"""Memory-lean RMSNorm and SwiGLU MLP (``mom_lit.ops.fused``) against the plain modules: outputs, all gradients,
+and what they keep for the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mom_lit.norm import RMSNorm
+from mom_lit.ops.fused import FusedRMSNorm, rms_norm, swiglu_mlp
+
+# fp32: the same arithmetic up to the order of operations. bf16: the plain modules round some intermediates
+# (SiLU, the product) to bf16 where the fused ones stay fp32, so they are compared by relative RMS error.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def assert_close(actual, expected, tol, msg=""):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
+    a, e = actual.double(), expected.double()
+    err = float((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-12))
+    assert err <= tol, f"{msg}: relative RMS error {err:.2e} > {tol:.0e}"
+
+
+def _saved_bytes(fn, *args) -> int:
+    """Bytes of the distinct non-leaf tensors autograd keeps for the backward of ``fn(*args)``."""
+    leaves = {a.untyped_storage().data_ptr() for a in args}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in leaves:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 7, 48), (1, 1, 16), (5, 33)], ids=["3d", "one-row", "2d"])
+def test_rms_norm_matches_plain_module(shape, dtype):
+    torch.manual_seed(42)
+    plain = RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(shape[-1]) * 0.5 + 1)
+    plain = plain.to(dtype)
+    fused = FusedRMSNorm(shape[-1], eps=1e-5).to(dtype)
+    fused.load_state_dict(plain.state_dict())
+    x = (torch.randn(shape) * 3).to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fused(x1), plain(x2)
+    assert y1.dtype == dtype and y1.shape == x.shape
+    assert_close(y1, y2, TOL[dtype])
+    dy = torch.randn(shape).to(dtype)
+    y1.backward(dy)
+    y2.backward(dy)
+    assert_close(x1.grad, x2.grad, TOL[dtype])
+    assert_close(fused.weight.grad, plain.weight.grad, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_swiglu_mlp_matches_plain(dtype):
+    torch.manual_seed(42)
+    x = torch.randn(2, 9, 24).to(dtype)
+    w_gu = (torch.randn(2 * 40, 24) * 0.3).to(dtype)
+    w_d = (torch.randn(24, 40) * 0.3).to(dtype)
+    ins1 = [t.clone().requires_grad_() for t in (x, w_gu, w_d)]
+    ins2 = [t.clone().requires_grad_() for t in (x, w_gu, w_d)]
+    out1 = swiglu_mlp(*ins1)
+    gate, up = (ins2[0] @ ins2[1].t()).chunk(2, dim=-1)
+    out2 = (F.silu(gate) * up) @ ins2[2].t()
+    assert_close(out1, out2, TOL[dtype])
+    dout = torch.randn(out1.shape).to(dtype)
+    out1.backward(dout)
+    out2.backward(dout)
+    for name, a, b in zip(("dx", "dw_gate_up", "dw_down"), ins1, ins2):
+        assert_close(a.grad, b.grad, TOL[dtype], msg=name)
+
+
+def test_backward_keeps_only_the_bf16_inputs():
+    x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(256, dtype=torch.bfloat16, requires_grad=True)
+    # x itself and one fp32 1/rms per row; the plain module keeps fp32 copies of x and of its output
+    assert _saved_bytes(lambda a, b: rms_norm(a, b, 1e-6), x, w) == 64 * 4
+    plain = RMSNorm(256).to(torch.bfloat16)
+    assert _saved_bytes(plain, x) >= 2 * 64 * 256 * 4
+    w_gu = torch.randn(2 * 128, 256, dtype=torch.bfloat16, requires_grad=True)
+    w_d = torch.randn(256, 128, dtype=torch.bfloat16, requires_grad=True)
+    assert _saved_bytes(swiglu_mlp, x, w_gu, w_d) == 64 * 2 * 128 * 2  # the (R, 2I) gate|up projection only
