@@ -7,8 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mom_lit.losses import linear_cross_entropy
 from mom_lit.norm import RMSNorm
 from mom_lit.ops.fused import FusedRMSNorm, rms_norm, swiglu_mlp
+
+# On CUDA the fused bodies run through torch.compile: the same checks cover that path there.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 # fp32: the same arithmetic up to the order of operations. bf16: the plain modules round some intermediates
 # (SiLU, the product) to bf16 where the fused ones stay fp32, so they are compared by relative RMS error.
@@ -18,8 +22,14 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 def assert_close(actual, expected, tol, msg=""):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
     a, e = actual.double(), expected.double()
-    err = float((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-12))
+    err = float(((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-12)).detach())
     assert err <= tol, f"{msg}: relative RMS error {err:.2e} > {tol:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def default_device_back_to_cpu():
+    yield
+    torch.set_default_device("cpu")
 
 
 def _saved_bytes(fn, *args) -> int:
@@ -38,9 +48,11 @@ def _saved_bytes(fn, *args) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(3, 7, 48), (1, 1, 16), (5, 33)], ids=["3d", "one-row", "2d"])
-def test_rms_norm_matches_plain_module(shape, dtype):
+def test_rms_norm_matches_plain_module(shape, dtype, device):
+    torch.set_default_device(device)
     torch.manual_seed(42)
     plain = RMSNorm(shape[-1], eps=1e-5)
     with torch.no_grad():
@@ -60,8 +72,10 @@ def test_rms_norm_matches_plain_module(shape, dtype):
     assert_close(fused.weight.grad, plain.weight.grad, TOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_swiglu_mlp_matches_plain(dtype):
+def test_swiglu_mlp_matches_plain(dtype, device):
+    torch.set_default_device(device)
     torch.manual_seed(42)
     x = torch.randn(2, 9, 24).to(dtype)
     w_gu = (torch.randn(2 * 40, 24) * 0.3).to(dtype)
@@ -89,3 +103,22 @@ def test_backward_keeps_only_the_bf16_inputs():
     w_gu = torch.randn(2 * 128, 256, dtype=torch.bfloat16, requires_grad=True)
     w_d = torch.randn(256, 128, dtype=torch.bfloat16, requires_grad=True)
     assert _saved_bytes(swiglu_mlp, x, w_gu, w_d) == 64 * 2 * 128 * 2  # the (R, 2I) gate|up projection only
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_loss_matches_full_logits_on_device(dtype, device):
+    torch.manual_seed(42)
+    hidden = torch.randn(300, 32, device=device).to(dtype)
+    weight = (torch.randn(1000, 32, device=device) * 0.5).to(dtype)
+    targets = torch.randint(0, 1000, (300,), device=device)
+    targets[::7] = -100
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours = linear_cross_entropy(h1, w1, targets, chunk_rows=128)
+    ref = F.cross_entropy((h2 @ w2.t()).float(), targets, ignore_index=-100, reduction="sum")
+    assert_close(ours, ref, TOL[dtype], "loss")
+    ours.backward()
+    ref.backward()
+    assert_close(h1.grad, h2.grad, TOL[dtype], "dhidden")
+    assert_close(w1.grad, w2.grad, TOL[dtype], "dweight")

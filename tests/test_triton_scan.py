@@ -148,11 +148,11 @@ def make_inputs(rule, lengths=None, batch=1, seq_len=None, heads=2, key_dim=32, 
     return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, cu_seqlens=cu)
 
 
-def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0):
+def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0, save_states=False):
     """Compare outputs, final states and the gradients of a random linear loss with the fp64 oracle."""
     names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if inputs[n] is not None]
     leaves = {n: inputs[n].detach().clone().requires_grad_() for n in names}
-    o, ht = triton_scan(**{**inputs, **leaves}, output_final_state=output_final_state)
+    o, ht = triton_scan(**{**inputs, **leaves}, output_final_state=output_final_state, save_states=save_states)
     assert o.dtype == inputs["v"].dtype
 
     ref_leaves = {n: inputs[n].detach().double().requires_grad_() for n in names}
@@ -204,6 +204,24 @@ def test_extreme_gates_and_write_strengths(rule):
 def test_no_tokens_passes_initial_state_through():
     inputs = make_inputs("gated_delta", lengths=[0, 0], heads=1)
     check_against_oracle(inputs, torch.float32)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_saved_chunk_states_backward_and_recomputation(rule):
+    """``save_states=True`` (states kept, not recomputed) passes the same checks; the backward's recomputation
+    from the stored U gives exactly the start states the forward computed."""
+    inputs = make_inputs(rule, lengths=[70, 0, 1, 130], heads=2)
+    check_against_oracle(inputs, torch.float32, save_states=True)
+    flat = {n: None if x is None else x.squeeze(0).contiguous()
+            for n, x in inputs.items() if n in ("q", "k", "v", "g", "beta")}  # (T, H, *)
+    cu = inputs["cu_seqlens"]
+    _, _, saved = scan_module._forward(flat["q"], flat["k"], flat["v"], flat["g"], flat["beta"], 0.5,
+                                       inputs["initial_state"], cu, False, True)
+    index, gamma, _, w, u, h = saved
+    again, _ = scan_module._state_pass(flat["k"], flat["v"], w, u, gamma, inputs["initial_state"], index, cu,
+                                       store_final=False, u_final=True)
+    real = int(index.chunk_offsets[-1])  # chunks past the real count are never written
+    assert torch.equal(again[:real], h[:real])
 
 
 @pytest.mark.parametrize("lengths", [[5], [0, 64, 0, 65, 1, 0], [128, 127, 200]], ids=["one", "empties", "long"])
@@ -277,7 +295,8 @@ def test_gpu_extreme_gates(dtype):
 
 
 @gpu
-def test_gpu_equal_rows_bf16():
+@pytest.mark.parametrize("save_states", [False, True], ids=["recomputed", "saved"])
+def test_gpu_equal_rows_bf16(save_states):
     inputs = make_inputs("gated_delta", batch=3, seq_len=1000, heads=4, key_dim=256, value_dim=256,
                          dtype=torch.bfloat16, initial=False, seed=17)
-    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan)
+    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan, save_states=save_states)

@@ -23,18 +23,35 @@ _COMPILED: dict = {}
 
 
 def maybe_compiled(fn, tensor: torch.Tensor):
-    """``torch.compile``d ``fn`` for CUDA tensors (built once), ``fn`` itself elsewhere or without a compiler."""
+    """``torch.compile``d ``fn`` for CUDA tensors (built once), ``fn`` itself elsewhere. A compiler that fails
+    (at build or at its first call) is turned off for the process with a warning: the eager body gives the same
+    result, only slower."""
     if not tensor.is_cuda or _COMPILED.get("disabled"):
         return fn
     if fn not in _COMPILED:
         try:
-            _COMPILED[fn] = torch.compile(fn)
+            compiled = torch.compile(fn)
         except Exception as error:  # pragma: no cover - depends on the installation
-            _COMPILED["disabled"] = True
-            warnings.warn(f"torch.compile is unavailable ({error}); fused norm/MLP bodies run eagerly",
-                          RuntimeWarning, stacklevel=3)
+            _disable(error)
             return fn
+
+        def run(*args):
+            if _COMPILED.get("disabled"):
+                return fn(*args)
+            try:
+                return compiled(*args)
+            except Exception as error:  # pragma: no cover - depends on the installation
+                _disable(error)
+                return fn(*args)
+
+        _COMPILED[fn] = run
     return _COMPILED[fn]
+
+
+def _disable(error: Exception) -> None:
+    _COMPILED["disabled"] = True
+    warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); the fused norm, MLP and loss bodies "
+                  "run eagerly", RuntimeWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------- RMSNorm

@@ -12,6 +12,7 @@ Kernels, in launch order:
     wy_solve_kernel   per (chunk, head): gamma and Tinv (blockwise forward substitution on 16-row blocks)
     wy_apply_kernel   per (chunk, head): W and Uv
     state_fwd_kernel  per (segment, head, V block): the sequential pass; stores every chunk's start state and U
+                      (the backward runs it again, reading U, to recompute the start states it did not keep)
     output_kernel     per (chunk, head, V block): O
 Every exponent is a difference of cumulative gates inside one chunk with the later position first, so it is
 <= 0 for decays and nothing overflows whatever the gate magnitude.
@@ -208,7 +209,9 @@ def wy_apply_kernel(k, v, beta, gamma, tinv, w, u, chunk_seg, chunk_start, cu,
 def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, cu,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                     MODE: tl.constexpr):
+                     U_FINAL: tl.constexpr, MODE: tl.constexpr):
+    # U_FINAL: ``u`` already holds U = Uv - W S0 (a recomputation of the states in the backward): read it, never
+    # write it; the states come out as in the forward, which also rounded U to u's dtype before using it.
     # the (K, BV) state is held as up to four (BKS, BV) register blocks s1..s4 (K <= 4 * BKS)
     NKS: tl.constexpr = (K + BKS - 1) // BKS
     # V blocks of one (segment, head) are consecutive programs: they run together and share q, k, w via L2
@@ -259,7 +262,9 @@ def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, cu,
         if NKS > 3:
             tl.store(h_out + h_base + p4, s4.to(out_ty), mask=m4)
         mv = mr[:, None] & (rv[None, :] < V)
-        if IS_DELTA:
+        if IS_DELTA and U_FINAL:
+            uc = tl.load(u + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
+        elif IS_DELTA:
             uc = tl.load(u + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
             uc -= mm(rows_tile(w, tok, mr, 0, K, BKS), s1, MODE)
             if NKS > 1:

@@ -6,9 +6,10 @@ keep a (K, V-block) state in at most four register blocks of 64 rows) and any va
 is not implemented here and is rejected with a ``ValueError``.
 
 Intermediate buffers (W, U, per-chunk start states) are kept in the input precision; gates, the triangular
-inverse and every state carried from chunk to chunk stay fp32. The forward keeps W, U, the inverse and the start
-state of every chunk (NC x H x K x V elements) for the backward instead of recomputing them: faster, at the cost
-of activation memory (about 2 GiB at 49K scan tokens, 4 heads x 256, bf16).
+inverse and every state carried from chunk to chunk stay fp32. The forward keeps W, U and the inverse for the
+backward. The start state of every chunk (NC x H x K x V elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256,
+bf16: the largest buffer by far) is by default not kept: the backward recomputes it with one more sequential
+pass that reads the stored U (``save_states=True`` keeps it instead, trading that memory for the pass).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
-def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state):
+def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, save_states):
     """Packed inputs (T, H, *) -> o, final states, and what the backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
@@ -104,28 +105,46 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state):
             H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode,
             **_options(LAUNCH.wy_apply, mode))
 
-    h = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
-    ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    BVS = min(_block(V), LAUNCH.state_block_v)
-    fwd.state_fwd_kernel[(N * H * triton.cdiv(V, BVS),)](
-        k, v, w if is_delta else dummy, u if is_delta else dummy, gamma, h,
-        h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets, cu,
-        H=H, K=K, V=V, BKS=BK, BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
-        HAS_H0=h0 is not None, STORE_HT=ht is not None, MODE=mode, **_options(LAUNCH.state_fwd, mode))
-
+    h, ht = _state_pass(k, v, w, u, gamma if use_g else None, h0, index, cu, output_final_state, u_final=False)
     o = _empty(T, H, V, dtype=v.dtype, device=q.device)
     if NC > 0:
         fwd.output_kernel[(NC * triton.cdiv(V, BV), H)](
             q, k, v, u if is_delta else dummy, gamma, h, o, index.chunk_seg, index.chunk_start, cu, scale,
             H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.output, mode))
-    saved = (index, gamma if use_g else None, tinv, w, u, h)
+    saved = (index, gamma if use_g else None, tinv, w, u, h if save_states else None)
     return o, ht, saved
+
+
+def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
+    """The sequential pass: (NC, H, K, V) start state of every chunk and the (N, H, K, V) fp32 final states.
+
+    ``u_final=False`` (forward): u holds Uv and is turned into U = Uv - W S0 in place. ``u_final=True``: u already
+    holds U (the backward's recomputation of the states, which leaves u as it is).
+    """
+    T, H, K = k.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    use_g, is_delta = gamma is not None, u is not None
+    mode = dot_mode(k.dtype)
+    dummy = k.new_empty(1, dtype=torch.float32)
+    h = _empty(index.max_chunks, H, K, V, dtype=k.dtype, device=k.device)
+    ht = _empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
+    BVS = min(_block(V), LAUNCH.state_block_v)
+    fwd.state_fwd_kernel[(N * H * triton.cdiv(V, BVS),)](
+        k, v, w if is_delta else dummy, u if is_delta else dummy, gamma if use_g else dummy, h,
+        h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets, cu,
+        H=H, K=K, V=V, BKS=_block(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, U_FINAL=u_final, MODE=mode,
+        **_options(LAUNCH.state_fwd, mode))
+    return h, ht
 
 
 def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     index, gamma, tinv, w, u, h = saved
     index: ChunkIndex
+    if h is None:
+        h, _ = _state_pass(k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=True)
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -177,8 +196,8 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state):
-        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, cu, output_final_state)
+    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, save_states):
+        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, save_states)
         ctx.save_for_backward(q, k, v, g, beta, h0, cu, *saved[1:],
                               saved[0].chunk_seg, saved[0].chunk_start, saved[0].chunk_offsets)
         ctx.max_chunks = saved[0].max_chunks
@@ -192,7 +211,7 @@ class _TritonScan(torch.autograd.Function):
         dq, dk, dv, dg, dbeta, dh0 = _backward(
             do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, beta, ctx.scale, h0, cu,
             (index, gamma, tinv, w, u, h))
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 
 
 def triton_scan(
@@ -208,8 +227,12 @@ def triton_scan(
     cu_seqlens: torch.Tensor | None = None,
     output_final_state: bool = True,
     chunk_size: int = 64,
+    save_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.recurrent.recurrent_scan`.
+
+    ``save_states``: keep every chunk's start state for the backward instead of recomputing them there (more
+    activation memory, one sequential pass less).
 
     q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H) or None; initial_state: (N, H, K, V) or None;
     cu_seqlens: (N + 1,) int offsets with B = 1. Returns o (B, T, H, V) in v's dtype and the (N, H, K, V) fp32
@@ -237,5 +260,5 @@ def triton_scan(
     flat = lambda x, *tail: None if x is None else x.reshape(B * T, H, *tail).contiguous()  # noqa: E731
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     o, ht = _TritonScan.apply(flat(q, K), flat(k, K), flat(v, V), flat(g), flat(beta), scale, h0, cu,
-                              output_final_state)
+                              output_final_state, bool(save_states))
     return o.view(B, T, H, V), ht
