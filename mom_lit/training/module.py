@@ -20,6 +20,14 @@ from mom_lit.training.throughput import TokenThroughput
 _EVAL_STAGES = ("val", "test")
 
 
+def _is_fsdp(module: nn.Module | None) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
 class MoMLightningModule(L.LightningModule):
     """Trains ``MoMForCausalLM(config)`` with AdamW and a warm-up + cosine schedule.
 
@@ -224,11 +232,22 @@ class MoMLightningModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     # Optimisation ---------------------------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        model = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and _is_fsdp(model):
+            # Lightning's FSDP precision plugin refuses norm clipping: the norm must cover every rank's shard,
+            # which only the root FSDP module computes.
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, self._decay_plan)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-                                      fused=True if self.device.type == "cuda" else None)
+        # Not fused: Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that
+        # unscales them itself, and every config clips. On CUDA torch picks the multi-tensor (foreach) step.
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = self.trainer.estimated_stepping_batches
         if total == float("inf") or total < 1:
             raise ValueError("the LR schedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
