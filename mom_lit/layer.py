@@ -7,6 +7,12 @@ own token stream; the memories are updated by the configured linear recurrence; 
 
 All (memory, sequence) segments of the batch go through ONE varlen scan (see ``layout.py``). Memories that a
 token did not select never see it, in training and in decoding alike.
+
+Next to the Triton scan (CUDA), the stages around it run as Triton kernels too (``ops/layer_triton.py``): the slot
+stage reads each slot's inputs in place from the projections and convolves/normalises them in one pass, the mix
+stage reads each token's slot outputs in place from the sorted scan output and applies the weighted sum and the
+gated norm in one pass; both backwards recompute instead of keeping gathered copies and never scatter-add. The
+plain-torch stages remain the reference (CPU, float64, prefill with a conv cache) and the tests' oracle.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from torch import nn
 
 from mom_lit.config import MoMConfig
 from mom_lit.layout import build_layout, unsort
-from mom_lit.norm import GatedRMSNorm, l2_normalize
+from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
 from mom_lit.ops import scan
-from mom_lit.ops.conv import varlen_short_conv
+from mom_lit.ops.conv import slot_conv, varlen_short_conv
 from mom_lit.ops.decode import decode_step
 from mom_lit.router import Router, Routing
 
@@ -45,6 +51,9 @@ class LayerAux:
 
 
 _FUSION = {"disabled": False}
+# The Triton slot and mix stages run on CUDA; ``allow_cpu`` lets tests run them on CPU under TRITON_INTERPRET=1.
+_SLOT_KERNELS = {"disabled": False, "allow_cpu": False}
+_SLOT_KERNELS_PROBED: set[tuple] = set()
 
 
 def _uses_beta(rule: str) -> bool:
@@ -146,26 +155,37 @@ class MoMLayer(nn.Module):
         Per-stream projections are computed for every stream and then gathered per slot: one matmul, no loop
         over memories, at (S / J) times the projection FLOPs of a grouped matmul over the sorted layout.
         """
-        c, H, K = self.config, self.num_heads, self.head_dim
+        c = self.config
         num_tokens, hidden = x_flat.shape
         w_stream = self._stream_weights()
         per_stream = (x_flat @ w_stream.reshape(-1, hidden).to(x_flat.dtype).t()).view(num_tokens, self.num_streams, -1)
-        gk = None
-        if self.gk_down is not None:
-            # Low-rank per-key gate: up-project every stream's rank-R code, then gather (no (L, H*K, R) temporary).
-            down = per_stream[..., -c.gla_gate_rank:].float()  # (N_tok, S, R)
-            gk_logit = torch.einsum("nsr,skr->nsk", down, self.gk_up.float()) + self.gk_bias.float()
-            gk = (F.logsigmoid(gk_logit) / c.gla_gate_normalizer)[token, memory].view(-1, H, K)  # (L, H, K)
+        gk = self._per_key_gate(per_stream, token, memory)
         slot_proj = per_stream[token, memory]  # (L, P)
         k, v, rest = slot_proj.split([c.key_dim, c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
         qkv = torch.cat([self.q_proj(x_flat)[token], k, v], dim=1)  # (L, C)
+        g, beta = self._gates(rest)
+        return qkv, g, gk, beta
+
+    def _per_key_gate(self, per_stream: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
+        """GLA's low-rank per-key log-gate (L, H, K) of each slot, or None for the other rules."""
+        if self.gk_down is None:
+            return None
+        c = self.config
+        # Up-project every stream's rank-R code, then gather (no (L, H*K, R) temporary).
+        down = per_stream[..., -c.gla_gate_rank:].float()  # (N_tok, S, R)
+        gk_logit = torch.einsum("nsr,skr->nsk", down, self.gk_up.float()) + self.gk_bias.float()
+        return (F.logsigmoid(gk_logit) / c.gla_gate_normalizer)[token, memory].view(-1, self.num_heads, self.head_dim)
+
+    def _gates(self, rest: torch.Tensor):
+        """Log-decay g and beta (L, H) fp32 from the b | a projection columns of each slot."""
+        H = self.num_heads
         beta = g = None
         if self.b_proj is not None:
             beta = torch.sigmoid(rest[:, :H].float())  # (L, H)
         if self.a_proj is not None:
             a = rest[:, H:2 * H] if self.b_proj is not None else rest[:, :H]
             g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (L, H)
-        return qkv, g, gk, beta
+        return g, beta
 
     def _split_qkv(self, qkv: torch.Tensor):
         c, H, K, V = self.config, self.num_heads, self.head_dim, self.head_v_dim
@@ -186,28 +206,88 @@ class MoMLayer(nn.Module):
         H, V = self.num_heads, self.head_v_dim
         x_flat = x.reshape(batch * seq_len, hidden)  # (N_tok, D)
         routing, memory, weight = self._route(x_flat)
+        gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
+        mixed = None
         if seq_len == 1 and state is not None and num_sequences == batch and use_cache:  # in-place step
             o, new_state = self._decode_step(x_flat, memory, state)
         else:
-            o, new_state = self._scan_segments(x_flat, memory, seq_id, num_sequences, state, use_cache)
-        o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, J, H, V) -> (N_tok, H, V)
-        gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
-        out = self.o_proj(self.o_norm(o, gate).reshape(batch, seq_len, H * V))
+            o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache)
+            if self._mix_kernel_applies(o):
+                mixed = mix_gated_rms_norm(o, layout.rank, weight, gate, self.o_norm.weight, self.o_norm.eps)
+            else:
+                o = unsort(o, layout).view(x_flat.shape[0], -1, H, V)  # (N_tok, J, H, V)
+        if mixed is None:
+            o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, J, H, V) -> (N_tok, H, V)
+            mixed = self.o_norm(o, gate)
+        out = self.o_proj(mixed.reshape(batch, seq_len, H * V))
         return out, LayerAux(routing=routing, state=new_state if use_cache else None)
+
+    def _mix_kernel_applies(self, o: torch.Tensor) -> bool:
+        """The Triton mix stage (weighted sum of the slots, gated RMSNorm) runs next to the Triton scan."""
+        return (not _SLOT_KERNELS["disabled"] and (o.is_cuda or _SLOT_KERNELS["allow_cpu"])
+                and self.config.backend in ("auto", "triton") and o.dtype != torch.float64
+                and self._layer_kernels_build(o.device, o.dtype))
+
+    def _layer_kernels_build(self, device, dtype) -> bool:
+        """Run the slot and mix kernels once, forward and backward, on a few tokens of this layer's dims. A Triton
+        installation that cannot build them turns both stages off with one warning (the reference path stays)."""
+        H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
+        width = self.conv_weight.shape[1] if self.conv_weight is not None else 0
+        key = (str(device), dtype, H, K, V, S, width, self.g_proj is not None)
+        if _SLOT_KERNELS["disabled"] or key in _SLOT_KERNELS_PROBED:
+            return not _SLOT_KERNELS["disabled"]
+        _SLOT_KERNELS_PROBED.add(key)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                gen = torch.Generator(device).manual_seed(0)  # leaves the global random streams alone
+
+                def rand(*shape):
+                    return torch.randn(*shape, generator=gen, device=device).to(dtype).requires_grad_()
+
+                num_tokens = 5
+                memory = torch.arange(num_tokens, device=device).remainder(S).unsqueeze(1)  # (N_tok, 1)
+                seq_id = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+                layout = build_layout(memory, seq_id, 1, S)
+                outs = []
+                if width:
+                    inputs = [rand(num_tokens, H * K), rand(num_tokens * S, H * (K + V + 1)),
+                              rand(H * (2 * K + V), width)]
+                    outs += slot_conv(*inputs, layout.token, layout.token * S + layout.memory, layout.position,
+                                      layout.rank, H, K, V, H)
+                o = rand(num_tokens, H, V)
+                gate = rand(num_tokens, H, V) if self.g_proj is not None else None
+                outs.append(mix_gated_rms_norm(o, layout.rank, torch.ones(num_tokens, 1, device=device), gate,
+                                               torch.ones(V, device=device, dtype=dtype), 1e-5))
+                torch.autograd.backward([t.float().sum() for t in outs])
+        except Exception as error:  # noqa: BLE001 - any build or launch failure keeps the reference path
+            _SLOT_KERNELS["disabled"] = True
+            warnings.warn(f"the Triton slot/mix kernels of the MoM layer failed to run ({type(error).__name__}: "
+                          f"{error}); using the reference stages", RuntimeWarning, stacklevel=3)
+            return False
+        return True
 
     def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
         """All (memory, sequence) segments through one varlen scan. Returns (N_tok, J, H, V) slot outputs."""
+        o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache)
+        return unsort(o, layout).view(x_flat.shape[0], -1, self.num_heads, self.head_v_dim), new_state
+
+    def _scan_sorted(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
+        """The scan of :meth:`_scan_segments`; returns the segment-sorted (L, H, V) slot outputs and the layout."""
         c = self.config
         H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
         layout = build_layout(memory, seq_id, num_sequences, S)
         conv_init = None
         if state is not None and state.conv is not None:
             conv_init = state.conv.transpose(0, 1).reshape(S * num_sequences, *state.conv.shape[2:])
-        fused = self._fused_stages(x_flat)
-        prepare = fused if fused is not None else self._prepare_slots
-        q, k, v, g, gk, beta, conv_final = prepare(x_flat, layout.token, layout.memory, layout.segment,
-                                                   layout.position, layout.cu_seqlens, conv_init, use_cache,
-                                                   fused is not None)
+        if self._slot_kernels_apply(x_flat, conv_init, use_cache):
+            q, k, v, g, gk, beta = self._prepare_slots_triton(x_flat, layout)
+            conv_final = None
+        else:
+            fused = self._fused_stages(x_flat)
+            prepare = fused if fused is not None else self._prepare_slots
+            q, k, v, g, gk, beta, conv_final = prepare(x_flat, layout.token, layout.memory, layout.segment,
+                                                       layout.position, layout.cu_seqlens, conv_init, use_cache,
+                                                       fused is not None)
         initial = state.memory.transpose(0, 1).reshape(S * num_sequences, H, K, V) if state is not None else None
         o, final = scan(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
@@ -221,14 +301,13 @@ class MoMLayer(nn.Module):
             backend=c.backend,
             chunk_size=c.chunk_size,
         )
-        o = unsort(o.squeeze(0), layout).view(x_flat.shape[0], -1, H, V)  # (N_tok, J, H, V)
         new_state = None
         if use_cache:
             new_state = LayerState(
                 memory=final.view(S, num_sequences, H, K, V).transpose(0, 1),
                 conv=None if conv_final is None else conv_final.view(S, num_sequences, *conv_final.shape[1:]).transpose(0, 1),
             )
-        return o, new_state
+        return o.squeeze(0), layout, new_state
 
     def _prepare_slots(self, x_flat, token, memory, segment, position, cu_seqlens, conv_init, use_cache, shifted):
         """Projections, short convolution, normalisation and gates of every sorted slot: the scan's inputs."""
@@ -241,6 +320,30 @@ class MoMLayer(nn.Module):
             qkv = F.silu(qkv)
         q, k, v = self._split_qkv(qkv)
         return q, k, v, g, gk, beta, conv_final
+
+    def _slot_kernels_apply(self, x_flat, conv_init, use_cache) -> bool:
+        """The Triton slot stage covers a training-style forward: a short convolution, no cached conv state in or
+        out, next to the Triton scan."""
+        return (not _SLOT_KERNELS["disabled"] and (x_flat.is_cuda or _SLOT_KERNELS["allow_cpu"])
+                and self.config.backend in ("auto", "triton") and self.conv_weight is not None
+                and conv_init is None and not use_cache and x_flat.dtype != torch.float64
+                and self._layer_kernels_build(x_flat.device, x_flat.dtype))
+
+    def _prepare_slots_triton(self, x_flat, layout):
+        """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
+        backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``)."""
+        H, K, S = self.num_heads, self.head_dim, self.num_streams
+        num_tokens, hidden = x_flat.shape
+        w_stream = self._stream_weights()
+        per_stream = x_flat @ w_stream.reshape(-1, hidden).to(x_flat.dtype).t()  # (N_tok, S * P)
+        per_stream = per_stream.view(num_tokens * S, -1)  # (N_tok * S, P): row t * S + s
+        extra = (self.b_proj is not None) + (self.a_proj is not None)
+        q, k, v, rest = slot_conv(self.q_proj(x_flat), per_stream, self.conv_weight.to(x_flat.dtype), layout.token,
+                                  layout.token * S + layout.memory, layout.position, layout.rank, H, K,
+                                  self.head_v_dim, extra * H)
+        gk = self._per_key_gate(per_stream.view(num_tokens, S, -1), layout.token, layout.memory)
+        g, beta = self._gates(rest)
+        return q, k, v, g, gk, beta
 
     def _fused_stages(self, x_flat):
         """On CUDA next to the Triton scan, the elementwise work around it (gathers, convolution, norms, gates)

@@ -23,6 +23,8 @@ class StreamLayout:
     """(L,) int64: flat token index (into B*T) of each sorted slot."""
     slot: torch.Tensor
     """(L,) int64: index of each sorted slot in the token-major (B*T*J) order."""
+    rank: torch.Tensor
+    """(B*T*J,) int64: sorted position of each token-major slot (the inverse permutation of ``slot``)."""
     memory: torch.Tensor
     """(L,) int64: stream index of each sorted slot (routed memories first, shared memory last)."""
     segment: torch.Tensor
@@ -69,9 +71,11 @@ def build_layout(memory: torch.Tensor, seq_id: torch.Tensor, num_sequences: int,
     segment_sorted, order = torch.sort(segment_flat, stable=True)
     counts = count_values(segment_flat, num_streams * num_sequences)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    position = torch.arange(order.numel(), device=memory.device) - cu_seqlens[segment_sorted]
-    return StreamLayout(token=token_flat[order], slot=order, memory=memory_flat[order], segment=segment_sorted,
-                        position=position, cu_seqlens=cu_seqlens, num_sequences=num_sequences,
+    arange = torch.arange(order.numel(), device=memory.device)
+    position = arange - cu_seqlens[segment_sorted]
+    rank = torch.empty_like(order).index_copy_(0, order, arange)
+    return StreamLayout(token=token_flat[order], slot=order, rank=rank, memory=memory_flat[order],
+                        segment=segment_sorted, position=position, cu_seqlens=cu_seqlens, num_sequences=num_sequences,
                         num_streams=num_streams)
 
 

@@ -302,9 +302,16 @@ def section_profile(args, dtype, rows):
                 module(x).float().sum().backward()
             if args.device == "cuda":
                 torch.cuda.synchronize()
-        key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-        print(f"profile of mom_lit MoM ({backend}), {b}x{t}, 3 x fwd+bwd:")
-        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+        self_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        total_key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+        averages = prof.key_averages()
+        report = (f"profile of mom_lit MoM ({backend}), {b}x{t}, 3 x fwd+bwd\n\nkernels by self device time:\n"
+                  + averages.table(sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=90)
+                  + "\n\noperators by total device time (children included):\n"
+                  + averages.table(sort_by=total_key, row_limit=args.profile_rows, max_name_column_width=90))
+        print(report)
+        if args.profile_out:
+            Path(args.profile_out).write_text(report + "\n")
 
 
 def main() -> None:
@@ -318,6 +325,8 @@ def main() -> None:
     p.add_argument("--decode-fla", action="store_true", help="also time fla models in the decode section")
     p.add_argument("--skip", default="", help="comma list of substrings: candidates whose name contains one are skipped")
     p.add_argument("--out", default=None, help="write the markdown table here too")
+    p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
+    p.add_argument("--profile-out", default=None, help="write the profile tables here too")
     args = p.parse_args()
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)

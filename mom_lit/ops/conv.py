@@ -108,3 +108,69 @@ def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
         y = torch.cat([y, y.new_zeros(1, channels)])
         y = y.index_put((target.reshape(-1),), fixed.reshape(-1, channels))[:length]
     return y
+
+
+class _SlotConv(torch.autograd.Function):
+    """Triton slot stage: q, k, v of every sorted slot straight from the projections (see ``layer_triton``)."""
+
+    @staticmethod
+    def forward(ctx, q_src, kv_src, weight, q_rows, kv_rows, position, rank, heads, key_dim, value_dim, extra):
+        from mom_lit.ops import layer_triton as kern
+
+        HK, HV = heads * key_dim, heads * value_dim
+        w = weight.contiguous()
+        q = kern.conv_fwd(q_src, q_rows, position, w[:HK], heads, key_dim, True)
+        k = kern.conv_fwd(kv_src[:, :HK], kv_rows, position, w[HK:2 * HK], heads, key_dim, True)
+        v = kern.conv_fwd(kv_src[:, HK:HK + HV], kv_rows, position, w[2 * HK:], heads, value_dim, False)
+        gates = kv_src[kv_rows, HK + HV:HK + HV + extra]  # (L, extra) pre-activation gate logits
+        ctx.save_for_backward(q_src, kv_src, w, q_rows, kv_rows, position, rank)
+        ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
+        return q, k, v, gates
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, dgates):
+        from mom_lit.ops import layer_triton as kern
+
+        q_src, kv_src, w, q_rows, kv_rows, position, rank = ctx.saved_tensors
+        heads, key_dim, value_dim, extra, weight_dtype = ctx.dims
+        HK, HV = heads * key_dim, heads * value_dim
+        length = q_rows.numel()
+
+        def grad(t, dim):  # an unused output has no gradient
+            return t.contiguous() if t is not None else q_src.new_zeros(length, heads, dim)
+
+        dkv = torch.zeros_like(kv_src)  # streams a token did not select get no gradient
+        dw_k = kern.conv_bwd(kv_src[:, :HK], kv_rows, position, w[HK:2 * HK], grad(dk, key_dim), heads, key_dim,
+                             True, dkv[:, :HK], kv_rows)
+        dw_v = kern.conv_bwd(kv_src[:, HK:HK + HV], kv_rows, position, w[2 * HK:], grad(dv, value_dim), heads,
+                             value_dim, False, dkv[:, HK:HK + HV], kv_rows)
+        if dgates is not None and extra:
+            dkv[kv_rows, HK + HV:HK + HV + extra] = dgates.to(dkv.dtype)  # one slot per (token, stream): no collision
+        dq_slot = torch.empty(length, HK, device=q_src.device, dtype=q_src.dtype)
+        dw_q = kern.conv_bwd(q_src, q_rows, position, w[:HK], grad(dq, key_dim), heads, key_dim, True, dq_slot, None)
+        # Each token owns exactly J slots: gather them through the inverse permutation and add (no scatter-add).
+        dq_src = dq_slot[rank].view(q_src.shape[0], -1, HK).sum(1)  # (N_tok * J, HK) -> (N_tok, HK)
+        dweight = torch.cat([dw_q, dw_k, dw_v]).to(weight_dtype)
+        return dq_src, dkv, dweight, None, None, None, None, None, None, None, None
+
+
+def slot_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,
+              kv_rows: torch.Tensor, position: torch.Tensor, rank: torch.Tensor, heads: int, key_dim: int,
+              value_dim: int, extra: int):
+    """Slot stage of a MoM layer in Triton: per sorted slot i, SiLU(causal conv) of ``q_src[q_rows[i]] |
+    kv_src[kv_rows[i], :2HK+HV]`` inside its segment (zeros before the segment start, no cached state), with q
+    and k L2-normalised per head, plus the raw gate columns ``kv_src[kv_rows[i], 2HK+HV:][:extra]``.
+
+    Same function as gathering ``q_src[q_rows] | kv_src[kv_rows]`` and calling :func:`varlen_short_conv` and the
+    L2 norm, without materialising the gathered (L, C) inputs; the backward recomputes them and adds the q
+    gradients of a token's J slots through ``rank`` (token-major slot -> sorted position), never by scatter-add.
+
+    Args:
+        q_src: (N_tok, H*K) query projections; kv_src: (R, >= H*K + H*V + extra) per-(token, stream) projections,
+            key | value | gate columns; both with unit column stride.
+        weight: (2HK + HV, W) filter, channels q | k | v. q_rows, kv_rows, position: (L,) int64; rank: (N_tok*J,).
+    Returns:
+        q, k (L, H, K), v (L, H, V) in the input dtype, gates (L, extra).
+    """
+    return _SlotConv.apply(q_src, kv_src, weight, q_rows, kv_rows, position, rank, heads, key_dim, value_dim,
+                           extra)

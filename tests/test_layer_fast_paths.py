@@ -1,0 +1,222 @@
+"""Fast paths of the MoM layer against its reference path: the Triton slot stage (gather, short convolution, SiLU,
+L2 norm; ``mom_lit.ops.conv.slot_conv``) and the layer that uses it.
+
+The kernels run natively on a GPU; on CPU the suite reruns this file under ``TRITON_INTERPRET=1`` in a fresh
+process (the interpreter must be active before Triton is first used, see ``test_triton_interpreter.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mom_lit import MoMConfig, MoMLayer
+from mom_lit import layer as layer_module
+from mom_lit.layout import build_layout, sequence_ids, unsort
+from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
+from mom_lit.ops.conv import slot_conv, varlen_short_conv
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+NATIVE = torch.cuda.is_available()
+kernels = pytest.mark.skipif(not (NATIVE or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if NATIVE else "cpu"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _routing(num_tokens, num_memories, topk, generator):
+    scores = torch.rand(num_tokens, num_memories, generator=generator)
+    scores[: num_tokens // 3, -1] = 2.0  # one memory gets many tokens, another may get none
+    memory = scores.topk(topk, -1).indices
+    return torch.cat([memory, torch.full_like(memory[:, :1], num_memories)], 1)  # + shared memory
+
+
+def _reference(q_src, kv_src, weight, layout, heads, key_dim, value_dim, extra):
+    HK, HV = heads * key_dim, heads * value_dim
+    kv_rows = layout.token * layout.num_streams + layout.memory
+    qkv = torch.cat([q_src[layout.token], kv_src[kv_rows, :HK + HV]], 1)  # (L, C)
+    y, _ = varlen_short_conv(qkv, weight, layout.segment, layout.position, layout.cu_seqlens)
+    q, k, v = y.split([HK, HK, HV], 1)
+    q = l2_normalize(q.reshape(-1, heads, key_dim))
+    k = l2_normalize(k.reshape(-1, heads, key_dim))
+    return q, k, v.reshape(-1, heads, value_dim), kv_src[kv_rows, HK + HV:HK + HV + extra]
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch,seq_len,heads,key_dim,value_dim,width", [
+    pytest.param(2, 37, 2, 16, 24, 4, id="K!=V,odd"),
+    pytest.param(3, 5, 1, 32, 32, 3, id="short-segments"),
+    pytest.param(1, 70, 3, 8, 8, 2, id="3heads-width2"),
+])
+def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width):
+    if dtype == torch.bfloat16 and not NATIVE:
+        pytest.skip("the interpreter mishandles bf16")
+    gen = torch.Generator().manual_seed(42)
+    num_memories, topk, extra = 4, 2, 2 * heads
+    streams = num_memories + 1
+    num_tokens = batch * seq_len
+    memory = _routing(num_tokens, num_memories, topk, gen)
+    layout = build_layout(memory, sequence_ids(batch, seq_len, None, "cpu"), batch, streams)
+    layout = type(layout)(**{k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in vars(layout).items()})
+    HK, HV = heads * key_dim, heads * value_dim
+    width_p = HK + HV + extra + 3  # spare columns after the gates are never read
+    q_src = torch.randn(num_tokens, HK, generator=gen).to(DEVICE, dtype).requires_grad_()
+    kv_src = torch.randn(num_tokens * streams, width_p, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = torch.randn(2 * HK + HV, width, generator=gen).to(DEVICE, dtype).requires_grad_()
+    grads = None
+    results = []
+    for fast in (True, False):
+        args = (q_src, kv_src, weight)
+        if fast:
+            outs = slot_conv(*args, layout.token, layout.token * streams + layout.memory, layout.position,
+                             layout.rank, heads, key_dim, value_dim, extra)
+        else:
+            outs = _reference(*[a.double() if dtype == torch.float32 else a for a in args], layout, heads,
+                              key_dim, value_dim, extra)
+        if grads is None:
+            grads = [torch.randn(o.shape, generator=gen).to(DEVICE, o.dtype) for o in outs]
+        params = torch.autograd.grad(outs, args, [g.to(o.dtype) for g, o in zip(grads, outs)])
+        results.append((outs, params))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    (fast_out, fast_grad), (ref_out, ref_grad) = results
+    for name, a, b in zip(["q", "k", "v", "gates", "dq_src", "dkv_src", "dweight"], fast_out + fast_grad,
+                          ref_out + ref_grad):
+        assert a.shape == b.shape, name
+        assert a.dtype == dtype, name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    # Streams that no slot selected get exactly zero gradient.
+    selected = torch.zeros(num_tokens * streams, dtype=torch.bool, device=DEVICE)
+    selected[layout.token * streams + layout.memory] = True
+    assert (fast_grad[1][~selected] == 0).all()
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("slots,heads,dim,gated", [
+    pytest.param(3, 2, 16, True, id="J3-gated"),
+    pytest.param(1, 3, 24, False, id="J1-ungated-D24"),
+])
+def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, gated):
+    if dtype == torch.bfloat16 and not NATIVE:
+        pytest.skip("the interpreter mishandles bf16")
+    gen = torch.Generator().manual_seed(42)
+    num_tokens = 45
+    memory = _routing(num_tokens, 4, slots - 1, gen) if slots > 1 else torch.zeros(num_tokens, 1, dtype=torch.long)
+    layout = build_layout(memory, sequence_ids(3, 15, None, "cpu"), 3, 5)
+    rank = layout.rank.to(DEVICE)
+    norm = GatedRMSNorm(dim, eps=1e-5).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=gen))
+    o = torch.randn(num_tokens * slots, heads, dim, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = torch.rand(num_tokens, slots, generator=gen).to(DEVICE).requires_grad_()
+    gate = torch.randn(num_tokens, heads, dim, generator=gen).to(DEVICE, dtype).requires_grad_() if gated else None
+    dout = torch.randn(num_tokens, heads, dim, generator=gen).to(DEVICE, dtype)
+    inputs = [t for t in (o, weight, gate, norm.weight) if t is not None]
+    fast = mix_gated_rms_norm(o, rank, weight, gate, norm.weight, norm.eps)
+    fast_grads = torch.autograd.grad(fast, inputs, dout)
+    layout = type(layout)(**{k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in vars(layout).items()})
+    up = (lambda t: t.double()) if dtype == torch.float32 else (lambda t: t)
+    per_token = unsort(up(o), layout).view(num_tokens, slots, heads, dim)
+    mixed = (per_token * up(weight)[:, :, None, None].to(per_token.dtype)).sum(1)
+    ref_norm = GatedRMSNorm(dim, eps=1e-5).to(DEVICE, mixed.dtype)
+    ref_norm.weight = torch.nn.Parameter(up(norm.weight.detach()))
+    ref = ref_norm(mixed, None if gate is None else up(gate))
+    ref_grads = torch.autograd.grad(ref, [t for t in (o, weight, gate) if t is not None] + [ref_norm.weight], up(dout))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert fast.dtype == dtype
+    assert rel_err(fast, ref) < tol
+    for name, a, b in zip(["do", "dweight", "dgate", "dnorm"] if gated else ["do", "dweight", "dnorm"], fast_grads,
+                          ref_grads):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+def _layer_pair(rule, dtype, **overrides):
+    cfg = {**dict(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
+                  update_rule=rule, backend="triton", num_layers=2), **overrides}
+    torch.manual_seed(0)
+    fast = MoMLayer(MoMConfig(**cfg)).to(DEVICE, dtype)
+    ref = MoMLayer(MoMConfig(**{**cfg, "backend": "eager"})).to(DEVICE, dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+@kernels
+@pytest.mark.parametrize("rule,overrides", [
+    pytest.param("gated_delta", {}, id="gated_delta"),
+    pytest.param("delta", {"shared_memory": False}, id="delta-no-shared"),
+    pytest.param("simple_gla", {"expand_v": 1.5}, id="simple_gla-K!=V"),
+])
+def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, monkeypatch):
+    monkeypatch.setitem(layer_module._SLOT_KERNELS, "allow_cpu", True)
+    dtype = torch.float32
+    fast, ref = _layer_pair(rule, dtype, **overrides)
+    gen = torch.Generator().manual_seed(42)
+    batch, seq_len = 2, 41
+    x = torch.randn(batch, seq_len, 32, generator=gen).to(DEVICE, dtype)
+    seq_id = sequence_ids(batch, seq_len, None, DEVICE)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    calls = []
+    original = MoMLayer._prepare_slots_triton
+    monkeypatch.setattr(MoMLayer, "_prepare_slots_triton", lambda self, *a: calls.append(1) or original(self, *a))
+    out_fast = fast(x_fast, seq_id, batch)[0]
+    out_ref = ref(x_ref, seq_id, batch)[0]
+    assert calls, "the Triton slot stage did not run"
+    assert rel_err(out_fast, out_ref) < 1e-4
+    grad = torch.randn(out_ref.shape, generator=gen).to(DEVICE, dtype)
+    out_fast.backward(grad)
+    out_ref.backward(grad)
+    assert rel_err(x_fast.grad, x_ref.grad) < 1e-4
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, name
+
+
+def test_kernels_that_cannot_build_leave_the_reference_path(monkeypatch):
+    from mom_lit.ops import layer_triton
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernels here")
+
+    monkeypatch.setattr(layer_triton, "conv_fwd", broken)
+    reference_scan = layer_module.scan
+    monkeypatch.setattr(layer_module, "scan", lambda *a, **k: reference_scan(*a, **{**k, "backend": "eager"}))
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS_PROBED", set())
+    cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, backend="triton")
+    torch.manual_seed(0)
+    layer = MoMLayer(cfg)
+    x = torch.randn(2, 9, 32)
+    with pytest.warns(RuntimeWarning, match="no kernels here"):
+        out = layer(x, sequence_ids(2, 9, None, "cpu"), 2)[0]
+    assert layer_module._SLOT_KERNELS["disabled"]
+    ref = MoMLayer(MoMConfig(**{**cfg.to_dict(), "backend": "eager"}))
+    ref.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(out, ref(x, sequence_ids(2, 9, None, "cpu"), 2)[0])
+
+
+def test_layout_rank_inverts_slot_order():
+    gen = torch.Generator().manual_seed(42)
+    memory = _routing(50, 4, 2, gen)
+    layout = build_layout(memory, sequence_ids(2, 25, None, "cpu"), 2, 5)
+    assert torch.equal(layout.slot[layout.rank], torch.arange(150))
+    assert torch.equal(layout.rank[layout.slot], torch.arange(150))
+
+
+@pytest.mark.skipif(NATIVE or INTERPRETED, reason="on a GPU the kernels run natively; already interpreted here")
+def test_fast_paths_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    report = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, report
