@@ -116,3 +116,20 @@ def test_fsdp_clips_through_the_root_module(monkeypatch):
     lm.configure_gradient_clipping(None, 0.5, "norm")
     lm.configure_gradient_clipping(None, 0.25, None)  # Lightning passes None when no algorithm is set
     assert calls == [0.5, 0.25]
+
+
+def test_optimizer_on_cuda_lets_lightning_clip_under_mixed_precision():
+    """Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that unscales them itself
+    (a fused AdamW), and every bf16-mixed config clips: the optimizer chosen for a CUDA module must not be one."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+    from mom_lit import MoMConfig
+    from mom_lit.training.module import MoMLightningModule
+
+    lm = MoMLightningModule(MoMConfig.from_preset("debug"), warmup_steps=1)
+    lm._device = torch.device("cuda")  # what the module sees on a GPU; the parameters may stay on the CPU here
+    lm._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = lm.configure_optimizers()["optimizer"]
+    assert not _optimizer_handles_unscaling(optimizer)
