@@ -35,12 +35,15 @@ from mom_lit.layout import sequence_ids  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- timing
+REP_MS = [500]  # CUDA: milliseconds of timed repeats per measurement (--rep-ms)
+
+
 def bench(fn, device: str, warmup: int = 3, reps: int = 10) -> float:
     """Median milliseconds of ``fn()``."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=min(100, REP_MS[0]), rep=REP_MS[0], return_mode="median"))
     for _ in range(warmup):
         fn()
     times = []
@@ -325,9 +328,11 @@ def main() -> None:
     p.add_argument("--decode-fla", action="store_true", help="also time fla models in the decode section")
     p.add_argument("--skip", default="", help="comma list of substrings: candidates whose name contains one are skipped")
     p.add_argument("--out", default=None, help="write the markdown table here too")
+    p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     p.add_argument("--profile-out", default=None, help="write the profile tables here too")
     args = p.parse_args()
+    REP_MS[0] = args.rep_ms
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
     if args.fla_timing_only and fla_available():
