@@ -55,7 +55,6 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PROBE_FILE = "probe.json"
 
 
@@ -353,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     check_installed()
     if base["data"]["init_args"].get("data_dir") is None:
         # Prepare the embedded corpus once, before any run, so that no run's wall time includes it.
+        sys.path.insert(0, str(REPO))
         from mom_lit.data.shakespeare import ensure_shakespeare
 
         ensure_shakespeare(base["data"]["init_args"].get("tokenizer", "byte"))
