@@ -210,9 +210,23 @@ class _HF(nn.Module):
         return self.inner(input_ids=ids, labels=labels)
 
 
+def _checkpointed(model: MoMForCausalLM) -> MoMForCausalLM:
+    """Every block recomputed in the backward, as ``MoMLightningModule(activation_checkpointing=True)`` does."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from mom_lit.model import MoMBlock
+
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, MoMBlock))
+    return model
+
+
 def section_model(args, dtype, rows):
     b, t = (2, 64) if args.tiny else (8, 2048)
-    for name, make in selected(args, model_candidates(args, args.tiny)):
+    cands = model_candidates(args, args.tiny)
+    for backend in args.backends:  # the memory/time trade of activation checkpointing (skip: "checkpointed")
+        cands[f"mom_lit MoM, checkpointed blocks ({backend})"] = \
+            lambda make=cands[f"mom_lit MoM ({backend})"]: _checkpointed(make())
+    for name, make in selected(args, cands):
         torch.manual_seed(0)
         model = make().to(args.device, dtype).train()
         vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
