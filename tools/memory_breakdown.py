@@ -55,9 +55,9 @@ def saved_tensor_table(model, ids, top: int) -> list[str]:
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
     hooks += [m.register_forward_hook(leave) for m in model.modules()]
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}  # weights are no activations
-    seen, groups = set(), defaultdict(lambda: [0, 0])
+    seen, groups, kept = set(), defaultdict(lambda: [0, 0]), []
 
-    def pack(t: torch.Tensor):
+    def pack(t: torch.Tensor) -> int:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen and key[0] not in params:
             seen.add(key)
@@ -65,13 +65,18 @@ def saved_tensor_table(model, ids, top: int) -> list[str]:
             g = groups[(path, tuple(t.shape), str(t.dtype).replace("torch.", ""))]
             g[0] += 1
             g[1] += t.numel() * t.element_size()
-        return t
+        # The graph gets no tensor back: a hook that returns a node's own output makes a cycle (node -> output ->
+        # node) that no collector frees. Detached aliases keep every storage alive until the end of the count
+        # (so that no freed address is reused and counted twice) and are dropped with ``kept``.
+        kept.append(t.detach())
+        return 0
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: None):
         loss = model(ids, labels=ids).loss
     for h in hooks:
         h.remove()
     del loss
+    kept.clear()
     total = sum(b for _, b in groups.values())
     lines = [f"saved tensors: {total / GIB:.2f} GiB in all (dedup by storage), largest groups:",
              "| module | shape | dtype | count | MiB |", "|---|---|---|---|---|"]
