@@ -16,6 +16,7 @@ they run together as one batch instead: prompts of different lengths are packed 
 boundaries (no padding), then decoded as independent sequences, and each completion is printed when all are done.
 An empty prompt starts from the end-of-document token, i.e. a fresh document. Generation of a sequence stops
 at the end-of-document token unless ``--ignore_eos``. Timings (tokens/s of prefill and decoding) go to stderr.
+On a GPU, ``--cuda_graph`` captures the per-token step once as a CUDA graph and replays it for every token.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from mom_lit.data.tokenizers import Tokenizer, TokenizerNotFoundError, load_tokenizer
 from mom_lit.model import MoMForCausalLM, sample_next
 
-__all__ = ["TextStream", "build_parser", "main", "sample_tokens"]
+__all__ = ["CapturedStep", "TextStream", "build_parser", "main", "sample_tokens"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "compiled", "eager", "triton")
@@ -82,6 +83,40 @@ class _Timer:
         return time.perf_counter()
 
 
+class CapturedStep:
+    """The model's per-token step over ``cache`` as one CUDA graph, replayed for every new token.
+
+    Decoding updates the cache in place, so its buffers are static and one capture serves every step: the same
+    logits as the eager step, without launching each layer's kernels from Python. The warm-up that capture needs
+    runs real steps; the cache is restored afterwards. Valid as long as ``cache`` is the one being decoded.
+    """
+
+    def __init__(self, model: MoMForCausalLM, cache, num_sequences: int, warmup: int = 2):
+        device = model.embed.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a model on a CUDA device, got {device}")
+        self.token = torch.zeros(num_sequences, 1, dtype=torch.long, device=device)  # (N, 1) static input
+        buffers = [t for s in cache.layers for t in (s.memory, s.conv) if t is not None]
+        saved = [t.clone() for t in buffers]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compiles kernels and sets up libraries outside the capture
+            for _ in range(warmup):
+                model(self.token, cache=cache, use_cache=True)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(self.graph):
+            self.logits = model(self.token, cache=cache, use_cache=True).logits[:, -1]  # (N, V), static output
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """(N,) tokens -> (N, V) next-token logits (a static buffer, overwritten by the next call)."""
+        self.token.copy_(token[:, None])
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def sample_tokens(
     model: MoMForCausalLM,
@@ -93,16 +128,20 @@ def sample_tokens(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     timings: dict[str, float] | None = None,
+    cuda_graph: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, the next token of every prompt (None for a sequence that already ended with ``eos_id``).
 
     The prompts (token id lists, none empty) are prefilled together as packed documents of one row, so their
     lengths may differ; decoding then advances all of them by one recurrent step per yielded list. ``timings``,
-    if given, receives ``prefill_s`` and ``decode_s`` (seconds, device-synchronised).
+    if given, receives ``prefill_s`` and ``decode_s`` (seconds, device-synchronised). ``cuda_graph`` (CUDA only)
+    replays every step as one captured CUDA graph (:class:`CapturedStep`): the same tokens, fewer launches.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token")
     device = model.embed.weight.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a model on a CUDA device, got {device}")
     timer = _Timer(device)
     lengths = torch.tensor([len(p) for p in prompts])
     cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device)  # (N+1,)
@@ -113,6 +152,12 @@ def sample_tokens(
     if timings is not None:
         timings["prefill_s"] = timer.now() - start
         timings["decode_s"] = 0.0
+    captured = None
+    if cuda_graph and max_new_tokens > 1:
+        start = timer.now()
+        captured = CapturedStep(model, cache, len(prompts))
+        if timings is not None:
+            timings["decode_s"] += timer.now() - start  # the capture is part of the decoding time
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):
         start = timer.now()
@@ -126,8 +171,11 @@ def sample_tokens(
         if all(finished) or step == max_new_tokens - 1:
             return
         start = timer.now()
-        out = model(token[:, None], cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
+        if captured is not None:
+            logits = captured(token)
+        else:
+            out = model(token[:, None], cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
         if timings is not None:
             timings["decode_s"] += timer.now() - start
 
@@ -156,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", action="store_true",
                         help="run all prompts as one batch; completions are printed at the end instead of streamed")
     parser.add_argument("--ignore_eos", action="store_true", help="keep sampling after the end-of-document token")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="replay the per-token step as one captured CUDA graph (CUDA devices only)")
     return parser
 
 
@@ -193,7 +243,7 @@ def _run(model: MoMForCausalLM, tokenizer: Tokenizer, texts: Sequence[str], prom
     produced = 0
     eos = None if args.ignore_eos else tokenizer.eos_id
     for step in sample_tokens(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              eos, generator, timings):
+                              eos, generator, timings, cuda_graph=args.cuda_graph):
         for row, token in enumerate(step):
             if token is None:
                 continue
@@ -232,6 +282,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         _check_args(args)
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                               else "cpu" if args.device == "auto" else args.device)
+        if args.cuda_graph and device.type != "cuda":
+            raise ValueError(f"--cuda_graph needs a CUDA device, got {device}")
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         loaded = load_checkpoint(args.checkpoint, dtype=dtype, device=device)
         model = loaded.model

@@ -144,3 +144,10 @@ def test_missing_checkpoint_and_bad_arguments_are_reported(tmp_path, checkpoint)
     assert code == 2 and "model_type 'llama'" in err
     code, _, err, _ = run("--checkpoint", str(checkpoint), "--top_p", "1.5")
     assert code == 2 and "--top_p" in err
+
+
+def test_cuda_graph_needs_a_cuda_model(checkpoint):
+    with pytest.raises(ValueError, match="CUDA device"):
+        list(sample_tokens(_model(), [[65, 66]], max_new_tokens=3, cuda_graph=True))
+    code, out, err, _ = run("--checkpoint", str(checkpoint), "--device", "cpu", "--cuda_graph")
+    assert code == 2 and "--cuda_graph needs a CUDA device" in err and out == ""
