@@ -209,3 +209,20 @@ def test_captured_model_step_replays_the_eager_step():
         eager_token = model(eager_token, cache=eager_cache, use_cache=True).logits[:, -1:].argmax(-1)
         if expected is not None:
             assert torch.equal(eager_token, expected)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+def test_generation_with_a_captured_step_gives_the_eager_tokens(monkeypatch):
+    from mom_lit import MoMConfig, MoMForCausalLM
+    from mom_lit import layer as layer_module
+    from mom_lit.generate import sample_tokens
+
+    monkeypatch.setitem(layer_module._FUSION, "disabled", True)  # an eager prefill: no compile wait
+    torch.manual_seed(0)
+    cfg = MoMConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=2, head_dim=32, num_memories=4,
+                    topk=2, shared_memory=True, backend="auto")
+    model = MoMForCausalLM(cfg).cuda().eval()
+    prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7]]  # packed prefill, then three sequences decoded together
+    eager = list(sample_tokens(model, prompts, max_new_tokens=12, temperature=0))
+    graph = list(sample_tokens(model, prompts, max_new_tokens=12, temperature=0, cuda_graph=True))
+    assert graph == eager
