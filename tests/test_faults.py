@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +16,7 @@ import torch
 
 from mom_lit.training import MoMLightningModule
 from mom_lit.training.faults import AtomicCheckpointIO, NonFiniteStepError, PreemptionCheckpoint, verify_checkpoint_file
-from test_training import TINY_QUICKSTART, RandomTokens, fit, load_checkpoint, run_cli, tiny_config
+from test_training import TINY_QUICKSTART, RandomTokens, fit, load_checkpoint, tiny_config
 
 POISONED = "model.blocks.1.attn.router.weight"
 POISON_STEP = 2
@@ -124,23 +126,37 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     whole = tmp_path / "whole.ckpt"
     io.save_checkpoint({"w": torch.randn(64)}, whole)
     verify_checkpoint_file(whole)
+    # One flipped byte inside a tensor: torch.load alone reads it silently, the stored CRC-32 does not match.
+    flipped = tmp_path / "flipped.ckpt"
+    data = bytearray(whole.read_bytes())
+    data[data.index(torch.load(whole)["w"].numpy().tobytes()) + 5] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(flipped)["w"], torch.load(whole)["w"])
+    with pytest.raises(RuntimeError, match=f"cannot read checkpoint {flipped}: the file is corrupt .CRC mismatch"):
+        io.load_checkpoint(flipped)
+
+
+def _env() -> dict[str, str]:
+    # One thread per run: the uninterrupted run goes on beside the interrupted ones, and all of them use the
+    # same setting, so that their losses can be compared exactly.
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "mom_lit", "fit", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mom_lit", "fit", *args], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_cli_rejects_truncated_checkpoint_by_name(tmp_path):
-    path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {"w": torch.randn(256)}}, path)
-    path.write_bytes(path.read_bytes()[:100])
-    proc = _cli(tmp_path, *TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-                "--ckpt_path", str(path))
-    assert proc.returncode != 0
-    assert f"cannot read checkpoint {path}" in proc.stderr
+def _start_cli(cwd: Path, log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "mom_lit", "fit", *args], cwd=cwd, env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+def _run_ok(cwd: Path, *args: str) -> None:
+    proc = _cli(cwd, *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 # Preemption ---------------------------------------------------------------------------------------------------
@@ -180,54 +196,113 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class RecordLosses(L.Callback):
-    """Appends ``global_step loss`` (exact float repr) to ``path`` after every training step."""
+class KillDuringCheckpointWrite(L.Callback):
+    """SIGKILLs this process half-way through writing ``last.ckpt`` at global step ``step``: the first half of
+    the new file is on disk (flushed and synced), the rest never comes."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def setup(self, trainer, pl_module, stage):
+        io = trainer.strategy.checkpoint_io
+        assert isinstance(io, AtomicCheckpointIO), type(io)  # installed by the command line
+        original = io.save_checkpoint
+
+        def save_checkpoint(checkpoint, path, storage_options=None):
+            if Path(path).name == "last.ckpt" and checkpoint["global_step"] == self.step:
+                real_save = torch.save
+
+                def torn_save(obj, f, *args, **kwargs):
+                    real_save(obj, f, *args, **kwargs)
+                    f.flush()
+                    f.truncate(f.tell() // 2)
+                    os.fsync(f.fileno())
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                torch.save = torn_save
+            return original(checkpoint, path, storage_options)
+
+        io.save_checkpoint = save_checkpoint
+
+
+class RecordSteps(L.Callback):
+    """Appends ``global_step loss ids`` to ``path`` after every training step: the exact float repr of the loss
+    and one id per row of the batch (CRC-32 of its ``seq_len + 1`` tokens), so that a test can count samples."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        rows = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], 1)  # (B, T+1): each row's token block
+        ids = ",".join(str(zlib.crc32(row.numpy().tobytes())) for row in rows.cpu())
         with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step} {float(outputs['loss'])!r}\n")
+            f.write(f"{trainer.global_step} {float(outputs['loss'])!r} {ids}\n")
 
 
-def read_losses(path: Path) -> list[tuple[int, float]]:
-    return [(int(step), float(loss)) for step, loss in (line.split() for line in path.read_text().splitlines())]
+def read_steps(path: Path) -> list[tuple[int, float, tuple[int, ...]]]:
+    """``(global_step, loss, sample ids)`` per line of a :class:`RecordSteps` file."""
+    return [(int(step), float(loss), tuple(int(i) for i in ids.split(",")))
+            for step, loss, ids in (line.split() for line in path.read_text().splitlines())]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [int(signal.SIGTERM)])
-def test_preempted_run_saves_and_resumes_exactly(tmp_path, signum):
-    short = [*TINY_QUICKSTART, "--trainer.max_steps=4", "--trainer.val_check_interval=2"]  # last.ckpt at 2, 4
-    whole = tmp_path / "whole"
-    run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={whole}",
-            "--trainer.callbacks+=test_faults.RecordLosses", f"--trainer.callbacks.path={tmp_path / 'whole.txt'}")
-    expected_losses = read_losses(tmp_path / "whole.txt")
-    assert [step for step, _ in expected_losses] == [1, 2, 3, 4]
+def test_interrupted_runs_resume_exactly_without_losing_or_repeating_samples(tmp_path):
+    """One run is preempted (SIGTERM) in step 1, then SIGKILLed half-way through writing last.ckpt after step 4,
+    then SIGKILLed inside step 6; each time ``--ckpt_path last`` resumes it. Against an uninterrupted run: the
+    same loss at every step, the same samples in the same order (none repeated or skipped), the same weights."""
+    short = [*TINY_QUICKSTART, "--trainer.max_steps=8", "--trainer.val_check_interval=2",  # last.ckpt at 2, 4, 6, 8
+             "--trainer.callbacks+=test_faults.RecordSteps"]
 
-    parts = tmp_path / "parts"
-    run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={parts}",
-            "--trainer.callbacks+=test_faults.SignalAtStep", "--trainer.callbacks.step=0",
-            f"--trainer.callbacks.signum={signum}")
-    last = parts / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
-    # Saved at the end of the step during which the signal came, then the run stopped (exit status 0).
+    def record(name: str) -> list[str]:
+        return [f"--trainer.callbacks.path={tmp_path / name}.txt"]
+
+    whole_dir, parts = tmp_path / "whole", tmp_path / "parts"
+    # The uninterrupted run goes on beside the interrupted ones.
+    whole = _start_cli(tmp_path, tmp_path / "whole.log", *short, *record("whole"),
+                       f"--trainer.logger.init_args.save_dir={whole_dir}")
+    ckpt_dir = parts / "quickstart" / "version_0" / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    interrupted = [*short, f"--trainer.logger.init_args.save_dir={parts}"]
+
+    # Preempted: saves last.ckpt at the end of the step during which SIGTERM came, then exits normally.
+    _run_ok(tmp_path, *interrupted, *record("a"), "--trainer.callbacks+=test_faults.SignalAtStep",
+            "--trainer.callbacks.step=0", f"--trainer.callbacks.signum={int(signal.SIGTERM)}")
     assert load_checkpoint(last)["global_step"] == 1
-    assert sorted(p.name for p in last.parent.glob("last*.ckpt")) == ["last.ckpt"]
-    run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={parts}", "--ckpt_path", "last")
+    # Killed while writing last.ckpt after step 4: the one of step 2 stays whole, a torn temporary file is left.
+    proc = _cli(tmp_path, *interrupted, *record("b"), "--ckpt_path", "last",
+                "--trainer.callbacks+=test_faults.KillDuringCheckpointWrite", "--trainer.callbacks.step=4")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    assert len(list(ckpt_dir.glob(".last.ckpt.*.tmp"))) == 1
+    assert load_checkpoint(last)["global_step"] == 2
+    # Killed inside step 6, after last.ckpt of step 4 replaced the one of step 2 and the torn file was removed.
+    proc = _cli(tmp_path, *interrupted, *record("c"), "--ckpt_path", "last",
+                "--trainer.callbacks+=test_faults.KillAtStep", "--trainer.callbacks.step=5")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    assert load_checkpoint(last)["global_step"] == 4
+    assert not list(ckpt_dir.glob(".last.ckpt.*.tmp"))
+    _run_ok(tmp_path, *interrupted, *record("d"), "--ckpt_path", "last")
+    assert not (parts / "quickstart" / "version_1").exists()  # every resume wrote into the same run
 
-    expected = load_checkpoint(whole / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
-    resumed = load_checkpoint(last)
-    assert resumed["global_step"] == expected["global_step"] == 4
-    for name, value in expected["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][name], value), name
+    assert whole.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-4000:]
+    expected = read_steps(tmp_path / "whole.txt")
+    assert [step for step, _, _ in expected] == list(range(1, 9))
+    pieces = {name: read_steps(tmp_path / f"{name}.txt") for name in "abcd"}
+    assert [[step for step, _, _ in steps] for steps in pieces.values()] == [[1], [2, 3, 4], [3, 4, 5], [5, 6, 7, 8]]
+    # Every step ran, lost or not, exactly as in the uninterrupted run (float losses compared exactly).
+    by_step = dict((step, (loss, ids)) for step, loss, ids in expected)
+    for steps in pieces.values():
+        for step, loss, ids in steps:
+            assert (loss, ids) == by_step[step], step
+    # What each piece kept (its steps up to the checkpoint the next one resumed from) is the uninterrupted run.
+    kept = [s for s in pieces["a"] if s[0] <= 1] + [s for s in pieces["b"] if s[0] <= 2] \
+        + [s for s in pieces["c"] if s[0] <= 4] + pieces["d"]
+    assert kept == expected
+    samples = [i for _, _, ids in expected for i in ids]
+    assert len(samples) == 8 * 4 and len(set(samples)) == len(samples)  # one epoch: every block at most once
+    assert Counter(i for _, _, ids in kept for i in ids) == Counter(samples)
 
-    # Killed outright during step 4, after last.ckpt was written at step 2: the resumed run repeats steps 3 and 4
-    # with exactly the losses of the uninterrupted run.
-    killed = tmp_path / "killed"
-    record = ["--trainer.callbacks+=test_faults.RecordLosses", f"--trainer.callbacks.path={tmp_path / 'killed.txt'}"]
-    proc = _cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={killed}", *record,
-                "--trainer.callbacks+=test_faults.KillAtStep", "--trainer.callbacks.step=3")
-    assert proc.returncode == -signal.SIGKILL
-    assert load_checkpoint(killed / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 2
-    run_cli(tmp_path, *short, f"--trainer.logger.init_args.save_dir={killed}", *record, "--ckpt_path", "last")
-    assert read_losses(tmp_path / "killed.txt") == expected_losses[:3] + expected_losses[2:]
+    final, reference = load_checkpoint(last), load_checkpoint(whole_dir / "quickstart" / "version_0" / "checkpoints"
+                                                              / "last.ckpt")
+    assert final["global_step"] == reference["global_step"] == 8
+    for name, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name

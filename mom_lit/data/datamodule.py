@@ -117,6 +117,8 @@ class TextDataModule(L.LightningDataModule):
         self._pending_train_state: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------- data
+    _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
     @property
     def root(self) -> Path:
         """The folder holding the split folders."""
@@ -145,13 +147,36 @@ class TextDataModule(L.LightningDataModule):
             )
         return meta
 
-    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+    def _split_dir(self, split: str) -> Path:
         split_dir = self.root / split
         if not split_dir.is_dir():
             raise FileNotFoundError(
                 f"{self.root} has no {split!r} split (found {[s for s in SPLITS if (self.root / s).is_dir()]}); "
                 f"prepare it (tools/prepare_data.py, --val_fraction/--test_fraction) or disable that stage"
             )
+        return split_dir
+
+    def _too_small(self, split: str, num_tokens: int, rows: int, where: str) -> ValueError:
+        return ValueError(
+            f"split {split!r} of {self.root} is too small: {num_tokens} tokens give {rows} rows of "
+            f"seq_len+1={self.seq_len + 1} tokens{where}, fewer than batch_size={self.batch_size}; "
+            "use more data, a shorter seq_len or a smaller batch_size"
+        )
+
+    def check(self, stage: str | None = "fit") -> None:
+        """Raises the errors of :meth:`setup` that need no dataset: a split of the stage missing, prepared with
+        another tokenizer, or too small for one batch even on a single rank. Reads only metadata; the command
+        line calls it before the run writes anything. The embedded corpus (prepared on first use) is skipped."""
+        if self.data_dir is None:
+            return
+        for split in self._STAGE_SPLITS.get(stage or "fit", ()):
+            meta = self._check_meta(self._split_dir(split))
+            rows = int(meta["num_tokens"]) // (self.seq_len + 1)
+            if rows < self.batch_size:
+                raise self._too_small(split, meta["num_tokens"], rows, "")
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        split_dir = self._split_dir(split)
         meta = self._check_meta(split_dir)
         dataset = StreamingDataset(
             input_dir=str(split_dir),
@@ -162,18 +187,13 @@ class TextDataModule(L.LightningDataModule):
         )
         blocks = len(dataset)
         if blocks < self.batch_size:
-            raise ValueError(
-                f"split {split!r} of {self.root} is too small: {meta['num_tokens']} tokens give {blocks} rows of "
-                f"seq_len+1={self.seq_len + 1} tokens on this rank, fewer than batch_size={self.batch_size}; "
-                "use more data, a shorter seq_len or a smaller batch_size"
-            )
+            raise self._too_small(split, meta["num_tokens"], blocks, " on this rank")
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_dir is None:
             ensure_shakespeare(self.tokenizer, self.cache_dir)  # a no-op once prepare_data has run
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "fit", ())
-        for split in splits:
+        for split in self._STAGE_SPLITS.get(stage or "fit", ()):
             if split not in self._datasets:
                 self._datasets[split] = self._dataset(split, shuffle=self.shuffle and split == "train")
 

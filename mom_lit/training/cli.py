@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from mom_lit.training.faults import install_fault_tolerance, verify_checkpoint_file
+from mom_lit.training.faults import check_output_dirs, install_fault_tolerance, verify_checkpoint_file
 from mom_lit.training.module import MoMLightningModule
 
 
@@ -31,6 +33,17 @@ def latest_run_checkpoint(logger: Any) -> tuple[int, Path] | None:
     return max(runs) if runs else None
 
 
+def config_files(argv: list[str] | tuple[str, ...]) -> list[str]:
+    """The files given by ``--config``/``-c`` on a command line."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
 class MoMLightningCLI(LightningCLI):
     """LightningCLI for :class:`MoMLightningModule` and any data module given by ``data.class_path``.
 
@@ -42,7 +55,8 @@ class MoMLightningCLI(LightningCLI):
     in the new, empty version folder.
 
     Every Trainer it builds writes checkpoints atomically and saves ``last.ckpt`` and stops on SIGTERM/SIGUSR1
-    (see :func:`~mom_lit.training.faults.install_fault_tolerance`).
+    (see :func:`~mom_lit.training.faults.install_fault_tolerance`); its output folders are checked for
+    writability before anything runs.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
@@ -54,17 +68,59 @@ class MoMLightningCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        # jsonargparse reports a YAML syntax error without the file it came from.
+        argv = sys.argv[1:] if args is None else args
+        for path in config_files(argv) if isinstance(argv, (list, tuple)) else ():
+            try:
+                with open(path) as stream:  # the stream's name puts the file into the error's positions
+                    yaml.safe_load(stream)
+            except yaml.YAMLError as err:
+                parser.error(f"malformed YAML in config file {path}: {err}")
+            except OSError:
+                pass  # jsonargparse reports a missing file
         super().parse_arguments(parser, args)
         # LightningCLI reads the hyper-parameters of a given checkpoint right after parsing: a damaged file
         # would fail there with torch's message, which does not name it.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).is_file():
-            verify_checkpoint_file(ckpt_path)
+        if ckpt_path and ckpt_path.split(":")[0] not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
+            if not Path(ckpt_path).exists():
+                parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            if Path(ckpt_path).is_file():  # a folder is a sharded checkpoint, read by its strategy
+                verify_checkpoint_file(ckpt_path)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse reports an error raised while building `data` (a class chosen by class_path) inside a
+            # list of every type it tried; the error of the data module itself is the one to show.
+            if not str(err).startswith("Does not validate against any of the Union subtypes") or err.__cause__ is None:
+                raise
+            cause = err.__cause__
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise cause from None
+
+    def _check_data(self, stage: str) -> None:
+        # What the data module can check from metadata fails here, before the run's folders are created.
+        check = getattr(self.datamodule, "check", None)
+        if callable(check):
+            check(stage)
+
+    def before_fit(self) -> None:
+        self._check_data("fit")
+
+    def before_validate(self) -> None:
+        self._check_data("validate")
+
+    def before_test(self) -> None:
+        self._check_data("test")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         install_fault_tolerance(trainer)
+        check_output_dirs(trainer)  # before anything is prepared, trained or written
         return trainer
 
     def before_instantiate_classes(self) -> None:

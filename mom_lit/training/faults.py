@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import tempfile
@@ -86,11 +87,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        # Temporary files of this name left by a process killed while writing (one process writes a given
+        # checkpoint path, so any other is stale).
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        verify_checkpoint_file(path)
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (RuntimeError, EOFError, OSError, ValueError) as err:
@@ -98,19 +102,60 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def verify_checkpoint_file(path: _PATH) -> None:
-    """Raises an error naming ``path`` unless it is a complete ``torch.save`` archive.
+    """Raises an error naming ``path`` unless it is a complete, undamaged ``torch.save`` archive.
 
-    Reads only the archive's central directory, which sits at the very end of the file: a truncated
-    checkpoint is caught without loading it. Damage inside the data is caught by
-    :meth:`AtomicCheckpointIO.load_checkpoint`.
+    A truncated file lacks the archive's central directory (at its very end); damage inside it fails the
+    CRC-32 that ``torch.save`` stores for every record. ``torch.load`` checks neither: a flipped byte in a
+    tensor would load silently. Costs one read of the file.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         with zipfile.ZipFile(path) as archive:
-            archive.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({err})") from err
+    if damaged is not None:
+        raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt (CRC mismatch in record {damaged!r})")
+
+
+# Output folders ---------------------------------------------------------------------------------------------------
+class OutputDirError(PermissionError):
+    """An output folder of the run (logs, checkpoints) cannot be created or written."""
+
+
+def unwritable_reason(folder: _PATH) -> str | None:
+    """Why ``folder`` could not be created or written to, or None. Creates nothing: it inspects the nearest
+    existing ancestor (an existing folder must be writable; a file in the way never is)."""
+    path = Path(folder).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    # os.access also reports a read-only file system for root, whose permissions are otherwise never checked.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" + ("" if existing == path else f" (creating {path})")
+    return None
+
+
+def check_output_dirs(trainer: L.Trainer) -> None:
+    """Raises :class:`OutputDirError` naming the folder and setting, before anything is trained or written,
+    when a folder the run writes to (logger ``save_dir``, else ``default_root_dir``, and checkpoint
+    ``dirpath``) cannot be written. Remote paths (``scheme://``) are left to their file systems."""
+    folders = [(f"trainer.logger ({type(lg).__name__}) save_dir", lg.save_dir) for lg in trainer.loggers
+               if getattr(lg, "save_dir", None)]
+    if not folders:
+        folders = [("trainer.default_root_dir", trainer.default_root_dir)]
+    folders += [(f"{type(cb).__name__} dirpath", cb.dirpath) for cb in trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None]
+    for setting, folder in folders:
+        if "://" in str(folder):
+            continue
+        reason = unwritable_reason(folder)
+        if reason is not None:
+            raise OutputDirError(f"cannot write the run's output to {setting} {str(folder)!r}: {reason}; "
+                                 "choose another folder")
 
 
 # Preemption -------------------------------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""Bad input to the command line: each fails with a clear message and a non-zero exit before anything is written.
+
+The commands run in this process (``cli_main``): a parser error is the ``SystemExit`` the process would exit
+with, any other error the exception it would die of.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mom_lit.data.prepare import prepare_dataset
+from mom_lit.data.tokenizers import TokenizerNotFoundError
+from mom_lit.training.cli import cli_main, config_files
+from mom_lit.training.faults import OutputDirError, unwritable_reason
+from test_data import _word_level_tokenizer
+from test_training import TINY_QUICKSTART
+
+
+@pytest.fixture(autouse=True)
+def bare_argv(monkeypatch):
+    """The command line comes from ``args`` only, not from pytest's own arguments."""
+    monkeypatch.setattr(sys, "argv", ["mom_lit"])
+
+
+def fit_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", *TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", *extra]
+
+
+def assert_parser_error(tmp_path: Path, capsys, *extra: str) -> str:
+    """Runs the command, expects the parser to refuse it and returns its message; nothing was written."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(fit_args(tmp_path, *extra))
+    assert info.value.code not in (0, None)
+    assert not (tmp_path / "runs").exists()
+    return capsys.readouterr().err
+
+
+def assert_fails_before_writing(tmp_path: Path, error: type[BaseException], match: str, *extra: str) -> None:
+    with pytest.raises(error, match=match):
+        cli_main(fit_args(tmp_path, *extra))
+    assert not (tmp_path / "runs").exists()
+
+
+# Configs ----------------------------------------------------------------------------------------------------------
+def test_malformed_yaml_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: [1\nmodel: {\n")
+    err = assert_parser_error(tmp_path, capsys, "--config", str(bad))
+    assert f"malformed YAML in config file {bad}" in err
+    assert f'in "{bad}", line 2' in err  # the position inside it
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    pytest.param("trainer:\n  bogus_key: 1\n", "does not accept option 'trainer.bogus_key'", id="unknown-trainer-key"),
+    pytest.param("model:\n  config:\n    num_layer: 2\n", "model.config.num_layer", id="unknown-model-key"),
+    pytest.param("model:\n  config:\n    num_heads: two\n", 'Parser key "model.config.num_heads"', id="wrong-type"),
+    pytest.param("trainer:\n  max_steps: 1.5\n", "trainer.max_steps", id="float-for-int"),
+])
+def test_bad_config_keys_and_types_name_the_key(tmp_path, capsys, yaml_text, message):
+    config = tmp_path / "override.yaml"
+    config.write_text(yaml_text)
+    assert message in assert_parser_error(tmp_path, capsys, "--config", str(config))
+
+
+def test_invalid_values_name_the_field(tmp_path):
+    # Parsed fine, refused by the model's config when it is built, before the Trainer exists.
+    assert_fails_before_writing(tmp_path, ValueError, "topk", "--model.config.topk=9")
+
+
+def test_config_files_are_found_on_the_command_line():
+    assert config_files(["fit", "-c", "a.yaml", "--config=b.yaml", "--config", "c.yaml", "--x=1"]) == \
+        ["a.yaml", "b.yaml", "c.yaml"]
+
+
+# Output folders ---------------------------------------------------------------------------------------------------
+def test_unwritable_output_folder_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the run's folder should go")
+    with pytest.raises(OutputDirError, match=f"save_dir '{blocker / 'runs'}': {blocker} is a file, not a folder"):
+        cli_main(["fit", *TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={blocker / 'runs'}"])
+    assert blocker.read_text().startswith("a file")
+
+
+def test_unwritable_reason(tmp_path, monkeypatch):
+    assert unwritable_reason(tmp_path / "new" / "deeper") is None  # creatable: nothing is created to find out
+    assert not (tmp_path / "new").exists()
+    # A read-only file system (or, for other users than root, a folder without write permission).
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert unwritable_reason(tmp_path / "runs") == f"{tmp_path} is not writable (creating {tmp_path / 'runs'})"
+    assert unwritable_reason(tmp_path) == f"{tmp_path} is not writable"
+
+
+# Checkpoints ------------------------------------------------------------------------------------------------------
+def test_missing_checkpoint_is_named(tmp_path, capsys):
+    missing = tmp_path / "nowhere.ckpt"
+    assert f"--ckpt_path {missing}: no such checkpoint file" in assert_parser_error(tmp_path, capsys, "--ckpt_path",
+                                                                                    str(missing))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_damaged_checkpoint_is_named_before_anything_runs(tmp_path, damage):
+    path = tmp_path / f"{damage}.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(4096)}}, path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF  # inside the tensor: torch.load alone would read it silently
+    path.write_bytes(bytes(data))
+    assert_fails_before_writing(tmp_path, RuntimeError, f"cannot read checkpoint {path}: the file is corrupt",
+                                "--ckpt_path", str(path))
+
+
+# Data -------------------------------------------------------------------------------------------------------------
+def test_tokenizer_missing_offline_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert_fails_before_writing(tmp_path, TokenizerNotFoundError, "acme/absent-model",
+                                "--data.init_args.tokenizer=acme/absent-model")
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """A byte-tokenised dataset of a few hundred tokens with train and val splits."""
+    root = tmp_path_factory.mktemp("tiny")
+    source = root / "docs.jsonl"
+    source.write_text("".join(f'{{"text": "document number {i} of a tiny corpus"}}\n' for i in range(12)))
+    prepare_dataset(source, root / "prepared", val_fraction=0.25, seed=0, verbose=False)
+    return root / "prepared"
+
+
+def test_dataset_of_another_tokenizer_is_refused(tmp_path, tiny_prepared):
+    tokenizer = _word_level_tokenizer(tmp_path / "tok")
+    assert_fails_before_writing(tmp_path, ValueError, "prepared with tokenizer 'byte'",
+                                f"--data.init_args.data_dir={tiny_prepared}", f"--data.init_args.tokenizer={tokenizer}")
+
+
+def test_dataset_shorter_than_a_batch_is_refused(tmp_path, tiny_prepared):
+    assert_fails_before_writing(tmp_path, ValueError, "too small.*fewer than batch_size=64",
+                                f"--data.init_args.data_dir={tiny_prepared}", "--data.init_args.batch_size=64")
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    assert_fails_before_writing(tmp_path, FileNotFoundError, f"data_dir {tmp_path / 'absent'} does not exist",
+                                f"--data.init_args.data_dir={tmp_path / 'absent'}")
