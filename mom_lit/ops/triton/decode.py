@@ -11,10 +11,10 @@ One program per (sequence b, slot j, head h). Slot j of sequence b reads memory 
 
 A token selects distinct memories, so no two programs touch the same state or conv channels: every read of a
 channel happens in the program that writes it (a barrier orders the reads of a program's threads before its
-overwrites). Memories that no slot selected are never read
-or written. The cost is O(J H K V) per sequence, independent of the context length, and nothing syncs with the
-host. The (K, V) state of one head is not split across programs (the conv state of the q/k channels is shared
-by all V blocks and is rewritten in place), so a batch of one runs J x H programs.
+overwrites). Memories that no slot selected are never read or written. The cost is O(J H K V) per sequence,
+independent of the context length, and nothing syncs with the host. The (K, V) state of one head is not split
+across programs (the conv state of the q/k channels is shared by all V blocks and is rewritten in place), so a
+batch of one runs J x H programs.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ def _conv_silu(base, conv_w, ch, mask, x, C: tl.constexpr, W: tl.constexpr, BW: 
     taps = tl.load(conv_w + ch[None, :] * W + rw[:, None], mask=tile, other=0.0).to(tl.float32)
     acc = tl.sum(old.to(tl.float32) * taps, 0)
     acc += x.to(tl.float32) * tl.load(conv_w + ch * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
-    # A channel can live in several threads (replicated layouts): all of them must have read the old rows
-    # before any thread overwrites one.
-    tl.debug_barrier()
-    tl.store(base + (rw[:, None] - 1) * C + ch[None, :], old, mask=tile & (rw[:, None] >= 1))
-    tl.store(base + (W - 2) * C + ch, x, mask=mask)
+    if W > 1:  # a one-tap convolution keeps no state
+        # A channel can live in several threads (replicated layouts): all of them must have read the old rows
+        # before any thread overwrites one.
+        tl.debug_barrier()
+        tl.store(base + (rw[:, None] - 1) * C + ch[None, :], old, mask=tile & (rw[:, None] >= 1))
+        tl.store(base + (W - 2) * C + ch, x, mask=mask)
     return acc * tl.sigmoid(acc)
 
 
@@ -178,7 +179,7 @@ def triton_decode_step(
         width = conv_state.shape[2] + 1
         if conv_weight is None or conv_weight.shape != (conv_state.shape[3], width):
             raise ValueError(f"conv_weight must have shape (C, W) = {(conv_state.shape[3], width)}")
-        if width < 2 or not _inner_contiguous(conv_state, 2):
+        if not _inner_contiguous(conv_state, 2):
             raise ValueError("the conv state must have contiguous (W-1, C) dims to be updated in place")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     a = a.contiguous() if a is not None else None
@@ -192,7 +193,9 @@ def triton_decode_step(
     if conv_state is None:
         conv_arg, conv_strides, weight_arg = state, (0, 0), state  # never read: W = 0
     else:
-        conv_arg, conv_strides, weight_arg = conv_state, conv_state.stride()[:2], conv_weight.contiguous()
+        # An empty (one-tap) conv state may have no storage to point at; it is never accessed then.
+        conv_arg = conv_state if conv_state.numel() else state
+        conv_strides, weight_arg = conv_state.stride()[:2], conv_weight.contiguous()
     decode_step_kernel[(batch * slots * heads,)](
         q, k, v, a if a is not None else q, b if b is not None else q,
         a_log if a_log is not None else q, dt_bias if dt_bias is not None else q, memory,
