@@ -28,9 +28,11 @@ DEVICE = "cuda" if NATIVE else "cpu"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error with an absolute floor: a gradient that is zero in exact arithmetic (the router's with
+    top-1 routing) compares as rounding noise."""
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    return ((a - b).norm() / b.norm().clamp_min(1e-3)).item()
 
 
 def _routing(num_tokens, num_memories, topk, generator):
@@ -141,44 +143,77 @@ def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, g
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
 
 
-def _layer_pair(rule, dtype, **overrides):
-    cfg = {**dict(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
-                  update_rule=rule, backend="triton", num_layers=2), **overrides}
+@kernels
+@pytest.mark.parametrize("rule,overrides,grouped", [
+    pytest.param("gated_delta", {}, False, id="gated_delta"),  # S / J = 5 / 3: every stream for every token
+    pytest.param("delta", {"shared_memory": False}, False, id="delta-no-shared"),  # rows of 66 floats: unaligned
+    pytest.param("simple_gla", {"expand_v": 1.5}, False, id="simple_gla-K!=V"),
+    pytest.param("gated_delta", {"num_memories": 8}, True, id="grouped-projection-E8"),
+    pytest.param("gated_delta", {"num_memories": 6, "topk": 1, "shared_memory": False}, True, id="grouped-E6-top1"),
+])
+def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, grouped, monkeypatch):
+    if NATIVE and grouped:
+        pytest.skip("on CUDA the grouped projection takes bf16 only: test_bf16_layer_against_fp32_reference")
+    monkeypatch.setitem(layer_module._SLOT_KERNELS, "allow_cpu", True)
+    calls = _spy(monkeypatch)
+    if not NATIVE:  # the interpreted Triton scan is slow and not what is tested here
+        reference_scan = layer_module.scan
+        monkeypatch.setattr(layer_module, "scan", lambda *a, **k: reference_scan(*a, **{**k, "backend": "eager"}))
+    _compare_layers(rule, torch.float32, overrides, tol=1e-4)
+    assert calls["slots"] and calls["mix"], "the Triton stages did not run"
+    assert bool(calls["grouped"]) == grouped
+
+
+@pytest.mark.skipif(not NATIVE, reason="bf16 end to end on the GPU")
+@pytest.mark.parametrize("overrides", [pytest.param({}, id="E4-dense"),
+                                       pytest.param({"num_memories": 8}, id="E8-grouped")])
+def test_bf16_layer_against_fp32_reference(overrides, monkeypatch):
+    calls = _spy(monkeypatch)
+    _compare_layers("gated_delta", torch.bfloat16, overrides, tol=5e-2, hidden=256, heads=2, head_dim=64,
+                    params=("q_proj.weight", "k_proj", "v_proj", "conv_weight", "o_proj.weight"))
+    assert calls["slots"] and calls["mix"]
+    assert bool(calls["grouped"]) == ("num_memories" in overrides)
+
+
+def _spy(monkeypatch):
+    calls = {"slots": 0, "mix": 0, "grouped": 0}
+    for owner, name, key in ((MoMLayer, "_prepare_slots_triton", "slots"), (layer_module, "mix_gated_rms_norm", "mix"),
+                             (layer_module, "grouped_projection", "grouped")):
+        original = getattr(owner, name)
+
+        def wrapped(*args, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(owner, name, wrapped)
+    return calls
+
+
+def _compare_layers(rule, dtype, overrides, tol, hidden=32, heads=2, head_dim=16, params=None):
+    """Fast layer in ``dtype`` against the reference layer in fp64 (fp32 on CUDA) with the same weights."""
+    cfg = {**dict(hidden_size=hidden, num_heads=heads, head_dim=head_dim, num_memories=4, topk=2,
+                  shared_memory=True, update_rule=rule, backend="triton", num_layers=2), **overrides}
     torch.manual_seed(0)
     fast = MoMLayer(MoMConfig(**cfg)).to(DEVICE, dtype)
-    ref = MoMLayer(MoMConfig(**{**cfg, "backend": "eager"})).to(DEVICE, dtype)
+    ref_dtype = torch.float32 if NATIVE else torch.float64
+    ref = MoMLayer(MoMConfig(**{**cfg, "backend": "eager"})).to(DEVICE, ref_dtype)
     ref.load_state_dict(fast.state_dict())
-    return fast, ref
-
-
-@kernels
-@pytest.mark.parametrize("rule,overrides", [
-    pytest.param("gated_delta", {}, id="gated_delta"),
-    pytest.param("delta", {"shared_memory": False}, id="delta-no-shared"),
-    pytest.param("simple_gla", {"expand_v": 1.5}, id="simple_gla-K!=V"),
-])
-def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, monkeypatch):
-    monkeypatch.setitem(layer_module._SLOT_KERNELS, "allow_cpu", True)
-    dtype = torch.float32
-    fast, ref = _layer_pair(rule, dtype, **overrides)
     gen = torch.Generator().manual_seed(42)
     batch, seq_len = 2, 41
-    x = torch.randn(batch, seq_len, 32, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(batch, seq_len, hidden, generator=gen).to(DEVICE, dtype)
     seq_id = sequence_ids(batch, seq_len, None, DEVICE)
-    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    calls = []
-    original = MoMLayer._prepare_slots_triton
-    monkeypatch.setattr(MoMLayer, "_prepare_slots_triton", lambda self, *a: calls.append(1) or original(self, *a))
+    x_fast, x_ref = x.clone().requires_grad_(), x.to(ref_dtype).requires_grad_()
     out_fast = fast(x_fast, seq_id, batch)[0]
     out_ref = ref(x_ref, seq_id, batch)[0]
-    assert calls, "the Triton slot stage did not run"
-    assert rel_err(out_fast, out_ref) < 1e-4
-    grad = torch.randn(out_ref.shape, generator=gen).to(DEVICE, dtype)
-    out_fast.backward(grad)
-    out_ref.backward(grad)
-    assert rel_err(x_fast.grad, x_ref.grad) < 1e-4
+    assert out_fast.dtype == dtype
+    assert rel_err(out_fast, out_ref) < tol
+    grad = torch.randn(out_ref.shape, generator=gen).to(DEVICE)
+    out_fast.backward(grad.to(dtype))
+    out_ref.backward(grad.to(ref_dtype))
+    assert rel_err(x_fast.grad, x_ref.grad) < tol
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
-        assert rel_err(p.grad, q.grad) < 1e-4, name
+        if params is None or name in params:
+            assert rel_err(p.grad, q.grad) < tol, (name, rel_err(p.grad, q.grad))
 
 
 def test_kernels_that_cannot_build_leave_the_reference_path(monkeypatch):

@@ -1,0 +1,51 @@
+"""Per-memory projections of the slots as one grouped matrix product over the memory-sorted layout.
+
+The sorted layout keeps each memory's slots contiguous (``layout.py``), so slot i of memory m needs ``x[token[i]]
+@ W[m]^T``: one ``torch._grouped_mm`` with group ends at the memory boundaries does the projections of all
+memories without a loop and without projecting a token for memories it did not select. Its backward is two more
+grouped products (input and weight gradients); the input gradient of a token adds its J slots through the
+inverse slot permutation (a gather, never a scatter-add).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grouped_mm_available(x: torch.Tensor, out_features: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: bf16 on CUDA (fp32 or bf16 on CPU), rows of x and of the
+    output a multiple of 16 bytes (its kernels require 16-byte strides)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)
+    row_bytes = x.element_size()
+    return x.dtype in dtypes and (x.shape[1] * row_bytes) % 16 == 0 and (out_features * row_bytes) % 16 == 0
+
+
+class _GroupedProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, token, rank, ends):
+        y = torch._grouped_mm(x[token], weight.transpose(1, 2), offs=ends)  # (L, P)
+        ctx.save_for_backward(x, weight, token, rank, ends)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, token, rank, ends = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx_slot = torch._grouped_mm(dy, weight, offs=ends)  # (L, D)
+        dx = dx_slot[rank].view(x.shape[0], -1, x.shape[1]).sum(1)  # (N_tok * J, D) -> (N_tok, D)
+        dweight = torch._grouped_mm(dy.t(), x[token], offs=ends)  # (S, P, D); empty groups give zeros
+        return dx, dweight, None, None, None
+
+
+def grouped_projection(x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, rank: torch.Tensor,
+                       ends: torch.Tensor) -> torch.Tensor:
+    """(L, P) projections ``x[token[i]] @ weight[m]^T`` of the sorted slots, slot i in memory group m.
+
+    Args:
+        x: (N_tok, D); weight: (S, P, D), x's dtype; token: (L,) token of each sorted slot; rank: (N_tok * J,)
+            sorted position of each token-major slot (every token owns exactly J slots); ends: (S,) int32
+            cumulative end of each memory's group of sorted slots.
+    """
+    return _GroupedProjection.apply(x, weight, token, rank, ends)
