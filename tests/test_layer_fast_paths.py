@@ -169,7 +169,8 @@ def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, groupe
                                        pytest.param({"num_memories": 8}, id="E8-grouped")])
 def test_bf16_layer_against_fp32_reference(overrides, monkeypatch):
     calls = _spy(monkeypatch)
-    _compare_layers("gated_delta", torch.bfloat16, overrides, tol=5e-2, hidden=256, heads=2, head_dim=64,
+    # 4 heads: per-stream rows of 2HK + 2H = 264 bf16 values, a multiple of 16 bytes as grouped_mm requires.
+    _compare_layers("gated_delta", torch.bfloat16, overrides, tol=5e-2, hidden=128, heads=4, head_dim=32,
                     params=("q_proj.weight", "k_proj", "v_proj", "conv_weight", "o_proj.weight"))
     assert calls["slots"] and calls["mix"]
     assert bool(calls["grouped"]) == ("num_memories" in overrides)
