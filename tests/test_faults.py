@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from mom_lit.training import MoMLightningModule
-from mom_lit.training.faults import AtomicCheckpointIO, NonFiniteStepError, PreemptionCheckpoint, verify_checkpoint_file
+from mom_lit.training.faults import (
+    AtomicCheckpointIO,
+    NonFiniteStepError,
+    PreemptionCheckpoint,
+    preemption_exit_code,
+    verify_checkpoint_file,
+)
 from test_training import TINY_QUICKSTART, RandomTokens, fit, load_checkpoint, tiny_config
 
 POISONED = "model.blocks.1.attn.router.weight"
@@ -87,6 +93,8 @@ def test_nonfinite_policy_is_validated():
         MoMLightningModule(tiny_config(), nonfinite="ignore")
     with pytest.raises(ValueError, match="signals"):
         PreemptionCheckpoint(signals=("SIGNOPE",))
+    with pytest.raises(ValueError, match="exit_code"):
+        PreemptionCheckpoint(exit_code=256)
 
 
 # Atomic checkpoint files --------------------------------------------------------------------------------------
@@ -176,7 +184,8 @@ def test_sigusr1_saves_last_and_stops_in_process(tmp_path):
     before = signal.getsignal(signal.SIGUSR1)
     module = MoMLightningModule(tiny_config(), warmup_steps=1)
     trainer = fit(module, RandomTokens(), tmp_path, max_steps=6, limit_val_batches=0, default_root_dir=tmp_path,
-                  callbacks=[SignalAtStep(2, int(signal.SIGUSR1)), PreemptionCheckpoint()])
+                  callbacks=[SignalAtStep(2, int(signal.SIGUSR1)), PreemptionCheckpoint(exit_code=99)])
+    assert preemption_exit_code(trainer) == 99
     assert trainer.global_step == 3  # the step during which the signal came was completed, then training stopped
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 3
@@ -264,9 +273,13 @@ def test_interrupted_runs_resume_exactly_without_losing_or_repeating_samples(tmp
     last = ckpt_dir / "last.ckpt"
     interrupted = [*short, f"--trainer.logger.init_args.save_dir={parts}"]
 
-    # Preempted: saves last.ckpt at the end of the step during which SIGTERM came, then exits normally.
-    _run_ok(tmp_path, *interrupted, *record("a"), "--trainer.callbacks+=test_faults.SignalAtStep",
-            "--trainer.callbacks.step=0", f"--trainer.callbacks.signum={int(signal.SIGTERM)}")
+    # Preempted: saves last.ckpt at the end of the step during which SIGTERM came, then exits with the status
+    # configured for a preempted run.
+    proc = _cli(tmp_path, *interrupted, *record("a"),
+                "--trainer.callbacks+=mom_lit.training.faults.PreemptionCheckpoint", "--trainer.callbacks.exit_code=99",
+                "--trainer.callbacks+=test_faults.SignalAtStep",
+                "--trainer.callbacks.step=0", f"--trainer.callbacks.signum={int(signal.SIGTERM)}")
+    assert proc.returncode == 99, proc.stderr[-4000:]
     assert load_checkpoint(last)["global_step"] == 1
     # Killed while writing last.ckpt after step 4: the one of step 2 stays whole, a torn temporary file is left.
     proc = _cli(tmp_path, *interrupted, *record("b"), "--ckpt_path", "last",

@@ -165,19 +165,27 @@ class PreemptionCheckpoint(L.Callback):
 
     The handlers are installed on every rank for the duration of training (replacing Lightning's own SIGTERM
     handler, which would end the run with an exception instead). Like any early stop, the Trainer runs its
-    validation loop before exiting: keep ``limit_val_batches`` within the grace period. Under several processes the decision is
-    all-reduced each step, so every rank saves and stops at the same step even if only some got the signal.
+    validation loop before exiting: keep ``limit_val_batches`` within the grace period. Under several processes
+    the decision is all-reduced each step, so every rank saves and stops at the same step even if only some got
+    the signal.
 
     Args:
         signals: names of the signals to handle.
+        exit_code: exit status of ``python -m mom_lit`` after such a stop (0: as a finished run). A job script
+            tells a preempted run from a finished one by it, e.g. to requeue itself (see
+            ``tools/slurm_example.sbatch``).
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), exit_code: int = 0):
         for name in signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
                 raise ValueError(f"signals must name POSIX signals, got {name!r}")
+        if not isinstance(exit_code, int) or not 0 <= exit_code <= 255:
+            raise ValueError(f"exit_code must be an integer in [0, 255], got {exit_code!r}")
         self.signals = tuple(signals)
+        self.exit_code = exit_code
         self.received: int | None = None
+        self.stopped = False  # saved last.ckpt and stopped because of a signal
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -217,6 +225,7 @@ class PreemptionCheckpoint(L.Callback):
                 callback.last_model_path = str(path)
         # Lightning runs validation (when configured) before an early stop, as for EarlyStopping.
         trainer.should_stop = True
+        self.stopped = True
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -228,6 +237,11 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
             return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
     return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+def preemption_exit_code(trainer: L.Trainer) -> int:
+    """The ``exit_code`` of the :class:`PreemptionCheckpoint` that stopped this run, else 0."""
+    return next((c.exit_code for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.stopped), 0)
 
 
 def install_fault_tolerance(trainer: L.Trainer) -> None:
