@@ -148,11 +148,11 @@ def make_inputs(rule, lengths=None, batch=1, seq_len=None, heads=2, key_dim=32, 
     return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, cu_seqlens=cu)
 
 
-def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0, save_states=False):
+def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0, recompute=None):
     """Compare outputs, final states and the gradients of a random linear loss with the fp64 oracle."""
     names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if inputs[n] is not None]
     leaves = {n: inputs[n].detach().clone().requires_grad_() for n in names}
-    o, ht = triton_scan(**{**inputs, **leaves}, output_final_state=output_final_state, save_states=save_states)
+    o, ht = triton_scan(**{**inputs, **leaves}, output_final_state=output_final_state, recompute=recompute)
     assert o.dtype == inputs["v"].dtype
 
     ref_leaves = {n: inputs[n].detach().double().requires_grad_() for n in names}
@@ -206,22 +206,33 @@ def test_no_tokens_passes_initial_state_through():
     check_against_oracle(inputs, torch.float32)
 
 
+@pytest.mark.parametrize("recompute", ["none", "wy"])
 @pytest.mark.parametrize("rule", list(RULES))
-def test_saved_chunk_states_backward_and_recomputation(rule):
-    """``save_states=True`` (states kept, not recomputed) passes the same checks; the backward's recomputation
-    from the stored U gives exactly the start states the forward computed."""
+def test_backward_with_kept_or_rebuilt_intermediates(rule, recompute):
+    """The default rebuilds the chunk states in the backward; ``"none"`` keeps them, ``"wy"`` rebuilds W and U too:
+    every choice passes the same checks."""
     inputs = make_inputs(rule, lengths=[70, 0, 1, 130], heads=2)
-    check_against_oracle(inputs, torch.float32, save_states=True)
+    check_against_oracle(inputs, torch.float32, recompute=recompute)
+
+
+def test_recomputed_chunk_states_equal_the_forward_ones():
+    inputs = make_inputs("gated_delta", lengths=[70, 0, 1, 130], heads=2)
     flat = {n: None if x is None else x.squeeze(0).contiguous()
             for n, x in inputs.items() if n in ("q", "k", "v", "g", "beta")}  # (T, H, *)
     cu = inputs["cu_seqlens"]
     _, _, saved = scan_module._forward(flat["q"], flat["k"], flat["v"], flat["g"], flat["beta"], 0.5,
-                                       inputs["initial_state"], cu, False, True)
-    index, gamma, _, w, u, h = saved
+                                       inputs["initial_state"], cu, False, "none")
+    index, gamma, tinv, w, u, h = saved
+    real = int(index.chunk_offsets[-1])  # chunks past the real count are never written
     again, _ = scan_module._state_pass(flat["k"], flat["v"], w, u, gamma, inputs["initial_state"], index, cu,
                                        store_final=False, u_final=True)
-    real = int(index.chunk_offsets[-1])  # chunks past the real count are never written
     assert torch.equal(again[:real], h[:real])
+    # rebuilding W and U as well gives the same W, U and states
+    w2, u2 = scan_module._wy_apply(flat["k"], flat["v"], flat["beta"], gamma, tinv, index, cu)
+    assert torch.equal(w2, w)
+    again, _ = scan_module._state_pass(flat["k"], flat["v"], w2, u2, gamma, inputs["initial_state"], index, cu,
+                                       store_final=False, u_final=False)
+    assert torch.equal(u2, u) and torch.equal(again[:real], h[:real])
 
 
 @pytest.mark.parametrize("lengths", [[5], [0, 64, 0, 65, 1, 0], [128, 127, 200]], ids=["one", "empties", "long"])
@@ -242,6 +253,8 @@ def test_rejects_unsupported_arguments():
         triton_scan(**{**inputs, "g": None}, gk=torch.zeros_like(inputs["q"]))
     with pytest.raises(ValueError, match="chunk_size"):
         triton_scan(**inputs, chunk_size=32)
+    with pytest.raises(ValueError, match="recompute"):
+        triton_scan(**inputs, recompute="all")
     with pytest.raises(ValueError, match="share one dtype"):
         triton_scan(**{**inputs, "v": inputs["v"].half()})
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
@@ -295,8 +308,8 @@ def test_gpu_extreme_gates(dtype):
 
 
 @gpu
-@pytest.mark.parametrize("save_states", [False, True], ids=["recomputed", "saved"])
-def test_gpu_equal_rows_bf16(save_states):
+@pytest.mark.parametrize("recompute", ["states", "none", "wy"])
+def test_gpu_equal_rows_bf16(recompute):
     inputs = make_inputs("gated_delta", batch=3, seq_len=1000, heads=4, key_dim=256, value_dim=256,
                          dtype=torch.bfloat16, initial=False, seed=17)
-    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan, save_states=save_states)
+    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan, recompute=recompute)

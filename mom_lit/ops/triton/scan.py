@@ -9,7 +9,8 @@ Intermediate buffers (W, U, per-chunk start states) are kept in the input precis
 inverse and every state carried from chunk to chunk stay fp32. The forward keeps W, U and the inverse for the
 backward. The start state of every chunk (NC x H x K x V elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256,
 bf16: the largest buffer by far) is by default not kept: the backward recomputes it with one more sequential
-pass that reads the stored U (``save_states=True`` keeps it instead, trading that memory for the pass).
+pass that reads the stored U. ``recompute`` chooses (see :func:`triton_scan`): keep the states too, or rebuild
+W and U as well.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class LaunchConfig:
 
 LAUNCH = LaunchConfig()
 
+_RECOMPUTE = ("none", "states", "wy")
+RECOMPUTE = "states"
+"""Default of ``triton_scan(recompute=...)``: the chunk start states are rebuilt in the backward."""
+
 
 def _options(launch: Launch, mode: int) -> dict[str, int]:
     return {"num_warps": launch.num_warps, "num_stages": launch.num_stages if mode else 1}
@@ -75,7 +80,7 @@ def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
-def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, save_states):
+def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
     """Packed inputs (T, H, *) -> o, final states, and what the backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
@@ -91,19 +96,14 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, save_states):
     tinv = w = u = None
     if is_delta:
         tinv = _empty(T, H, BT, dtype=torch.float32, device=q.device)
-        w = _empty(T, H, K, dtype=q.dtype, device=q.device)
-        u = _empty(T, H, V, dtype=q.dtype, device=q.device)
     if (use_g or is_delta) and NC > 0:
         fwd.wy_solve_kernel[(NC, H)](
             k, g if use_g else dummy, beta if is_delta else dummy, gamma, tinv if is_delta else dummy,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, BK=BK, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.wy_solve, mode))
-    if is_delta and NC > 0:
-        fwd.wy_apply_kernel[(NC, H)](
-            k, v, beta, gamma, tinv, w, u, index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode,
-            **_options(LAUNCH.wy_apply, mode))
+    if is_delta:
+        w, u = _wy_apply(k, v, beta, gamma if use_g else None, tinv, index, cu)
 
     h, ht = _state_pass(k, v, w, u, gamma if use_g else None, h0, index, cu, output_final_state, u_final=False)
     o = _empty(T, H, V, dtype=v.dtype, device=q.device)
@@ -112,8 +112,26 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, save_states):
             q, k, v, u if is_delta else dummy, gamma, h, o, index.chunk_seg, index.chunk_start, cu, scale,
             H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.output, mode))
-    saved = (index, gamma if use_g else None, tinv, w, u, h if save_states else None)
+    keep_wu = recompute != "wy"
+    saved = (index, gamma if use_g else None, tinv, w if keep_wu else None, u if keep_wu else None,
+             h if recompute == "none" else None)
     return o, ht, saved
+
+
+def _wy_apply(k, v, beta, gamma, tinv, index, cu):
+    """W = Tinv diag(beta Gamma) K (T, H, K) and Uv = Tinv diag(beta) V (T, H, V), in the input precision."""
+    T, H, K = k.shape
+    V = v.shape[-1]
+    w = _empty(T, H, K, dtype=k.dtype, device=k.device)
+    u = _empty(T, H, V, dtype=k.dtype, device=k.device)
+    mode = dot_mode(k.dtype)
+    if index.max_chunks > 0:
+        fwd.wy_apply_kernel[(index.max_chunks, H)](
+            k, v, beta, gamma if gamma is not None else k.new_empty(1, dtype=torch.float32), tinv, w, u,
+            index.chunk_seg, index.chunk_start, cu,
+            H=H, K=K, V=V, BK=_block(K), BV=_block(V), USE_G=gamma is not None, MODE=mode,
+            **_options(LAUNCH.wy_apply, mode))
+    return w, u
 
 
 def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
@@ -143,7 +161,10 @@ def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
 def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     index, gamma, tinv, w, u, h = saved
     index: ChunkIndex
-    if h is None:
+    if beta is not None and w is None:  # W and U were not kept: rebuild them, then U and the states in one pass
+        w, u = _wy_apply(k, v, beta, gamma, tinv, index, cu)
+        h, _ = _state_pass(k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=False)
+    elif h is None:
         h, _ = _state_pass(k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=True)
     T, H, K = q.shape
     V = v.shape[-1]
@@ -196,8 +217,8 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, save_states):
-        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, save_states)
+    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
+        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute)
         ctx.save_for_backward(q, k, v, g, beta, h0, cu, *saved[1:],
                               saved[0].chunk_seg, saved[0].chunk_start, saved[0].chunk_offsets)
         ctx.max_chunks = saved[0].max_chunks
@@ -227,12 +248,14 @@ def triton_scan(
     cu_seqlens: torch.Tensor | None = None,
     output_final_state: bool = True,
     chunk_size: int = 64,
-    save_states: bool = False,
+    recompute: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.recurrent.recurrent_scan`.
 
-    ``save_states``: keep every chunk's start state for the backward instead of recomputing them there (more
-    activation memory, one sequential pass less).
+    ``recompute``: what the backward rebuilds instead of the forward keeping it (None: ``RECOMPUTE``):
+    ``"states"`` the chunk start states (one more sequential pass), ``"wy"`` also W and U of the delta rules
+    (one more W/U kernel and a heavier pass; 2 (K + V) bytes less per scanned token and head in bf16),
+    ``"none"`` nothing (fastest backward, most memory).
 
     q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H) or None; initial_state: (N, H, K, V) or None;
     cu_seqlens: (N + 1,) int offsets with B = 1. Returns o (B, T, H, V) in v's dtype and the (N, H, K, V) fp32
@@ -242,6 +265,9 @@ def triton_scan(
         raise ValueError("gk (per-key gate) is not supported by the Triton scan; use the chunked reference")
     if chunk_size != BT:
         raise ValueError(f"chunk_size must be {BT} for the Triton scan, got {chunk_size!r}")
+    recompute = RECOMPUTE if recompute is None else recompute
+    if recompute not in _RECOMPUTE:
+        raise ValueError(f"recompute must be one of {_RECOMPUTE}, got {recompute!r}")
     shapes = check_scan_inputs(q, k, v, g, None, beta, initial_state, cu_seqlens, scale)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.dtype not in _DTYPES:
@@ -260,5 +286,5 @@ def triton_scan(
     flat = lambda x, *tail: None if x is None else x.reshape(B * T, H, *tail).contiguous()  # noqa: E731
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     o, ht = _TritonScan.apply(flat(q, K), flat(k, K), flat(v, V), flat(g), flat(beta), scale, h0, cu,
-                              output_final_state, bool(save_states))
+                              output_final_state, recompute)
     return o.view(B, T, H, V), ht
