@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import signal
 import tempfile
 import threading
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +37,25 @@ def step_is_finite(loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
 
 
 def describe_nonfinite(module: torch.nn.Module, loss: torch.Tensor, router_entropy: torch.Tensor | None,
-                       limit: int = 5) -> str:
-    """Where a non-finite step came from: the layers whose router went non-finite and the first offending
-    parameters and gradients. Only called once a step is known to be bad, so its synchronisations are free."""
+                       limit: int = 5, batch: dict[str, torch.Tensor] | None = None) -> str:
+    """Where a non-finite step came from: the layers whose router went non-finite, the first offending
+    parameters and gradients and, given the step's ``batch``, the first layer whose router or memory went
+    non-finite in a re-run of its forward pass (a non-finite memory in one layer makes every later router
+    non-finite too). Only called once a step is known to be bad, so its cost does not matter."""
     parts = [f"loss={float(loss.detach()):g}"]
     if router_entropy is not None:
         bad_layers = torch.nonzero(~torch.isfinite(router_entropy)).flatten().tolist()
         if bad_layers:
             parts.append(f"router logits non-finite in layer(s) {bad_layers}")
+    if batch is not None:
+        input_ids, cu_seqlens = batch["input_ids"], batch.get("cu_seqlens")
+        if cu_seqlens is not None:
+            input_ids = input_ids.reshape(1, -1)  # (1, B*T) packed documents
+        try:
+            located = locate_nonfinite_forward(module, input_ids, cu_seqlens)
+        except Exception as err:  # the report must not hide the non-finite step behind another error
+            located = f"re-running the forward pass to locate it failed ({type(err).__name__}: {err})"
+        parts.append(located or "the forward pass re-run with the current parameters is finite")
     bad_params = [n for n, p in module.named_parameters() if not torch.isfinite(p.detach()).all()]
     bad_grads = [n for n, p in module.named_parameters()
                  if p.grad is not None and not torch.isfinite(p.grad).all()]
@@ -52,6 +65,53 @@ def describe_nonfinite(module: torch.nn.Module, loss: torch.Tensor, router_entro
             # In model order; a non-finite value deep in the model spreads to the gradients of all layers below.
             parts.append(f"non-finite {kind} in {len(names)} of {total} tensors, first: {names[:limit]}")
     return "; ".join(parts)
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every floating-point tensor in ``value`` (a tensor, a dataclass, a tuple or list) is finite."""
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(_all_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (tuple, list)):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
+@torch.no_grad()
+def locate_nonfinite_forward(model: torch.nn.Module, input_ids: torch.Tensor,
+                             cu_seqlens: torch.Tensor | None = None) -> str | None:
+    """Runs the forward pass of a bad step again (eagerly, with the current parameters) and says where a
+    non-finite value first appeared: the first MoM layer whose router output or memory output is non-finite,
+    and the layers whose final memory state is. None when this forward pass is finite (the step went bad in
+    the backward pass, or only with other parameters)."""
+    from mom_lit.layer import MoMLayer  # the model imports this module's users: import late
+
+    first: list[str] = []
+
+    def check(where: str, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not first and not _all_finite(output):
+            first.append(where)
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, MoMLayer):
+            if module.router is not None:
+                hooks.append(module.router.register_forward_hook(partial(check, f"layer {module.layer_idx} router")))
+            hooks.append(module.register_forward_hook(partial(check, f"layer {module.layer_idx} memory output")))
+    try:
+        # forward(), not __call__: an in-place torch.compile would skip the hooks.
+        out = model.forward(input_ids, cu_seqlens=cu_seqlens, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    bad_states = [i for i, state in enumerate(out.cache.layers) if not _all_finite(state)]
+    if not first and not bad_states:
+        return None
+    parts = [f"first non-finite in the forward pass: {first[0]}"] if first else []
+    if bad_states:
+        parts.append(f"memory state non-finite in layer(s) {bad_states}")
+    return ", ".join(parts)
 
 
 class NonFiniteStepError(FloatingPointError):
