@@ -60,7 +60,8 @@ class MoMLightningModule(L.LightningModule):
             skipped (gradients dropped, so AdamW's moments and weight decay are untouched; the LR schedule
             still advances) and counted in ``train/skipped_steps``. ``"stop"``: training ends with a
             :class:`~mom_lit.training.faults.NonFiniteStepError` naming the step, the layers whose router went
-            non-finite and the first non-finite parameters and gradients. The check costs one host
+            non-finite, the first non-finite parameters and gradients, and the first layer whose router or
+            memory went non-finite in a re-run of the step's forward pass. The check costs one host
             synchronisation per optimizer step.
     """
 
@@ -108,8 +109,8 @@ class MoMLightningModule(L.LightningModule):
         self.slice_accuracy = nn.ModuleDict({stage: SliceAccuracy() for stage in _EVAL_STAGES})
         self.tokens_seen = 0
         self.skipped_steps = 0
-        # (loss, router entropy) of the last training batch, read by the non-finite check.
-        self._last_step: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # (loss, router entropy, batch) of the last training batch, read by the non-finite check.
+        self._last_step: tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]] | None = None
         self._throughput: TokenThroughput | None = None
 
     # Model ----------------------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class MoMLightningModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False)
         # Shapes are known on the host: counting tokens costs no synchronisation.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        self._last_step = (out.loss.detach(), out.router_entropy)
+        self._last_step = (out.loss.detach(), out.router_entropy, batch)
         result: dict[str, Any] = {"loss": out.loss}
         if out.router_load is not None:
             # Read by RoutingStatsCallback; already detached.
@@ -162,14 +163,14 @@ class MoMLightningModule(L.LightningModule):
         # Runs after backward (and the DDP gradient all-reduce) and before clipping and the optimizer step.
         if self._last_step is None:
             return
-        loss, router_entropy = self._last_step
+        loss, router_entropy, batch = self._last_step
         self._last_step = None
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if step_is_finite(loss, [p.grad for p in params if p.grad is not None]):
             return
         if self.hparams.get("nonfinite", "skip") == "stop":
             raise NonFiniteStepError(f"non-finite training step at global step {self.trainer.global_step}: "
-                                     f"{describe_nonfinite(self.model, loss, router_entropy)}")
+                                     f"{describe_nonfinite(self.model, loss, router_entropy, batch=batch)}")
         # Without gradients AdamW leaves every parameter and its moments as they are.
         for p in params:
             p.grad = None
