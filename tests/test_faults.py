@@ -86,6 +86,31 @@ def test_nonfinite_step_stops_with_location(tmp_path):
     assert f"global step {POISON_STEP}" in message
     assert "router logits non-finite in layer(s) [1]" in message
     assert "non-finite gradients in" in message and "non-finite parameters" not in message
+    # The weight was put back before the check: the forward pass, run again, is finite.
+    assert "the forward pass re-run with the current parameters is finite" in message
+
+
+class PoisonMemory(L.Callback):
+    """Fills the value projection of layer 0's memories with NaN from step ``POISON_STEP`` on: its router stays
+    finite, its memories and output do not, and every later router sees non-finite input."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == POISON_STEP:
+            with torch.no_grad():
+                pl_module.get_parameter("model.blocks.0.attn.v_proj").fill_(float("nan"))
+
+
+def test_nonfinite_stop_names_the_layer_whose_memory_went_bad_first(tmp_path):
+    torch.manual_seed(0)
+    module = MoMLightningModule(tiny_config(), warmup_steps=1, nonfinite="stop")
+    with pytest.raises(NonFiniteStepError) as info:
+        fit(module, RandomTokens(), tmp_path, max_steps=5, callbacks=[PoisonMemory()], limit_val_batches=0)
+    message = str(info.value)
+    assert f"global step {POISON_STEP}" in message
+    assert "router logits non-finite in layer(s) [1]" in message  # downstream of the cause
+    assert "first non-finite in the forward pass: layer 0 memory output" in message  # the cause
+    assert "memory state non-finite in layer(s) [0, 1]" in message
+    assert "non-finite parameters in 1 of 34 tensors, first: ['blocks.0.attn.v_proj']" in message
 
 
 def test_nonfinite_policy_is_validated():
