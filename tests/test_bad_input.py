@@ -10,9 +10,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from mom_lit.data.packing import TokenBlockCollate
 from mom_lit.data.prepare import prepare_dataset
 from mom_lit.data.tokenizers import TokenizerNotFoundError
 from mom_lit.training.cli import cli_main, config_files
@@ -148,3 +150,11 @@ def test_dataset_shorter_than_a_batch_is_refused(tmp_path, tiny_prepared):
 def test_missing_data_folder_is_named(tmp_path):
     assert_fails_before_writing(tmp_path, FileNotFoundError, f"data_dir {tmp_path / 'absent'} does not exist",
                                 f"--data.init_args.data_dir={tmp_path / 'absent'}")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_the_collate():
+    """Checked on the host before a batch reaches the model (the model checks CPU inputs itself)."""
+    collate = TokenBlockCollate(eos_id=0, pack_documents=True, vocab_size=10)
+    assert collate([np.arange(6, dtype=np.uint16), np.arange(4, 10, dtype=np.uint16)])["input_ids"].max() == 8
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 10\): min 0, max 12"):
+        collate([np.arange(6, dtype=np.uint16), np.array([1, 2, 3, 12, 4, 5], dtype=np.uint16)])

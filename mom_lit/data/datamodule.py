@@ -111,7 +111,7 @@ class TextDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle = shuffle
         self.cache_dir = cache_dir
-        self.collate = TokenBlockCollate(self.eos_id, pack_documents)
+        self.collate = TokenBlockCollate(self.eos_id, pack_documents, self.vocab_size)
         self._datasets: dict[str, StreamingDataset] = {}
         self._train_loader: _ResumableLoader | None = None
         self._pending_train_state: dict[str, Any] | None = None

@@ -51,14 +51,21 @@ class TokenBlockCollate:
     A plain class rather than a closure so that data-loader worker processes can pickle it.
     """
 
-    def __init__(self, eos_id: int, pack_documents: bool) -> None:
+    def __init__(self, eos_id: int, pack_documents: bool, vocab_size: int | None = None) -> None:
         self.eos_id = int(eos_id)
         self.pack_documents = bool(pack_documents)
+        self.vocab_size = vocab_size
 
     def __call__(self, blocks: Sequence[Any]) -> dict[str, torch.Tensor]:
         # torch's uint16 supports little arithmetic: widen before slicing and comparing.
         tokens = torch.stack([torch.as_tensor(b) for b in blocks])
         tokens = tokens.long()  # (B, T + 1)
+        # Checked here, on the host, where it costs no device synchronisation (an id out of range would
+        # otherwise fail inside the embedding on the GPU with an opaque device-side assertion).
+        if self.vocab_size is not None and tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"the data hold token ids outside the vocabulary [0, {self.vocab_size}): min "
+                             f"{int(tokens.min())}, max {int(tokens.max())}; the prepared chunks are damaged or were "
+                             "written with another tokenizer")
         batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}  # (B, T) each
         if self.pack_documents:
             batch["cu_seqlens"] = document_cu_seqlens(batch["input_ids"], self.eos_id)
