@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -129,4 +130,8 @@ def test_eval_length_tool_writes_table_json_and_plot(model, tmp_path):
     assert [r["stop"] for r in rows] == [32, 64, 128, 200]
     assert all(r["tokens"] == r["stop"] - r["start"] for r in rows)  # one document covering every position
     assert (out.with_suffix(".png")).stat().st_size > 0
-    assert (out.with_suffix(".json")).is_file()
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["buckets"] == rows and saved["meta"]["tokens_scored"] == 200
+    # The plot can be redrawn from the saved numbers alone.
+    again = tool.main(["--replot", str(out.with_suffix(".json")), "--out", str(tmp_path / "again")])
+    assert again == rows and (tmp_path / "again.png").stat().st_size > 0

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tools/eval_length.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt, mom_lit or fla checkpoint directory")
+    parser.add_argument("--checkpoint", default=None, help="Lightning .ckpt, mom_lit or fla checkpoint directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the checkpoint's, else byte)")
     parser.add_argument("--text", nargs="+", default=None,
                         help=".txt/.jsonl/.parquet files or folders (default: Shakespeare's plays)")
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=None, help="scan backend (default: auto on cuda, eager on cpu)")
     parser.add_argument("--out", default=None, help="output path stem: writes STEM.json and STEM.png")
     parser.add_argument("--title", default=None, help="plot title (default: the checkpoint's name)")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="redraw the plot of a JSON this script wrote (to --out, default beside it); no evaluation")
     return parser
 
 
@@ -93,13 +96,34 @@ def _plot(rows: list[dict], path: Path, title: str, train_length: int | None, no
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, note, fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    lines = textwrap.wrap(note, width=int(fig.get_figwidth() * 19))
+    for i, line in enumerate(lines):
+        fig.text(0.01, 0.01 + 0.03 * (len(lines) - 1 - i), line, fontsize=7, color="dimgray")
+    fig.tight_layout(rect=(0, 0.01 + 0.03 * len(lines), 1, 1))
     fig.savefig(path)
+
+
+def _setting(meta: dict) -> str:
+    return (f"{meta['documents']} documents from {meta['source']}; tokenizer {meta['tokenizer']}; {meta['device']} "
+            f"{meta['dtype']}; chunks of {meta['chunk_size']} on the recurrent cache; {meta['tokens_scored']} tokens "
+            f"in {meta['seconds']:.0f} s")
+
+
+def _write(rows: list[dict], meta: dict, out: Path, title: str | None) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "buckets": rows}, indent=2) + "\n")
+    title = title or f"Loss against context position: {Path(meta['checkpoint']).name}"
+    _plot(rows, out.with_suffix(".png"), title, meta["train_length"], _setting(meta))
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    if args.replot is not None:
+        saved = json.loads(Path(args.replot).read_text())
+        _write(saved["buckets"], saved["meta"], Path(args.out or args.replot), args.title)
+        return saved["buckets"]
+    if args.checkpoint is None:
+        raise SystemExit("--checkpoint is required (or --replot JSON)")
     if args.max_length < 2 or args.chunk_size < 1 or args.batch_size < 1 or args.first_bucket < 1:
         raise SystemExit("--max-length must be >= 2; --chunk-size, --batch-size, --first-bucket >= 1")
     device = torch.device(args.device)
@@ -128,22 +152,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         loss, tokens = result.bucket(lo, hi)
         rows.append({"start": lo, "stop": hi, "loss": loss, "ppl": math.exp(loss), "tokens": tokens})
 
-    scored = int(result.count.sum())
-    setting = (f"{len(docs)} documents from {source}; tokenizer {tokenizer.name}; {device.type} {args.dtype}; "
-               f"chunks of {args.chunk_size} on the recurrent cache; {scored} tokens in {seconds:.0f} s")
-    print(f"| positions | loss (nats/token) | perplexity | tokens |\n|---|---:|---:|---:|")
+    meta = {"checkpoint": str(args.checkpoint), "max_length": args.max_length, "chunk_size": args.chunk_size,
+            "train_length": args.train_length, "documents": len(docs), "source": source, "tokenizer": tokenizer.name,
+            "device": device.type, "dtype": args.dtype, "tokens_scored": int(result.count.sum()), "seconds": seconds}
+    print("| positions | loss (nats/token) | perplexity | tokens |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['start']}-{r['stop']} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['tokens']} |")
-    print(setting, file=sys.stderr)
+    print(_setting(meta), file=sys.stderr)
     if args.out is not None:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"checkpoint": str(args.checkpoint), "max_length": args.max_length, "chunk_size": args.chunk_size,
-                "train_length": args.train_length, "documents": len(docs), "source": source,
-                "tokenizer": tokenizer.name, "device": device.type, "dtype": args.dtype, "seconds": seconds}
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "buckets": rows}, indent=2) + "\n")
-        title = args.title or f"Loss against context position: {Path(args.checkpoint).name}"
-        _plot(rows, out.with_suffix(".png"), title, args.train_length, setting)
+        _write(rows, meta, Path(args.out), args.title)
     return rows
 
 

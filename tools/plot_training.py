@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
+def _footnote(fig, note: str) -> None:
+    """``note`` in small grey lines under the axes, wrapped to the figure's width; leaves room for it."""
+    lines = textwrap.wrap(note, width=int(fig.get_figwidth() * 19)) if note else []
+    for i, line in enumerate(lines):
+        fig.text(0.01, 0.01 + 0.03 * (len(lines) - 1 - i), line, fontsize=7, color="dimgray")
+    fig.tight_layout(rect=(0, 0.01 + 0.03 * len(lines), 1, 1))
+
+
 def plot_loss(scalars: dict[str, Series], path: Path, title: str, note: str) -> None:
     train = scalars.get("train/lm_loss") or scalars.get("train/loss")
     if not train:
@@ -83,8 +92,7 @@ def plot_loss(scalars: dict[str, Series], path: Path, title: str, note: str) -> 
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, note, fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _footnote(fig, note)
     fig.savefig(path)
 
 
@@ -117,8 +125,7 @@ def plot_routing(scalars: dict[str, Series], path: Path, title: str, note: str) 
     axes[0][-1].legend(fontsize=7)
     axes[1][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.text(0.01, 0.01, note, fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _footnote(fig, note)
     fig.savefig(path)
 
 
