@@ -93,6 +93,32 @@ def test_swiglu_mlp_matches_plain(dtype, device):
         assert_close(a.grad, b.grad, TOL[dtype], msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_blocks_under_autocast(device):
+    """Mixed precision as Lightning's ``bf16-mixed`` runs it: fp32 weights and inputs, bf16 autocast around the
+    forward only. The backward of the custom functions runs outside autocast and must still combine the bf16
+    activations with the fp32 weights (and return fp32 weight gradients)."""
+    torch.set_default_device(device)
+    torch.manual_seed(3)
+    x = torch.randn(2, 9, 24)
+    w_gu, w_d, w_n = torch.randn(2 * 40, 24) * 0.3, torch.randn(24, 40) * 0.3, 1 + 0.1 * torch.randn(24)
+    ins1 = [t.clone().requires_grad_() for t in (x, w_gu, w_d, w_n)]
+    ins2 = [t.clone().requires_grad_() for t in (x, w_gu, w_d, w_n)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out1 = swiglu_mlp(rms_norm(ins1[0], ins1[3], 1e-6), ins1[1], ins1[2])
+        h = ins2[0] * torch.rsqrt(ins2[0].pow(2).mean(-1, keepdim=True) + 1e-6) * ins2[3]
+        gate, up = (h @ ins2[1].t()).chunk(2, dim=-1)
+        out2 = (F.silu(gate) * up) @ ins2[2].t()
+    assert out1.dtype == out2.dtype == torch.bfloat16
+    assert_close(out1.float(), out2.float(), 2e-2)
+    dout = torch.randn(out1.shape, dtype=torch.bfloat16)
+    out1.backward(dout)
+    out2.backward(dout)
+    for name, a, b in zip(("dx", "dw_gate_up", "dw_down", "dw_norm"), ins1, ins2):
+        assert a.grad.dtype == torch.float32, name
+        assert_close(a.grad, b.grad, 3e-2, msg=name)
+
+
 def test_backward_keeps_only_the_bf16_inputs():
     x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
     w = torch.ones(256, dtype=torch.bfloat16, requires_grad=True)

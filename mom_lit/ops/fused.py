@@ -117,8 +117,11 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, dout):
         h, w_down = ctx.saved_tensors
         p = maybe_compiled(_glu_fwd, h)(h)
-        dw = dout.t() @ p if ctx.needs_input_grad[1] else None  # (D, I)
-        dh = maybe_compiled(_glu_bwd, h)(dout @ w_down, h) if ctx.needs_input_grad[0] else None
+        # The backward runs outside autocast: under mixed precision dout and h are bf16 while the weight is fp32,
+        # so the products take the activations' dtype (as the autocast forward did) and dw the weight's.
+        dw = (dout.t() @ p.to(dout.dtype)).to(w_down.dtype) if ctx.needs_input_grad[1] else None  # (D, I)
+        dh = (maybe_compiled(_glu_bwd, h)(dout @ w_down.to(dout.dtype), h)
+              if ctx.needs_input_grad[0] else None)
         return dh, dw
 
 

@@ -36,7 +36,9 @@ def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for s in tl.static_range(W):  # tap W-1-s multiplies the input s rows back
         valid = mask_t & (pos >= s)
-        r = tl.load(rows + offs_t - s, mask=valid, other=0).to(tl.int64)
+        # The row index is clamped arithmetically and loaded under the bounds mask alone: Triton 3.6 fails to
+        # lower (layout conversion pass, sm90) a 1-D load whose mask derives from the loaded positions.
+        r = tl.load(rows + tl.maximum(offs_t - s, 0), mask=mask_t, other=0).to(tl.int64)
         x = tl.load(src + r[:, None] * src_stride + col[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
         w = tl.load(weight + col * W + (W - 1 - s), mask=mask_d, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
