@@ -154,7 +154,7 @@ def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, g
 def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, grouped, monkeypatch):
     if NATIVE and grouped:
         pytest.skip("on CUDA the grouped projection takes bf16 only: test_bf16_layer_against_fp32_reference")
-    monkeypatch.setitem(layer_module._SLOT_KERNELS, "allow_cpu", True)
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     calls = _spy(monkeypatch)
     if not NATIVE:  # the interpreted Triton scan is slow and not what is tested here
         reference_scan = layer_module.scan
@@ -168,6 +168,7 @@ def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, groupe
 @pytest.mark.parametrize("overrides", [pytest.param({}, id="E4-dense"),
                                        pytest.param({"num_memories": 8}, id="E8-grouped")])
 def test_bf16_layer_against_fp32_reference(overrides, monkeypatch):
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": False})
     calls = _spy(monkeypatch)
     # 4 heads: per-stream rows of 2HK + 2H = 264 bf16 values, a multiple of 16 bytes as grouped_mm requires.
     _compare_layers("gated_delta", torch.bfloat16, overrides, tol=5e-2, hidden=128, heads=4, head_dim=32,
