@@ -158,6 +158,31 @@ def test_fit_follows_schedule_and_counts_tokens(tmp_path):
     assert "throughput/mfu" not in trainer.logged_metrics  # no known peak on a CPU
 
 
+@pytest.mark.parametrize("rule", ["gated_delta", "gla"])
+def test_bf16_mixed_fit_with_clipping_matches_fp32(rule, tmp_path):
+    """Lightning's ``bf16-mixed`` (fp32 weights, bf16 autocast forward, custom-function backwards outside
+    autocast) with gradient clipping trains like fp32: same first-step loss to bf16 rounding, finite weights
+    that moved. This is how every GPU config of the project runs."""
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        torch.manual_seed(0)
+        module = MoMLightningModule(tiny_config(update_rule=rule), lr=1e-3, warmup_steps=0)
+        before = [p.detach().clone() for p in module.parameters()]
+        seen = []
+
+        class RecordLoss(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen.append(float(outputs["loss"]))
+
+        fit(module, RandomTokens(), tmp_path / precision, max_steps=3, precision=precision, gradient_clip_val=1.0,
+            callbacks=[RecordLoss()], limit_val_batches=0)
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+        losses[precision] = seen
+    assert len(losses["bf16-mixed"]) == 3
+    assert losses["bf16-mixed"][0] == pytest.approx(losses["32-true"][0], rel=2e-2)
+
+
 # Evaluation metrics -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_validation_loss_is_token_weighted_and_slices_are_reported(tmp_path):
