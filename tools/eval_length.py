@@ -91,6 +91,9 @@ def _plot(rows: list[dict], path: Path, title: str, train_length: int | None, no
     if train_length is not None:
         ax.axvline(train_length, color="grey", linestyle="--", label=f"training length {train_length}")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{v // 1024}K" if v >= 1024 and v % 1024 == 0 else str(v) for v in x], fontsize=8)
+    ax.minorticks_off()
+    ax.set_ylim(0, 1.15 * max(r["loss"] for r in rows if math.isfinite(r["loss"])))  # from 0: drift to scale
     ax.set_xlabel("position in the context (upper edge of the bucket, tokens)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title, fontsize=10)
