@@ -87,7 +87,7 @@ def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, 
     pos = tl.load(position + offs_t, mask=mask_t, other=0)
     for s in tl.static_range(W):
         valid = mask_t & (pos >= s)
-        r_s = tl.load(rows + offs_t - s, mask=valid, other=0).to(tl.int64)
+        r_s = tl.load(rows + tl.maximum(offs_t - s, 0), mask=mask_t, other=0).to(tl.int64)  # as in _pre_activation
         x = tl.load(src + r_s[:, None] * src_stride + col[None, :], mask=valid[:, None] & mask_d[None, :],
                     other=0.0)
         part = tl.sum(dp * x.to(tl.float32), axis=0)  # (BD,)
