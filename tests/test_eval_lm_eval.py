@@ -38,13 +38,9 @@ TASKS = {
 
 
 @pytest.fixture(autouse=True)
-def _offline_and_one_thread(monkeypatch):
+def _offline(monkeypatch, one_thread):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model() -> MoMForCausalLM:

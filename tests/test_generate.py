@@ -19,13 +19,7 @@ SEED = 42
 PROMPTS = ["To be, or not", "héllo ✓", "a"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation, and the test machine's cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(vocab_size: int = ByteTokenizer.vocab_size) -> MoMForCausalLM:
