@@ -60,7 +60,7 @@ PROBE_FILE = "probe.json"
 
 class ScaleProbe(L.Callback):
     """Per-rank tokens/s and peak memory, and the loss of each optimizer step over all ranks; rank 0 writes
-    ``<out_dir>/probe.json`` at the end of the fit.
+    ``<out_dir>/probe.json`` at the end of training.
 
     Args:
         out_dir: where ``probe.json`` goes.
@@ -102,8 +102,10 @@ class ScaleProbe(L.Callback):
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             self._end = self._now(pl_module.device)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        device = pl_module.device
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_fit_end: by then the strategy's teardown has moved the module to the CPU, where CUDA peak memory
+        # reads 0 and NCCL cannot gather.
+        device = trainer.strategy.root_device
         accumulate = trainer.accumulate_grad_batches
         steps = len(self._losses) // accumulate
         # (steps, accumulate) micro-batch losses -> the loss of each optimizer step on this rank's share

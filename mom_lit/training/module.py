@@ -166,7 +166,12 @@ class MoMLightningModule(L.LightningModule):
         loss, router_entropy, batch = self._last_step
         self._last_step = None
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if step_is_finite(loss, [p.grad for p in params if p.grad is not None]):
+        finite = step_is_finite(loss, [p.grad for p in params if p.grad is not None])
+        if self.trainer.world_size > 1:
+            # Under FSDP each rank sees only its shard of the gradients (and under any strategy only its own loss):
+            # every rank must take the same decision, or the replicas drift apart.
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         if self.hparams.get("nonfinite", "skip") == "stop":
             raise NonFiniteStepError(f"non-finite training step at global step {self.trainer.global_step}: "
