@@ -106,6 +106,10 @@ class MoMLayer(nn.Module):
         self.g_proj = nn.Linear(hidden, c.value_dim, bias=False) if c.use_output_gate else None
         self.o_norm = GatedRMSNorm(c.head_v_dim, eps=c.norm_eps)
         self.o_proj = nn.Linear(c.value_dim, hidden, bias=False)
+        # Whether the elementwise stages around the scan may run as a torch.compile'd function on CUDA. Off under
+        # sharded training (FSDP): its parameters are views of a flat parameter whose gradients dynamo cannot
+        # trace, also while checkpointed blocks are recomputed in the backward.
+        self.compile_stages = True
         self.reset_parameters()
 
     @torch.no_grad()
@@ -368,7 +372,8 @@ class MoMLayer(nn.Module):
         """On CUDA next to the Triton scan, the elementwise work around it (gathers, convolution, norms, gates)
         runs as a ``torch.compile``d function, so that it costs a few fused kernels instead of dozens of passes
         over the (slots x channels) activations. None where that does not apply or compilation is unavailable."""
-        if not x_flat.is_cuda or self.config.backend not in ("auto", "triton") or _FUSION["disabled"]:
+        if (not x_flat.is_cuda or not self.compile_stages or self.config.backend not in ("auto", "triton")
+                or _FUSION["disabled"]):
             return None
         if any(p.grad is not None and p.grad.dtype != p.dtype for p in self.parameters()):
             # FSDP mixed precision: bf16 parameters carrying fp32 gradients, which torch.compile cannot trace.

@@ -118,6 +118,24 @@ def test_fsdp_clips_through_the_root_module(monkeypatch):
     assert calls == [0.5, 0.25]
 
 
+@pytest.mark.parametrize("strategy,compiled", [("FSDPStrategy", False), ("DDPStrategy", True)])
+def test_sharded_strategies_turn_off_compiled_layer_stages(strategy, compiled):
+    """Under FSDP the layers' parameters are views of a flat parameter that torch.compile cannot trace (this
+    crashed the first FSDP run on GPUs in a checkpointed block's recompute): the module turns the layers' compiled
+    stages off for any FSDP strategy and leaves them on otherwise."""
+    from types import SimpleNamespace
+
+    from mom_lit import MoMConfig
+    from mom_lit.layer import MoMLayer
+    from mom_lit.training import module as module_lib
+
+    lm = module_lib.MoMLightningModule(MoMConfig.from_preset("debug"))
+    lm._trainer = SimpleNamespace(strategy=type(strategy, (), {})())
+    lm.configure_model()
+    layers = [m for m in lm.model.modules() if isinstance(m, MoMLayer)]
+    assert layers and all(layer.compile_stages is compiled for layer in layers)
+
+
 def test_optimizer_on_cuda_lets_lightning_clip_under_mixed_precision():
     """Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that unscales them itself
     (a fused AdamW), and every bf16-mixed config clips: the optimizer chosen for a CUDA module must not be one."""

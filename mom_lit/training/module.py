@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from mom_lit.config import MoMConfig
+from mom_lit.layer import MoMLayer
 from mom_lit.model import MoMBlock, MoMForCausalLM, MoMOutput
 from mom_lit.training.faults import NONFINITE_POLICIES, NonFiniteStepError, describe_nonfinite, step_is_finite
 from mom_lit.training.flops import training_flops_per_token
@@ -123,6 +124,11 @@ class MoMLightningModule(L.LightningModule):
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, MoMBlock))
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None and "FSDP" in type(strategy).__name__:
+            for layer in self.model.modules():
+                if isinstance(layer, MoMLayer):
+                    layer.compile_stages = False
         if self.hparams.compile:
             self.model.compile()
 
