@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Check and time mom_lit on this machine's GPUs, one step after another, each under its own time limit, every
+# log and table written to OUT_DIR (nothing is lost when a step runs out of time: it is logged as such and the
+# next step starts).
+#
+#   tools/gpu_check.sh OUT_DIR [STEP ...]      (from any folder; mom_lit importable, pytest for the tests)
+#
+# Steps (default: all, in this order):
+#   tests   the GPU test files (Triton scan, decoding step, slot/mix stages, fused blocks, model invariants)
+#   layer   bench_layer.py, layer section: ours (Triton stages on, then off), then fla's rows if fla is importable
+#   model   bench_layer.py, model section: our MoM model (plain and checkpointed blocks), then fla's GDN model
+#   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
+#   scale   scale_runs.py with 2+ GPUs: 1 GPU, DDP, FSDP, two single-GPU "nodes"
+# fla's rows run in processes of their own, after ours, with the longest limits: its first calls autotune for
+# minutes. Limits (seconds) can be changed through the environment: TESTS_S, LAYER_S, FLA_S, MODEL_S, DECODE_S,
+# SCALE_S. fla's timings lift its Hopper guard (--fla-timing-only): they are timings, not correctness claims.
+set -u
+if [ $# -lt 1 ]; then
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
+shift
+STEPS=${*:-tests layer model decode scale}
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONUNBUFFERED=1
+status=0
+
+# run NAME SECONDS CMD...: CMD's output to OUT/NAME.log; a line per step in OUT/summary.txt
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    echo "[$name] $*"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    local verdict="exit $rc"
+    [ $rc -eq 124 ] && verdict="TIME LIMIT ($limit s)"
+    [ $rc -ne 0 ] && status=1
+    echo "$name: $verdict after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+}
+
+has_fla() { python -c "import fla" >/dev/null 2>&1; }
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -lt 1 ]; then
+    echo "no CUDA device visible" >&2
+    exit 2
+fi
+python -c "import torch, triton; print(torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(),
+'| torch', torch.__version__, '| triton', triton.__version__)" | tee "$OUT/summary.txt"
+
+for step in $STEPS; do
+    case $step in
+    tests)
+        workers=()
+        python -c "import xdist" >/dev/null 2>&1 && workers=(-n 8)
+        run tests "${TESTS_S:-420}" python -m pytest "${workers[@]}" -q -rfE --tb=short -p no:cacheprovider \
+            tests/test_triton_scan.py tests/test_triton_decode.py tests/test_layer_fast_paths.py \
+            tests/test_fused_blocks.py tests/test_model_gpu.py ;;
+    layer)
+        run layer "${LAYER_S:-240}" python tools/bench_layer.py --sections layer --skip fla --out "$OUT/layer.md"
+        MOM_LIT_SLOT_KERNELS=0 run layer_reference_stages "${LAYER_S:-240}" python tools/bench_layer.py \
+            --sections layer --skip fla,SDPA,GDN --out "$OUT/layer_reference_stages.md"
+        has_fla && run layer_fla "${FLA_S:-600}" python tools/bench_layer.py --sections layer --fla-timing-only \
+            --skip mom_lit,SDPA --out "$OUT/layer_fla.md" ;;
+    model)
+        run model "${MODEL_S:-300}" python tools/bench_layer.py --sections model --skip "fla,Llama,mom_lit GDN" \
+            --out "$OUT/model.md"
+        has_fla && run model_fla "${FLA_S:-600}" python tools/bench_layer.py --sections model --fla-timing-only \
+            --skip "mom_lit,Llama,fla Mom" --out "$OUT/model_fla.md" ;;
+    decode)
+        run decode "${DECODE_S:-420}" python tools/bench_decode.py --json "$OUT/decode.json" ;;
+    scale)
+        if [ "$gpus" -lt 2 ]; then
+            echo "scale: skipped, needs 2 GPUs ($gpus visible)" | tee -a "$OUT/summary.txt"
+        else
+            run scale "${SCALE_S:-1500}" python tools/scale_runs.py --out "$OUT/scale" --timeout 360
+        fi ;;
+    *)
+        echo "unknown step '$step' (tests layer model decode scale)" >&2
+        exit 2 ;;
+    esac
+done
+echo "summary: $OUT/summary.txt"
+exit $status
