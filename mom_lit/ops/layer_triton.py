@@ -29,6 +29,20 @@ BT = 32  # rows per program
 
 
 @triton.jit
+def _row_block(num_rows, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """This program's block: rows pid_t * BT .. + BT of ``num_rows``, the D columns of head program_id(1).
+
+    Returns pid_t, row offsets (BT,), column offsets within the head (BD,), their masks, the (BT, BD) mask and the
+    head's columns (BD,) in the (rows, heads x D) layout.
+    """
+    pid_t, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    mask_t, mask_d = offs_t < num_rows, offs_d < D
+    return pid_t, offs_t, offs_d, mask_t, mask_d, mask_t[:, None] & mask_d[None, :], head * D + offs_d
+
+
+@triton.jit
 def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d,
                     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """(BT, BD) fp32 causal convolution of the rows ``offs_t`` inside their segments (zeros before the start)."""
@@ -48,11 +62,7 @@ def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col
 @triton.jit
 def _fwd_kernel(src, src_stride, rows, position, weight, out, L, out_stride, eps,
                 D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    pid_t, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    mask_t, mask_d = offs_t < L, offs_d < D
-    col = head * D + offs_d
+    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
     pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD)
     a = pre * tl.sigmoid(pre)
     if NORM:
@@ -66,12 +76,7 @@ def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, 
                     C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr):
     """Gradient of the pre-activation (L, C) and the filter gradient of this block of rows (W, C) fp32."""
-    pid_t, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    mask_t, mask_d = offs_t < L, offs_d < D
-    mask = mask_t[:, None] & mask_d[None, :]
-    col = head * D + offs_d
+    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
     pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD)
     sig = tl.sigmoid(pre)
     a = pre * sig
@@ -99,11 +104,7 @@ def _bwd_dx_kernel(dpre, position, weight, dst, dst_rows, dst_stride, L,
                    C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SCATTER: tl.constexpr,
                    BT: tl.constexpr, BD: tl.constexpr):
     """Transposed convolution: dx[t] = sum_s dpre[t+s] w[W-1-s] over rows t+s of t's segment."""
-    pid_t, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    mask_t, mask_d = offs_t < L, offs_d < D
-    col = head * D + offs_d
+    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for s in tl.static_range(W):
         ahead = offs_t + s
@@ -179,12 +180,7 @@ def _mixed_rows(o, rank, weight, offs_t, mask_t, col, mask_d, J: tl.constexpr, H
 @triton.jit
 def _mix_fwd_kernel(o, rank, weight, gate, norm_weight, out, N, eps, J: tl.constexpr, HV: tl.constexpr,
                     D: tl.constexpr, HAS_GATE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    pid_t, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    mask_t, mask_d = offs_t < N, offs_d < D
-    mask = mask_t[:, None] & mask_d[None, :]
-    col = head * D + offs_d
+    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(N, D, BT, BD)
     acc = _mixed_rows(o, rank, weight, offs_t, mask_t, col, mask_d, J, HV, BT, BD)
     r = tl.rsqrt(tl.sum(acc * acc, axis=1) / D + eps)
     y = acc * r[:, None] * tl.load(norm_weight + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
@@ -198,12 +194,8 @@ def _mix_fwd_kernel(o, rank, weight, gate, norm_weight, out, N, eps, J: tl.const
 def _mix_bwd_kernel(o, rank, weight, gate, norm_weight, dout, do, dweight, dgate, dnorm, N, eps,
                     J: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, D: tl.constexpr, HAS_GATE: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr):
-    pid_t, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    mask_t, mask_d = offs_t < N, offs_d < D
-    mask = mask_t[:, None] & mask_d[None, :]
-    col = head * D + offs_d
+    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(N, D, BT, BD)
+    head = tl.program_id(1)
     acc = _mixed_rows(o, rank, weight, offs_t, mask_t, col, mask_d, J, HV, BT, BD)
     r = tl.rsqrt(tl.sum(acc * acc, axis=1) / D + eps)
     xhat = acc * r[:, None]

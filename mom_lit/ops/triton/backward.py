@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_tile_ptrs
+from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_block, state_program
 
 __all__ = ["dqk_kernel", "du_local_kernel", "state_bwd_kernel", "wy_bwd_kernel"]
 
@@ -94,37 +94,15 @@ def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, cu, sc
                      STORE_DH0: tl.constexpr, MODE: tl.constexpr):
     # the (K, BV) state gradient is held as up to four (BKS, BV) register blocks d1..d4, as in the forward
     NKS: tl.constexpr = (K + BKS - 1) // BKS
-    # V blocks of one (segment, head) are consecutive programs: they run together and share q, k, w via L2
-    NVB: tl.constexpr = (V + BV - 1) // BV
-    nh = tl.program_id(0) // NVB
-    vb = tl.program_id(0) % NVB
-    n = nh // H
-    h = nh % H
-    c0 = tl.load(chunk_offsets + n).to(tl.int64)
-    c1 = tl.load(chunk_offsets + n + 1).to(tl.int64)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    rv = vb * BV + tl.arange(0, BV)
+    nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, cu, H, V, BV)
     base = nh.to(tl.int64) * K * V
-    p1, m1 = state_tile_ptrs(base, 0, rv, K, V, BKS)
-    d1 = tl.zeros([BKS, BV], dtype=tl.float32)
-    if HAS_DHT:
-        d1 = tl.load(dht + p1, mask=m1, other=0.0)
+    p1, m1, d1 = state_block(dht, base, 0, rv, K, V, BKS, BV, HAS_DHT)
     if NKS > 1:
-        p2, m2 = state_tile_ptrs(base, BKS, rv, K, V, BKS)
-        d2 = tl.zeros([BKS, BV], dtype=tl.float32)
-        if HAS_DHT:
-            d2 = tl.load(dht + p2, mask=m2, other=0.0)
+        p2, m2, d2 = state_block(dht, base, BKS, rv, K, V, BKS, BV, HAS_DHT)
     if NKS > 2:
-        p3, m3 = state_tile_ptrs(base, 2 * BKS, rv, K, V, BKS)
-        d3 = tl.zeros([BKS, BV], dtype=tl.float32)
-        if HAS_DHT:
-            d3 = tl.load(dht + p3, mask=m3, other=0.0)
+        p3, m3, d3 = state_block(dht, base, 2 * BKS, rv, K, V, BKS, BV, HAS_DHT)
     if NKS > 3:
-        p4, m4 = state_tile_ptrs(base, 3 * BKS, rv, K, V, BKS)
-        d4 = tl.zeros([BKS, BV], dtype=tl.float32)
-        if HAS_DHT:
-            d4 = tl.load(dht + p4, mask=m4, other=0.0)
+        p4, m4, d4 = state_block(dht, base, 3 * BKS, rv, K, V, BKS, BV, HAS_DHT)
     rows = tl.arange(0, 64)
     for i in range(0, c1 - c0):
         c = c1 - 1 - i  # int64 chunk id, last chunk first

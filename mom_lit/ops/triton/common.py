@@ -69,6 +69,35 @@ def state_tile_ptrs(base, row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constex
 
 
 @triton.jit
+def state_program(chunk_offsets, cu, H: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """Where a program of a sequential state pass works: one (segment, head) and one block of BV state columns.
+
+    The V blocks of one (segment, head) are consecutive programs, so they run together and share q, k, w via L2.
+    Returns (nh = segment * H + head, head, the block's columns, first and end chunk ids, first and end tokens).
+    """
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    nh = tl.program_id(0) // NVB
+    vb = tl.program_id(0) % NVB
+    n = nh // H
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    c1 = tl.load(chunk_offsets + n + 1).to(tl.int64)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    return nh, nh % H, vb * BV + tl.arange(0, BV), c0, c1, bos, eos
+
+
+@triton.jit
+def state_block(src, base, row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr,
+                BV: tl.constexpr, LOAD: tl.constexpr):
+    """Offsets, mask and fp32 value of one (BKS, BV) register block of a state: read from ``src`` if LOAD, else 0."""
+    p, m = state_tile_ptrs(base, row0, rv, K, V, BKS)
+    s = tl.zeros([BKS, BV], dtype=tl.float32)
+    if LOAD:
+        s = tl.load(src + p, mask=m, other=0.0).to(tl.float32)
+    return p, m, s
+
+
+@triton.jit
 def load_gates(gamma, tok, mr, start, length, H: tl.constexpr, h):
     """Cumulative log-gates of a chunk and their last valid value.
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_tile_ptrs
+from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_block, state_program
 
 __all__ = ["output_kernel", "state_fwd_kernel", "wy_apply_kernel", "wy_solve_kernel"]
 
@@ -214,37 +214,15 @@ def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, cu,
     # write it; the states come out as in the forward, which also rounded U to u's dtype before using it.
     # the (K, BV) state is held as up to four (BKS, BV) register blocks s1..s4 (K <= 4 * BKS)
     NKS: tl.constexpr = (K + BKS - 1) // BKS
-    # V blocks of one (segment, head) are consecutive programs: they run together and share q, k, w via L2
-    NVB: tl.constexpr = (V + BV - 1) // BV
-    nh = tl.program_id(0) // NVB
-    vb = tl.program_id(0) % NVB
-    n = nh // H
-    h = nh % H
-    c0 = tl.load(chunk_offsets + n).to(tl.int64)
-    c1 = tl.load(chunk_offsets + n + 1).to(tl.int64)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    rv = vb * BV + tl.arange(0, BV)
+    nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, cu, H, V, BV)
     h0_base = nh.to(tl.int64) * K * V
-    p1, m1 = state_tile_ptrs(h0_base, 0, rv, K, V, BKS)
-    s1 = tl.zeros([BKS, BV], dtype=tl.float32)
-    if HAS_H0:
-        s1 = tl.load(h0 + p1, mask=m1, other=0.0)
+    p1, m1, s1 = state_block(h0, h0_base, 0, rv, K, V, BKS, BV, HAS_H0)
     if NKS > 1:
-        p2, m2 = state_tile_ptrs(h0_base, BKS, rv, K, V, BKS)
-        s2 = tl.zeros([BKS, BV], dtype=tl.float32)
-        if HAS_H0:
-            s2 = tl.load(h0 + p2, mask=m2, other=0.0)
+        p2, m2, s2 = state_block(h0, h0_base, BKS, rv, K, V, BKS, BV, HAS_H0)
     if NKS > 2:
-        p3, m3 = state_tile_ptrs(h0_base, 2 * BKS, rv, K, V, BKS)
-        s3 = tl.zeros([BKS, BV], dtype=tl.float32)
-        if HAS_H0:
-            s3 = tl.load(h0 + p3, mask=m3, other=0.0)
+        p3, m3, s3 = state_block(h0, h0_base, 2 * BKS, rv, K, V, BKS, BV, HAS_H0)
     if NKS > 3:
-        p4, m4 = state_tile_ptrs(h0_base, 3 * BKS, rv, K, V, BKS)
-        s4 = tl.zeros([BKS, BV], dtype=tl.float32)
-        if HAS_H0:
-            s4 = tl.load(h0 + p4, mask=m4, other=0.0)
+        p4, m4, s4 = state_block(h0, h0_base, 3 * BKS, rv, K, V, BKS, BV, HAS_H0)
     rows = tl.arange(0, 64)
     for j in range(0, c1 - c0):
         c = c0 + j  # int64 chunk id
