@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         if row.get("train_loss") is None:
             print((out / f"{name}.log").read_text()[-3000:], flush=True)
+        # Rewritten after every run: a run killed from outside (a job's time limit) keeps the finished ones.
+        write_results(rows, out, header)
     table = write_results(rows, out, header)
     print("\n" + table, flush=True)
     return 0 if all(r.get("ok") for r in rows) else 1
