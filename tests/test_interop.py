@@ -340,3 +340,64 @@ def test_convert_cli_chain(lightning_ckpt, tmp_path, capsys):
     assert torch.equal(_logits(loaded), _logits(reference))
     assert tool.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# The torch stand-ins of tools/verify_fla_interop.py (its CPU mode for fla's layer logic) -------------------------
+def _verify_tool():
+    spec = importlib.util.spec_from_file_location("verify_fla_tool", REPO / "tools" / "verify_fla_interop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("state_v_first", [False, True], ids=["state-kv", "state-vk"])
+def test_verify_tool_delta_rule_reference_matches_the_oracle(state_v_first):
+    from mom_lit.ops.recurrent import recurrent_scan
+
+    tool = _verify_tool()
+    g = torch.Generator().manual_seed(SEED)
+    T, H, K, V = 23, 2, 4, 3
+    cu = torch.tensor([0, 5, 5, 6, 23])  # an empty and a one-token segment
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, k, v = rand(1, T, H, K), rand(1, T, H, K), rand(1, T, H, V)
+    a, b = rand(1, T, H), rand(1, T, H)  # raw gate and beta inputs: fla's GatedDeltaNet passes them so
+    a_log, dt_bias = rand(H), rand(H)
+    h0 = rand(4, H, K, V)  # (N, H, K, V)
+    o, final = tool.reference_gated_delta_rule(
+        q, k, v, a, b, initial_state=h0.transpose(-1, -2) if state_v_first else h0, output_final_state=True,
+        use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, state_v_first=state_v_first, cu_seqlens=cu,
+        use_gate_in_kernel=True, A_log=a_log, dt_bias=dt_bias)
+
+    def l2(x):  # fla's in-kernel normalisation
+        return x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+    gate = -a_log.exp() * torch.nn.functional.softplus(a + dt_bias)
+    o_ref, final_ref = recurrent_scan(l2(q), l2(k), v, g=gate, beta=b.sigmoid(), initial_state=h0, cu_seqlens=cu)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(final.transpose(-1, -2) if state_v_first else final, final_ref)
+
+
+def test_verify_tool_conv_reference_matches_conv1d_and_its_step():
+    tool = _verify_tool()
+    g = torch.Generator().manual_seed(SEED)
+    D, W, cu = 5, 4, [0, 2, 9, 16]
+    x = torch.randn(1, cu[-1], D, generator=g, dtype=torch.float64)
+    weight = torch.randn(D, W, generator=g, dtype=torch.float64)
+    y, final = tool.reference_causal_conv1d(x, weight, activation="silu", output_final_state=True,
+                                            cu_seqlens=torch.tensor(cu))
+    for i, (start, end) in enumerate(zip(cu[:-1], cu[1:])):
+        seg = torch.nn.functional.pad(x[0, start:end].t(), (W - 1, 0))  # (D, W-1 + L), zeros before the segment
+        expected = torch.nn.functional.silu(torch.nn.functional.conv1d(seg[None], weight[:, None], groups=D))[0].t()
+        torch.testing.assert_close(y[0, start:end], expected)
+        torch.testing.assert_close(final[i], seg[:, -W:])
+    # Steps on the cache continue each sequence as one longer convolution would.
+    nxt = torch.randn(3, D, generator=g, dtype=torch.float64)
+    step, cache = tool.reference_causal_conv1d_update(nxt[None], final.clone(), weight=weight, activation="silu")
+    for i, (start, end) in enumerate(zip(cu[:-1], cu[1:])):
+        longer = torch.cat([x[0, start:end], nxt[i:i + 1]])[None]
+        y_long, final_long = tool.reference_causal_conv1d(longer, weight, activation="silu", output_final_state=True)
+        torch.testing.assert_close(step[0, i], y_long[0, -1])
+        torch.testing.assert_close(cache[i], final_long[0])

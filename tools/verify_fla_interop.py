@@ -14,20 +14,32 @@ Builds small random fla ``MomForCausalLM`` and ``GatedDeltaNetForCausalLM`` mode
 * the other direction: ``mom_lit.interop.save_fla`` of the imported model, reloaded by fla's
   ``from_pretrained``, against the original fla model.
 
+fla-internal rows (``fla ...`` checks) compare fla with itself and need no conversion: fla's chunked prefill
+against its fused-recurrent mode on the same input (set by the layers' ``mode``), fla's decoding steps against its
+own full forward over the prompt and the fed tokens, and a second run of the same steps. They tell an fla path that
+disagrees with fla's other path apart from a conversion error.
+
 Errors are ``max|diff|`` and the relative RMS ``rms(ours - fla) / rms(fla)``. In bfloat16 the column ``floor``
 gives fla-bf16 against fla-fp32, the rounding noise that any bf16 implementation carries. fla's MoM layer
 groups tokens by memory with ``argsort``, which is not guaranteed to keep time order inside a memory; the
 ``mom*`` rows repeat the comparison with that sort made stable (the order the layer assumes), which tells an
-ordering effect apart from a conversion error.
+ordering effect apart from a conversion error. Two known fla departures: on NVIDIA GPUs fla's chunked kernels
+run their float32 matrix products in tf32 (its triangular solve always, the other ``tl.dot`` calls by Triton's
+default), so its chunked float32 prefill is not a float32 reference; and the CPU ``argsort`` reorders tokens of
+one memory, so the unstable ``mom`` rows fail on the CPU by design.
 
 Typical run (repository root, fla wheels installed, CUDA)::
 
     PYTHONPATH=. python tools/verify_fla_interop.py
 
-``--device cpu`` runs fla's Triton kernels under the Triton interpreter (autotuners limited to their first
-configuration): slow, for tiny shapes (``--tiny``) up to 64 tokens (fla's chunked kernels do not run in the
-interpreter), to check the script itself. The table is printed and, when
-the environment variable OUT names a folder, written to ``$OUT/fla_interop.txt`` (and ``.json``).
+``--kernels torch`` (the default with ``--device cpu``) replaces every kernel call of fla's inference path (gated
+delta rule, both modes; causal convolution and its one-token update; RMSNorm, gated RMSNorm, the SwiGLU MLP) by
+plain-torch token-by-token references written here from the kernels' documented semantics, while fla's own
+Python (routing, token sort, padding, cache bookkeeping) runs unchanged: a CPU check of fla's layer logic at
+any length, kernels aside. ``--kernels fla`` on the CPU runs fla's Triton kernels under the Triton interpreter
+(autotuners limited to their first configuration; fla's chunked kernels do not run there, and with Triton 3.8
+its fused-recurrent kernel returned NaN after a few tokens). The table is printed and, when the environment
+variable OUT names a folder, written to ``$OUT/fla_interop.txt`` (and ``.json``).
 """
 
 from __future__ import annotations
@@ -42,16 +54,29 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-TINY = dict(hidden=32, heads=2, head_dim=8, layers=2, memories=4, topk=2, vocab=64, lengths="21,45",
+TINY = dict(hidden=32, heads=2, head_dim=8, layers=2, memories=4, topk=2, vocab=64, lengths="21,45,150",
             prompt_len=13, decode_steps=4, batch=2)
 FP32_TOL = 5e-3  # relative RMS; Triton matmuls of fp32 inputs may run in tf32 on both sides
 BF16_FACTOR, BF16_FLOOR = 2.0, 2e-2  # bf16 passes under max(BF16_FACTOR * noise floor, BF16_FLOOR)
+KNOWN_DIFFERENCES = """\
+Known differences on fla's side (fla 0.6.0):
+- rows 'mom' (fla's own argsort) fail wherever that sort reorders the tokens of one memory (the CPU sort does);
+  the 'mom (stable sort)' rows are the conversion check.
+- fla's chunked kernels (prefill above 64 tokens) run fp32 products in tf32 on NVIDIA GPUs; emulated on the CPU
+  for the default model at T=200 this costs ~4e-4 rel RMS, under the fp32 tolerance.
+- bf16 rows can fail on a top-k routing flip (a near-tie that bf16 rounding tips); the floor shows fla's own.
+- 'fla.generate vs fla steps' is informational: with transformers 5.24 fla's MoM generate disagreed with fla's
+  own step loop on the CPU (GatedDeltaNet's agreed)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (Triton interpreter, tiny shapes)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--kernels", choices=("fla", "torch"), default=None,
+                        help="fla: fla's Triton kernels (default on cuda; the interpreter on cpu); torch: plain-torch "
+                             "references in their place (default on cpu)")
     parser.add_argument("--tiny", action="store_true", help=f"tiny shapes for the interpreter: {TINY}")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=2)
@@ -92,6 +117,153 @@ def _import_fla():
                  "Install flash-linear-attention and its needs (einops, transformers>=5.6) first, e.g. "
                  "pip install --no-deps fla_core-0.6.0-py3-none-any.whl flash_linear_attention-0.6.0-py3-none-any.whl")
     return MomConfig, MomForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+
+# Plain-torch stand-ins for fla's kernels (``--kernels torch``) -----------------------------------------------------
+# Written from the semantics that fla documents for each call; fp32 accumulation (fp64 for fp64 inputs).
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segments(batch: int, length: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every independent sequence: one per row, or the varlen pieces of row 0."""
+    if cu_seqlens is None:
+        return [(b, 0, length) for b in range(batch)]
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs a batch of 1, got {batch}")
+    c = cu_seqlens.tolist()
+    return [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
+
+
+def reference_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+                               allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
+                               use_gate_in_kernel=False, A_log=None, dt_bias=None, **_):
+    """fla's ``chunk_gated_delta_rule`` / ``fused_recurrent_gated_delta_rule`` one token at a time.
+
+    q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H). States (N, H, K, V), or (N, H, V, K) with
+    ``state_v_first``. Per token: S <- exp(g) S; S <- S + beta k (v - S^T k)^T; o = S^T (scale q).
+    """
+    B, T, H, K = q.shape
+    out_dtype, acc = v.dtype, _acc_dtype(v.dtype)
+    q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
+    if use_qk_l2norm_in_kernel:  # x / sqrt(|x|^2 + 1e-6), as fla's kernels do
+        q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)
+        k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
+    if use_gate_in_kernel:
+        g = g + (0 if dt_bias is None else dt_bias.to(acc))
+        g = -A_log.to(acc).exp() * F.softplus(g)
+    if use_beta_sigmoid_in_kernel:
+        beta = beta.sigmoid() * (2 if allow_neg_eigval else 1)
+    scale = K ** -0.5 if scale is None else scale
+    segments = _segments(B, T, cu_seqlens)
+    if initial_state is not None and initial_state.shape[0] != len(segments):
+        raise ValueError(f"{initial_state.shape[0]} initial states for {len(segments)} sequences")
+    o = torch.zeros(*v.shape, dtype=acc)
+    finals = []
+    for n, (b, start, end) in enumerate(segments):
+        state = torch.zeros(H, K, v.shape[-1], dtype=acc)  # (H, K, V)
+        if initial_state is not None:
+            h0 = initial_state[n].to(acc)
+            state = (h0.transpose(-1, -2) if state_v_first else h0).clone()
+        for t in range(start, end):
+            state = state * g[b, t].exp()[:, None, None]
+            delta = beta[b, t][:, None] * (v[b, t] - torch.einsum("hk,hkv->hv", k[b, t], state))  # (H, V)
+            state = state + k[b, t][:, :, None] * delta[:, None, :]
+            o[b, t] = torch.einsum("hk,hkv->hv", q[b, t] * scale, state)
+        finals.append(state.transpose(-1, -2) if state_v_first else state)
+    final = torch.stack(finals) if output_final_state else None  # fp32 states, as fla keeps them
+    return o.to(out_dtype), final
+
+
+def reference_causal_conv1d(x, weight=None, bias=None, residual=None, initial_state=None,
+                            output_final_state=False, activation=None, cu_seqlens=None, **_):
+    """fla's ``causal_conv1d``: depthwise causal conv of x (B, T, D) with weight (D, W). States (N, D, W) hold
+    the last W inputs, slot W-1 the latest; the output at t reads inputs t-W+1..t."""
+    if residual is not None:
+        raise NotImplementedError("residual")
+    B, T, D = x.shape
+    W = weight.shape[1]
+    acc = _acc_dtype(x.dtype)
+    y = torch.zeros(B, T, D, dtype=acc)
+    finals = []
+    for n, (b, start, end) in enumerate(_segments(B, T, cu_seqlens)):
+        init = torch.zeros(D, W, dtype=acc) if initial_state is None else initial_state[n].to(acc)
+        seq = torch.cat([init, x[b, start:end].to(acc).t()], dim=1)  # (D, W + L)
+        for t in range(end - start):
+            y[b, start + t] = (seq[:, t + 1:t + 1 + W] * weight.to(acc)).sum(1)
+        finals.append(seq[:, -W:])
+    y = y + (0 if bias is None else bias.to(acc))
+    y = F.silu(y) if activation in ("silu", "swish") else y
+    return y.to(x.dtype), (torch.stack(finals).to(x.dtype) if output_final_state else None)
+
+
+def reference_causal_conv1d_update(x, cache, residual=None, weight=None, bias=None, activation=None, **_):
+    """fla's ``causal_conv1d_update``: one token per sequence, ``cache`` (N, D, W) shifted IN PLACE."""
+    if residual is not None:
+        raise NotImplementedError("residual")
+    acc = _acc_dtype(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])  # (N, D) from (N, D), (1, N, D) or (N, 1, D)
+    cache.copy_(torch.cat([cache[:, :, 1:], rows.to(cache.dtype).unsqueeze(-1)], dim=-1))
+    y = (cache.to(acc) * weight.to(acc)).sum(-1) + (0 if bias is None else bias.to(acc))
+    y = F.silu(y) if activation in ("silu", "swish") else y
+    return y.to(x.dtype).view(x.shape), cache
+
+
+def _reference_rms_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    x = x if residual is None else x + residual
+    xf = x.to(_acc_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+    y = (y if self.bias is None else y + self.bias).to(x.dtype)
+    return (y, x) if prenorm else y
+
+
+def _reference_gated_rms_norm(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+    if residual is not None or self.activation not in ("swish", "silu"):
+        raise NotImplementedError(f"residual or activation {self.activation!r}")
+    xf = x.to(_acc_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+    return (y * F.silu(g.to(xf.dtype))).to(x.dtype)
+
+
+def _reference_swiglu_mlp(self, x, **_):
+    if self.hidden_act != "swish":
+        raise NotImplementedError(f"hidden_act {self.hidden_act!r}")
+    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def use_reference_kernels() -> None:
+    """Route every kernel call of fla's MoM / GatedDeltaNet inference through the references above."""
+    import fla.layers.gated_deltanet as fla_gdn
+    import fla.layers.mom as fla_mom
+    import fla.modules.causal_conv1d.ops as fla_conv
+    from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm
+
+    for module in (fla_mom, fla_gdn):
+        module.chunk_gated_delta_rule = reference_gated_delta_rule
+        module.fused_recurrent_gated_delta_rule = reference_gated_delta_rule
+    fla_gdn.causal_conv1d = reference_causal_conv1d
+    # ShortConvolution.forward / .step look these names up in their module at call time.
+    fla_conv.causal_conv1d = reference_causal_conv1d
+    fla_conv.causal_conv1d_update = reference_causal_conv1d_update
+    RMSNorm.forward = _reference_rms_norm
+    FusedRMSNormGated.forward = _reference_gated_rms_norm
+    GatedMLP.forward = _reference_swiglu_mlp
+
+
+@contextlib.contextmanager
+def fla_mode(model: torch.nn.Module, mode: str):
+    """Set the ``mode`` of every fla token-mixing layer (``chunk`` or ``fused_recurrent``); fla itself picks
+    ``fused_recurrent`` up to 64 tokens in inference whatever the mode, and ``mode`` above."""
+    layers = [m for m in model.modules() if getattr(m, "mode", None) in ("chunk", "fused_recurrent")]
+    saved = [m.mode for m in layers]
+    for m in layers:
+        m.mode = mode
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, saved):
+            m.mode = old
 
 
 @contextlib.contextmanager
@@ -163,55 +335,121 @@ class Report:
         return "\n".join([head, "|" + "-" * (len(head) - 1)] + [self.format_row(r) for r in self.rows])
 
 
+def _fla_steps(fla_model, prompt: torch.Tensor, tokens: torch.Tensor | None, steps: int):
+    """fla's prefill of ``prompt`` and ``steps`` single-token steps on its cache; fed ``tokens`` (B, steps), or its
+    own greedy choice when None. Returns the step logits (B, steps, vocab) and the tokens fed."""
+    out = fla_model(prompt, use_cache=True)
+    past, logits, fed = out.past_key_values, [], []
+    for i in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True) if tokens is None else tokens[:, i:i + 1]  # (B, 1)
+        fed.append(token)
+        out = fla_model(token, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, 1), torch.cat(fed, 1)
+
+
+def _our_steps(ours, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    cache = ours(prompt, use_cache=True).cache
+    logits = []
+    for i in range(tokens.shape[1]):
+        out = ours(tokens[:, i:i + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, 1)  # (B, steps, vocab)
+
+
+def _worst_step(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, str]:
+    """Worst max|diff| and rel RMS over the steps of (B, steps, vocab) logits, and where they fall."""
+    per_step = [errors(a[:, i], b[:, i]) for i in range(a.shape[1])]
+    worst = max(range(len(per_step)), key=lambda i: per_step[i][1])
+    return (max(e[0] for e in per_step), per_step[worst][1],
+            f"worst at step {worst}; step 0 rel {per_step[0][1]:.1e}")
+
+
+@contextlib.contextmanager
+def our_backend(ours, backend: str):
+    """Run ``ours`` with another scan backend (``eager``: the plain-torch reference) for a while."""
+    saved, ours.config.backend = ours.config.backend, backend
+    try:
+        yield
+    finally:
+        ours.config.backend = saved
+
+
 def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp32=None, stable: bool = False):
-    """Prefill, decode and generate comparisons of one (fla, ours) pair in one dtype."""
+    """Prefill, decode and generate comparisons of one (fla, ours) pair in one dtype, with fla-internal rows."""
     device = next(ours.parameters()).device
     sort_ctx = fla_stable_sort if stable else contextlib.nullcontext
     g = torch.Generator().manual_seed(args.seed + 1)
     for length in args.lengths:
         ids = torch.randint(0, args.vocab, (args.batch, length), generator=g).to(device)
+        chunked = length > 64  # fla's inference switch
         with torch.no_grad(), sort_ctx():
             ref = fla_model(ids).logits.float()
             floor = None
             if fla_fp32 is not None:
                 floor = errors(ref, fla_fp32(ids).logits.float())[1]
+            if chunked:
+                with fla_mode(fla_model, "fused_recurrent"):
+                    recurrent = fla_model(ids).logits.float()
+                alone = fla_model(ids[:1]).logits.float()
         with torch.no_grad():
             out = ours(ids).logits.float()
-        report.add(name, dtype_name, f"prefill T={length}", *errors(out, ref), floor)
+        report.add(name, dtype_name, f"prefill T={length}", *errors(out, ref), floor,
+                   note="fla: chunked kernels" if chunked else "fla: fused-recurrent kernel")
+        if ours.config.backend != "eager":
+            with torch.no_grad(), our_backend(ours, "eager"):
+                eager = ours(ids).logits.float()
+            report.add(name, dtype_name, f"ours vs ours eager T={length}", *errors(out, eager), floor,
+                       note=f"ours-internal: backend {ours.config.backend} against the plain-torch reference")
+        if chunked:
+            report.add(name, dtype_name, f"prefill T={length} vs fla recurrent", *errors(out, recurrent), floor,
+                       note="fla forced to its fused-recurrent mode")
+            report.add(name, dtype_name, f"fla chunk vs fla recurrent T={length}", *errors(ref, recurrent), floor,
+                       note="fla-internal: same input, fla's two prefill paths")
+            report.add(name, dtype_name, "fla row 0 alone vs in batch", *errors(alone[0], ref[0]), floor,
+                       note=f"fla-internal, T={length}: any leak across batch rows")
 
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=g).to(device)
-    worst = (0.0, 0.0)
-    fla_greedy = []  # fla's greedy continuation, one (B, 1) token per step
     try:
         with torch.no_grad(), sort_ctx():
-            fla_out = fla_model(prompt, use_cache=True)
-            ours_out = ours(prompt, use_cache=True)
-            cache, past = ours_out.cache, fla_out.past_key_values
+            fla_logits, fla_greedy = _fla_steps(fla_model, prompt, None, args.decode_steps)  # greedy (B, steps)
+            full_ids = torch.cat([prompt, fla_greedy], 1)
+            with fla_mode(fla_model, "fused_recurrent"):
+                fla_full = fla_model(full_ids).logits[:, args.prompt_len:].float()
+            again, _ = _fla_steps(fla_model, prompt, fla_greedy, args.decode_steps)
+            floor = None
             if fla_fp32 is not None:
-                fp32_out = fla_fp32(prompt, use_cache=True)
-                fp32_past, floor = fp32_out.past_key_values, 0.0
-            else:
-                floor = None
-            for _ in range(args.decode_steps):
-                token = fla_out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-                fla_greedy.append(token)
-                fla_out = fla_model(token, past_key_values=past, use_cache=True)
-                past = fla_out.past_key_values
-                ours_out = ours(token, cache=cache, use_cache=True)
-                cache = ours_out.cache
-                step = errors(ours_out.logits[:, -1].float(), fla_out.logits[:, -1].float())
-                worst = (max(worst[0], step[0]), max(worst[1], step[1]))
-                if fla_fp32 is not None:
-                    fp32_out = fla_fp32(token, past_key_values=fp32_past, use_cache=True)
-                    fp32_past = fp32_out.past_key_values
-                    floor = max(floor, errors(fla_out.logits[:, -1].float(), fp32_out.logits[:, -1].float())[1])
+                fp32_logits, _ = _fla_steps(fla_fp32, prompt, fla_greedy, args.decode_steps)
+                floor = _worst_step(fla_logits, fp32_logits)[1]
+        with torch.no_grad():
+            our_logits = _our_steps(ours, prompt, fla_greedy)
+            our_full = ours(full_ids).logits[:, args.prompt_len:].float()
+            our_eager = None
+            if ours.config.backend != "eager":
+                with our_backend(ours, "eager"):
+                    our_eager = _our_steps(ours, prompt, fla_greedy)
+        *worst, where = _worst_step(our_logits, fla_logits)
         report.add(name, dtype_name, f"decode {args.decode_steps} steps (worst)", *worst, floor,
-                   note=f"same tokens fed to both caches after a {args.prompt_len}-token prefill")
+                   note=f"same tokens fed to both caches after a {args.prompt_len}-token prefill; {where}")
+        *worst, where = _worst_step(fla_logits, fla_full)
+        report.add(name, dtype_name, "fla steps vs fla full forward", *worst, floor,
+                   note=f"fla-internal: its cache path against its prefill of prompt + fed tokens; {where}")
+        *worst, where = _worst_step(again, fla_logits)
+        report.add(name, dtype_name, "fla steps, run 2 vs run 1", *worst, None,
+                   note=f"fla-internal: the same steps again (0 unless fla keeps state between calls); {where}")
+        *worst, where = _worst_step(our_logits, our_full)
+        report.add(name, dtype_name, "ours steps vs ours full forward", *worst, floor,
+                   note=f"ours-internal: our cache path against our prefill of prompt + fed tokens; {where}")
+        if our_eager is not None:
+            *worst, where = _worst_step(our_logits, our_eager)
+            report.add(name, dtype_name, "ours steps vs ours eager steps", *worst, floor,
+                       note=f"ours-internal: backend {ours.config.backend} against the plain-torch reference; {where}")
     except Exception as error:
         traceback.print_exc()
         report.add(name, dtype_name, "decode", None, None, note=f"fla failed: {type(error).__name__}: {error}")
         return
-    fla_greedy = torch.cat(fla_greedy, 1)  # (B, steps)
 
     def agreement(tokens: torch.Tensor) -> str:
         new = tokens[:, args.prompt_len:]
@@ -239,11 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in TINY.items():
             setattr(args, key, value)
     args.lengths = [int(x) for x in str(args.lengths).split(",")]
-    if args.device == "cpu":
+    args.kernels = args.kernels or ("torch" if args.device == "cpu" else "fla")
+    if args.device == "cpu" and args.kernels == "fla":
         _enable_interpreter()
-    elif not torch.cuda.is_available():
-        sys.exit("error: no CUDA device; run on a GPU or use --device cpu --tiny (Triton interpreter)")
+    elif args.device != "cpu" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device; run on a GPU or use --device cpu (fla's kernels replaced by torch references)")
     MomConfig, MomForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM = _import_fla()
+    if args.kernels == "torch":
+        use_reference_kernels()
     from mom_lit.interop import load_fla, save_fla
 
     device = torch.device(args.device)
@@ -258,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                          tie_word_embeddings=True)),
     }
     print(f"torch {torch.__version__}, device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'Triton interpreter'}), "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), fla kernels: "
+          f"{'torch references' if args.kernels == 'torch' else 'Triton' if device.type == 'cuda' else 'interpreter'}, "
           f"mom_lit backend {backend}; shapes: {vars(args)}", flush=True)
     report = Report()
     with tempfile.TemporaryDirectory() as tmp:
@@ -296,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                 del ours
     table = report.table()
     thresholds = (f"ok: fp32 rel RMS <= {FP32_TOL:g}; bf16 rel RMS <= max({BF16_FACTOR:g} x floor, {BF16_FLOOR:g}) "
-                  f"(floor = fla-bf16 vs fla-fp32)")
+                  f"(floor = fla-bf16 vs fla-fp32)\n" + KNOWN_DIFFERENCES)
     print("\n" + table + "\n" + thresholds)
     out_dir = os.environ.get("OUT")
     if out_dir:
