@@ -16,8 +16,10 @@ Builds small random fla ``MomForCausalLM`` and ``GatedDeltaNetForCausalLM`` mode
 
 fla-internal rows (``fla ...`` checks) compare fla with itself and need no conversion: fla's chunked prefill
 against its fused-recurrent mode on the same input (set by the layers' ``mode``), fla's decoding steps against its
-own full forward over the prompt and the fed tokens, and a second run of the same steps. They tell an fla path that
-disagrees with fla's other path apart from a conversion error.
+own full forward over the prompt and the fed tokens, a second run of the same steps, and (with fla's kernels) fla's
+prefill and steps with its kernels swapped for the torch stand-ins described below. They tell an fla path that
+disagrees with fla's other path apart from a conversion error; the ``ours vs ours eager`` rows do the same for
+mom_lit's fast path.
 
 Errors are ``max|diff|`` and the relative RMS ``rms(ours - fla) / rms(fla)``. In bfloat16 the column ``floor``
 gives fla-bf16 against fla-fp32, the rounding noise that any bf16 implementation carries. fla's MoM layer
@@ -37,9 +39,11 @@ delta rule, both modes; causal convolution and its one-token update; RMSNorm, ga
 plain-torch token-by-token references written here from the kernels' documented semantics, while fla's own
 Python (routing, token sort, padding, cache bookkeeping) runs unchanged: a CPU check of fla's layer logic at
 any length, kernels aside. ``--kernels fla`` on the CPU runs fla's Triton kernels under the Triton interpreter
-(autotuners limited to their first configuration; fla's chunked kernels do not run there, and with Triton 3.8
-its fused-recurrent kernel returned NaN after a few tokens). The table is printed and, when the environment
-variable OUT names a folder, written to ``$OUT/fla_interop.txt`` (and ``.json``).
+(autotuners limited to their first configuration; slow). There fla 0.6.0's chunked kernels stop on a loop index
+used as a tensor (``i_t.to(tl.int64)`` in ``chunk_delta_h.py``; ``tl.cast`` runs), and standalone calls of its
+fused-recurrent kernel returned NaN in some runs and not in others with Triton 3.8, so treat interpreter numbers
+with care. The table is printed and, when the environment variable OUT names a folder, written to
+``$OUT/fla_interop.txt`` (and ``.json``).
 """
 
 from __future__ import annotations
@@ -159,10 +163,10 @@ def reference_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     segments = _segments(B, T, cu_seqlens)
     if initial_state is not None and initial_state.shape[0] != len(segments):
         raise ValueError(f"{initial_state.shape[0]} initial states for {len(segments)} sequences")
-    o = torch.zeros(*v.shape, dtype=acc)
+    o = torch.zeros(*v.shape, dtype=acc, device=v.device)
     finals = []
     for n, (b, start, end) in enumerate(segments):
-        state = torch.zeros(H, K, v.shape[-1], dtype=acc)  # (H, K, V)
+        state = torch.zeros(H, K, v.shape[-1], dtype=acc, device=v.device)  # (H, K, V)
         if initial_state is not None:
             h0 = initial_state[n].to(acc)
             state = (h0.transpose(-1, -2) if state_v_first else h0).clone()
@@ -185,10 +189,10 @@ def reference_causal_conv1d(x, weight=None, bias=None, residual=None, initial_st
     B, T, D = x.shape
     W = weight.shape[1]
     acc = _acc_dtype(x.dtype)
-    y = torch.zeros(B, T, D, dtype=acc)
+    y = torch.zeros(B, T, D, dtype=acc, device=x.device)
     finals = []
     for n, (b, start, end) in enumerate(_segments(B, T, cu_seqlens)):
-        init = torch.zeros(D, W, dtype=acc) if initial_state is None else initial_state[n].to(acc)
+        init = torch.zeros(D, W, dtype=acc, device=x.device) if initial_state is None else initial_state[n].to(acc)
         seq = torch.cat([init, x[b, start:end].to(acc).t()], dim=1)  # (D, W + L)
         for t in range(end - start):
             y[b, start + t] = (seq[:, t + 1:t + 1 + W] * weight.to(acc)).sum(1)
@@ -232,23 +236,42 @@ def _reference_swiglu_mlp(self, x, **_):
     return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def use_reference_kernels() -> None:
-    """Route every kernel call of fla's MoM / GatedDeltaNet inference through the references above."""
+def _reference_patches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, stand-in) for every kernel call of fla's MoM / GatedDeltaNet inference."""
     import fla.layers.gated_deltanet as fla_gdn
     import fla.layers.mom as fla_mom
     import fla.modules.causal_conv1d.ops as fla_conv
     from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm
 
-    for module in (fla_mom, fla_gdn):
-        module.chunk_gated_delta_rule = reference_gated_delta_rule
-        module.fused_recurrent_gated_delta_rule = reference_gated_delta_rule
-    fla_gdn.causal_conv1d = reference_causal_conv1d
-    # ShortConvolution.forward / .step look these names up in their module at call time.
-    fla_conv.causal_conv1d = reference_causal_conv1d
-    fla_conv.causal_conv1d_update = reference_causal_conv1d_update
-    RMSNorm.forward = _reference_rms_norm
-    FusedRMSNormGated.forward = _reference_gated_rms_norm
-    GatedMLP.forward = _reference_swiglu_mlp
+    patches = [(module, name, reference_gated_delta_rule) for module in (fla_mom, fla_gdn)
+               for name in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")]
+    # ShortConvolution.forward / .step look the convolution functions up in their module at call time.
+    patches += [(fla_gdn, "causal_conv1d", reference_causal_conv1d),
+                (fla_conv, "causal_conv1d", reference_causal_conv1d),
+                (fla_conv, "causal_conv1d_update", reference_causal_conv1d_update),
+                (RMSNorm, "forward", _reference_rms_norm), (FusedRMSNormGated, "forward", _reference_gated_rms_norm),
+                (GatedMLP, "forward", _reference_swiglu_mlp)]
+    return patches
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """fla's inference runs on the stand-ins above inside this context, on its own kernels outside it."""
+    patches = _reference_patches()
+    saved = [getattr(owner, name) for owner, name, _ in patches]
+    for owner, name, stand_in in patches:
+        setattr(owner, name, stand_in)
+    try:
+        yield
+    finally:
+        for (owner, name, _), original in zip(patches, saved):
+            setattr(owner, name, original)
+
+
+def use_reference_kernels() -> None:
+    """Route fla's inference through the stand-ins for the rest of the process (``--kernels torch``)."""
+    for owner, name, stand_in in _reference_patches():
+        setattr(owner, name, stand_in)
 
 
 @contextlib.contextmanager
@@ -394,10 +417,16 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
                 with fla_mode(fla_model, "fused_recurrent"):
                     recurrent = fla_model(ids).logits.float()
                 alone = fla_model(ids[:1]).logits.float()
+            if args.kernels == "fla":
+                with reference_kernels():
+                    stand_in = fla_model(ids).logits.float()
         with torch.no_grad():
             out = ours(ids).logits.float()
         report.add(name, dtype_name, f"prefill T={length}", *errors(out, ref), floor,
                    note="fla: chunked kernels" if chunked else "fla: fused-recurrent kernel")
+        if args.kernels == "fla":
+            report.add(name, dtype_name, f"fla kernels vs stand-ins T={length}", *errors(ref, stand_in), floor,
+                       note="fla-internal: fla's kernels against this script's torch stand-ins, same fla code")
         if ours.config.backend != "eager":
             with torch.no_grad(), our_backend(ours, "eager"):
                 eager = ours(ids).logits.float()
@@ -419,6 +448,10 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
             with fla_mode(fla_model, "fused_recurrent"):
                 fla_full = fla_model(full_ids).logits[:, args.prompt_len:].float()
             again, _ = _fla_steps(fla_model, prompt, fla_greedy, args.decode_steps)
+            stand_in = None
+            if args.kernels == "fla":
+                with reference_kernels():
+                    stand_in, _ = _fla_steps(fla_model, prompt, fla_greedy, args.decode_steps)
             floor = None
             if fla_fp32 is not None:
                 fp32_logits, _ = _fla_steps(fla_fp32, prompt, fla_greedy, args.decode_steps)
@@ -436,6 +469,10 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
         *worst, where = _worst_step(fla_logits, fla_full)
         report.add(name, dtype_name, "fla steps vs fla full forward", *worst, floor,
                    note=f"fla-internal: its cache path against its prefill of prompt + fed tokens; {where}")
+        if stand_in is not None:
+            *worst, where = _worst_step(fla_logits, stand_in)
+            report.add(name, dtype_name, "fla step kernels vs stand-ins", *worst, floor,
+                       note=f"fla-internal: prefill + steps on fla's kernels against the torch stand-ins; {where}")
         *worst, where = _worst_step(again, fla_logits)
         report.add(name, dtype_name, "fla steps, run 2 vs run 1", *worst, None,
                    note=f"fla-internal: the same steps again (0 unless fla keeps state between calls); {where}")
