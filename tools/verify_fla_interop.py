@@ -40,9 +40,9 @@ plain-torch token-by-token references written here from the kernels' documented 
 Python (routing, token sort, padding, cache bookkeeping) runs unchanged: a CPU check of fla's layer logic at
 any length, kernels aside. ``--kernels fla`` on the CPU runs fla's Triton kernels under the Triton interpreter
 (autotuners limited to their first configuration; slow). There fla 0.6.0's chunked kernels stop on a loop index
-used as a tensor (``i_t.to(tl.int64)`` in ``chunk_delta_h.py``; ``tl.cast`` runs), and standalone calls of its
-fused-recurrent kernel returned NaN in some runs and not in others with Triton 3.8, so treat interpreter numbers
-with care. The table is printed and, when the environment variable OUT names a folder, written to
+used as a tensor (``i_t.to(tl.int64)`` in ``chunk_delta_h.py``; ``tl.cast`` runs), and small standalone calls of
+its fused-recurrent kernel returned wrong values after the first token (NaN in some runs) with Triton 3.8, while
+inside the models it agreed with the stand-ins; treat interpreter numbers with care. The table is printed and, when the environment variable OUT names a folder, written to
 ``$OUT/fla_interop.txt`` (and ``.json``).
 """
 
