@@ -42,8 +42,8 @@ any length, kernels aside. ``--kernels fla`` on the CPU runs fla's Triton kernel
 (autotuners limited to their first configuration; slow). There fla 0.6.0's chunked kernels stop on a loop index
 used as a tensor (``i_t.to(tl.int64)`` in ``chunk_delta_h.py``; ``tl.cast`` runs), and small standalone calls of
 its fused-recurrent kernel returned wrong values after the first token (NaN in some runs) with Triton 3.8, while
-inside the models it agreed with the stand-ins; treat interpreter numbers with care. The table is printed and, when the environment variable OUT names a folder, written to
-``$OUT/fla_interop.txt`` (and ``.json``).
+inside the models it agreed with the stand-ins; treat interpreter numbers with care. The table is printed and,
+when the environment variable OUT names a folder, written to ``$OUT/fla_interop.txt`` (and ``.json``).
 """
 
 from __future__ import annotations
