@@ -27,7 +27,9 @@ token (fla does so in inference; its training path runs it across memory boundar
 eps 1e-6 and the gate is ``-exp(A_log) * softplus(a + dt_bias)``. One known departure is fla's own: its MoM
 prefill groups tokens by memory with ``argsort``, which does not promise to keep time order inside a memory;
 where the sort reorders them (the CPU sort does), fla's output is not the time-ordered recurrence that mom_lit
-computes. With a stable sort the two agree to float32 rounding (``tools/verify_fla_interop.py`` shows both).
+computes. With a stable sort the two agree to float32 rounding, in fla's chunked and fused-recurrent prefill and in
+decoding alike (``tools/verify_fla_interop.py`` shows both; ``--device cpu`` runs fla's layer code on plain-torch
+stand-ins for its kernels).
 
 fla options without a mom_lit equivalent are refused with a ``ValueError``: hybrid attention layers (``attn``),
 attention residuals (``attnres_block_size``), ``single_kv_proj``, ``allow_neg_eigval``, grouped value heads
