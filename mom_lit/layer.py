@@ -107,8 +107,9 @@ class MoMLayer(nn.Module):
         self.o_norm = GatedRMSNorm(c.head_v_dim, eps=c.norm_eps)
         self.o_proj = nn.Linear(c.value_dim, hidden, bias=False)
         # Whether the elementwise stages around the scan may run as a torch.compile'd function on CUDA. Off under
-        # sharded training (FSDP): its parameters are views of a flat parameter whose gradients dynamo cannot
-        # trace, also while checkpointed blocks are recomputed in the backward.
+        # FSDP, whose parameters are views of a flat parameter that dynamo cannot trace (also while checkpointed
+        # blocks are recomputed in the backward); MoMLightningModule turns it off for its FSDP strategy, code that
+        # wraps the model in FSDP itself must do the same.
         self.compile_stages = True
         self.reset_parameters()
 
@@ -374,9 +375,6 @@ class MoMLayer(nn.Module):
         over the (slots x channels) activations. None where that does not apply or compilation is unavailable."""
         if (not x_flat.is_cuda or not self.compile_stages or self.config.backend not in ("auto", "triton")
                 or _FUSION["disabled"]):
-            return None
-        if any(p.grad is not None and p.grad.dtype != p.dtype for p in self.parameters()):
-            # FSDP mixed precision: bf16 parameters carrying fp32 gradients, which torch.compile cannot trace.
             return None
         if "prepare" not in self.__dict__:
             try:

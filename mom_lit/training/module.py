@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -124,8 +125,7 @@ class MoMLightningModule(L.LightningModule):
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, MoMBlock))
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is not None and "FSDP" in type(strategy).__name__:
+        if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
             for layer in self.model.modules():
                 if isinstance(layer, MoMLayer):
                     layer.compile_stages = False
