@@ -7,6 +7,8 @@ import torch
 
 from mom_lit import MoMConfig, MoMForCausalLM
 
+from invariants import assert_model_invariants
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 RULES = ["gated_delta", "delta", "simple_gla", "linear"]
@@ -40,27 +42,7 @@ def test_triton_model_matches_reference_forward_and_gradients(rule):
 def test_triton_model_invariants(rule):
     model, _ = _pair(rule)
     ids = torch.randint(0, 101, (2, 130), device="cuda")
-    full = model(ids).logits
-    changed = ids.clone()
-    changed[:, 70:] = torch.randint(0, 101, (2, 60), device="cuda")
-    torch.testing.assert_close(model(changed).logits[:, :70], full[:, :70], atol=ATOL, rtol=0)
-    other = ids.clone()
-    other[1] = torch.randint(0, 101, (130,), device="cuda")
-    torch.testing.assert_close(model(other).logits[0], full[0], atol=ATOL, rtol=0)
-    # Packed documents equal separate runs.
-    cu = torch.tensor([0, 1, 40, 41, 130], dtype=torch.int32, device="cuda")
-    packed = model(ids[:1], cu_seqlens=cu).logits[0]
-    for i in range(4):
-        alone = model(ids[:1, cu[i]:cu[i + 1]]).logits[0]
-        torch.testing.assert_close(packed[cu[i]:cu[i + 1]], alone, atol=ATOL, rtol=0)
-    # Prefill + token-by-token decoding equals the full forward.
-    out = model(ids[:, :100], use_cache=True)
-    pieces, cache = [out.logits], out.cache
-    for t in range(100, 130):
-        step = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-        pieces.append(step.logits)
-        cache = step.cache
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=ATOL, rtol=0)
+    assert_model_invariants(model, ids, cut=70, cu_seqlens=[0, 1, 40, 41, 130], prefill=100, atol=ATOL)
 
 
 def test_bf16_training_step_is_finite_on_the_triton_path():
