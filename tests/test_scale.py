@@ -68,7 +68,8 @@ def test_two_nodes_of_one_process_each_on_cpu(tmp_path):
     assert probe["val_loss"] is not None
 
 
-def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, capsys):
+def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert scale_runs.main(["--dry_run", "--out", str(tmp_path), "--global_batch", "32"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     runs: dict[str, list[list[str]]] = {}
@@ -93,6 +94,19 @@ def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, cap
     endpoints = {w for a in agents for w in a if w.startswith("--rdzv-endpoint=")}
     assert len(endpoints) == 1  # both agents meet at one rendezvous
     assert any(w.endswith("configs/fsdp.yaml") for w in runs["fsdp"][0])
+
+
+def test_scale_runs_use_the_gpus_they_are_given(tmp_path, capsys, monkeypatch):
+    """Under CUDA_VISIBLE_DEVICES=3,5 the runs use cards 3 and 5 (two 1-GPU runs can share a host), and a run
+    that needs more cards than are visible stops before launching anything."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert scale_runs.main(["--dry_run", "--out", str(tmp_path), "--runs", "1gpu,fsdp,2node"]) == 0
+    env = [line.split()[:2] for line in capsys.readouterr().out.strip().splitlines()]
+    assert env == [["[1gpu]", "CUDA_VISIBLE_DEVICES=3"], ["[fsdp]", "CUDA_VISIBLE_DEVICES=3,5"],
+                   ["[2node]", "CUDA_VISIBLE_DEVICES=3"], ["[2node]", "CUDA_VISIBLE_DEVICES=5"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(SystemExit, match="needs 2 GPUs"):
+        scale_runs.main(["--out", str(tmp_path), "--runs", "ddp", "--steps", "1"])
 
 
 def test_scale_runs_reject_a_global_batch_that_does_not_split(tmp_path):

@@ -215,21 +215,38 @@ def run_commands(run: Run, args: argparse.Namespace, base: dict[str, Any], out: 
         fit += ["--trainer.accelerator=cpu", "--trainer.precision=32-true"]
     fit += [f"--{kv}" for kv in args.set]
     py = [sys.executable]
+    gpus = visible_gpus()
+    if args.dry_run and len(gpus) < run.devices * run.num_nodes:  # printing the commands needs no GPU
+        gpus = [str(i) for i in range(run.devices * run.num_nodes)]
+    if not args.cpu and len(gpus) < run.devices * run.num_nodes:
+        raise SystemExit(f"{run.name} needs {run.devices * run.num_nodes} GPUs; CUDA_VISIBLE_DEVICES leaves "
+                         f"{len(gpus)}")
     if run.launcher == "lightning":
-        env = {} if args.cpu else {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(run.devices)))}
+        env = {} if args.cpu else {"CUDA_VISIBLE_DEVICES": ",".join(gpus[:run.devices])}
         return [(py + fit, env)]
     if run.launcher == "torchrun":
-        env = {} if args.cpu else {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(run.devices)))}
+        env = {} if args.cpu else {"CUDA_VISIBLE_DEVICES": ",".join(gpus[:run.devices])}
         return [(py + ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.devices}"] + fit,
                  env)]
     # One agent per "node", each with its own GPU, meeting at a c10d rendezvous on this host.
     agents = []
     for node in range(run.num_nodes):
-        env = {} if args.cpu else {"CUDA_VISIBLE_DEVICES": str(node)}
+        env = {} if args.cpu else {"CUDA_VISIBLE_DEVICES": gpus[node]}
         agents.append((py + ["-m", "torch.distributed.run", f"--nnodes={run.num_nodes}",
                              f"--nproc-per-node={run.devices}", "--rdzv-backend=c10d",
                              f"--rdzv-endpoint=localhost:{port}", f"--rdzv-id=scale-{run.name}"] + fit, env))
     return agents
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this script may use, in order: those of ``CUDA_VISIBLE_DEVICES`` if it is set (so that two
+    1-GPU runs can be pinned to different cards), else every device of the host."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def child_env() -> dict[str, str]:
