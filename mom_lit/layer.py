@@ -61,6 +61,10 @@ _SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0",
 _SLOT_KERNELS_PROBED: set[tuple] = set()
 
 
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _uses_beta(rule: str) -> bool:
     return rule in ("gated_delta", "delta")
 
@@ -248,7 +252,11 @@ class MoMLayer(nn.Module):
             return not _SLOT_KERNELS["disabled"]
         _SLOT_KERNELS_PROBED.add(key)
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            # Identity saved-tensor hooks shadow any outer ones: when the first forward runs inside an activation
+            # checkpoint, the probe's tensors must not be recorded as the block's, or the recompute (which skips
+            # the probe) would not match the original forward.
+            with torch.inference_mode(False), torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
                 gen = torch.Generator(device).manual_seed(0)  # leaves the global random streams alone
 
                 def rand(*shape):

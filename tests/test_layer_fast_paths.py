@@ -239,6 +239,37 @@ def test_model_invariants_with_slot_kernels(monkeypatch):
     assert calls["slots"] and calls["mix"], "the Triton stages did not run"
 
 
+@kernels
+def test_first_forward_inside_an_activation_checkpoint(monkeypatch):
+    """The stages' one-off build probe may run inside a checkpointed block (FSDP recomputes every block, so the
+    very first forward is checkpointed); the recompute must still match, and the gradients equal the plain ones."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from mom_lit.model import MoMBlock
+
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS_PROBED", set())
+    calls = _spy(monkeypatch)
+    cfg = MoMConfig(vocab_size=37, hidden_size=32, num_layers=2, num_heads=2, head_dim=16, num_memories=4, topk=2,
+                    shared_memory=True, backend="triton")
+    torch.manual_seed(0)
+    plain = MoMForCausalLM(cfg).to(DEVICE)
+    checkpointed = MoMForCausalLM(cfg).to(DEVICE)
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed, check_fn=lambda m: isinstance(m, MoMBlock))
+    ids = torch.randint(0, 37, (2, 24), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    losses = []
+    for model in (checkpointed, plain):  # the checkpointed model first: its forward runs the probe
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert not layer_module._SLOT_KERNELS["disabled"] and calls["slots"] and calls["mix"]
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in checkpointed.named_parameters()}
+    for name, param in plain.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_kernels_that_cannot_build_leave_the_reference_path(monkeypatch):
     from mom_lit.ops import layer_triton
 

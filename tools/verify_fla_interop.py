@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=None, help="mom_lit scan backend (default: auto on cuda, eager on cpu)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-fla-generate", action="store_true",
+                        help="skip the informational 'fla.generate vs fla steps' row (on an H200 with transformers "
+                             "5.17 fla's Hugging Face generate ran for minutes)")
     return parser
 
 
@@ -497,6 +500,8 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
     ours_tokens = ours.generate(prompt, max_new_tokens=args.decode_steps, temperature=0)
     report.add(name, dtype_name, "ours.generate vs fla steps", None, None,
                note=f"greedy: {agreement(ours_tokens)}")
+    if args.no_fla_generate:
+        return
     try:
         with torch.no_grad(), sort_ctx():
             fla_tokens = fla_model.generate(prompt, max_new_tokens=args.decode_steps,
