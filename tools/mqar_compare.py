@@ -1,4 +1,4 @@
-"""Small MQAR comparison of MoM against single-memory Gated DeltaNet baselines, sized for a CPU.
+"""MQAR comparison of MoM against single-memory Gated DeltaNet baselines, small enough for a CPU by default.
 
 Every variant is trained through the normal command line (``python -m mom_lit fit --config configs/mqar.yaml``)
 with overrides that shrink the task (small vocabulary, short sequences, two key-value slices, few steps); the
@@ -15,6 +15,13 @@ Usage::
 
     python tools/mqar_compare.py --out-dir runs_mqar --max-steps 400
     python tools/mqar_compare.py --out-dir runs_mqar --report-only   # re-read existing runs
+
+On a GPU, closer to the paper's task sizes (docs/mqar.md; one variant per card with ``--variants`` and
+``CUDA_VISIBLE_DEVICES``, then ``--report-only`` over the same ``--out-dir``)::
+
+    python tools/mqar_compare.py --out-dir runs_mqar_gpu --vocab-size 8192 --seq-len 256 --kv-pairs 16 32 64 \
+        --train-examples 20000 --test-examples 1000 --batch-size 64 --max-steps 4000 --warmup-steps 200 \
+        --png docs/mqar_gpu.png
 
 The plot needs matplotlib, which is not a dependency of the project (``pip install matplotlib``); without it
 the script stops with a clear message before training anything.
