@@ -403,8 +403,10 @@ def our_backend(ours, backend: str):
         ours.config.backend = saved
 
 
-def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp32=None, stable: bool = False):
-    """Prefill, decode and generate comparisons of one (fla, ours) pair in one dtype, with fla-internal rows."""
+def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp32=None, stable: bool = False,
+            ours_fp32=None):
+    """Prefill, decode and generate comparisons of one (fla, ours) pair in one dtype, with fla-internal rows.
+    With ``fla_fp32`` / ``ours_fp32`` (the bf16 runs) each side's own rounding error is reported too."""
     device = next(ours.parameters()).device
     sort_ctx = fla_stable_sort if stable else contextlib.nullcontext
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -430,6 +432,11 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
         if args.kernels == "fla":
             report.add(name, dtype_name, f"fla kernels vs stand-ins T={length}", *errors(ref, stand_in), floor,
                        note="fla-internal: fla's kernels against this script's torch stand-ins, same fla code")
+        if ours_fp32 is not None:
+            with torch.no_grad():
+                own = ours_fp32(ids).logits.float()
+            report.add(name, dtype_name, f"ours vs ours fp32 T={length}", *errors(out, own), floor,
+                       note="ours-internal: our own bf16 error, to set beside the floor (fla's own)")
         if ours.config.backend != "eager":
             with torch.no_grad(), our_backend(ours, "eager"):
                 eager = ours(ids).logits.float()
@@ -555,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             fla_fp32.save_pretrained(saved)
 
             # The other direction: our export of the imported model, read back by fla.
-            ours_fp32, _ = load_fla(saved, dtype=torch.float32, device=device)
+            ours_fp32, ours_fp32_config = load_fla(saved, dtype=torch.float32, device=device)
+            ours_fp32_config.backend = backend
             exported = save_fla(ours_fp32, Path(tmp) / f"{name}_export")
             reloaded = cls.from_pretrained(exported).to(device).eval()
             ids = torch.randint(0, args.vocab, (args.batch, args.lengths[0]),
@@ -574,9 +582,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     fla_model = cls.from_pretrained(saved, dtype=dtype).to(device).eval()
                 floor_ref = None if dtype == torch.float32 else fla_fp32
-                compare(name, fla_model, ours, args, report, dtype_name, floor_ref)
+                own_ref = None if dtype == torch.float32 else ours_fp32
+                compare(name, fla_model, ours, args, report, dtype_name, floor_ref, ours_fp32=own_ref)
                 if name == "mom":
-                    compare("mom (stable sort)", fla_model, ours, args, report, dtype_name, floor_ref, stable=True)
+                    compare("mom (stable sort)", fla_model, ours, args, report, dtype_name, floor_ref, stable=True,
+                            ours_fp32=own_ref)
                 del ours
     table = report.table()
     thresholds = (f"ok: fp32 rel RMS <= {FP32_TOL:g}; bf16 rel RMS <= max({BF16_FACTOR:g} x floor, {BF16_FLOOR:g}) "
