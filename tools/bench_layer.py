@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
+from mom_lit.ops.triton import scan as triton_scan_module  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -345,19 +346,26 @@ def main() -> None:
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     p.add_argument("--profile-out", default=None, help="write the profile tables here too")
+    p.add_argument("--scan-recompute", choices=("none", "states", "wy"), default=None,
+                   help="what the Triton scan's backward rebuilds instead of the forward keeping it (default: "
+                        "mom_lit.ops.triton.scan.RECOMPUTE); 'wy' trades time for 2 x (L, H, K|V) bf16 per layer")
     args = p.parse_args()
     REP_MS[0] = args.rep_ms
+    if args.scan_recompute is not None:
+        triton_scan_module.RECOMPUTE = args.scan_recompute
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
     if args.fla_timing_only and fla_available():
         lift_fla_hopper_guard()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}", flush=True)
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; "
+          f"scan recompute {triton_scan_module.RECOMPUTE}", flush=True)
     rows: list[tuple] = []
     sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile}
     for s in args.sections.split(","):
         sections[s](args, dtype, rows)
-    lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}", "",
+    lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}, scan recompute "
+             f"{triton_scan_module.RECOMPUTE}", "",
              "| section | candidate | shape | time (fwd+bwd / step / per token) | fwd only / throughput | peak memory |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]

@@ -10,20 +10,22 @@
 #   layer   bench_layer.py, layer section: ours (Triton stages on, then off), then fla's rows if fla is importable
 #   model   bench_layer.py, model section: our MoM model (plain and checkpointed blocks), then fla's GDN model
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
+#   interop verify_fla_interop.py: our converted models against fla's, fp32 and bf16 (needs fla)
 #   scale   scale_runs.py with 2+ GPUs: 1 GPU, DDP, FSDP, two single-GPU "nodes"
-# fla's rows run in processes of their own, after ours, with the longest limits: its first calls autotune for
-# minutes. Limits (seconds) can be changed through the environment: TESTS_S, LAYER_S, FLA_S, MODEL_S, DECODE_S,
+# fla's rows run in processes of their own, after ours on the same card, with the longest limits: its first calls
+# autotune for minutes. TRITON_CACHE_AUTOTUNING=1 keeps those results on disk, so its later processes skip that.
+# Limits (seconds) can be changed through the environment: TESTS_S, LAYER_S, FLA_S, MODEL_S, DECODE_S, INTEROP_S,
 # SCALE_S. fla's timings lift its Hopper guard (--fla-timing-only): they are timings, not correctness claims.
 set -u
 if [ $# -lt 1 ]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
-STEPS=${*:-tests layer model decode scale}
+STEPS=${*:-tests layer model decode interop scale}
 cd "$(dirname "$0")/.." || exit 2
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 status=0
 
 # run NAME SECONDS CMD...: CMD's output to OUT/NAME.log; a line per step in OUT/summary.txt
@@ -70,6 +72,12 @@ for step in $STEPS; do
             --skip "mom_lit,Llama,fla Mom" --out "$OUT/model_fla.md" ;;
     decode)
         run decode "${DECODE_S:-420}" python tools/bench_decode.py --json "$OUT/decode.json" ;;
+    interop)
+        if has_fla; then
+            run interop "${INTEROP_S:-600}" python tools/verify_fla_interop.py --no-fla-generate
+        else
+            echo "interop: skipped, fla is not importable" | tee -a "$OUT/summary.txt"
+        fi ;;
     scale)
         if [ "$gpus" -lt 2 ]; then
             echo "scale: skipped, needs 2 GPUs ($gpus visible)" | tee -a "$OUT/summary.txt"
@@ -77,7 +85,7 @@ for step in $STEPS; do
             run scale "${SCALE_S:-1500}" python tools/scale_runs.py --out "$OUT/scale" --timeout 360
         fi ;;
     *)
-        echo "unknown step '$step' (tests layer model decode scale)" >&2
+        echo "unknown step '$step' (tests layer model decode interop scale)" >&2
         exit 2 ;;
     esac
 done
