@@ -13,6 +13,9 @@ making up the rest):
   ``torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint localhost:PORT`` agents on this
   host, one GPU each (``CUDA_VISIBLE_DEVICES`` 0 and 1).
 
+The runs take the GPUs of this script's ``CUDA_VISIBLE_DEVICES`` in order (all of the host's when it is unset), so
+two 1-GPU runs can share a host: ``CUDA_VISIBLE_DEVICES=1 python tools/scale_runs.py --runs 1gpu ...``.
+
 Each run's process logs go to ``<out>/<run>.log`` and its CSV metrics to ``<out>/<run>/``. A :class:`ScaleProbe`
 callback measures, on every rank, the tokens/s of that rank after ``--warmup_steps`` optimizer steps (compilation
 excluded; synchronised at both ends), the peak CUDA memory allocated, and the loss of every optimizer step over
