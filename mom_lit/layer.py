@@ -17,6 +17,7 @@ plain-torch stages remain the reference (CPU, float64, prefill with a conv cache
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -30,7 +31,7 @@ from mom_lit.config import MoMConfig
 from mom_lit.layout import build_layout, unsort
 from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
 from mom_lit.ops import scan
-from mom_lit.ops.conv import slot_conv, varlen_short_conv
+from mom_lit.ops.conv import slot_conv, slot_qkv, varlen_short_conv
 from mom_lit.ops.grouped import grouped_mm_available, grouped_projection
 from mom_lit.ops.decode import decode_step
 from mom_lit.router import Router, Routing
@@ -59,6 +60,11 @@ _FUSION = {"disabled": False}
 # falls back to the compiled reference stages. ``allow_cpu`` lets tests run them on CPU under TRITON_INTERPRET=1.
 _SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0", "allow_cpu": False}
 _SLOT_KERNELS_PROBED: set[tuple] = set()
+# With the slot stage, the Triton scan can rebuild q, k, v in its backward from the projections that the slot stage
+# keeps anyway, instead of keeping its own (L, H, 2K + V) copy: 288 MiB less per MoM layer at 8 x 2048 and the
+# reference dims, for three more convolution passes in the backward. Off until timed on a GPU
+# (``MOM_LIT_REBUILD_QKV=1`` turns it on).
+REBUILD_QKV = os.environ.get("MOM_LIT_REBUILD_QKV", "0") == "1"
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -297,8 +303,9 @@ class MoMLayer(nn.Module):
         conv_init = None
         if state is not None and state.conv is not None:
             conv_init = state.conv.transpose(0, 1).reshape(S * num_sequences, *state.conv.shape[2:])
+        rebuild_qkv = None
         if self._slot_kernels_apply(x_flat, conv_init, use_cache):
-            q, k, v, g, gk, beta = self._prepare_slots_triton(x_flat, layout)
+            q, k, v, g, gk, beta, rebuild_qkv = self._prepare_slots_triton(x_flat, layout)
             conv_final = None
         else:
             fused = self._fused_stages(x_flat)
@@ -318,6 +325,7 @@ class MoMLayer(nn.Module):
             output_final_state=use_cache,
             backend=c.backend,
             chunk_size=c.chunk_size,
+            rebuild_qkv=rebuild_qkv,
         )
         new_state = None
         if use_cache:
@@ -349,7 +357,8 @@ class MoMLayer(nn.Module):
 
     def _prepare_slots_triton(self, x_flat, layout):
         """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
-        backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``)."""
+        backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``). Also
+        returns the scan's ``rebuild_qkv`` (None unless ``REBUILD_QKV``)."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
         w_stream = self._stream_weights().to(x_flat.dtype)  # (S, P, D)
@@ -365,10 +374,16 @@ class MoMLayer(nn.Module):
             kv_src = kv_src.view(num_tokens * S, -1)  # (N_tok * S, P): row t * S + s
             kv_rows = layout.token * S + layout.memory
         extra = (self.b_proj is not None) + (self.a_proj is not None)
-        q, k, v, rest = slot_conv(self.q_proj(x_flat), kv_src, self.conv_weight.to(x_flat.dtype), layout.token,
-                                  kv_rows, layout.position, layout.rank, H, K, self.head_v_dim, extra * H)
+        q_src = self.q_proj(x_flat)
+        weight = self.conv_weight.to(x_flat.dtype).contiguous()
+        q, k, v, rest = slot_conv(q_src, kv_src, weight, layout.token, kv_rows, layout.position, layout.rank, H, K,
+                                  self.head_v_dim, extra * H)
         g, beta = self._gates(rest)
-        return q, k, v, g, gk, beta
+        rebuild_qkv = None
+        if REBUILD_QKV:  # the tensors slot_conv keeps for its own backward; q, k, v are derived from them
+            rebuild_qkv = (functools.partial(slot_qkv, heads=H, key_dim=K, value_dim=self.head_v_dim),
+                           (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
+        return q, k, v, g, gk, beta, rebuild_qkv
 
     def _grouped_projection_applies(self, x_flat, out_features: int, slots: int) -> bool:
         """Project the sorted slots by one grouped product (J per token) rather than every stream for every token

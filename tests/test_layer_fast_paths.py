@@ -239,16 +239,65 @@ def test_model_invariants_with_slot_kernels(monkeypatch):
     assert calls["slots"] and calls["mix"], "the Triton stages did not run"
 
 
+def _saved_bytes_and_grads(layer, x, seq_id, batch):
+    """Bytes of the distinct storages the forward saves for the backward, the output and every gradient."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x, seq_id, batch)[0]
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out))
+    grads = {"x": x.grad, **{name: p.grad.clone() for name, p in layer.named_parameters()}}
+    layer.zero_grad(set_to_none=True)
+    return sum(storages.values()), out.detach(), grads
+
+
 @kernels
-def test_first_forward_inside_an_activation_checkpoint(monkeypatch):
+@pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
+def test_scan_rebuilds_qkv_from_the_slot_stage(rule, monkeypatch):
+    """With REBUILD_QKV the Triton scan keeps the slot stage's sources instead of its q, k, v: the same output and
+    gradients, and exactly the bytes of q, k, v less saved for the backward."""
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
+    cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
+                    update_rule=rule, backend="triton")
+    torch.manual_seed(0)
+    layer = MoMLayer(cfg).to(DEVICE)
+    batch, seq_len = 2, 37
+    x = torch.randn(batch, seq_len, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    seq_id = sequence_ids(batch, seq_len, None, DEVICE)
+    results = {}
+    for rebuild in (False, True):
+        monkeypatch.setattr(layer_module, "REBUILD_QKV", rebuild)
+        results[rebuild] = _saved_bytes_and_grads(layer, x, seq_id, batch)
+    (kept, out, grads), (kept_rebuilt, out_rebuilt, grads_rebuilt) = results[False], results[True]
+    # Bit for bit where kernels run in order (the interpreter); a GPU's atomic reductions may reorder sums.
+    tol = dict(rtol=1e-5, atol=1e-6) if NATIVE else dict(rtol=0, atol=0)
+    torch.testing.assert_close(out_rebuilt, out, **tol)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_rebuilt[name], grad, **tol, msg=name)
+    slots = batch * seq_len * 3  # top-2 + shared
+    qkv_bytes = slots * cfg.num_heads * (2 * cfg.head_dim + cfg.head_v_dim) * x.element_size()
+    assert kept - kept_rebuilt == qkv_bytes
+
+
+@kernels
+@pytest.mark.parametrize("rebuild_qkv", [False, True], ids=["keep-qkv", "rebuild-qkv"])
+def test_first_forward_inside_an_activation_checkpoint(rebuild_qkv, monkeypatch):
     """The stages' one-off build probe may run inside a checkpointed block (FSDP recomputes every block, so the
-    very first forward is checkpointed); the recompute must still match, and the gradients equal the plain ones."""
+    very first forward is checkpointed); the recompute must still match, and the gradients equal the plain ones
+    (also when the scan rebuilds q, k, v from the slot stage's sources)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
     from mom_lit.model import MoMBlock
 
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS_PROBED", set())
+    monkeypatch.setattr(layer_module, "REBUILD_QKV", rebuild_qkv)
     calls = _spy(monkeypatch)
     cfg = MoMConfig(vocab_size=37, hidden_size=32, num_layers=2, num_heads=2, head_dim=16, num_memories=4, topk=2,
                     shared_memory=True, backend="triton")

@@ -7,8 +7,9 @@
 #
 # Steps (default: all, in this order):
 #   tests   the GPU test files (Triton scan, decoding step, slot/mix stages, fused blocks, model invariants)
-#   layer   bench_layer.py, layer section: ours (Triton stages on, then off), then fla's rows if fla is importable
-#   model   bench_layer.py, model section: our MoM model (plain and checkpointed blocks), then fla's GDN model
+#   layer   bench_layer.py, layer section: ours (Triton stages on, off, and the memory-lean settings: q, k, v and
+#           W, U rebuilt in the backward), then fla's rows if fla is importable
+#   model   bench_layer.py, model section: our MoM model (plain, checkpointed blocks, memory-lean), then fla's GDN
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
 #   interop verify_fla_interop.py: our converted models against fla's, fp32 and bf16 (needs fla)
 #   scale   scale_runs.py with 2+ GPUs: 1 GPU, DDP, FSDP, two single-GPU "nodes"
@@ -18,7 +19,7 @@
 # SCALE_S. fla's timings lift its Hopper guard (--fla-timing-only): they are timings, not correctness claims.
 set -u
 if [ $# -lt 1 ]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
@@ -63,11 +64,15 @@ for step in $STEPS; do
         run layer "${LAYER_S:-240}" python tools/bench_layer.py --sections layer --skip fla --out "$OUT/layer.md"
         MOM_LIT_SLOT_KERNELS=0 run layer_reference_stages "${LAYER_S:-240}" python tools/bench_layer.py \
             --sections layer --skip fla,SDPA,GDN --out "$OUT/layer_reference_stages.md"
+        MOM_LIT_REBUILD_QKV=1 run layer_lean "${LAYER_S:-240}" python tools/bench_layer.py --sections layer \
+            --scan-recompute wy --skip fla,SDPA,GDN --out "$OUT/layer_lean.md"
         has_fla && run layer_fla "${FLA_S:-600}" python tools/bench_layer.py --sections layer --fla-timing-only \
             --skip mom_lit,SDPA --out "$OUT/layer_fla.md" ;;
     model)
         run model "${MODEL_S:-300}" python tools/bench_layer.py --sections model --skip "fla,Llama,mom_lit GDN" \
             --out "$OUT/model.md"
+        MOM_LIT_REBUILD_QKV=1 run model_lean "${MODEL_S:-300}" python tools/bench_layer.py --sections model \
+            --scan-recompute wy --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/model_lean.md"
         has_fla && run model_fla "${FLA_S:-600}" python tools/bench_layer.py --sections model --fla-timing-only \
             --skip "mom_lit,Llama,fla Mom" --out "$OUT/model_fla.md" ;;
     decode)

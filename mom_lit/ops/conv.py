@@ -115,13 +115,10 @@ class _SlotConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_src, kv_src, weight, q_rows, kv_rows, position, rank, heads, key_dim, value_dim, extra):
-        from mom_lit.ops import layer_triton as kern
-
         HK, HV = heads * key_dim, heads * value_dim
         w = weight.contiguous()
-        q = kern.conv_fwd(q_src, q_rows, position, w[:HK], heads, key_dim, True)
-        k = kern.conv_fwd(kv_src[:, :HK], kv_rows, position, w[HK:2 * HK], heads, key_dim, True)
-        v = kern.conv_fwd(kv_src[:, HK:HK + HV], kv_rows, position, w[2 * HK:], heads, value_dim, False)
+        q, k, v = slot_qkv(q_src, kv_src, w, q_rows, kv_rows, position, heads=heads, key_dim=key_dim,
+                           value_dim=value_dim)
         gates = kv_src[kv_rows, HK + HV:HK + HV + extra]  # (L, extra) pre-activation gate logits
         ctx.save_for_backward(q_src, kv_src, w, q_rows, kv_rows, position, rank)
         ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
@@ -152,6 +149,21 @@ class _SlotConv(torch.autograd.Function):
         dq_src = dq_slot[rank].view(q_src.shape[0], -1, HK).sum(1)  # (N_tok * J, HK) -> (N_tok, HK)
         dweight = torch.cat([dw_q, dw_k, dw_v]).to(weight_dtype)
         return dq_src, dkv, dweight, None, None, None, None, None, None, None, None
+
+
+def slot_qkv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,
+             kv_rows: torch.Tensor, position: torch.Tensor, *, heads: int, key_dim: int,
+             value_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k (L, H, K) and v (L, H, V) of :func:`slot_conv` by its forward kernels, without autograd (weight
+    contiguous). Deterministic, so a backward can rebuild them instead of keeping them
+    (``triton_scan(rebuild_qkv=...)``)."""
+    from mom_lit.ops import layer_triton as kern
+
+    HK, HV = heads * key_dim, heads * value_dim
+    q = kern.conv_fwd(q_src, q_rows, position, weight[:HK], heads, key_dim, True)
+    k = kern.conv_fwd(kv_src[:, :HK], kv_rows, position, weight[HK:2 * HK], heads, key_dim, True)
+    v = kern.conv_fwd(kv_src[:, HK:HK + HV], kv_rows, position, weight[2 * HK:], heads, value_dim, False)
+    return q, k, v
 
 
 def slot_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,

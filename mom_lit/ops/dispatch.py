@@ -102,18 +102,21 @@ def scan(
     output_final_state: bool = True,
     backend: str = "auto",
     chunk_size: int = 64,
+    rebuild_qkv=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the memory recurrence with the chosen backend.
 
     Arguments and results are those of :func:`mom_lit.ops.recurrent.recurrent_scan` (q, k: (B, T, H, K);
     v: (B, T, H, V); optional g (B, T, H), gk (B, T, H, K), beta (B, T, H), initial_state (N, H, K, V),
     cu_seqlens (N+1,)) -> (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) fp32 or None), plus
-    ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends.
+    ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends. ``rebuild_qkv``
+    reaches the Triton scan only (see :func:`mom_lit.ops.triton.triton_scan`); the other backends keep q, k, v.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kwargs = dict(g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
                   output_final_state=output_final_state)
+    triton_only = {} if rebuild_qkv is None else {"rebuild_qkv": rebuild_qkv}
 
     if backend in ("auto", "triton"):
         triton_scan = _load_triton_scan() if (q.is_cuda or backend == "triton") else None
@@ -122,10 +125,10 @@ def scan(
                 raise RuntimeError("backend='triton' was requested but mom_lit.ops.triton.triton_scan is not "
                                    "importable; use backend='compiled' or 'auto'")
             _log_choice("triton", "requested")
-            return triton_scan(q, k, v, **kwargs)
+            return triton_scan(q, k, v, **kwargs, **triton_only)
         if triton_scan is not None and gk is None and q.dtype != torch.float64:
             _log_choice("triton", "auto: CUDA inputs")
-            return triton_scan(q, k, v, **kwargs)
+            return triton_scan(q, k, v, **kwargs, **triton_only)
         backend = "compiled"
         reason = "auto: no Triton path for these inputs"
     else:

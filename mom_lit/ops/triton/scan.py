@@ -15,6 +15,7 @@ W and U as well.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -217,9 +218,14 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
+    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute, rebuild_qkv):
         o, ht, saved = _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute)
-        ctx.save_for_backward(q, k, v, g, beta, h0, cu, *saved[1:],
+        if rebuild_qkv is None:
+            qkv_or_sources, ctx.rebuild = (q, k, v), None
+        else:  # keep what q, k, v are rebuilt from (the caller keeps those anyway), not q, k, v
+            fn, sources = rebuild_qkv
+            qkv_or_sources, ctx.rebuild = tuple(sources), (fn, len(sources))
+        ctx.save_for_backward(*qkv_or_sources, g, beta, h0, cu, *saved[1:],
                               saved[0].chunk_seg, saved[0].chunk_start, saved[0].chunk_offsets)
         ctx.max_chunks = saved[0].max_chunks
         ctx.scale = scale
@@ -227,12 +233,18 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, cu, gamma, tinv, w, u, h, chunk_seg, chunk_start, chunk_offsets = ctx.saved_tensors
+        tensors = ctx.saved_tensors
+        if ctx.rebuild is None:
+            (q, k, v), tensors = tensors[:3], tensors[3:]
+        else:
+            fn, count = ctx.rebuild
+            (q, k, v), tensors = fn(*tensors[:count]), tensors[count:]
+        g, beta, h0, cu, gamma, tinv, w, u, h, chunk_seg, chunk_start, chunk_offsets = tensors
         index = ChunkIndex(ctx.max_chunks, chunk_seg, chunk_start, chunk_offsets)
         dq, dk, dv, dg, dbeta, dh0 = _backward(
             do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, beta, ctx.scale, h0, cu,
             (index, gamma, tinv, w, u, h))
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None
 
 
 def triton_scan(
@@ -249,6 +261,8 @@ def triton_scan(
     output_final_state: bool = True,
     chunk_size: int = 64,
     recompute: str | None = None,
+    rebuild_qkv: tuple[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Sequence[torch.Tensor]]
+    | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.recurrent.recurrent_scan`.
 
@@ -256,6 +270,11 @@ def triton_scan(
     ``"states"`` the chunk start states (one more sequential pass), ``"wy"`` also W and U of the delta rules
     (one more W/U kernel and a heavier pass; 2 (K + V) bytes less per scanned token and head in bf16),
     ``"none"`` nothing (fastest backward, most memory).
+
+    ``rebuild_qkv``: ``(fn, sources)`` where ``fn(*sources)`` gives back the packed (B*T, H, K|V) q, k, v exactly;
+    the forward then keeps ``sources`` instead of q, k, v (for a caller that keeps those sources anyway, such as
+    the MoM layer's slot stage, which derives q, k, v from the projections: 2K + V elements per token and head
+    less). ``fn`` must not capture tensors, so that activation checkpointing sees every saved tensor.
 
     q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H) or None; initial_state: (N, H, K, V) or None;
     cu_seqlens: (N + 1,) int offsets with B = 1. Returns o (B, T, H, V) in v's dtype and the (N, H, K, V) fp32
@@ -286,5 +305,5 @@ def triton_scan(
     flat = lambda x, *tail: None if x is None else x.reshape(B * T, H, *tail).contiguous()  # noqa: E731
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     o, ht = _TritonScan.apply(flat(q, K), flat(k, K), flat(v, V), flat(g), flat(beta), scale, h0, cu,
-                              output_final_state, recompute)
+                              output_final_state, recompute, rebuild_qkv)
     return o.view(B, T, H, V), ht
