@@ -79,7 +79,7 @@ class CompileOnlyDriver(DriverBase):
         return 0
 
     def get_benchmarker(self):
-        raise NotImplementedError
+        raise NotImplementedError("no benchmarker: launches are compile-only, nothing runs")
 
 
 class Recorder:

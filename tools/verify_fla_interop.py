@@ -385,6 +385,33 @@ def _our_steps(ours, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     return torch.stack(logits, 1)  # (B, steps, vocab)
 
 
+@contextlib.contextmanager
+def _top_k_choices(model):
+    """Collects each mom_lit router's top-k memory choice (N_tok, k) per layer while the block runs."""
+    from mom_lit.router import Router
+
+    choices: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: choices.append(out.memory.sort(-1).values))
+               for m in model.modules() if isinstance(m, Router)]
+    try:
+        yield choices
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _flips(low: list[torch.Tensor], high: list[torch.Tensor]) -> str:
+    """Where two runs' top-k choices differ: a bf16 near-tie that tips sends a token to another memory, and that
+    memory's state, hence every later output of the sequence, then differs by far more than rounding."""
+    if not low:
+        return "no router"
+    flips = [(layer, torch.nonzero((a != b).any(-1)).flatten().tolist()) for layer, (a, b) in enumerate(zip(low, high))]
+    total = sum(len(tokens) for _, tokens in flips)
+    first = next(((layer, tokens[0]) for layer, tokens in flips if tokens), None)
+    where = "" if first is None else f", first in layer {first[0]} at flat token {first[1]}"
+    return f"top-k differs for {total} of {sum(a.shape[0] for a in low)} (layer, token) choices{where}"
+
+
 def _worst_step(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, str]:
     """Worst max|diff| and rel RMS over the steps of (B, steps, vocab) logits, and where they fall."""
     per_step = [errors(a[:, i], b[:, i]) for i in range(a.shape[1])]
@@ -433,10 +460,12 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
             report.add(name, dtype_name, f"fla kernels vs stand-ins T={length}", *errors(ref, stand_in), floor,
                        note="fla-internal: fla's kernels against this script's torch stand-ins, same fla code")
         if ours_fp32 is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _top_k_choices(ours) as low, _top_k_choices(ours_fp32) as high:
+                ours(ids)
                 own = ours_fp32(ids).logits.float()
             report.add(name, dtype_name, f"ours vs ours fp32 T={length}", *errors(out, own), floor,
-                       note="ours-internal: our own bf16 error, to set beside the floor (fla's own)")
+                       note=f"ours-internal: our own bf16 error, beside the floor (fla's own); "
+                            f"{_flips(low, high)}")
         if ours.config.backend != "eager":
             with torch.no_grad(), our_backend(ours, "eager"):
                 eager = ours(ids).logits.float()
@@ -473,26 +502,25 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
             if ours.config.backend != "eager":
                 with our_backend(ours, "eager"):
                     our_eager = _our_steps(ours, prompt, fla_greedy)
-        *worst, where = _worst_step(our_logits, fla_logits)
-        report.add(name, dtype_name, f"decode {args.decode_steps} steps (worst)", *worst, floor,
-                   note=f"same tokens fed to both caches after a {args.prompt_len}-token prefill; {where}")
-        *worst, where = _worst_step(fla_logits, fla_full)
-        report.add(name, dtype_name, "fla steps vs fla full forward", *worst, floor,
-                   note=f"fla-internal: its cache path against its prefill of prompt + fed tokens; {where}")
+
+        def step_row(check, logits, reference, note, row_floor=floor):  # worst step of a decode comparison
+            *worst, where = _worst_step(logits, reference)
+            report.add(name, dtype_name, check, *worst, row_floor, note=f"{note}; {where}")
+
+        step_row(f"decode {args.decode_steps} steps (worst)", our_logits, fla_logits,
+                 f"same tokens fed to both caches after a {args.prompt_len}-token prefill")
+        step_row("fla steps vs fla full forward", fla_logits, fla_full,
+                 "fla-internal: its cache path against its prefill of prompt + fed tokens")
         if stand_in is not None:
-            *worst, where = _worst_step(fla_logits, stand_in)
-            report.add(name, dtype_name, "fla step kernels vs stand-ins", *worst, floor,
-                       note=f"fla-internal: prefill + steps on fla's kernels against the torch stand-ins; {where}")
-        *worst, where = _worst_step(again, fla_logits)
-        report.add(name, dtype_name, "fla steps, run 2 vs run 1", *worst, None,
-                   note=f"fla-internal: the same steps again (0 unless fla keeps state between calls); {where}")
-        *worst, where = _worst_step(our_logits, our_full)
-        report.add(name, dtype_name, "ours steps vs ours full forward", *worst, floor,
-                   note=f"ours-internal: our cache path against our prefill of prompt + fed tokens; {where}")
+            step_row("fla step kernels vs stand-ins", fla_logits, stand_in,
+                     "fla-internal: prefill + steps on fla's kernels against the torch stand-ins")
+        step_row("fla steps, run 2 vs run 1", again, fla_logits,
+                 "fla-internal: the same steps again (0 unless fla keeps state between calls)", row_floor=None)
+        step_row("ours steps vs ours full forward", our_logits, our_full,
+                 "ours-internal: our cache path against our prefill of prompt + fed tokens")
         if our_eager is not None:
-            *worst, where = _worst_step(our_logits, our_eager)
-            report.add(name, dtype_name, "ours steps vs ours eager steps", *worst, floor,
-                       note=f"ours-internal: backend {ours.config.backend} against the plain-torch reference; {where}")
+            step_row("ours steps vs ours eager steps", our_logits, our_eager,
+                     f"ours-internal: backend {ours.config.backend} against the plain-torch reference")
     except Exception as error:
         traceback.print_exc()
         report.add(name, dtype_name, "decode", None, None, note=f"fla failed: {type(error).__name__}: {error}")
