@@ -4,7 +4,8 @@ Sections (``--sections``):
   layer   one layer forward and forward+backward (loss = sum of outputs), peak memory
   model   a 12-layer model, one training step (forward + backward), tokens/s, peak memory
   decode  per-token latency of an eager decode loop after a prefill of C tokens
-  profile top kernels of our layer's forward+backward
+  profile top device kernels of each selected layer's forward+backward (8 x 2048)
+  profile_model  the same for each selected model's training step
 
 Settings follow the reference figures (hidden 1024, 4 heads x 256, expand_v 1, short conv 4, E=4, top-2, shared
 memory, bf16). fla (flash-linear-attention) and transformers are optional: rows whose library is missing are
@@ -301,35 +302,78 @@ def section_decode(args, dtype, rows):
             torch.cuda.empty_cache()
 
 
+def _profile(fn, args, label: str) -> str:
+    """Kernels by self device time over 3 calls of ``fn`` after 3 warm-up calls, and the wall time per call
+    beside the device time per call (a wall time well above the device time means the host is the bottleneck)."""
+    cuda = args.device == "cuda"
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / 3 * 1e3
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    self_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    total_key = "cuda_time_total" if cuda else "cpu_time_total"
+    device_ms = sum(getattr(a, "self_device_time_total", 0.0) for a in averages) / 3 / 1e3
+    return (f"profile of {label}, 3 calls\nwall time per call (unprofiled): {wall_ms:.2f} ms; device time per call "
+            f"(profiled, sum of kernels): {device_ms:.2f} ms\n\nkernels by self device time:\n"
+            + averages.table(sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=90)
+            + "\n\noperators by total device time (children included):\n"
+            + averages.table(sort_by=total_key, row_limit=args.profile_rows, max_name_column_width=90))
+
+
+def _report_profile(args, report: str) -> None:
+    print(report, flush=True)
+    if args.profile_out:
+        with open(args.profile_out, "a") as f:
+            f.write(report + "\n\n")
+
+
 def section_profile(args, dtype, rows):
-    """Where the time of our layer's forward+backward goes (top CUDA kernels)."""
+    """Where the time of each selected layer's forward+backward goes (top device kernels), 8 x 2048."""
     hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
     b, t = (2, 64) if args.tiny else (8, 2048)
-    for backend in args.backends:
-        cfg = MoMConfig(hidden_size=hidden, num_heads=heads, head_dim=head_dim, num_memories=4, topk=2,
-                        shared_memory=True, num_layers=12, backend=backend)
-        module = OurLayer(cfg).to(args.device, dtype).train()
+    for name, make in selected(args, layer_candidates(args, hidden, heads, head_dim)):
+        torch.manual_seed(0)
+        module = make().to(args.device, dtype).train()
         x = torch.randn(b, t, hidden, device=args.device, dtype=dtype, requires_grad=True)
-        for _ in range(3):
-            module(x).float().sum().backward()
-        activities = [torch.profiler.ProfilerActivity.CPU]
+        _report_profile(args, _profile(lambda: module(x).float().sum().backward(), args,
+                                       f"layer {name}, {b}x{t}, fwd+bwd"))
+        del module
         if args.device == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(3):
-                module(x).float().sum().backward()
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-        self_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-        total_key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
-        averages = prof.key_averages()
-        report = (f"profile of mom_lit MoM ({backend}), {b}x{t}, 3 x fwd+bwd\n\nkernels by self device time:\n"
-                  + averages.table(sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=90)
-                  + "\n\noperators by total device time (children included):\n"
-                  + averages.table(sort_by=total_key, row_limit=args.profile_rows, max_name_column_width=90))
-        print(report)
-        if args.profile_out:
-            Path(args.profile_out).write_text(report + "\n")
+            torch.cuda.empty_cache()
+
+
+def section_profile_model(args, dtype, rows):
+    """Where the time of each selected model's training step goes (top device kernels)."""
+    b, t = (2, 64) if args.tiny else (8, 2048)
+    for name, make in selected(args, model_candidates(args, args.tiny)):
+        torch.manual_seed(0)
+        model = make().to(args.device, dtype).train()
+        vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
+        ids = torch.randint(0, vocab, (b, t), device=args.device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+
+        _report_profile(args, _profile(step, args, f"model {name}, {b}x{t}, training step"))
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -345,7 +389,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the markdown table here too")
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
-    p.add_argument("--profile-out", default=None, help="write the profile tables here too")
+    p.add_argument("--profile-out", default=None, help="append the profile tables to this file too")
     p.add_argument("--scan-recompute", choices=("none", "states", "wy"), default=None,
                    help="what the Triton scan's backward rebuilds instead of the forward keeping it (default: "
                         "mom_lit.ops.triton.scan.RECOMPUTE); 'wy' trades time for 2 x (L, H, K|V) bf16 per layer")
@@ -361,7 +405,8 @@ def main() -> None:
     print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; "
           f"scan recompute {triton_scan_module.RECOMPUTE}", flush=True)
     rows: list[tuple] = []
-    sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile}
+    sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile,
+                "profile_model": section_profile_model}
     for s in args.sections.split(","):
         sections[s](args, dtype, rows)
     lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}, scan recompute "
