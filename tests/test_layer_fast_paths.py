@@ -19,6 +19,7 @@ from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer
 from mom_lit import layer as layer_module
 from mom_lit.layout import build_layout, sequence_ids, unsort
 from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
+from mom_lit.ops import layer_triton
 from mom_lit.ops.conv import slot_conv, varlen_short_conv
 
 from invariants import assert_model_invariants
@@ -35,6 +36,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all()
     return ((a - b).norm() / b.norm().clamp_min(1e-3)).item()
+
+
+# Launch settings: the library's, and small blocks that split these test shapes into several row blocks, spans and
+# channel blocks (a span of 24 rows walked in steps of 8, 16 channels per program), so the boundaries are tested.
+SMALL_LAUNCH = layer_triton.StageLaunchConfig(
+    conv_fwd=layer_triton.StageLaunch(8, 2), conv_bwd_pre=layer_triton.StageLaunch(16, 4),
+    conv_bwd_dx=layer_triton.StageLaunch(8, 2), dx_channels=16, dx_span=24,
+    mix_fwd=layer_triton.StageLaunch(8, 2), mix_bwd=layer_triton.StageLaunch(16, 4))
+
+
+@pytest.fixture(params=["default-launch", "small-launch"])
+def launch(request, monkeypatch):
+    if request.param == "small-launch":
+        monkeypatch.setattr(layer_triton, "LAUNCH", SMALL_LAUNCH)
+    return request.param
 
 
 def _routing(num_tokens, num_memories, topk, generator):
@@ -62,7 +78,7 @@ def _reference(q_src, kv_src, weight, layout, heads, key_dim, value_dim, extra):
     pytest.param(3, 5, 1, 32, 32, 3, id="short-segments"),
     pytest.param(1, 70, 3, 8, 8, 2, id="3heads-width2"),
 ])
-def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width):
+def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width, launch):
     if dtype == torch.bfloat16 and not NATIVE:
         pytest.skip("the interpreter mishandles bf16")
     gen = torch.Generator().manual_seed(42)
@@ -110,7 +126,7 @@ def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, ke
     pytest.param(3, 2, 16, True, id="J3-gated"),
     pytest.param(1, 3, 24, False, id="J1-ungated-D24"),
 ])
-def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, gated):
+def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, gated, launch):
     if dtype == torch.bfloat16 and not NATIVE:
         pytest.skip("the interpreter mishandles bf16")
     gen = torch.Generator().manual_seed(42)

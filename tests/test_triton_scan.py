@@ -245,6 +245,9 @@ def test_chunk_index_maps_every_chunk_once(lengths):
     assert list(zip(seg, start))[: len(expected)] == expected
     assert all(s == -1 for s in seg[len(expected):])
     assert index.chunk_offsets[-1].item() == len(expected)
+    # the state passes take segments longest first: a permutation, by decreasing chunk count, ties in order
+    chunks = [-(-n // 64) for n in lengths]
+    assert index.longest_first.tolist() == sorted(range(len(lengths)), key=lambda n: (-chunks[n], n))
 
 
 def test_rejects_unsupported_arguments():

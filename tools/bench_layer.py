@@ -327,7 +327,8 @@ def _profile(fn, args, label: str) -> str:
     averages = prof.key_averages()
     self_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     total_key = "cuda_time_total" if cuda else "cpu_time_total"
-    device_ms = sum(getattr(a, "self_device_time_total", 0.0) for a in averages) / 3 / 1e3
+    kernels = [a for a in averages if getattr(a, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    device_ms = sum(a.self_device_time_total for a in kernels) / 3 / 1e3
     return (f"profile of {label}, 3 calls\nwall time per call (unprofiled): {wall_ms:.2f} ms; device time per call "
             f"(profiled, sum of kernels): {device_ms:.2f} ms\n\nkernels by self device time:\n"
             + averages.table(sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=90)

@@ -6,10 +6,11 @@ Every sorted slot row ``i`` reads its pre-convolution inputs straight from the p
 gathered copy), convolves along its segment (``position`` restarts at each segment start; the slot stage of a
 training forward has no cached conv state), applies SiLU and, for q and k, the per-head L2 norm. The backward
 recomputes the forward from the projections (nothing but the indices is kept) in two kernels: one writes the
-pre-activation gradient and the per-block filter gradients, the next runs the transposed convolution and writes
-the source gradient rows.
+pre-activation gradient (an elementwise pass over (block of rows, head) programs, which the L2 norm needs whole),
+the next walks a span of rows per (span, block of channels) program, running the transposed convolution (the source
+gradient rows) and accumulating the filter gradient in registers, reduced once per program.
 
-A channel group is one head of q, k or v (D channels); programs are (block of BT rows, head).
+A channel group is one head of q, k or v (D channels).
 
 Mix stage: per token, the routing-weighted sum of its J slot outputs (read in place from the scan's sorted
 output through ``rank``), the per-head RMSNorm and the swish output gate, in one pass; its backward recomputes
@@ -21,11 +22,35 @@ Row offsets are int64: slots x channels overflows int32 at MoM sizes. The kernel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-BT = 32  # rows per program
+
+@dataclass(frozen=True)
+class StageLaunch:
+    """Rows per program (per loop step for ``conv_bwd_dx``) and warps (0: 4 for heads up to 128 wide, else 8)."""
+
+    rows: int = 32
+    num_warps: int = 0
+
+
+@dataclass
+class StageLaunchConfig:
+    """Launch settings of the slot and mix kernels (``tools/bench_kernels.py --stages`` times alternatives)."""
+
+    conv_fwd: StageLaunch = StageLaunch(32, 0)
+    conv_bwd_pre: StageLaunch = StageLaunch(32, 0)
+    conv_bwd_dx: StageLaunch = StageLaunch(16, 4)
+    dx_channels: int = 64  # channels per conv_bwd_dx program
+    dx_span: int = 512  # rows walked by one conv_bwd_dx program (its filter gradient is reduced once)
+    mix_fwd: StageLaunch = StageLaunch(32, 0)
+    mix_bwd: StageLaunch = StageLaunch(32, 0)
+
+
+LAUNCH = StageLaunchConfig()
 
 
 @triton.jit
@@ -72,58 +97,75 @@ def _fwd_kernel(src, src_stride, rows, position, weight, out, L, out_stride, eps
 
 
 @triton.jit
-def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dpre, dweight, L, eps,
+def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dpre, L, eps,
                     C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr):
-    """Gradient of the pre-activation (L, C) and the filter gradient of this block of rows (W, C) fp32."""
+    """Gradient of the pre-activation (L, C), recomputed from the sources: elementwise but for the L2 norm."""
     pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
     pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD)
     sig = tl.sigmoid(pre)
-    a = pre * sig
     g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
         # y = a r with r = (|a|^2 + eps)^-1/2:  da = r (dy - y <dy, y>)
+        a = pre * sig
         r = tl.rsqrt(tl.sum(a * a, axis=1) + eps)
         y = a * r[:, None]
         g = r[:, None] * (g - y * tl.sum(g * y, axis=1)[:, None])
     dp = g * sig * (1.0 + pre * (1.0 - sig))
-    dp = tl.where(mask, dp, 0.0)
     tl.store(dpre + offs_t[:, None] * C + col[None, :], dp.to(dpre.dtype.element_ty), mask=mask)
-    pos = tl.load(position + offs_t, mask=mask_t, other=0)
-    for s in tl.static_range(W):
-        valid = mask_t & (pos >= s)
-        r_s = tl.load(rows + tl.maximum(offs_t - s, 0), mask=mask_t, other=0).to(tl.int64)  # as in _pre_activation
-        x = tl.load(src + r_s[:, None] * src_stride + col[None, :], mask=valid[:, None] & mask_d[None, :],
-                    other=0.0)
-        part = tl.sum(dp * x.to(tl.float32), axis=0)  # (BD,)
-        tl.store(dweight + (pid_t * W + (W - 1 - s)) * C + col, part, mask=mask_d)
 
 
 @triton.jit
-def _bwd_dx_kernel(dpre, position, weight, dst, dst_rows, dst_stride, L,
-                   C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SCATTER: tl.constexpr,
-                   BT: tl.constexpr, BD: tl.constexpr):
-    """Transposed convolution: dx[t] = sum_s dpre[t+s] w[W-1-s] over rows t+s of t's segment."""
-    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
-    acc = tl.zeros((BT, BD), dtype=tl.float32)
-    for s in tl.static_range(W):
-        ahead = offs_t + s
-        # Row t+s belongs to t's segment exactly when its position is at least s.
-        valid = (ahead < L) & (tl.load(position + ahead, mask=ahead < L, other=0) >= s)
-        d = tl.load(dpre + ahead[:, None] * C + col[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(weight + col * W + (W - 1 - s), mask=mask_d, other=0.0)
-        acc += d.to(tl.float32) * w.to(tl.float32)[None, :]
-    if SCATTER:
-        out_rows = tl.load(dst_rows + offs_t, mask=mask_t, other=0).to(tl.int64)
-    else:
-        out_rows = offs_t
-    tl.store(dst + out_rows[:, None] * dst_stride + col[None, :], acc.to(dst.dtype.element_ty),
-             mask=mask_t[:, None] & mask_d[None, :])
+def _bwd_dx_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_rows, dst_stride, dweight, L, span,
+                   C: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, SCATTER: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr):
+    """Over rows [pid * span, + span) and BC channels: the transposed convolution
+    dx[t] = sum_s dpre[t+s] w[W-1-s] (rows t+s of t's segment) and this span's filter gradient
+    dw[W-1-s] = sum_t dpre[t] x[t-s] (rows t-s of t's segment), accumulated elementwise over the walk."""
+    pid_r, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = pid_c * BC + tl.arange(0, BC)
+    mask_c = cols < C
+    taps = tl.arange(0, WP)  # tap s: s rows ahead (dx) or back (dw); taps >= W are padding
+    mask_w = taps < W
+    w = tl.load(weight + cols[None, :] * W + (W - 1 - taps)[:, None], mask=mask_w[:, None] & mask_c[None, :],
+                other=0.0).to(tl.float32)  # (WP, BC)
+    acc = tl.zeros((WP, BT, BC), dtype=tl.float32)
+    start = pid_r * span
+    for t0 in range(start, tl.minimum(start + span, L), BT):
+        offs_t = t0 + tl.arange(0, BT)
+        mask_t = offs_t < L
+        # Transposed convolution: row t+s belongs to t's segment exactly when its position is at least s.
+        ahead = offs_t[None, :] + taps[:, None]  # (WP, BT)
+        in_range = mask_w[:, None] & (ahead < L)
+        ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= taps[:, None])
+        d = tl.load(dpre + ahead[:, :, None] * C + cols[None, None, :], mask=ok[:, :, None] & mask_c[None, None, :],
+                    other=0.0).to(tl.float32)  # (WP, BT, BC)
+        dx = tl.sum(d * w[:, None, :], axis=0)  # (BT, BC)
+        if SCATTER:
+            out_rows = tl.load(dst_rows + offs_t, mask=mask_t, other=0).to(tl.int64)
+        else:
+            out_rows = offs_t
+        tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
+                 mask=mask_t[:, None] & mask_c[None, :])
+        # Filter gradient: the input s rows back is inside the segment when the position is at least s; its
+        # source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
+        pos = tl.load(position + offs_t, mask=mask_t, other=0)
+        back = mask_w[:, None] & mask_t[None, :] & (pos[None, :] >= taps[:, None])  # (WP, BT)
+        src_row = tl.load(rows + tl.maximum(offs_t[None, :] - taps[:, None], 0), mask=mask_w[:, None] & mask_t[None, :],
+                          other=0).to(tl.int64)
+        x = tl.load(src + src_row[:, :, None] * src_stride + cols[None, None, :],
+                    mask=back[:, :, None] & mask_c[None, None, :], other=0.0).to(tl.float32)  # (WP, BT, BC)
+        dp = tl.load(dpre + offs_t[:, None] * C + cols[None, :], mask=mask_t[:, None] & mask_c[None, :],
+                     other=0.0).to(tl.float32)  # (BT, BC)
+        acc += dp[None, :, :] * x
+    tl.store(dweight + (pid_r * W + (W - 1 - taps))[:, None] * C + cols[None, :], tl.sum(acc, axis=1),
+             mask=mask_w[:, None] & mask_c[None, :])
 
 
-def _launch_config(D: int) -> tuple[int, int]:
+def _launch_config(D: int, launch: StageLaunch) -> tuple[int, int, int]:
+    """(rows, head block, warps) of a kernel whose programs cover whole heads of D channels."""
     bd = triton.next_power_of_2(D)
-    return bd, 4 if bd <= 128 else 8
+    return launch.rows, bd, launch.num_warps or (4 if bd <= 128 else 8)
 
 
 def conv_fwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, heads: int,
@@ -134,10 +176,10 @@ def conv_fwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
     out = torch.empty(length, heads, dim, device=src.device, dtype=src.dtype)
     if length == 0:
         return out
-    bd, warps = _launch_config(dim)
-    _fwd_kernel[(triton.cdiv(length, BT), heads)](
+    bt, bd, warps = _launch_config(dim, LAUNCH.conv_fwd)
+    _fwd_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), rows, position, weight, out, length, heads * dim, eps,
-        D=dim, W=weight.shape[1], NORM=norm, BT=BT, BD=bd, num_warps=warps)
+        D=dim, W=weight.shape[1], NORM=norm, BT=bt, BD=bd, num_warps=warps)
     return out
 
 
@@ -148,19 +190,24 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
     unit column stride) and returns the filter gradient (heads*dim, W) fp32."""
     length = rows.numel()
     channels, width = heads * dim, weight.shape[1]
-    blocks = triton.cdiv(length, BT)
     if length == 0:
         return torch.zeros(channels, width, device=src.device, dtype=torch.float32)
     dout = dout.reshape(length, channels)
-    bd, warps = _launch_config(dim)
+    bt, bd, warps = _launch_config(dim, LAUNCH.conv_bwd_pre)
     dpre = torch.empty(length, channels, device=src.device, dtype=dout.dtype)
-    dweight = torch.empty(blocks, width, channels, device=src.device, dtype=torch.float32)
-    _bwd_pre_kernel[(blocks, heads)](
-        src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, dweight, length, eps,
-        C=channels, D=dim, W=width, NORM=norm, BT=BT, BD=bd, num_warps=warps)
-    _bwd_dx_kernel[(blocks, heads)](
-        dpre, position, weight, dst, dst_rows if dst_rows is not None else rows, dst.stride(0), length,
-        C=channels, D=dim, W=width, SCATTER=dst_rows is not None, BT=BT, BD=bd, num_warps=warps)
+    _bwd_pre_kernel[(triton.cdiv(length, bt), heads)](
+        src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, length, eps,
+        C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, num_warps=warps)
+    if LAUNCH.dx_span % LAUNCH.conv_bwd_dx.rows:  # a step past the span's end would count rows twice
+        raise ValueError(f"dx_span ({LAUNCH.dx_span}) must be a multiple of conv_bwd_dx.rows "
+                         f"({LAUNCH.conv_bwd_dx.rows})")
+    spans = triton.cdiv(length, LAUNCH.dx_span)
+    dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
+    _bwd_dx_kernel[(spans, triton.cdiv(channels, LAUNCH.dx_channels))](
+        src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
+        dst.stride(0), dweight, length, LAUNCH.dx_span, C=channels, W=width, WP=triton.next_power_of_2(width),
+        SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows, BC=LAUNCH.dx_channels,
+        num_warps=LAUNCH.conv_bwd_dx.num_warps or 4)
     return dweight.sum(0).t()  # (C, W)
 
 
@@ -230,10 +277,10 @@ def mix_fwd(o: torch.Tensor, rank: torch.Tensor, weight: torch.Tensor, gate: tor
     out = torch.empty(num_tokens, heads, dim, device=o.device, dtype=o.dtype)
     if num_tokens == 0:
         return out
-    bd, warps = _launch_config(dim)
-    _mix_fwd_kernel[(triton.cdiv(num_tokens, BT), heads)](
+    bt, bd, warps = _launch_config(dim, LAUNCH.mix_fwd)
+    _mix_fwd_kernel[(triton.cdiv(num_tokens, bt), heads)](
         o, rank, weight, gate if gate is not None else o, norm_weight, out, num_tokens, eps, J=slots,
-        HV=heads * dim, D=dim, HAS_GATE=gate is not None, BT=BT, BD=bd, num_warps=warps)
+        HV=heads * dim, D=dim, HAS_GATE=gate is not None, BT=bt, BD=bd, num_warps=warps)
     return out
 
 
@@ -241,16 +288,16 @@ def mix_bwd(o, rank, weight, gate, norm_weight, dout, eps):
     """Gradients of :func:`mix_fwd`: (do (L, H, D), dweight (N, J) fp32, dgate or None, dnorm_weight (D,) fp32)."""
     num_tokens, slots = weight.shape
     heads, dim = o.shape[1], o.shape[2]
-    blocks = triton.cdiv(num_tokens, BT)
+    bt, bd, warps = _launch_config(dim, LAUNCH.mix_bwd)
+    blocks = triton.cdiv(num_tokens, bt)
     do = torch.empty_like(o)
     dweight = torch.empty(num_tokens, slots, heads, device=o.device, dtype=torch.float32)
     dgate = torch.empty_like(gate) if gate is not None else None
     dnorm = torch.empty(blocks, heads, dim, device=o.device, dtype=torch.float32)
     if num_tokens == 0:
         return do, dweight.sum(-1), dgate, dnorm.sum((0, 1))
-    bd, warps = _launch_config(dim)
     _mix_bwd_kernel[(blocks, heads)](
         o, rank, weight, gate if gate is not None else o, norm_weight, dout.contiguous(), do, dweight,
         dgate if dgate is not None else do, dnorm, num_tokens, eps, J=slots, H=heads, HV=heads * dim, D=dim,
-        HAS_GATE=gate is not None, BT=BT, BD=bd, num_warps=warps)
+        HAS_GATE=gate is not None, BT=bt, BD=bd, num_warps=warps)
     return do, dweight.sum(-1), dgate, dnorm.sum((0, 1))

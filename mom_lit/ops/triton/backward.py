@@ -88,13 +88,13 @@ def _key_to_end(k, tok, mr, col0: tl.constexpr, to_end, K: tl.constexpr, BKS: tl
 
 
 @triton.jit
-def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, cu, scale,
+def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, order, cu, scale,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
                      STORE_DH0: tl.constexpr, MODE: tl.constexpr):
     # the (K, BV) state gradient is held as up to four (BKS, BV) register blocks d1..d4, as in the forward
     NKS: tl.constexpr = (K + BKS - 1) // BKS
-    nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, cu, H, V, BV)
+    nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, order, cu, H, V, BV)
     base = nh.to(tl.int64) * K * V
     p1, m1, d1 = state_block(dht, base, 0, rv, K, V, BKS, BV, HAS_DHT)
     if NKS > 1:

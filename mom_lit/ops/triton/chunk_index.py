@@ -4,6 +4,10 @@ Every segment of ``cu_seqlens`` is cut into chunks of ``BT`` tokens; a chunk nev
 and empty segments own no chunk. The exact number of chunks is only known on the device, so kernels are launched
 over an upper bound, ``T // BT + N`` (each segment adds at most one partial chunk), and the programs past the
 real count find the segment id -1 and exit.
+
+The sequential state passes give each segment's programs in order of decreasing chunk count (``longest_first``):
+a long segment (the shared memory's, which sees every token) is a long chain of dependent steps, and started last
+it would run alone after the others have finished.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class ChunkIndex(NamedTuple):
     chunk_seg: torch.Tensor  # (NC,) segment of each chunk, -1 past the last real chunk
     chunk_start: torch.Tensor  # (NC,) int64 first token of each chunk
     chunk_offsets: torch.Tensor  # (N + 1,) first chunk of each segment; the last entry is the real count
+    longest_first: torch.Tensor  # (N,) segment ids by decreasing chunk count (ties in segment order)
 
 
 def build_chunk_index(cu_seqlens: torch.Tensor, total_tokens: int, chunk: int) -> ChunkIndex:
@@ -39,4 +44,6 @@ def build_chunk_index(cu_seqlens: torch.Tensor, total_tokens: int, chunk: int) -
     seg_c = seg.clamp(max=max(segments - 1, 0))
     start = offsets[seg_c] + (ids - chunk_offsets[seg_c]) * chunk
     chunk_seg = torch.where(real, seg, torch.full_like(seg, -1)).to(torch.int32)
-    return ChunkIndex(max_chunks, chunk_seg, torch.where(real, start, 0), chunk_offsets.to(torch.int32))
+    longest_first = torch.argsort(counts, descending=True, stable=True).to(torch.int32)  # (N,)
+    return ChunkIndex(max_chunks, chunk_seg, torch.where(real, start, 0), chunk_offsets.to(torch.int32),
+                      longest_first)

@@ -69,16 +69,18 @@ def state_tile_ptrs(base, row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constex
 
 
 @triton.jit
-def state_program(chunk_offsets, cu, H: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+def state_program(chunk_offsets, order, cu, H: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
     """Where a program of a sequential state pass works: one (segment, head) and one block of BV state columns.
 
-    The V blocks of one (segment, head) are consecutive programs, so they run together and share q, k, w via L2.
+    Segments are taken in ``order`` (longest first), so the longest chains of dependent steps start first. The V
+    blocks of one (segment, head) are consecutive programs, so they run together and share q, k, w via L2.
     Returns (nh = segment * H + head, head, the block's columns, first and end chunk ids, first and end tokens).
     """
     NVB: tl.constexpr = (V + BV - 1) // BV
-    nh = tl.program_id(0) // NVB
+    slot = tl.program_id(0) // NVB
     vb = tl.program_id(0) % NVB
-    n = nh // H
+    n = tl.load(order + slot // H)
+    nh = n * H + slot % H
     c0 = tl.load(chunk_offsets + n).to(tl.int64)
     c1 = tl.load(chunk_offsets + n + 1).to(tl.int64)
     bos = tl.load(cu + n).to(tl.int64)

@@ -206,7 +206,7 @@ def wy_apply_kernel(k, v, beta, gamma, tinv, w, u, chunk_seg, chunk_start, cu,
 
 
 @triton.jit
-def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, cu,
+def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
                      U_FINAL: tl.constexpr, MODE: tl.constexpr):
@@ -214,7 +214,7 @@ def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, cu,
     # write it; the states come out as in the forward, which also rounded U to u's dtype before using it.
     # the (K, BV) state is held as up to four (BKS, BV) register blocks s1..s4 (K <= 4 * BKS)
     NKS: tl.constexpr = (K + BKS - 1) // BKS
-    nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, cu, H, V, BV)
+    nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, order, cu, H, V, BV)
     h0_base = nh.to(tl.int64) * K * V
     p1, m1, s1 = state_block(h0, h0_base, 0, rv, K, V, BKS, BV, HAS_H0)
     if NKS > 1:

@@ -1,0 +1,155 @@
+"""Time the MoM layer's Triton slot and mix stages (``mom_lit/ops/layer_triton.py``) and sweep their launch settings
+(CUDA).
+
+Shapes are those of one layer at the ANCHORS.md setting: B x T tokens routed uniformly at random to top-2 of E = 4
+memories plus the shared one (3 slots per token), 4 heads x 256, short convolution of width 4, bf16. Every kernel
+is timed alone (``triton.testing.do_bench`` medians, ms) under each setting of a coordinate sweep: one kernel's
+setting varies while the others keep the library's defaults. Every setting's results are compared with the
+defaults' (largest absolute difference): a setting that computes something else is reported, never chosen.
+
+    python tools/bench_stages.py --out stages.md            # times and sweep at 8 x 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mom_lit.layout import build_layout, sequence_ids  # noqa: E402
+from mom_lit.ops import layer_triton as kern  # noqa: E402
+from mom_lit.ops.layer_triton import StageLaunch  # noqa: E402
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def make_inputs(batch: int, seq_len: int, heads: int, dim: int, memories: int, topk: int, width: int,
+                dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    tokens, streams = batch * seq_len, memories + 1
+    memory = torch.rand(tokens, memories, generator=gen).topk(topk, -1).indices
+    memory = torch.cat([memory, torch.full_like(memory[:, :1], memories)], 1)  # + shared memory
+    layout = build_layout(memory, sequence_ids(batch, seq_len, None, "cpu"), batch, streams)
+    layout = type(layout)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(layout).items()})
+    HK = heads * dim
+    rand = lambda *shape: torch.randn(*shape, device="cuda").to(dtype)  # noqa: E731
+    return dict(
+        layout=layout, heads=heads, dim=dim, kv_rows=layout.token * streams + layout.memory,
+        q_src=rand(tokens, HK), kv_src=rand(tokens * streams, 2 * HK + 2 * heads), weight=rand(3 * HK, width),
+        dout=rand(layout.token.numel(), heads, dim), o=rand(layout.token.numel(), heads, dim),
+        mix_weight=torch.rand(tokens, topk + 1, device="cuda"), gate=rand(tokens, heads, dim),
+        norm_weight=rand(dim), mix_dout=rand(tokens, heads, dim))
+
+
+def runners(x) -> dict[str, callable]:
+    """One call per kernel group at the k stream's shapes (the largest of q, k, v that takes the L2 norm)."""
+    lay, H, D = x["layout"], x["heads"], x["dim"]
+    HK = H * D
+    src, w = x["kv_src"][:, :HK], x["weight"][HK:2 * HK].contiguous()
+    dst = torch.zeros_like(x["kv_src"])[:, :HK]
+
+    def conv_fwd():
+        return kern.conv_fwd(src, x["kv_rows"], lay.position, w, H, D, True)
+
+    def conv_bwd():
+        dweight = kern.conv_bwd(src, x["kv_rows"], lay.position, w, x["dout"], H, D, True, dst, x["kv_rows"])
+        return dst, dweight
+
+    def mix_fwd():
+        return kern.mix_fwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], 1e-5)
+
+    def mix_bwd():
+        return kern.mix_bwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], x["mix_dout"], 1e-5)
+
+    return {"conv_fwd": conv_fwd, "conv_bwd": conv_bwd, "mix_fwd": mix_fwd, "mix_bwd": mix_bwd}
+
+
+def flat(result) -> list[torch.Tensor]:
+    if torch.is_tensor(result):
+        return [result]
+    return [t for t in result if t is not None]
+
+
+def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute difference over all results, relative to each result's largest magnitude."""
+    return max(((u.float() - v.float()).abs().max() / v.float().abs().max().clamp_min(1e-6)).item()
+               for u, v in zip(a, b))
+
+
+# Settings tried per field of StageLaunchConfig, and the runner that times it.
+SWEEP = {
+    "conv_fwd": ("conv_fwd", [StageLaunch(r, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)]),
+    "conv_bwd_pre": ("conv_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
+    "conv_bwd_dx": ("conv_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
+    "dx_channels": ("conv_bwd", [32, 64, 128]),
+    "dx_span": ("conv_bwd", [256, 512, 1024, 2048]),
+    "mix_fwd": ("mix_fwd", [StageLaunch(r, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)]),
+    "mix_bwd": ("mix_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="8x2048", help="BxT of the layer input")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=256)
+    p.add_argument("--no-sweep", action="store_true", help="time the library's settings only")
+    p.add_argument("--out", default=None, help="also write the markdown report here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_stages.py needs a CUDA device")
+    batch, seq_len = map(int, args.shape.split("x"))
+    x = make_inputs(batch, seq_len, args.heads, args.head_dim, 4, 2, 4, torch.bfloat16)
+    run = runners(x)
+    slots, channels = x["layout"].token.numel(), args.heads * args.head_dim
+    lines = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+             f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), bf16", "",
+             "| kernel group | setting | ms | largest difference to the defaults (relative) |", "|---|---|---|---|"]
+    default = kern.LAUNCH
+    reference = {name: [t.clone() for t in flat(fn())] for name, fn in run.items()}
+    for name, fn in run.items():
+        lines.append(f"| {name} | library defaults | {bench(fn):.4f} | 0 |")
+        print(lines[-1], flush=True)
+    best = {}
+    for field, (group, settings) in ({} if args.no_sweep else SWEEP).items():
+        for setting in settings:
+            try:
+                cfg = dataclasses.replace(default, **{field: setting})
+            except ValueError:
+                continue
+            if cfg.dx_span % cfg.conv_bwd_dx.rows:
+                continue
+            kern.LAUNCH = cfg
+            try:
+                diff = largest_difference(flat(run[group]()), reference[group])
+                ms = bench(run[group])
+            except Exception as error:  # a setting that does not build (shared memory, registers) is reported
+                lines.append(f"| {group} | {field}={setting} | error: {type(error).__name__} | |")
+                print(lines[-1], flush=True)
+                continue
+            finally:
+                kern.LAUNCH = default
+            lines.append(f"| {group} | {field}={setting} | {ms:.4f} | {diff:.2e} |")
+            print(lines[-1], flush=True)
+            if diff < 2e-2 and (field not in best or ms < best[field][1]):
+                best[field] = (setting, ms)
+    if best:
+        lines += ["", "Fastest setting per field (others at the defaults):", ""]
+        lines += [f"- {field}: {setting} ({ms:.4f} ms)" for field, (setting, ms) in best.items()]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
