@@ -161,12 +161,15 @@ class MoMLayer(nn.Module):
             weight = torch.cat([weight, torch.ones_like(weight[:, :1])], dim=1)
         return routing, memory, weight
 
-    def _stream_weights(self) -> torch.Tensor:
-        """(S, P, D) all per-stream projections that read x, concatenated along P."""
-        parts = [self.k_proj, self.v_proj]
-        for p in (self.b_proj, self.a_proj, self.gk_down):
-            if p is not None:
-                parts.append(p)
+    def _stream_weights(self, align: int = 1) -> torch.Tensor:
+        """(S, P, D) all per-stream projections that read x, concatenated along P: k | v | beta, gate logits |
+        zero rows up to a multiple of ``align`` | GLA's gate code (last, where ``_per_key_gate`` reads it)."""
+        parts = [self.k_proj, self.v_proj] + [p for p in (self.b_proj, self.a_proj) if p is not None]
+        pad = -sum(p.shape[1] for p in parts) % align
+        if pad:
+            parts.append(self.k_proj.new_zeros(self.num_streams, pad, self.k_proj.shape[2]))
+        if self.gk_down is not None:
+            parts.append(self.gk_down)
         return torch.cat(parts, dim=1)
 
     def _slot_inputs(self, x_flat: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
@@ -361,7 +364,9 @@ class MoMLayer(nn.Module):
         returns the scan's ``rebuild_qkv`` (None unless ``REBUILD_QKV``)."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
-        w_stream = self._stream_weights().to(x_flat.dtype)  # (S, P, D)
+        # Rows of a multiple of 16 elements: the slot kernels' loads of a projection row are then aligned and
+        # vectorised (rows of 2 K + 2 heads elements are not; 4 x 256 dims: 2056 -> 2064).
+        w_stream = self._stream_weights(align=16).to(x_flat.dtype)  # (S, P, D)
         gk = None
         slots = layout.rank.numel() // max(num_tokens, 1)  # J per token
         if self._grouped_projection_applies(x_flat, w_stream.shape[1], slots):

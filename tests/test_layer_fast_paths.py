@@ -167,7 +167,8 @@ def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, g
 @kernels
 @pytest.mark.parametrize("rule,overrides,grouped", [
     pytest.param("gated_delta", {}, False, id="gated_delta"),  # S / J = 5 / 3: every stream for every token
-    pytest.param("delta", {"shared_memory": False}, False, id="delta-no-shared"),  # rows of 66 floats: unaligned
+    # S / J = 4 / 2: grouped, on projection rows of 66 values padded to 80 (a multiple of 16 elements)
+    pytest.param("delta", {"shared_memory": False}, True, id="delta-no-shared-grouped"),
     pytest.param("simple_gla", {"expand_v": 1.5}, False, id="simple_gla-K!=V"),
     pytest.param("gated_delta", {"num_memories": 8}, True, id="grouped-projection-E8"),
     pytest.param("gated_delta", {"num_memories": 6, "topk": 1, "shared_memory": False}, True, id="grouped-E6-top1"),

@@ -33,7 +33,7 @@ def bench(fn) -> float:
 
 
 def make_inputs(batch: int, seq_len: int, heads: int, dim: int, memories: int, topk: int, width: int,
-                dtype: torch.dtype):
+                dtype: torch.dtype, align: int = 16):
     gen = torch.Generator().manual_seed(0)
     tokens, streams = batch * seq_len, memories + 1
     memory = torch.rand(tokens, memories, generator=gen).topk(topk, -1).indices
@@ -44,7 +44,9 @@ def make_inputs(batch: int, seq_len: int, heads: int, dim: int, memories: int, t
     rand = lambda *shape: torch.randn(*shape, device="cuda").to(dtype)  # noqa: E731
     return dict(
         layout=layout, heads=heads, dim=dim, kv_rows=layout.token * streams + layout.memory,
-        q_src=rand(tokens, HK), kv_src=rand(tokens * streams, 2 * HK + 2 * heads), weight=rand(3 * HK, width),
+        # projection rows padded to a multiple of ``align`` elements, as the layer lays them out (align 16)
+        q_src=rand(tokens, HK), kv_src=rand(tokens * streams, -(-(2 * HK + 2 * heads) // align) * align),
+        weight=rand(3 * HK, width),
         dout=rand(layout.token.numel(), heads, dim), o=rand(layout.token.numel(), heads, dim),
         mix_weight=torch.rand(tokens, topk + 1, device="cuda"), gate=rand(tokens, heads, dim),
         norm_weight=rand(dim), mix_dout=rand(tokens, heads, dim))
@@ -103,16 +105,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=256)
     p.add_argument("--no-sweep", action="store_true", help="time the library's settings only")
+    p.add_argument("--unaligned", action="store_true",
+                   help="projection rows of 2 K + 2 heads elements (not padded to a multiple of 16)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_stages.py needs a CUDA device")
     batch, seq_len = map(int, args.shape.split("x"))
-    x = make_inputs(batch, seq_len, args.heads, args.head_dim, 4, 2, 4, torch.bfloat16)
+    x = make_inputs(batch, seq_len, args.heads, args.head_dim, 4, 2, 4, torch.bfloat16,
+                    align=1 if args.unaligned else 16)
     run = runners(x)
     slots, channels = x["layout"].token.numel(), args.heads * args.head_dim
     lines = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-             f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), bf16", "",
+             f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), bf16, projection rows of "
+             f"{x['kv_src'].shape[1]} elements", "",
              "| kernel group | setting | ms | largest difference to the defaults (relative) |", "|---|---|---|---|"]
     default = kern.LAUNCH
     reference = {name: [t.clone() for t in flat(fn())] for name, fn in run.items()}

@@ -39,15 +39,16 @@ class StageLaunch:
 
 @dataclass
 class StageLaunchConfig:
-    """Launch settings of the slot and mix kernels (``tools/bench_kernels.py --stages`` times alternatives)."""
+    """Launch settings of the slot and mix kernels: the fastest of a sweep by ``tools/bench_stages.py`` on an H200
+    (bf16, 8 x 2048 tokens, 4 heads x 256; BENCHMARKS.md)."""
 
-    conv_fwd: StageLaunch = StageLaunch(32, 0)
-    conv_bwd_pre: StageLaunch = StageLaunch(32, 0)
+    conv_fwd: StageLaunch = StageLaunch(16, 4)
+    conv_bwd_pre: StageLaunch = StageLaunch(16, 4)
     conv_bwd_dx: StageLaunch = StageLaunch(16, 4)
     dx_channels: int = 64  # channels per conv_bwd_dx program
     dx_span: int = 512  # rows walked by one conv_bwd_dx program (its filter gradient is reduced once)
-    mix_fwd: StageLaunch = StageLaunch(32, 0)
-    mix_bwd: StageLaunch = StageLaunch(32, 0)
+    mix_fwd: StageLaunch = StageLaunch(8, 8)
+    mix_bwd: StageLaunch = StageLaunch(8, 2)
 
 
 LAUNCH = StageLaunchConfig()
