@@ -10,6 +10,7 @@ UpdateRule = Literal["gated_delta", "delta", "gla", "simple_gla", "linear"]
 UPDATE_RULES: tuple[str, ...] = ("gated_delta", "delta", "gla", "simple_gla", "linear")
 AuxLossType = Literal["global", "per_sequence"]
 Backend = Literal["auto", "triton", "compiled", "eager"]
+ActivationMemory = Literal["fast", "lean"]
 
 
 @dataclass
@@ -67,6 +68,11 @@ class MoMConfig:
     """Chunk length of the chunked scan."""
     backend: Backend = "auto"
     """Scan backend: auto (Triton on CUDA, compiled reference elsewhere) | triton | compiled | eager."""
+    activation_memory: ActivationMemory = "fast"
+    """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v and its W, U. ``lean``: the scan
+    rebuilds them in its backward (q, k, v from the projections the slot stage keeps anyway): 4 (K + V) bytes
+    less per scanned slot and head in bf16. The reference 12-layer model at 8 x 2048 (bf16, H200) peaked at
+    12.5 instead of 17.7 GiB for ~9% more step time (BENCHMARKS.md). No effect on the other backends."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -83,6 +89,8 @@ class MoMConfig:
             raise ValueError(f"MoMConfig.aux_loss_type must be 'global' or 'per_sequence', got {self.aux_loss_type!r}")
         if self.backend not in ("auto", "triton", "compiled", "eager"):
             raise ValueError(f"MoMConfig.backend must be auto|triton|compiled|eager, got {self.backend!r}")
+        if self.activation_memory not in ("fast", "lean"):
+            raise ValueError(f"MoMConfig.activation_memory must be 'fast' or 'lean', got {self.activation_memory!r}")
         if self.topk > self.num_memories:
             raise ValueError(f"MoMConfig.topk={self.topk} exceeds num_memories={self.num_memories}")
         if self.expand_v <= 0 or float(self.head_dim * self.expand_v) != int(self.head_dim * self.expand_v):

@@ -60,11 +60,6 @@ _FUSION = {"disabled": False}
 # falls back to the compiled reference stages. ``allow_cpu`` lets tests run them on CPU under TRITON_INTERPRET=1.
 _SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0", "allow_cpu": False}
 _SLOT_KERNELS_PROBED: set[tuple] = set()
-# With the slot stage, the Triton scan can rebuild q, k, v in its backward from the projections that the slot stage
-# keeps anyway, instead of keeping its own (L, H, 2K + V) copy: 288 MiB less per MoM layer at 8 x 2048 and the
-# reference dims, for three more convolution passes in the backward. Off until timed on a GPU
-# (``MOM_LIT_REBUILD_QKV=1`` turns it on).
-REBUILD_QKV = os.environ.get("MOM_LIT_REBUILD_QKV", "0") == "1"
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -329,6 +324,7 @@ class MoMLayer(nn.Module):
             backend=c.backend,
             chunk_size=c.chunk_size,
             rebuild_qkv=rebuild_qkv,
+            recompute="wy" if c.activation_memory == "lean" else None,
         )
         new_state = None
         if use_cache:
@@ -361,7 +357,7 @@ class MoMLayer(nn.Module):
     def _prepare_slots_triton(self, x_flat, layout):
         """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
         backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``). Also
-        returns the scan's ``rebuild_qkv`` (None unless ``REBUILD_QKV``)."""
+        returns the scan's ``rebuild_qkv`` (None unless ``activation_memory`` is ``lean``)."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
         # Rows of a multiple of 16 elements: the slot kernels' loads of a projection row are then aligned and
@@ -385,7 +381,7 @@ class MoMLayer(nn.Module):
                                   self.head_v_dim, extra * H)
         g, beta = self._gates(rest)
         rebuild_qkv = None
-        if REBUILD_QKV:  # the tensors slot_conv keeps for its own backward; q, k, v are derived from them
+        if self.config.activation_memory == "lean":  # slot_conv keeps these for its own backward anyway
             rebuild_qkv = (functools.partial(slot_qkv, heads=H, key_dim=K, value_dim=self.head_v_dim),
                            (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
         return q, k, v, g, gk, beta, rebuild_qkv

@@ -18,6 +18,7 @@ from mom_lit import PRESETS, MoMConfig, MoMForCausalLM
     pytest.param("aux_loss_type", "local", "aux_loss_type", id="aux-type"),
     pytest.param("aux_loss_coef", -0.1, "aux_loss_coef", id="aux<0"),
     pytest.param("backend", "cuda", "backend", id="backend"),
+    pytest.param("activation_memory", "low", "activation_memory", id="activation_memory"),
     pytest.param("head_dim", 2.5, "head_dim", id="float-dim"),
 ])
 def test_invalid_values_name_the_field(field, value, message):

@@ -276,35 +276,34 @@ def _saved_bytes_and_grads(layer, x, seq_id, batch):
 
 @kernels
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
-def test_scan_rebuilds_qkv_from_the_slot_stage(rule, monkeypatch):
-    """With REBUILD_QKV the Triton scan keeps the slot stage's sources instead of its q, k, v: the same output and
-    gradients, and exactly the bytes of q, k, v less saved for the backward."""
+def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
+    """With ``activation_memory="lean"`` the Triton scan keeps the slot stage's sources instead of its q, k, v and
+    rebuilds W, U (delta rules) in its backward: the same output and gradients, and exactly those bytes less saved."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
-    cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
-                    update_rule=rule, backend="triton")
-    torch.manual_seed(0)
-    layer = MoMLayer(cfg).to(DEVICE)
     batch, seq_len = 2, 37
     x = torch.randn(batch, seq_len, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     seq_id = sequence_ids(batch, seq_len, None, DEVICE)
     results = {}
-    for rebuild in (False, True):
-        monkeypatch.setattr(layer_module, "REBUILD_QKV", rebuild)
-        results[rebuild] = _saved_bytes_and_grads(layer, x, seq_id, batch)
-    (kept, out, grads), (kept_rebuilt, out_rebuilt, grads_rebuilt) = results[False], results[True]
+    for memory in ("fast", "lean"):
+        cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
+                        update_rule=rule, backend="triton", activation_memory=memory)
+        torch.manual_seed(0)  # the same weights for both settings
+        results[memory] = _saved_bytes_and_grads(MoMLayer(cfg).to(DEVICE), x, seq_id, batch)
+    (kept, out, grads), (kept_lean, out_lean, grads_lean) = results["fast"], results["lean"]
     # Bit for bit where kernels run in order (the interpreter); a GPU's atomic reductions may reorder sums.
     tol = dict(rtol=1e-5, atol=1e-6) if NATIVE else dict(rtol=0, atol=0)
-    torch.testing.assert_close(out_rebuilt, out, **tol)
+    torch.testing.assert_close(out_lean, out, **tol)
     for name, grad in grads.items():
-        torch.testing.assert_close(grads_rebuilt[name], grad, **tol, msg=name)
+        torch.testing.assert_close(grads_lean[name], grad, **tol, msg=name)
     slots = batch * seq_len * 3  # top-2 + shared
-    qkv_bytes = slots * cfg.num_heads * (2 * cfg.head_dim + cfg.head_v_dim) * x.element_size()
-    assert kept - kept_rebuilt == qkv_bytes
+    K, V = cfg.head_dim, cfg.head_v_dim
+    per_slot_and_head = 2 * K + V + (K + V if rule == "gated_delta" else 0)  # q, k, v (+ W, U)
+    assert kept - kept_lean == slots * cfg.num_heads * per_slot_and_head * x.element_size()
 
 
 @kernels
-@pytest.mark.parametrize("rebuild_qkv", [False, True], ids=["keep-qkv", "rebuild-qkv"])
-def test_first_forward_inside_an_activation_checkpoint(rebuild_qkv, monkeypatch):
+@pytest.mark.parametrize("activation_memory", ["fast", "lean"])
+def test_first_forward_inside_an_activation_checkpoint(activation_memory, monkeypatch):
     """The stages' one-off build probe may run inside a checkpointed block (FSDP recomputes every block, so the
     very first forward is checkpointed); the recompute must still match, and the gradients equal the plain ones
     (also when the scan rebuilds q, k, v from the slot stage's sources)."""
@@ -314,10 +313,9 @@ def test_first_forward_inside_an_activation_checkpoint(rebuild_qkv, monkeypatch)
 
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS_PROBED", set())
-    monkeypatch.setattr(layer_module, "REBUILD_QKV", rebuild_qkv)
     calls = _spy(monkeypatch)
     cfg = MoMConfig(vocab_size=37, hidden_size=32, num_layers=2, num_heads=2, head_dim=16, num_memories=4, topk=2,
-                    shared_memory=True, backend="triton")
+                    shared_memory=True, backend="triton", activation_memory=activation_memory)
     torch.manual_seed(0)
     plain = MoMForCausalLM(cfg).to(DEVICE)
     checkpointed = MoMForCausalLM(cfg).to(DEVICE)

@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
-from mom_lit.ops.triton import scan as triton_scan_module  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -116,7 +115,8 @@ def layer_candidates(args, hidden, heads, head_dim):
     cands = {}
     for backend in args.backends:
         cfg = MoMConfig(hidden_size=hidden, num_heads=heads, head_dim=head_dim, expand_v=1.0, num_memories=4, topk=2,
-                        shared_memory=True, num_layers=12, backend=backend, vocab_size=32000)
+                        shared_memory=True, num_layers=12, backend=backend, vocab_size=32000,
+                        activation_memory=args.activation_memory)
         cands[f"mom_lit MoM ({backend})"] = lambda cfg=cfg: OurLayer(cfg)
         gdn = MoMConfig(**{**cfg.to_dict(), "num_memories": 1, "topk": 1, "shared_memory": False})
         cands[f"mom_lit GDN, 1 memory ({backend})"] = lambda cfg=gdn: OurLayer(cfg)
@@ -175,10 +175,11 @@ def model_candidates(args, tiny):
         dict(hidden_size=1024, num_heads=4, head_dim=256, num_layers=12, vocab_size=32000)
     cands = {}
     for backend in args.backends:
-        cands[f"mom_lit MoM ({backend})"] = lambda backend=backend: MoMForCausalLM(MoMConfig(
-            **dims, num_memories=4, topk=2, shared_memory=True, backend=backend, tie_embeddings=False))
-        cands[f"mom_lit GDN ({backend})"] = lambda backend=backend: MoMForCausalLM(MoMConfig(
-            **dims, num_memories=1, topk=1, shared_memory=False, backend=backend, tie_embeddings=False))
+        ours = dict(dims, backend=backend, tie_embeddings=False, activation_memory=args.activation_memory)
+        cands[f"mom_lit MoM ({backend})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
+            **ours, num_memories=4, topk=2, shared_memory=True))
+        cands[f"mom_lit GDN ({backend})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
+            **ours, num_memories=1, topk=1, shared_memory=False))
     if fla_available():
         from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, MomConfig, MomForCausalLM
 
@@ -391,27 +392,25 @@ def main() -> None:
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     p.add_argument("--profile-out", default=None, help="append the profile tables to this file too")
-    p.add_argument("--scan-recompute", choices=("none", "states", "wy"), default=None,
-                   help="what the Triton scan's backward rebuilds instead of the forward keeping it (default: "
-                        "mom_lit.ops.triton.scan.RECOMPUTE); 'wy' trades time for 2 x (L, H, K|V) bf16 per layer")
+    p.add_argument("--activation-memory", choices=("fast", "lean"), default="fast",
+                   help="MoMConfig.activation_memory of our layers and models (lean: the Triton scan rebuilds its "
+                        "inputs in the backward)")
     args = p.parse_args()
     REP_MS[0] = args.rep_ms
-    if args.scan_recompute is not None:
-        triton_scan_module.RECOMPUTE = args.scan_recompute
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
     if args.fla_timing_only and fla_available():
         lift_fla_hopper_guard()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; "
-          f"scan recompute {triton_scan_module.RECOMPUTE}", flush=True)
+          f"activation memory {args.activation_memory}", flush=True)
     rows: list[tuple] = []
     sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile,
                 "profile_model": section_profile_model}
     for s in args.sections.split(","):
         sections[s](args, dtype, rows)
-    lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}, scan recompute "
-             f"{triton_scan_module.RECOMPUTE}", "",
+    lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}, activation memory "
+             f"{args.activation_memory}", "",
              "| section | candidate | shape | time (fwd+bwd / step / per token) | fwd only / throughput | peak memory |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]

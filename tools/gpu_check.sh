@@ -64,15 +64,15 @@ for step in $STEPS; do
         run layer "${LAYER_S:-240}" python tools/bench_layer.py --sections layer --skip fla --out "$OUT/layer.md"
         MOM_LIT_SLOT_KERNELS=0 run layer_reference_stages "${LAYER_S:-240}" python tools/bench_layer.py \
             --sections layer --skip fla,SDPA,GDN --out "$OUT/layer_reference_stages.md"
-        MOM_LIT_REBUILD_QKV=1 run layer_lean "${LAYER_S:-240}" python tools/bench_layer.py --sections layer \
-            --scan-recompute wy --skip fla,SDPA,GDN --out "$OUT/layer_lean.md"
+        run layer_lean "${LAYER_S:-240}" python tools/bench_layer.py --sections layer \
+            --activation-memory lean --skip fla,SDPA,GDN --out "$OUT/layer_lean.md"
         has_fla && run layer_fla "${FLA_S:-600}" python tools/bench_layer.py --sections layer --fla-timing-only \
             --skip mom_lit,SDPA --out "$OUT/layer_fla.md" ;;
     model)
         run model "${MODEL_S:-300}" python tools/bench_layer.py --sections model --skip "fla,Llama,mom_lit GDN" \
             --out "$OUT/model.md"
-        MOM_LIT_REBUILD_QKV=1 run model_lean "${MODEL_S:-300}" python tools/bench_layer.py --sections model \
-            --scan-recompute wy --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/model_lean.md"
+        run model_lean "${MODEL_S:-300}" python tools/bench_layer.py --sections model \
+            --activation-memory lean --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/model_lean.md"
         has_fla && run model_fla "${FLA_S:-600}" python tools/bench_layer.py --sections model --fla-timing-only \
             --skip "mom_lit,Llama,fla Mom" --out "$OUT/model_fla.md" ;;
     decode)
