@@ -69,10 +69,12 @@ class MoMConfig:
     backend: Backend = "auto"
     """Scan backend: auto (Triton on CUDA, compiled reference elsewhere) | triton | compiled | eager."""
     activation_memory: ActivationMemory = "fast"
-    """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v and its W, U. ``lean``: the scan
-    rebuilds them in its backward (q, k, v from the projections the slot stage keeps anyway): 4 (K + V) bytes
-    less per scanned slot and head in bf16. The reference 12-layer model at 8 x 2048 (bf16, H200) peaked at
-    12.5 instead of 17.7 GiB for ~9% more step time (BENCHMARKS.md). No effect on the other backends."""
+    """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v and its W, U, and (E = 4, top-2,
+    shared) every stream's projections. ``lean``: the scan rebuilds q, k, v (from the projections the slot stage
+    keeps anyway) and W, U in its backward, 4 (K + V) bytes less per scanned slot and head in bf16, and the
+    projections are a grouped product of the selected streams only. The scan part took the reference 12-layer model
+    at 8 x 2048 (bf16, H200) from 17.7 to 12.5 GiB for ~8% more step time; the grouped projection keeps 3 of 5
+    streams' projections (~1.6 GiB less by arithmetic, not yet measured) (BENCHMARKS.md). Triton path only."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

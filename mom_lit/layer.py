@@ -389,9 +389,14 @@ class MoMLayer(nn.Module):
     def _grouped_projection_applies(self, x_flat, out_features: int, slots: int) -> bool:
         """Project the sorted slots by one grouped product (J per token) rather than every stream for every token
         (S per token) when that saves at least half of the projection FLOPs: at S / J < 2 (E = 4, top-2, shared)
-        the dense product ran as fast on an H200 as the grouped one plus its gathers."""
-        return (self.gk_down is None and self.num_streams >= 2 * slots
-                and grouped_mm_available(x_flat, out_features))
+        the dense product ran as fast on an H200 as the grouped one plus its gathers. With
+        ``activation_memory="lean"`` it applies whenever a token skips a stream (S > J): the slot stage then keeps
+        the J selected streams' projections instead of all S (E = 4, top-2, shared: 3 of 5)."""
+        if self.gk_down is not None or not grouped_mm_available(x_flat, out_features):
+            return False
+        if self.config.activation_memory == "lean":
+            return self.num_streams > slots
+        return self.num_streams >= 2 * slots
 
     def _fused_stages(self, x_flat):
         """On CUDA next to the Triton scan, the elementwise work around it (gathers, convolution, norms, gates)

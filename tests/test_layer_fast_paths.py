@@ -21,6 +21,7 @@ from mom_lit.layout import build_layout, sequence_ids, unsort
 from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
 from mom_lit.ops import layer_triton
 from mom_lit.ops.conv import slot_conv, varlen_short_conv
+from mom_lit.ops.grouped import grouped_mm_available
 
 from invariants import assert_model_invariants
 
@@ -278,27 +279,41 @@ def _saved_bytes_and_grads(layer, x, seq_id, batch):
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
 def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
     """With ``activation_memory="lean"`` the Triton scan keeps the slot stage's sources instead of its q, k, v and
-    rebuilds W, U (delta rules) in its backward: the same output and gradients, and exactly those bytes less saved."""
+    rebuilds W, U (delta rules) in its backward, and the slot stage keeps only the selected streams' projections
+    (grouped product): the same output and gradients, and exactly those bytes less saved."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     batch, seq_len = 2, 37
     x = torch.randn(batch, seq_len, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     seq_id = sequence_ids(batch, seq_len, None, DEVICE)
-    results = {}
+    results, grouped = {}, {}
     for memory in ("fast", "lean"):
         cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
                         update_rule=rule, backend="triton", activation_memory=memory)
         torch.manual_seed(0)  # the same weights for both settings
-        results[memory] = _saved_bytes_and_grads(MoMLayer(cfg).to(DEVICE), x, seq_id, batch)
+        calls = _spy(monkeypatch)
+        layer = MoMLayer(cfg).to(DEVICE)
+        results[memory] = _saved_bytes_and_grads(layer, x, seq_id, batch)
+        grouped[memory] = bool(calls["grouped"])
+    row = layer._stream_weights(align=16).shape[1]
+    lean_groups = grouped_mm_available(x.view(-1, x.shape[-1]), row)  # fp32: on CPU, not on CUDA
+    assert grouped == {"fast": False, "lean": lean_groups}
     (kept, out, grads), (kept_lean, out_lean, grads_lean) = results["fast"], results["lean"]
-    # Bit for bit where kernels run in order (the interpreter); a GPU's atomic reductions may reorder sums.
-    tol = dict(rtol=1e-5, atol=1e-6) if NATIVE else dict(rtol=0, atol=0)
-    torch.testing.assert_close(out_lean, out, **tol)
+    # Bit for bit where kernels run in order (the interpreter) and the products are the same; a GPU's atomic
+    # reductions may reorder sums, and the grouped product sums the input and weight gradients in another order.
+    exact = not NATIVE and not lean_groups
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_lean, out, **(dict(rtol=0, atol=0) if not NATIVE else tol))
     for name, grad in grads.items():
-        torch.testing.assert_close(grads_lean[name], grad, **tol, msg=name)
-    slots = batch * seq_len * 3  # top-2 + shared
+        torch.testing.assert_close(grads_lean[name], grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    tokens, streams = batch * seq_len, cfg.num_streams
+    slots = tokens * 3  # top-2 + shared
     K, V = cfg.head_dim, cfg.head_v_dim
     per_slot_and_head = 2 * K + V + (K + V if rule == "gated_delta" else 0)  # q, k, v (+ W, U)
-    assert kept - kept_lean == slots * cfg.num_heads * per_slot_and_head * x.element_size()
+    scan_bytes = slots * cfg.num_heads * per_slot_and_head * x.element_size()
+    # projections of every (token, stream) against those of the slots only, less the grouped product's (S,) int32
+    # group ends
+    projection_bytes = ((tokens * streams - slots) * row * x.element_size() - 4 * streams) if lean_groups else 0
+    assert kept - kept_lean == scan_bytes + projection_bytes
 
 
 @kernels

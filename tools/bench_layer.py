@@ -223,6 +223,20 @@ def _checkpointed(model: MoMForCausalLM) -> MoMForCausalLM:
     return model
 
 
+def _training_step(make, args, dtype, b: int, t: int):
+    """A fresh model and its training step (forward + backward of the LM loss on random ids of shape (b, t))."""
+    torch.manual_seed(0)
+    model = make().to(args.device, dtype).train()
+    vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
+    ids = torch.randint(0, vocab, (b, t), device=args.device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    return model, step
+
+
 def section_model(args, dtype, rows):
     b, t = (2, 64) if args.tiny else (8, 2048)
     cands = model_candidates(args, args.tiny)
@@ -230,15 +244,7 @@ def section_model(args, dtype, rows):
         cands[f"mom_lit MoM, checkpointed blocks ({backend})"] = \
             lambda make=cands[f"mom_lit MoM ({backend})"]: _checkpointed(make())
     for name, make in selected(args, cands):
-        torch.manual_seed(0)
-        model = make().to(args.device, dtype).train()
-        vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
-        ids = torch.randint(0, vocab, (b, t), device=args.device)
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-
+        model, step = _training_step(make, args, dtype, b, t)
         try:
             ms = bench(step, args.device)
             mem = peak_memory_gib(step, args.device)
@@ -363,15 +369,7 @@ def section_profile_model(args, dtype, rows):
     """Where the time of each selected model's training step goes (top device kernels)."""
     b, t = (2, 64) if args.tiny else (8, 2048)
     for name, make in selected(args, model_candidates(args, args.tiny)):
-        torch.manual_seed(0)
-        model = make().to(args.device, dtype).train()
-        vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
-        ids = torch.randint(0, vocab, (b, t), device=args.device)
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-
+        model, step = _training_step(make, args, dtype, b, t)
         _report_profile(args, _profile(step, args, f"model {name}, {b}x{t}, training step"))
         del model
         if args.device == "cuda":

@@ -10,21 +10,25 @@
 #   layer   bench_layer.py, layer section: ours (Triton stages on, off, and the memory-lean settings: q, k, v and
 #           W, U rebuilt in the backward), then fla's rows if fla is importable
 #   model   bench_layer.py, model section: our MoM model (plain, checkpointed blocks, memory-lean), then fla's GDN
+#   stages  bench_stages.py: the slot/mix stage kernels alone, and a sweep of their launch settings
+#   profile bench_layer.py profile sections: top kernels of our layer's fwd+bwd and of our model's step
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
 #   interop verify_fla_interop.py: our converted models against fla's, fp32 and bf16 (needs fla)
 #   scale   scale_runs.py with 2+ GPUs: 1 GPU, DDP, FSDP, two single-GPU "nodes"
 # fla's rows run in processes of their own, after ours on the same card, with the longest limits: its first calls
 # autotune for minutes. TRITON_CACHE_AUTOTUNING=1 keeps those results on disk, so its later processes skip that.
-# Limits (seconds) can be changed through the environment: TESTS_S, LAYER_S, FLA_S, MODEL_S, DECODE_S, INTEROP_S,
-# SCALE_S. fla's timings lift its Hopper guard (--fla-timing-only): they are timings, not correctness claims.
+# Limits (seconds) can be changed through the environment: TESTS_S, LAYER_S, FLA_S, MODEL_S, STAGES_S, PROFILE_S,
+# DECODE_S, INTEROP_S, SCALE_S. fla's timings lift its Hopper guard (--fla-timing-only): they are timings, not
+# correctness claims. fla's speed varies between runs with what else the host does while it autotunes: time on a
+# quiet host (nothing on the other GPUs) and compare only rows of the same run.
 set -u
 if [ $# -lt 1 ]; then
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
-STEPS=${*:-tests layer model decode interop scale}
+STEPS=${*:-tests layer model stages profile decode interop scale}
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 status=0
@@ -75,6 +79,11 @@ for step in $STEPS; do
             --activation-memory lean --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/model_lean.md"
         has_fla && run model_fla "${FLA_S:-600}" python tools/bench_layer.py --sections model --fla-timing-only \
             --skip "mom_lit,Llama,fla Mom" --out "$OUT/model_fla.md" ;;
+    stages)
+        run stages "${STAGES_S:-300}" python tools/bench_stages.py --out "$OUT/stages.md" ;;
+    profile)
+        run profile "${PROFILE_S:-300}" python tools/bench_layer.py --sections profile,profile_model \
+            --skip "fla,SDPA,Llama,GDN" --profile-out "$OUT/profile.txt" ;;
     decode)
         run decode "${DECODE_S:-420}" python tools/bench_decode.py --json "$OUT/decode.json" ;;
     interop)
@@ -90,7 +99,7 @@ for step in $STEPS; do
             run scale "${SCALE_S:-1500}" python tools/scale_runs.py --out "$OUT/scale" --timeout 360
         fi ;;
     *)
-        echo "unknown step '$step' (tests layer model decode interop scale)" >&2
+        echo "unknown step '$step' (tests layer model stages profile decode interop scale)" >&2
         exit 2 ;;
     esac
 done
