@@ -117,7 +117,7 @@ def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, 
 
 
 @triton.jit
-def _bwd_dx_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_rows, dst_stride, dweight, L, span,
+def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_rows, dst_stride, dweight, L, span,
                    C: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, SCATTER: tl.constexpr,
                    BT: tl.constexpr, BC: tl.constexpr):
     """Over rows [pid * span, + span) and BC channels: the transposed convolution
@@ -204,7 +204,7 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
                          f"({LAUNCH.conv_bwd_dx.rows})")
     spans = triton.cdiv(length, LAUNCH.dx_span)
     dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
-    _bwd_dx_kernel[(spans, triton.cdiv(channels, LAUNCH.dx_channels))](
+    _bwd_dx_dw_kernel[(spans, triton.cdiv(channels, LAUNCH.dx_channels))](
         src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
         dst.stride(0), dweight, length, LAUNCH.dx_span, C=channels, W=width, WP=triton.next_power_of_2(width),
         SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows, BC=LAUNCH.dx_channels,
