@@ -25,3 +25,22 @@ def test_triton_kernels_under_the_interpreter():
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the stage kernels run natively in their own tests")
+def test_stage_launch_settings_do_not_change_results(tmp_path):
+    """tools/bench_stages.py under the interpreter: every launch setting it tries computes what the defaults
+    compute (fp32, tiny shapes), so the sweep can only choose between equal results."""
+    root = Path(__file__).parents[1]
+    out = tmp_path / "stages.md"
+    proc = subprocess.run([sys.executable, str(root / "tools" / "bench_stages.py"), "--device", "cpu", "--tiny",
+                           "--out", str(out)], env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                          text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| conv")
+            or line.startswith("| mix")]
+    swept = [row for row in rows if "library defaults" not in row[1]]
+    assert len(swept) >= 10, rows
+    for group, setting, ms, difference in swept:
+        assert "error" not in ms, (group, setting, ms)
+        assert float(difference) < 1e-5, (group, setting, difference)

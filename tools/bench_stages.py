@@ -8,13 +8,16 @@ setting varies while the others keep the library's defaults. Every setting's res
 defaults' (largest absolute difference): a setting that computes something else is reported, never chosen.
 
     python tools/bench_stages.py --out stages.md            # times and sweep at 8 x 2048
+    TRITON_INTERPRET=1 python tools/bench_stages.py --device cpu --tiny     # CPU smoke run (interpreted kernels)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,8 +31,19 @@ from mom_lit.ops import layer_triton as kern  # noqa: E402
 from mom_lit.ops.layer_triton import StageLaunch  # noqa: E402
 
 
+DEVICE = ["cuda"]
+
+
 def bench(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    """Median milliseconds of ``fn()`` (CUDA: ``do_bench``; CPU: a few timed calls, for smoke runs)."""
+    if DEVICE[0] == "cuda":
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def make_inputs(batch: int, seq_len: int, heads: int, dim: int, memories: int, topk: int, width: int,
@@ -39,16 +53,16 @@ def make_inputs(batch: int, seq_len: int, heads: int, dim: int, memories: int, t
     memory = torch.rand(tokens, memories, generator=gen).topk(topk, -1).indices
     memory = torch.cat([memory, torch.full_like(memory[:, :1], memories)], 1)  # + shared memory
     layout = build_layout(memory, sequence_ids(batch, seq_len, None, "cpu"), batch, streams)
-    layout = type(layout)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(layout).items()})
+    layout = type(layout)(**{k: (v.to(DEVICE[0]) if torch.is_tensor(v) else v) for k, v in vars(layout).items()})
     HK = heads * dim
-    rand = lambda *shape: torch.randn(*shape, device="cuda").to(dtype)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE[0]).to(dtype)  # noqa: E731
     return dict(
         layout=layout, heads=heads, dim=dim, kv_rows=layout.token * streams + layout.memory,
         # projection rows padded to a multiple of ``align`` elements, as the layer lays them out (align 16)
         q_src=rand(tokens, HK), kv_src=rand(tokens * streams, -(-(2 * HK + 2 * heads) // align) * align),
         weight=rand(3 * HK, width),
         dout=rand(layout.token.numel(), heads, dim), o=rand(layout.token.numel(), heads, dim),
-        mix_weight=torch.rand(tokens, topk + 1, device="cuda"), gate=rand(tokens, heads, dim),
+        mix_weight=torch.rand(tokens, topk + 1, device=DEVICE[0]), gate=rand(tokens, heads, dim),
         norm_weight=rand(dim), mix_dout=rand(tokens, heads, dim))
 
 
@@ -101,6 +115,9 @@ SWEEP = {
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: a smoke run under TRITON_INTERPRET=1 (fp32, the interpreter mishandles bf16)")
+    p.add_argument("--tiny", action="store_true", help="2 x 40 tokens, 2 heads x 16, a short sweep")
     p.add_argument("--shape", default="8x2048", help="BxT of the layer input")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=256)
@@ -109,15 +126,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="projection rows of 2 K + 2 heads elements (not padded to a multiple of 16)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_stages.py needs a CUDA device")
+    DEVICE[0] = args.device
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_stages.py needs a CUDA device (or --device cpu under TRITON_INTERPRET=1)")
+    if args.tiny:
+        args.shape, args.heads, args.head_dim = "2x40", 2, 16
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     batch, seq_len = map(int, args.shape.split("x"))
-    x = make_inputs(batch, seq_len, args.heads, args.head_dim, 4, 2, 4, torch.bfloat16,
-                    align=1 if args.unaligned else 16)
+    x = make_inputs(batch, seq_len, args.heads, args.head_dim, 4, 2, 4, dtype, align=1 if args.unaligned else 16)
     run = runners(x)
     slots, channels = x["layout"].token.numel(), args.heads * args.head_dim
-    lines = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-             f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), bf16, projection rows of "
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
+    lines = [f"Device: {device_name}, torch {torch.__version__}, triton {triton.__version__}; "
+             f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), {str(dtype)[6:]}, projection rows of "
              f"{x['kv_src'].shape[1]} elements", "",
              "| kernel group | setting | ms | largest difference to the defaults (relative) |", "|---|---|---|---|"]
     default = kern.LAUNCH
@@ -126,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | library defaults | {bench(fn):.4f} | 0 |")
         print(lines[-1], flush=True)
     best = {}
-    for field, (group, settings) in ({} if args.no_sweep else SWEEP).items():
+    sweep = {} if args.no_sweep else SWEEP
+    if args.tiny:  # the first two settings of each field
+        sweep = {field: (group, settings[:2]) for field, (group, settings) in sweep.items()}
+    for field, (group, settings) in sweep.items():
         for setting in settings:
             try:
                 cfg = dataclasses.replace(default, **{field: setting})
