@@ -10,6 +10,8 @@
 #   layer   bench_layer.py, layer section: ours (Triton stages on, off, and the memory-lean settings: q, k, v and
 #           W, U rebuilt in the backward), then fla's rows if fla is importable
 #   model   bench_layer.py, model section: our MoM model (plain, checkpointed blocks, memory-lean), then fla's GDN
+#   compare the targets' table in one go on GPU 0: our layer and model rows while fla autotunes on GPU 1 (its
+#           cache on disk), then fla's rows on GPU 0 with the host to itself (the method of BENCHMARKS.md's table)
 #   stages  bench_stages.py: the slot/mix stage kernels alone, and a sweep of their launch settings
 #   profile bench_layer.py profile sections: top kernels of our layer's fwd+bwd and of our model's step
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
@@ -23,12 +25,12 @@
 # quiet host (nothing on the other GPUs) and compare only rows of the same run.
 set -u
 if [ $# -lt 1 ]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
-STEPS=${*:-tests layer model stages profile decode interop scale}
+STEPS=${*:-tests layer model compare stages profile decode interop scale}
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 status=0
@@ -79,6 +81,19 @@ for step in $STEPS; do
             --activation-memory lean --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/model_lean.md"
         has_fla && run model_fla "${FLA_S:-600}" python tools/bench_layer.py --sections model --fla-timing-only \
             --skip "mom_lit,Llama,fla Mom" --out "$OUT/model_fla.md" ;;
+    compare)
+        warm=""
+        if has_fla && [ "$gpus" -ge 2 ]; then
+            CUDA_VISIBLE_DEVICES=1 timeout "${FLA_S:-600}" python tools/bench_layer.py --sections layer,model \
+                --fla-timing-only --skip "mom_lit,SDPA,Llama,Mom" --rep-ms 50 >"$OUT/compare_fla_warmup.log" 2>&1 &
+            warm=$!
+        fi
+        CUDA_VISIBLE_DEVICES=0 run compare_ours "${LAYER_S:-240}" python tools/bench_layer.py --sections layer,model \
+            --skip "fla,Llama,checkpointed" --rep-ms 300 --out "$OUT/compare_ours.md"
+        [ -n "$warm" ] && wait "$warm"
+        has_fla && CUDA_VISIBLE_DEVICES=0 run compare_fla "${FLA_S:-600}" python tools/bench_layer.py \
+            --sections layer,model --fla-timing-only --skip "mom_lit,SDPA,Llama,Mom" --rep-ms 300 \
+            --out "$OUT/compare_fla.md" ;;
     stages)
         run stages "${STAGES_S:-300}" python tools/bench_stages.py --out "$OUT/stages.md" ;;
     profile)
@@ -99,7 +114,7 @@ for step in $STEPS; do
             run scale "${SCALE_S:-1500}" python tools/scale_runs.py --out "$OUT/scale" --timeout 360
         fi ;;
     *)
-        echo "unknown step '$step' (tests layer model stages profile decode interop scale)" >&2
+        echo "unknown step '$step' (tests layer model compare stages profile decode interop scale)" >&2
         exit 2 ;;
     esac
 done
