@@ -18,6 +18,7 @@ plain-torch stages remain the reference (CPU, float64, prefill with a conv cache
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import warnings
@@ -60,6 +61,7 @@ _FUSION = {"disabled": False}
 # falls back to the compiled reference stages. ``allow_cpu`` lets tests run them on CPU under TRITON_INTERPRET=1.
 _SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0", "allow_cpu": False}
 _SLOT_KERNELS_PROBED: set[tuple] = set()
+logger = logging.getLogger("mom_lit")
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -242,18 +244,24 @@ class MoMLayer(nn.Module):
 
     def _mix_kernel_applies(self, o: torch.Tensor) -> bool:
         """The Triton mix stage (weighted sum of the slots, gated RMSNorm) runs next to the Triton scan."""
-        return (not _SLOT_KERNELS["disabled"] and (o.is_cuda or _SLOT_KERNELS["allow_cpu"])
+        return ((o.is_cuda or _SLOT_KERNELS["allow_cpu"])
                 and self.config.backend in ("auto", "triton") and o.dtype != torch.float64
                 and self._layer_kernels_build(o.device, o.dtype))
 
     def _layer_kernels_build(self, device, dtype) -> bool:
         """Run the slot and mix kernels once, forward and backward, on a few tokens of this layer's dims. A Triton
-        installation that cannot build them turns both stages off with one warning (the reference path stays)."""
+        installation that cannot build them turns both stages off with one warning (the reference path stays).
+        The choice is logged once (per device, dtype and dims when the kernels run)."""
         H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
         width = self.conv_weight.shape[1] if self.conv_weight is not None else 0
         key = (str(device), dtype, H, K, V, S, width, self.g_proj is not None)
-        if _SLOT_KERNELS["disabled"] or key in _SLOT_KERNELS_PROBED:
-            return not _SLOT_KERNELS["disabled"]
+        if _SLOT_KERNELS["disabled"]:
+            if not _SLOT_KERNELS.get("logged"):
+                _SLOT_KERNELS["logged"] = True
+                logger.info("MoM layer stages around the scan: the reference stages (Triton slot/mix kernels off)")
+            return False
+        if key in _SLOT_KERNELS_PROBED:
+            return True
         _SLOT_KERNELS_PROBED.add(key)
         try:
             # Identity saved-tensor hooks shadow any outer ones: when the first forward runs inside an activation
@@ -286,6 +294,8 @@ class MoMLayer(nn.Module):
             warnings.warn(f"the Triton slot/mix kernels of the MoM layer failed to run ({type(error).__name__}: "
                           f"{error}); using the reference stages", RuntimeWarning, stacklevel=3)
             return False
+        logger.info("MoM layer stages around the scan: Triton slot/mix kernels (%s, %s, %d heads x %d/%d)",
+                    device, str(dtype).removeprefix("torch."), H, K, V)
         return True
 
     def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
@@ -349,7 +359,7 @@ class MoMLayer(nn.Module):
     def _slot_kernels_apply(self, x_flat, conv_init, use_cache) -> bool:
         """The Triton slot stage covers a training-style forward: a short convolution, no cached conv state in or
         out, next to the Triton scan."""
-        return (not _SLOT_KERNELS["disabled"] and (x_flat.is_cuda or _SLOT_KERNELS["allow_cpu"])
+        return ((x_flat.is_cuda or _SLOT_KERNELS["allow_cpu"])
                 and self.config.backend in ("auto", "triton") and self.conv_weight is not None
                 and conv_init is None and not use_cache and x_flat.dtype != torch.float64
                 and self._layer_kernels_build(x_flat.device, x_flat.dtype))

@@ -318,7 +318,7 @@ def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
 
 @kernels
 @pytest.mark.parametrize("activation_memory", ["fast", "lean"])
-def test_first_forward_inside_an_activation_checkpoint(activation_memory, monkeypatch):
+def test_first_forward_inside_an_activation_checkpoint(activation_memory, monkeypatch, caplog):
     """The stages' one-off build probe may run inside a checkpointed block (FSDP recomputes every block, so the
     very first forward is checkpointed); the recompute must still match, and the gradients equal the plain ones
     (also when the scan rebuilds q, k, v from the slot stage's sources)."""
@@ -338,18 +338,21 @@ def test_first_forward_inside_an_activation_checkpoint(activation_memory, monkey
     apply_activation_checkpointing(checkpointed, check_fn=lambda m: isinstance(m, MoMBlock))
     ids = torch.randint(0, 37, (2, 24), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     losses = []
-    for model in (checkpointed, plain):  # the checkpointed model first: its forward runs the probe
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
+    with caplog.at_level("INFO", logger="mom_lit"):
+        for model in (checkpointed, plain):  # the checkpointed model first: its forward runs the probe
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
     assert not layer_module._SLOT_KERNELS["disabled"] and calls["slots"] and calls["mix"]
+    # the stages' choice is logged once per (device, dtype, dims), not per layer or call
+    assert sum("Triton slot/mix kernels" in r.getMessage() for r in caplog.records) == 1
     torch.testing.assert_close(losses[0], losses[1])
     grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in checkpointed.named_parameters()}
     for name, param in plain.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_kernels_that_cannot_build_leave_the_reference_path(monkeypatch):
+def test_kernels_that_cannot_build_leave_the_reference_path(monkeypatch, caplog):
     from mom_lit.ops import layer_triton
 
     def broken(*args, **kwargs):
@@ -364,8 +367,11 @@ def test_kernels_that_cannot_build_leave_the_reference_path(monkeypatch):
     torch.manual_seed(0)
     layer = MoMLayer(cfg)
     x = torch.randn(2, 9, 32)
-    with pytest.warns(RuntimeWarning, match="no kernels here"):
+    with pytest.warns(RuntimeWarning, match="no kernels here"), caplog.at_level("INFO", logger="mom_lit"):
         out = layer(x, sequence_ids(2, 9, None, "cpu"), 2)[0]
+        for _ in range(2):  # later calls: the choice is said once
+            layer(x, sequence_ids(2, 9, None, "cpu"), 2)
+    assert sum("the reference stages" in r.getMessage() for r in caplog.records) == 1
     assert layer_module._SLOT_KERNELS["disabled"]
     ref = MoMLayer(MoMConfig(**{**cfg.to_dict(), "backend": "eager"}))
     ref.load_state_dict(layer.state_dict())
