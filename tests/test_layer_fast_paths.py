@@ -47,6 +47,11 @@ SMALL_LAUNCH = layer_triton.StageLaunchConfig(
     mix_fwd=layer_triton.StageLaunch(8, 2), mix_bwd=layer_triton.StageLaunch(16, 4))
 
 
+def test_stage_launch_config_rejects_spans_that_overlap():
+    with pytest.raises(ValueError, match="dx_span"):
+        layer_triton.StageLaunchConfig(conv_bwd_dx=layer_triton.StageLaunch(16, 4), dx_span=20)
+
+
 @pytest.fixture(params=["default-launch", "small-launch"])
 def launch(request, monkeypatch):
     if request.param == "small-launch":

@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         for setting in settings:
             try:
                 cfg = dataclasses.replace(default, **{field: setting})
-            except ValueError:
-                continue
-            if cfg.dx_span % cfg.conv_bwd_dx.rows:
+            except ValueError:  # an inconsistent setting (StageLaunchConfig says why)
                 continue
             kern.LAUNCH = cfg
             try:

@@ -31,7 +31,8 @@ import triton.language as tl
 
 @dataclass(frozen=True)
 class StageLaunch:
-    """Rows per program (per loop step for ``conv_bwd_dx``) and warps (0: 4 for heads up to 128 wide, else 8)."""
+    """Rows per program (per loop step for ``conv_bwd_dx``) and warps (0: by the program's width, 4 for up to 128
+    channels, else 8)."""
 
     rows: int = 32
     num_warps: int = 0
@@ -49,6 +50,11 @@ class StageLaunchConfig:
     dx_span: int = 512  # rows walked by one conv_bwd_dx program (its filter gradient is reduced once)
     mix_fwd: StageLaunch = StageLaunch(8, 8)
     mix_bwd: StageLaunch = StageLaunch(8, 2)
+
+    def __post_init__(self) -> None:
+        if self.dx_span % self.conv_bwd_dx.rows:  # a step past a span's end would count rows twice
+            raise ValueError(f"dx_span ({self.dx_span}) must be a multiple of conv_bwd_dx.rows "
+                             f"({self.conv_bwd_dx.rows})")
 
 
 LAUNCH = StageLaunchConfig()
@@ -199,16 +205,13 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
     _bwd_pre_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, length, eps,
         C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, num_warps=warps)
-    if LAUNCH.dx_span % LAUNCH.conv_bwd_dx.rows:  # a step past the span's end would count rows twice
-        raise ValueError(f"dx_span ({LAUNCH.dx_span}) must be a multiple of conv_bwd_dx.rows "
-                         f"({LAUNCH.conv_bwd_dx.rows})")
     spans = triton.cdiv(length, LAUNCH.dx_span)
     dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
     _bwd_dx_dw_kernel[(spans, triton.cdiv(channels, LAUNCH.dx_channels))](
         src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
         dst.stride(0), dweight, length, LAUNCH.dx_span, C=channels, W=width, WP=triton.next_power_of_2(width),
         SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows, BC=LAUNCH.dx_channels,
-        num_warps=LAUNCH.conv_bwd_dx.num_warps or 4)
+        num_warps=LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8))
     return dweight.sum(0).t()  # (C, W)
 
 

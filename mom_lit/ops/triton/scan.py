@@ -152,7 +152,8 @@ def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     BVS = min(_block(V), LAUNCH.state_block_v)
     fwd.state_fwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         k, v, w if is_delta else dummy, u if is_delta else dummy, gamma if use_g else dummy, h,
-        h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets, index.longest_first, cu,
+        h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets,
+        index.longest_first, cu,
         H=H, K=K, V=V, BKS=_block(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
         HAS_H0=h0 is not None, STORE_HT=ht is not None, U_FINAL=u_final, MODE=mode,
         **_options(LAUNCH.state_fwd, mode))
@@ -187,7 +188,8 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     BVS = min(_block(V), LAUNCH.state_block_v)
     bwd.state_bwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
-        dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets, index.longest_first, cu, scale,
+        dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets,
+        index.longest_first, cu, scale,
         H=H, K=K, V=V, BKS=BK, BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **_options(LAUNCH.state_bwd, mode))
 
@@ -225,8 +227,7 @@ class _TritonScan(torch.autograd.Function):
         else:  # keep what q, k, v are rebuilt from (the caller keeps those anyway), not q, k, v
             fn, sources = rebuild_qkv
             qkv_or_sources, ctx.rebuild = tuple(sources), (fn, len(sources))
-        ctx.save_for_backward(*qkv_or_sources, g, beta, h0, cu, *saved[1:],
-                              *saved[0][1:])
+        ctx.save_for_backward(*qkv_or_sources, g, beta, h0, cu, *saved[1:], *saved[0][1:])  # index tensors last
         ctx.max_chunks = saved[0].max_chunks
         ctx.scale = scale
         return o, ht
@@ -239,7 +240,7 @@ class _TritonScan(torch.autograd.Function):
         else:
             fn, count = ctx.rebuild
             (q, k, v), tensors = fn(*tensors[:count]), tensors[count:]
-        (g, beta, h0, cu, gamma, tinv, w, u, h), index_tensors = tensors[:9], tensors[9:]
+        g, beta, h0, cu, gamma, tinv, w, u, h, *index_tensors = tensors
         index = ChunkIndex(ctx.max_chunks, *index_tensors)
         dq, dk, dv, dg, dbeta, dh0 = _backward(
             do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, beta, ctx.scale, h0, cu,
