@@ -70,11 +70,12 @@ class MoMConfig:
     """Scan backend: auto (Triton on CUDA, compiled reference elsewhere) | triton | compiled | eager."""
     activation_memory: ActivationMemory = "fast"
     """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v and its W, U, and (E = 4, top-2,
-    shared) every stream's projections. ``lean``: the scan rebuilds q, k, v (from the projections the slot stage
-    keeps anyway) and W, U in its backward, 4 (K + V) bytes less per scanned slot and head in bf16, and the
-    projections are a grouped product of the selected streams only. The scan part took the reference 12-layer model
-    at 8 x 2048 (bf16, H200) from 17.7 to 12.5 GiB for ~8% more step time; the grouped projection keeps 3 of 5
-    streams' projections (~1.6 GiB less by arithmetic, not yet measured) (BENCHMARKS.md). Triton path only."""
+    shared) every stream's projections. ``lean``: the scan rebuilds q, k, v and W, U in its backward, and the
+    projections are a grouped product of the selected streams only, which the backward recomputes from the layer
+    input (once, for the scan and the slot stage) instead of keeping them. Per scanned slot and head 4 (K + V)
+    bytes less in bf16, and no (tokens x streams x 2 (2K + 2) bytes) projections. The scan part took the reference
+    12-layer model at 8 x 2048 (bf16, H200) from 17.7 to 12.5 GiB for ~8% more step time (BENCHMARKS.md).
+    Triton path only."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -32,7 +32,8 @@ from mom_lit.config import MoMConfig
 from mom_lit.layout import build_layout, unsort
 from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
 from mom_lit.ops import scan
-from mom_lit.ops.conv import slot_conv, slot_qkv, varlen_short_conv
+from mom_lit.ops.conv import (SlotSourceShare, projected_slot_conv, rebuild_projected_qkv, slot_conv, slot_qkv,
+                              varlen_short_conv)
 from mom_lit.ops.grouped import grouped_mm_available, grouped_projection
 from mom_lit.ops.decode import decode_step
 from mom_lit.router import Router, Routing
@@ -367,7 +368,8 @@ class MoMLayer(nn.Module):
     def _prepare_slots_triton(self, x_flat, layout):
         """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
         backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``). Also
-        returns the scan's ``rebuild_qkv`` (None unless ``activation_memory`` is ``lean``)."""
+        returns the scan's ``rebuild_qkv`` (None unless ``activation_memory`` is ``lean``). Lean and grouped, the
+        projections themselves are recomputed in the backward (``ops.conv.projected_slot_conv``)."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
         # Rows of a multiple of 16 elements: the slot kernels' loads of a projection row are then aligned and
@@ -375,8 +377,21 @@ class MoMLayer(nn.Module):
         w_stream = self._stream_weights(align=16).to(x_flat.dtype)  # (S, P, D)
         gk = None
         slots = layout.rank.numel() // max(num_tokens, 1)  # J per token
+        extra = (self.b_proj is not None) + (self.a_proj is not None)
+        weight = self.conv_weight.to(x_flat.dtype).contiguous()
+        dims = dict(heads=H, key_dim=K, value_dim=self.head_v_dim)
+        lean = self.config.activation_memory == "lean"
         if self._grouped_projection_applies(x_flat, w_stream.shape[1], slots):
             ends = layout.cu_seqlens[layout.num_sequences::layout.num_sequences].to(torch.int32)  # (S,) group ends
+            if lean:  # nothing of the projections is kept: the backward rebuilds them once, for the scan and here
+                share = SlotSourceShare()
+                q_weight = self.q_proj.weight.to(x_flat.dtype)
+                sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
+                q, k, v, rest = projected_slot_conv(*sources[:5], layout.rank, ends, layout.position, share, H, K,
+                                                    self.head_v_dim, extra * H)
+                g, beta = self._gates(rest)
+                rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
+                return q, k, v, g, gk, beta, rebuild_qkv
             kv_src = grouped_projection(x_flat, w_stream, layout.token, layout.rank, ends)  # (L, P) sorted slots
             kv_rows = torch.arange(kv_src.shape[0], device=x_flat.device)
         else:
@@ -384,15 +399,13 @@ class MoMLayer(nn.Module):
             gk = self._per_key_gate(kv_src.view(num_tokens, S, -1), layout.token, layout.memory)
             kv_src = kv_src.view(num_tokens * S, -1)  # (N_tok * S, P): row t * S + s
             kv_rows = layout.token * S + layout.memory
-        extra = (self.b_proj is not None) + (self.a_proj is not None)
         q_src = self.q_proj(x_flat)
-        weight = self.conv_weight.to(x_flat.dtype).contiguous()
         q, k, v, rest = slot_conv(q_src, kv_src, weight, layout.token, kv_rows, layout.position, layout.rank, H, K,
                                   self.head_v_dim, extra * H)
         g, beta = self._gates(rest)
         rebuild_qkv = None
-        if self.config.activation_memory == "lean":  # slot_conv keeps these for its own backward anyway
-            rebuild_qkv = (functools.partial(slot_qkv, heads=H, key_dim=K, value_dim=self.head_v_dim),
+        if lean:  # slot_conv keeps these for its own backward anyway
+            rebuild_qkv = (functools.partial(slot_qkv, **dims),
                            (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
         return q, k, v, g, gk, beta, rebuild_qkv
 
@@ -400,8 +413,8 @@ class MoMLayer(nn.Module):
         """Project the sorted slots by one grouped product (J per token) rather than every stream for every token
         (S per token) when that saves at least half of the projection FLOPs: at S / J < 2 (E = 4, top-2, shared)
         the dense product ran as fast on an H200 as the grouped one plus its gathers. With
-        ``activation_memory="lean"`` it applies whenever a token skips a stream (S > J): the slot stage then keeps
-        the J selected streams' projections instead of all S (E = 4, top-2, shared: 3 of 5)."""
+        ``activation_memory="lean"`` it applies whenever a token skips a stream (S > J): the backward then
+        recomputes the J selected streams' projections instead of keeping all S streams' ones."""
         if self.gk_down is not None or not grouped_mm_available(x_flat, out_features):
             return False
         if self.config.activation_memory == "lean":

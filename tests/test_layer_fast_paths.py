@@ -19,6 +19,7 @@ from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer
 from mom_lit import layer as layer_module
 from mom_lit.layout import build_layout, sequence_ids, unsort
 from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
+from mom_lit.ops import conv as conv_module
 from mom_lit.ops import layer_triton
 from mom_lit.ops.conv import slot_conv, varlen_short_conv
 from mom_lit.ops.grouped import grouped_mm_available
@@ -193,22 +194,26 @@ def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, groupe
 
 
 @pytest.mark.skipif(not NATIVE, reason="bf16 end to end on the GPU")
-@pytest.mark.parametrize("overrides", [pytest.param({}, id="E4-dense"),
-                                       pytest.param({"num_memories": 8}, id="E8-grouped")])
-def test_bf16_layer_against_fp32_reference(overrides, monkeypatch):
+@pytest.mark.parametrize("overrides,grouped", [
+    pytest.param({}, False, id="E4-dense"),
+    pytest.param({"num_memories": 8}, True, id="E8-grouped"),
+    pytest.param({"activation_memory": "lean"}, True, id="E4-lean-recomputed-projections"),
+])
+def test_bf16_layer_against_fp32_reference(overrides, grouped, monkeypatch):
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": False})
     calls = _spy(monkeypatch)
     # 4 heads: per-stream rows of 2HK + 2H = 264 bf16 values, a multiple of 16 bytes as grouped_mm requires.
     _compare_layers("gated_delta", torch.bfloat16, overrides, tol=5e-2, hidden=128, heads=4, head_dim=32,
                     params=("q_proj.weight", "k_proj", "v_proj", "conv_weight", "o_proj.weight"))
     assert calls["slots"] and calls["mix"]
-    assert bool(calls["grouped"]) == ("num_memories" in overrides)
+    assert bool(calls["grouped"]) == grouped
 
 
 def _spy(monkeypatch):
     calls = {"slots": 0, "mix": 0, "grouped": 0}
     for owner, name, key in ((MoMLayer, "_prepare_slots_triton", "slots"), (layer_module, "mix_gated_rms_norm", "mix"),
-                             (layer_module, "grouped_projection", "grouped")):
+                             (layer_module, "grouped_projection", "grouped"),
+                             (layer_module, "projected_slot_conv", "grouped")):
         original = getattr(owner, name)
 
         def wrapped(*args, _original=original, _key=key):
@@ -284,13 +289,16 @@ def _saved_bytes_and_grads(layer, x, seq_id, batch):
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
 def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
     """With ``activation_memory="lean"`` the Triton scan keeps the slot stage's sources instead of its q, k, v and
-    rebuilds W, U (delta rules) in its backward, and the slot stage keeps only the selected streams' projections
-    (grouped product): the same output and gradients, and exactly those bytes less saved."""
+    rebuilds W, U (delta rules) in its backward, and the slot stage projects the selected streams only (grouped
+    product) and keeps none of the projections: the same output and gradients, and exactly those bytes less saved."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     batch, seq_len = 2, 37
     x = torch.randn(batch, seq_len, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     seq_id = sequence_ids(batch, seq_len, None, DEVICE)
     results, grouped = {}, {}
+    projections = []  # the lean slot stage's projections: once in the forward, once in the backward (shared)
+    project = conv_module._project_sources
+    monkeypatch.setattr(conv_module, "_project_sources", lambda *a: projections.append(1) or project(*a))
     for memory in ("fast", "lean"):
         cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
                         update_rule=rule, backend="triton", activation_memory=memory)
@@ -302,6 +310,7 @@ def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
     row = layer._stream_weights(align=16).shape[1]
     lean_groups = grouped_mm_available(x.view(-1, x.shape[-1]), row)  # fp32: on CPU, not on CUDA
     assert grouped == {"fast": False, "lean": lean_groups}
+    assert len(projections) == (2 if lean_groups else 0)
     (kept, out, grads), (kept_lean, out_lean, grads_lean) = results["fast"], results["lean"]
     # Bit for bit where kernels run in order (the interpreter) and the products are the same; a GPU's atomic
     # reductions may reorder sums, and the grouped product sums the input and weight gradients in another order.
@@ -312,12 +321,14 @@ def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
         torch.testing.assert_close(grads_lean[name], grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
     tokens, streams = batch * seq_len, cfg.num_streams
     slots = tokens * 3  # top-2 + shared
-    K, V = cfg.head_dim, cfg.head_v_dim
+    K, V, H, elt = cfg.head_dim, cfg.head_v_dim, cfg.num_heads, x.element_size()
     per_slot_and_head = 2 * K + V + (K + V if rule == "gated_delta" else 0)  # q, k, v (+ W, U)
-    scan_bytes = slots * cfg.num_heads * per_slot_and_head * x.element_size()
-    # projections of every (token, stream) against those of the slots only, less the grouped product's (S,) int32
-    # group ends
-    projection_bytes = ((tokens * streams - slots) * row * x.element_size() - 4 * streams) if lean_groups else 0
+    scan_bytes = slots * H * per_slot_and_head * elt
+    projection_bytes = 0
+    if lean_groups:
+        # fast keeps every (token, stream)'s projections, the query projections and each slot's int64 row in
+        # them; lean keeps the (S,) int32 group ends and the query weight in x's dtype (here the parameter itself)
+        projection_bytes = (tokens * streams * row + tokens * H * K) * elt + slots * 8 - 4 * streams
     assert kept - kept_lean == scan_bytes + projection_bytes
 
 

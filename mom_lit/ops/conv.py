@@ -110,6 +110,35 @@ def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
     return y
 
 
+def _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, dims, dq, dk, dv, dgates, dkv, dkv_rows):
+    """Backward of the slot stage: returns d q_src (N_tok, HK) and the filter gradient; writes d kv_src into
+    ``dkv``, slot i's row at ``dkv_rows[i]`` (row i when None). Columns of dkv it does not write keep their values."""
+    from mom_lit.ops import layer_triton as kern
+
+    heads, key_dim, value_dim, extra, weight_dtype = dims
+    HK, HV = heads * key_dim, heads * value_dim
+    length = q_rows.numel()
+
+    def grad(t, dim):  # an unused output has no gradient
+        return t.contiguous() if t is not None else q_src.new_zeros(length, heads, dim)
+
+    dw_k = kern.conv_bwd(kv_src[:, :HK], kv_rows, position, w[HK:2 * HK], grad(dk, key_dim), heads, key_dim,
+                         True, dkv[:, :HK], dkv_rows)
+    dw_v = kern.conv_bwd(kv_src[:, HK:HK + HV], kv_rows, position, w[2 * HK:], grad(dv, value_dim), heads,
+                         value_dim, False, dkv[:, HK:HK + HV], dkv_rows)
+    if dgates is not None and extra:
+        gate_cols = slice(HK + HV, HK + HV + extra)
+        if dkv_rows is None:
+            dkv[:, gate_cols] = dgates.to(dkv.dtype)
+        else:  # one slot per (token, stream): no collision
+            dkv[dkv_rows, gate_cols] = dgates.to(dkv.dtype)
+    dq_slot = torch.empty(length, HK, device=q_src.device, dtype=q_src.dtype)
+    dw_q = kern.conv_bwd(q_src, q_rows, position, w[:HK], grad(dq, key_dim), heads, key_dim, True, dq_slot, None)
+    # Each token owns exactly J slots: gather them through the inverse permutation and add (no scatter-add).
+    dq_src = dq_slot[rank].view(q_src.shape[0], -1, HK).sum(1)  # (N_tok * J, HK) -> (N_tok, HK)
+    return dq_src, torch.cat([dw_q, dw_k, dw_v]).to(weight_dtype)
+
+
 class _SlotConv(torch.autograd.Function):
     """Triton slot stage: q, k, v of every sorted slot straight from the projections (see ``layer_triton``)."""
 
@@ -126,29 +155,102 @@ class _SlotConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv, dgates):
-        from mom_lit.ops import layer_triton as kern
-
         q_src, kv_src, w, q_rows, kv_rows, position, rank = ctx.saved_tensors
-        heads, key_dim, value_dim, extra, weight_dtype = ctx.dims
-        HK, HV = heads * key_dim, heads * value_dim
-        length = q_rows.numel()
-
-        def grad(t, dim):  # an unused output has no gradient
-            return t.contiguous() if t is not None else q_src.new_zeros(length, heads, dim)
-
         dkv = torch.zeros_like(kv_src)  # streams a token did not select get no gradient
-        dw_k = kern.conv_bwd(kv_src[:, :HK], kv_rows, position, w[HK:2 * HK], grad(dk, key_dim), heads, key_dim,
-                             True, dkv[:, :HK], kv_rows)
-        dw_v = kern.conv_bwd(kv_src[:, HK:HK + HV], kv_rows, position, w[2 * HK:], grad(dv, value_dim), heads,
-                             value_dim, False, dkv[:, HK:HK + HV], kv_rows)
-        if dgates is not None and extra:
-            dkv[kv_rows, HK + HV:HK + HV + extra] = dgates.to(dkv.dtype)  # one slot per (token, stream): no collision
-        dq_slot = torch.empty(length, HK, device=q_src.device, dtype=q_src.dtype)
-        dw_q = kern.conv_bwd(q_src, q_rows, position, w[:HK], grad(dq, key_dim), heads, key_dim, True, dq_slot, None)
-        # Each token owns exactly J slots: gather them through the inverse permutation and add (no scatter-add).
-        dq_src = dq_slot[rank].view(q_src.shape[0], -1, HK).sum(1)  # (N_tok * J, HK) -> (N_tok, HK)
-        dweight = torch.cat([dw_q, dw_k, dw_v]).to(weight_dtype)
+        dq_src, dweight = _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, ctx.dims, dq, dk, dv,
+                                            dgates, dkv, kv_rows)
         return dq_src, dkv, dweight, None, None, None, None, None, None, None, None
+
+
+class SlotSourceShare:
+    """Hands the projections that the scan's backward rebuilt (:func:`rebuild_projected_qkv`) on to the slot
+    stage's backward (:func:`projected_slot_conv`), which autograd runs right after it: one rebuild per backward.
+    Holds tensors only between those two steps."""
+
+    def __init__(self) -> None:
+        self.sources: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        sources, self.sources = self.sources, None
+        return sources
+
+
+def _project_sources(x, q_weight, kv_weight, token, ends):
+    """(N_tok, HK) query projections and (L, P) per-slot projections of the sorted slots, without autograd."""
+    from mom_lit.ops.grouped import project_slots
+
+    return x @ q_weight.t(), project_slots(x, kv_weight, token, ends)
+
+
+class _ProjectedSlotConv(torch.autograd.Function):
+    """Query and grouped slot projections + slot stage, keeping x and the weights instead of the projections."""
+
+    @staticmethod
+    def forward(ctx, x, q_weight, kv_weight, weight, token, rank, ends, position, share, heads, key_dim, value_dim,
+                extra):
+        HK, HV = heads * key_dim, heads * value_dim
+        q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
+        w = weight.contiguous()
+        rows = torch.arange(token.numel(), device=x.device)  # the projections are already in slot order
+        q, k, v = slot_qkv(q_src, kv_src, w, token, rows, position, heads=heads, key_dim=key_dim,
+                           value_dim=value_dim)
+        gates = kv_src[:, HK + HV:HK + HV + extra].clone()  # a copy: a view would keep kv_src alive
+        ctx.save_for_backward(x, q_weight, kv_weight, w, token, rank, ends, position)
+        ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
+        ctx.share = share
+        return q, k, v, gates
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, dgates):
+        from mom_lit.ops.grouped import project_slots_backward
+
+        x, q_weight, kv_weight, w, token, rank, ends, position = ctx.saved_tensors
+        HK, HV = ctx.dims[0] * ctx.dims[1], ctx.dims[0] * ctx.dims[2]
+        sources = ctx.share.take() if ctx.share is not None else None
+        q_src, kv_src = sources if sources is not None else _project_sources(x, q_weight, kv_weight, token, ends)
+        dkv = torch.empty_like(kv_src)
+        dkv[:, HK + HV:].zero_()  # gate columns without a gradient and the zero padding rows' columns
+        rows = torch.arange(token.numel(), device=x.device)
+        dq_src, dweight = _slot_stage_grads(q_src, kv_src, w, token, rows, position, rank, ctx.dims, dq, dk, dv,
+                                            dgates, dkv, None)
+        del q_src, kv_src
+        dx, dkv_weight = project_slots_backward(dkv, x, kv_weight, token, rank, ends)
+        dx = dx.addmm_(dq_src, q_weight)
+        dq_weight = dq_src.t() @ x
+        return dx, dq_weight, dkv_weight, dweight, None, None, None, None, None, None, None, None, None
+
+
+def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
+                        token: torch.Tensor, rank: torch.Tensor, ends: torch.Tensor, position: torch.Tensor,
+                        share: SlotSourceShare | None, heads: int, key_dim: int, value_dim: int, extra: int):
+    """:func:`slot_conv` of ``q_src = x @ q_weight^T`` and of the grouped projections of the sorted slots
+    (``mom_lit.ops.grouped.project_slots``), which the backward recomputes from x instead of keeping them: per
+    layer (N_tok x HK + L x P) elements less saved for one more set of products in the backward.
+
+    Args:
+        x: (N_tok, D); q_weight: (HK, D); kv_weight: (S, P, D) per-stream projections (key | value | gate
+            columns), x's dtype; weight: (2HK + HV, W) filter; token, position: (L,) of the sorted slots;
+            rank: (N_tok * J,); ends: (S,) int32 group ends of the memories' slots; share: hands over the
+            projections that the scan's backward rebuilt (:func:`rebuild_projected_qkv`), or None.
+    Returns:
+        q, k (L, H, K), v (L, H, V) in x's dtype, gates (L, extra).
+    """
+    return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, rank, ends, position, share, heads,
+                                    key_dim, value_dim, extra)
+
+
+def rebuild_projected_qkv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
+                          token: torch.Tensor, ends: torch.Tensor, position: torch.Tensor, *,
+                          share: SlotSourceShare | None, heads: int, key_dim: int,
+                          value_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k, v of :func:`projected_slot_conv` rebuilt from its inputs (for ``triton_scan(rebuild_qkv=...)``);
+    the projections are left in ``share`` for the slot stage's backward."""
+    q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
+    if share is not None:
+        share.sources = (q_src, kv_src)
+    rows = torch.arange(token.numel(), device=x.device)
+    return slot_qkv(q_src, kv_src, weight.contiguous(), token, rows, position, heads=heads, key_dim=key_dim,
+                    value_dim=value_dim)
 
 
 def slot_qkv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,

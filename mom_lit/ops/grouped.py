@@ -22,20 +22,30 @@ def grouped_mm_available(x: torch.Tensor, out_features: int) -> bool:
     return x.dtype in dtypes and (x.shape[1] * row_bytes) % 16 == 0 and (out_features * row_bytes) % 16 == 0
 
 
+def project_slots(x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(L, P) ``x[token[i]] @ weight[m]^T`` of the sorted slots, without autograd."""
+    return torch._grouped_mm(x[token], weight.transpose(1, 2), offs=ends)
+
+
+def project_slots_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor,
+                           rank: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (N_tok, D) of x and (S, P, D) of weight from the (L, P) gradient of :func:`project_slots`."""
+    dy = dy.contiguous()
+    dx_slot = torch._grouped_mm(dy, weight, offs=ends)  # (L, D)
+    dx = dx_slot[rank].view(x.shape[0], -1, x.shape[1]).sum(1)  # (N_tok * J, D) -> (N_tok, D)
+    dweight = torch._grouped_mm(dy.t(), x[token], offs=ends)  # (S, P, D); empty groups give zeros
+    return dx, dweight
+
+
 class _GroupedProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, token, rank, ends):
-        y = torch._grouped_mm(x[token], weight.transpose(1, 2), offs=ends)  # (L, P)
         ctx.save_for_backward(x, weight, token, rank, ends)
-        return y
+        return project_slots(x, weight, token, ends)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, token, rank, ends = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx_slot = torch._grouped_mm(dy, weight, offs=ends)  # (L, D)
-        dx = dx_slot[rank].view(x.shape[0], -1, x.shape[1]).sum(1)  # (N_tok * J, D) -> (N_tok, D)
-        dweight = torch._grouped_mm(dy.t(), x[token], offs=ends)  # (S, P, D); empty groups give zeros
+        dx, dweight = project_slots_backward(dy, *ctx.saved_tensors)
         return dx, dweight, None, None, None
 
 
