@@ -55,7 +55,7 @@ class LaunchConfig:
     their loops are never software-pipelined (num_stages 1).
     """
 
-    state_block_v: int = 32  # V-block of the sequential passes, whose (K, BV) fp32 state lives in registers
+    state_block_v: int = 64  # V-block of the sequential passes, whose (K, BV) fp32 state lives in registers
     wy_solve: Launch = Launch(4, 2)
     wy_apply: Launch = Launch(4, 1)
     state_fwd: Launch = Launch(8, 2)
