@@ -61,7 +61,7 @@ def du_local_kernel(q, k, gamma, do, du, chunk_seg, chunk_start, cu, scale,
     rv = vb * BV + tl.arange(0, BV)
     mv = mr[:, None] & (rv[None, :] < V)
     doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
-    tl.store(du + tok[:, None] * V + rv[None, :], mm(pt, doc, MODE) * scale, mask=mv)
+    tl.store(du + tok[:, None] * V + rv[None, :], (mm(pt, doc, MODE) * scale).to(du.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -121,7 +121,7 @@ def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, order,
             tl.store(dh + dh_base + p4, d4.to(out_ty), mask=m4)
         mv = mr[:, None] & (rv[None, :] < V)
         doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
-        duc = tl.load(du + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
+        duc = tl.load(du + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
         decay = 1.0
         to_end = tl.full([64, 1], 1.0, dtype=tl.float32)
         from_start = tl.full([64, 1], 1.0, dtype=tl.float32)
@@ -138,7 +138,7 @@ def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, order,
             duc += mm(_key_to_end(k, tok, mr, 2 * BKS, to_end, K, BKS, USE_G), d3, MODE)
         if NKS > 3:
             duc += mm(_key_to_end(k, tok, mr, 3 * BKS, to_end, K, BKS, USE_G), d4, MODE)
-        tl.store(du + tok[:, None] * V + rv[None, :], duc, mask=mv)
+        tl.store(du + tok[:, None] * V + rv[None, :], duc.to(du.dtype.element_ty), mask=mv)
         d1 = _state_bwd_block(d1, q, k, w, tok, mr, 0, doc, duc, decay, to_end, from_start, scale,
                               K, BKS, USE_G, IS_DELTA, MODE)
         if NKS > 1:
@@ -221,7 +221,7 @@ def dqk_kernel(q, k, u, gamma, h_in, dh, do, du, dq, dk, dw, dgam, chunk_seg, ch
         tl.store(dq + tok[:, None] * K + cols[None, :], (dqs * scale).to(dq.dtype.element_ty), mask=mk)
         tl.store(dk + tok[:, None] * K + cols[None, :], dkc.to(dk.dtype.element_ty), mask=mk)
         if IS_DELTA:
-            tl.store(dw + tok[:, None] * K + cols[None, :], dwc, mask=mk)
+            tl.store(dw + tok[:, None] * K + cols[None, :], dwc.to(dw.dtype.element_ty), mask=mk)
         if USE_G:
             # this K block's share of dgamma: decays in P, the query gate, the key-to-end gate, the state decay
             r = dp * mm(qc, tl.trans(kc), MODE) * decay
@@ -261,14 +261,14 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
             cols = kk + tl.arange(0, BK)
             mk = mr[:, None] & (cols[None, :] < K)
             kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
-            dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+            dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
             dti += mm32(dwc, tl.trans(kc.to(tl.float32) * bk[:, None]), MODE)
             kkt += mm(kc, tl.trans(kc), MODE)
         for vv in range(0, V, BV):
             cols = vv + tl.arange(0, BV)
             mv = mr[:, None] & (cols[None, :] < V)
             vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
-            duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0)
+            duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
             dti += mm32(duc, tl.trans(vc * b[:, None]), MODE)
         strict = (rows[:, None] > rows[None, :]) & mr[:, None]
         da = -mm32(tl.trans(t_inv), mm32(dti, tl.trans(t_inv), MODE), MODE)
@@ -286,8 +286,8 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
             cols = kk + tl.arange(0, BK)
             mk = mr[:, None] & (cols[None, :] < K)
             kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
-            dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
-            dkc = tl.load(dk_in + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
+            dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
+            dkc = tl.load(dk_in + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
             dkb = mm32(tl.trans(t_inv), dwc, MODE)  # d (beta Gamma K)
             dkc += bk[:, None] * dkb + mm32(gm, kc, MODE) + mm32(tl.trans(gm), kc, MODE)
             tl.store(dk + tok[:, None] * K + cols[None, :], dkc.to(dk.dtype.element_ty), mask=mk)
@@ -299,7 +299,7 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
             cols = vv + tl.arange(0, BV)
             mv = mr[:, None] & (cols[None, :] < V)
             vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
-            duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0)
+            duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
             dvb = mm32(tl.trans(t_inv), duc, MODE)  # d (beta V)
             tl.store(dv + tok[:, None] * V + cols[None, :], (b[:, None] * dvb).to(dv.dtype.element_ty), mask=mv)
             dbv += tl.sum(vc * dvb, 1)

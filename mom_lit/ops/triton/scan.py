@@ -5,11 +5,11 @@ Supports the scalar-gate and ungated rules (gated_delta, delta, simple_gla, line
 keep a (K, V-block) state in at most four register blocks of 64 rows) and any value dim. The per-key gate ``gk``
 is not implemented here and is rejected with a ``ValueError``.
 
-Intermediate buffers (W, U, per-chunk start states) are kept in the input precision; gates, the triangular
-inverse and every state carried from chunk to chunk stay fp32. The forward keeps W, U and the inverse for the
-backward. The start state of every chunk (NC x H x K x V elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256,
-bf16: the largest buffer by far) is by default not kept: the backward recomputes it with one more sequential
-pass that reads the stored U. ``recompute`` chooses (see :func:`triton_scan`): keep the states too, or rebuild
+Intermediate buffers (W, U, per-chunk start states, and in the backward dU, dW and a partial dK for bf16 inputs)
+are kept in the input precision; gates, the triangular inverse and every state carried from chunk to chunk stay
+fp32. The forward keeps W, U and the inverse for the backward. The start state of every chunk (NC x H x K x V
+elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256, bf16: the largest buffer by far) is by default not kept:
+the backward recomputes it with one more sequential pass that reads the stored U. ``recompute`` chooses (see :func:`triton_scan`): keep the states too, or rebuild
 W and U as well.
 """
 
@@ -177,7 +177,11 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     dummy = q.new_empty(1, dtype=torch.float32)
     BK, BV = _block(K), _block(V)
 
-    du = _empty(T, H, V, dtype=torch.float32, device=q.device)
+    # dU, dW and the first part of dK pass between kernels in bf16 for bf16 inputs (halving the backward's largest
+    # intermediate traffic; every product that reads them rounds its operands to bf16 or tf32 anyway), in fp32
+    # otherwise (fp16's range is too narrow for gradients)
+    grad_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    du = _empty(T, H, V, dtype=grad_dtype, device=q.device)
     if NC > 0:
         bwd.du_local_kernel[(NC * triton.cdiv(V, BV), H)](
             q, k, gamma if use_g else dummy, do, du, index.chunk_seg, index.chunk_start, cu, scale,
@@ -194,8 +198,8 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **_options(LAUNCH.state_bwd, mode))
 
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _empty(T, H, K, dtype=torch.float32 if is_delta else k.dtype, device=q.device)
-    dw = _empty(T, H, K, dtype=torch.float32, device=q.device) if is_delta else dummy
+    dk = _empty(T, H, K, dtype=grad_dtype if is_delta else k.dtype, device=q.device)
+    dw = _empty(T, H, K, dtype=grad_dtype, device=q.device) if is_delta else dummy
     dgam = _empty(T, H, dtype=torch.float32, device=q.device) if use_g else dummy
     if NC > 0:
         bwd.dqk_kernel[(NC, H)](
