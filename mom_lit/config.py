@@ -73,9 +73,9 @@ class MoMConfig:
     shared) every stream's projections. ``lean``: the scan rebuilds q, k, v and W, U in its backward, and the
     projections are a grouped product of the selected streams only, which the backward recomputes from the layer
     input (once, for the scan and the slot stage) instead of keeping them. Per scanned slot and head 4 (K + V)
-    bytes less in bf16, and no (tokens x streams x 2 (2K + 2) bytes) projections. The scan part took the reference
-    12-layer model at 8 x 2048 (bf16, H200) from 17.7 to 12.5 GiB for ~8% more step time (BENCHMARKS.md).
-    Triton path only."""
+    bytes less in bf16, and neither the query projection nor the tokens x streams x heads x (K + V + 2) elements of
+    the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16, H200): 8.3 instead of 17.4 GiB for ~7%
+    more step time (BENCHMARKS.md). Triton path only."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
