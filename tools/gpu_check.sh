@@ -10,8 +10,9 @@
 #   layer   bench_layer.py, layer section: ours (Triton stages on, off, and the memory-lean settings: q, k, v and
 #           W, U rebuilt in the backward), then fla's rows if fla is importable
 #   model   bench_layer.py, model section: our MoM model (plain, checkpointed blocks, memory-lean), then fla's GDN
-#   compare the targets' table in one go on GPU 0: our layer and model rows while fla autotunes on GPU 1 (its
-#           cache on disk), then fla's rows on GPU 0 with the host to itself (the method of BENCHMARKS.md's table)
+#   compare the targets' table in one go on GPU 0: our layer and model rows (default and memory-lean) while fla
+#           autotunes on GPU 1 (its cache on disk), then fla's rows on GPU 0 with the host to itself (the method of
+#           BENCHMARKS.md's table)
 #   stages  bench_stages.py: the slot/mix stage kernels alone, and a sweep of their launch settings
 #   profile bench_layer.py profile sections: top kernels of our layer's fwd+bwd and of our model's step
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
@@ -90,6 +91,9 @@ for step in $STEPS; do
         fi
         CUDA_VISIBLE_DEVICES=0 run compare_ours "${LAYER_S:-240}" python tools/bench_layer.py --sections layer,model \
             --skip "fla,Llama,checkpointed" --rep-ms 300 --out "$OUT/compare_ours.md"
+        CUDA_VISIBLE_DEVICES=0 run compare_ours_lean "${LAYER_S:-240}" python tools/bench_layer.py \
+            --sections layer,model --activation-memory lean --skip "fla,Llama,checkpointed,SDPA,GDN" --rep-ms 300 \
+            --out "$OUT/compare_ours_lean.md"
         [ -n "$warm" ] && wait "$warm"
         has_fla && CUDA_VISIBLE_DEVICES=0 run compare_fla "${FLA_S:-600}" python tools/bench_layer.py \
             --sections layer,model --fla-timing-only --skip "mom_lit,SDPA,Llama,Mom" --rep-ms 300 \
