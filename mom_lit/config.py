@@ -77,7 +77,7 @@ class MoMConfig:
     the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200): 8.3 instead of 17.4 GiB
     for ~7% more step time (BENCHMARKS.md). Triton path only. The projections' part needs a bf16 layer input (the
     grouped product takes bf16 only); under bf16-mixed autocast (fp32 weights and residual stream) the projections
-    stay dense and kept, and only the scan's part applies.
+    stay dense and kept, and only the scan's part applies."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
