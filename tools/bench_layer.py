@@ -14,6 +14,7 @@ there; ``--fla-timing-only`` lifts that guard so that its speed can be timed, ne
 
 Example (GPU):  python tools/bench_layer.py --sections layer,model,decode --out bench.md
 Smoke run (CPU): python tools/bench_layer.py --device cpu --tiny --sections layer,model,decode
+Mixed precision (fp32 weights, products under bf16 autocast, as Lightning's bf16-mixed): add --mixed
 """
 
 from __future__ import annotations
@@ -142,20 +143,32 @@ class _first(nn.Module):
         return self.inner(x)[0]
 
 
+def _weights_dtype(args, dtype: torch.dtype) -> torch.dtype:
+    """Weights and inputs in ``dtype``, or with ``--mixed`` in fp32 with the products in ``dtype`` (autocast)."""
+    return torch.float32 if args.mixed else dtype
+
+
+def _autocast(args, dtype: torch.dtype):
+    """Lightning's ``bf16-mixed``: the forward under autocast in ``dtype`` (a no-op context without ``--mixed``)."""
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=args.mixed)
+
+
 def section_layer(args, dtype, rows):
     hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
     shapes = [(2, 64), (1, 128)] if args.tiny else [(8, 2048), (2, 8192)]
     for name, make in selected(args, layer_candidates(args, hidden, heads, head_dim)):
         torch.manual_seed(0)
-        module = make().to(args.device, dtype).train()
+        module = make().to(args.device, _weights_dtype(args, dtype)).train()
         for b, t in shapes:
-            x = torch.randn(b, t, hidden, device=args.device, dtype=dtype, requires_grad=True)
+            x = torch.randn(b, t, hidden, device=args.device, dtype=_weights_dtype(args, dtype), requires_grad=True)
 
             def fwd_bwd():
-                module(x).float().sum().backward()
+                with _autocast(args, dtype):
+                    y = module(x)
+                y.float().sum().backward()
 
             def fwd():
-                with torch.no_grad():
+                with torch.no_grad(), _autocast(args, dtype):
                     module(x)
 
             try:
@@ -226,13 +239,15 @@ def _checkpointed(model: MoMForCausalLM) -> MoMForCausalLM:
 def _training_step(make, args, dtype, b: int, t: int):
     """A fresh model and its training step (forward + backward of the LM loss on random ids of shape (b, t))."""
     torch.manual_seed(0)
-    model = make().to(args.device, dtype).train()
+    model = make().to(args.device, _weights_dtype(args, dtype)).train()
     vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
     ids = torch.randint(0, vocab, (b, t), device=args.device)
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
+        with _autocast(args, dtype):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
 
     return model, step
 
@@ -356,10 +371,15 @@ def section_profile(args, dtype, rows):
     b, t = (2, 64) if args.tiny else (8, 2048)
     for name, make in selected(args, layer_candidates(args, hidden, heads, head_dim)):
         torch.manual_seed(0)
-        module = make().to(args.device, dtype).train()
-        x = torch.randn(b, t, hidden, device=args.device, dtype=dtype, requires_grad=True)
-        _report_profile(args, _profile(lambda: module(x).float().sum().backward(), args,
-                                       f"layer {name}, {b}x{t}, fwd+bwd"))
+        module = make().to(args.device, _weights_dtype(args, dtype)).train()
+        x = torch.randn(b, t, hidden, device=args.device, dtype=_weights_dtype(args, dtype), requires_grad=True)
+
+        def fwd_bwd():
+            with _autocast(args, dtype):
+                y = module(x)
+            y.float().sum().backward()
+
+        _report_profile(args, _profile(fwd_bwd, args, f"layer {name}, {b}x{t}, fwd+bwd"))
         del module
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -390,6 +410,9 @@ def main() -> None:
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     p.add_argument("--profile-out", default=None, help="append the profile tables to this file too")
+    p.add_argument("--mixed", action="store_true",
+                   help="fp32 weights and inputs, forward under torch.autocast in --dtype (Lightning's bf16-mixed); "
+                        "the layer, model and profile sections")
     p.add_argument("--activation-memory", choices=("fast", "lean"), default="fast",
                    help="MoMConfig.activation_memory of our layers and models (lean: the Triton scan rebuilds its "
                         "inputs in the backward)")
@@ -400,14 +423,15 @@ def main() -> None:
     if args.fla_timing_only and fla_available():
         lift_fla_hopper_guard()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; "
+    precision = f"fp32 weights, autocast {args.dtype}" if args.mixed else args.dtype
+    print(f"device: {device_name}; torch {torch.__version__}; {precision}; "
           f"activation memory {args.activation_memory}", flush=True)
     rows: list[tuple] = []
     sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile,
                 "profile_model": section_profile_model}
     for s in args.sections.split(","):
         sections[s](args, dtype, rows)
-    lines = [f"Device: {device_name}, torch {torch.__version__}, {args.dtype}, activation memory "
+    lines = [f"Device: {device_name}, torch {torch.__version__}, {precision}, activation memory "
              f"{args.activation_memory}", "",
              "| section | candidate | shape | time (fwd+bwd / step / per token) | fwd only / throughput | peak memory |",
              "|---|---|---|---|---|---|"]
