@@ -13,6 +13,8 @@
 #   compare the targets' table in one go on GPU 0: our layer and model rows (default and memory-lean) while fla
 #           autotunes on GPU 1 (its cache on disk), then fla's rows on GPU 0 with the host to itself (the method of
 #           BENCHMARKS.md's table)
+#   mixed   bench_layer.py, model section with fp32 weights under bf16 autocast (the configs' bf16-mixed):
+#           our MoM model (default and memory-lean), then fla's GDN
 #   stages  bench_stages.py: the slot/mix stage kernels alone, and a sweep of their launch settings
 #   profile bench_layer.py profile sections: top kernels of our layer's fwd+bwd and of our model's step
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
@@ -26,12 +28,12 @@
 # quiet host (nothing on the other GPUs) and compare only rows of the same run.
 set -u
 if [ $# -lt 1 ]; then
-    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
-STEPS=${*:-tests layer model compare stages profile decode interop scale}
+STEPS=${*:-tests layer model compare mixed stages profile decode interop scale}
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 status=0
@@ -98,6 +100,13 @@ for step in $STEPS; do
         has_fla && CUDA_VISIBLE_DEVICES=0 run compare_fla "${FLA_S:-600}" python tools/bench_layer.py \
             --sections layer,model --fla-timing-only --skip "mom_lit,SDPA,Llama,Mom" --rep-ms 300 \
             --out "$OUT/compare_fla.md" ;;
+    mixed)
+        run mixed "${MODEL_S:-300}" python tools/bench_layer.py --sections model --mixed \
+            --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/mixed.md"
+        run mixed_lean "${MODEL_S:-300}" python tools/bench_layer.py --sections model --mixed \
+            --activation-memory lean --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/mixed_lean.md"
+        has_fla && run mixed_fla "${FLA_S:-600}" python tools/bench_layer.py --sections model --mixed \
+            --fla-timing-only --skip "mom_lit,Llama,fla Mom" --out "$OUT/mixed_fla.md" ;;
     stages)
         run stages "${STAGES_S:-300}" python tools/bench_stages.py --out "$OUT/stages.md" ;;
     profile)
@@ -118,7 +127,7 @@ for step in $STEPS; do
             run scale "${SCALE_S:-1500}" python tools/scale_runs.py --out "$OUT/scale" --timeout 360
         fi ;;
     *)
-        echo "unknown step '$step' (tests layer model compare stages profile decode interop scale)" >&2
+        echo "unknown step '$step' (tests layer model compare mixed stages profile decode interop scale)" >&2
         exit 2 ;;
     esac
 done
