@@ -128,6 +128,62 @@ def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, ke
 
 
 @kernels
+@pytest.mark.parametrize("handed_over", [False, True], ids=["own-recompute", "handed-over"])
+def test_projected_slot_conv_matches_projections_then_slot_conv(handed_over, monkeypatch):
+    """The lean slot stage (query and grouped slot projections recomputed in the backward, or handed over by the
+    scan's rebuild of q, k, v) against dense projections of every (token, stream) and the reference slot stage, with
+    one memory that no token selected (an empty group) and one that a single token selected."""
+    if NATIVE:
+        pytest.skip("fp32 grouped product: CPU only (bf16 on CUDA: test_bf16_layer_against_fp32_reference)")
+    gen = torch.Generator().manual_seed(7)
+    batch, seq_len, hidden, heads, key_dim, value_dim, width = 2, 19, 32, 2, 16, 8, 4
+    num_memories, extra = 4, 2 * heads
+    streams, num_tokens = num_memories + 1, batch * seq_len
+    memory = torch.tensor([0, 1]).repeat(num_tokens, 1)
+    memory[5] = torch.tensor([3, 0])  # memory 3: one token; memory 2: none
+    memory = torch.cat([memory, torch.full((num_tokens, 1), num_memories)], 1)  # + shared memory
+    layout = build_layout(memory, sequence_ids(batch, seq_len, None, "cpu"), batch, streams)
+    ends = layout.cu_seqlens[batch::batch].to(torch.int32)  # (S,) end of each memory's group of sorted slots
+    assert ends.tolist()[1:4] == [2 * num_tokens - 1, 2 * num_tokens - 1, 2 * num_tokens]
+    HK, HV = heads * key_dim, heads * value_dim
+    rows = HK + HV + extra + 4  # spare columns after the gates; 56 fp32 values: rows of 16-byte multiples
+    x = torch.randn(num_tokens, hidden, generator=gen).requires_grad_()
+    q_weight = (0.2 * torch.randn(HK, hidden, generator=gen)).requires_grad_()
+    kv_weight = (0.2 * torch.randn(streams, rows, hidden, generator=gen)).requires_grad_()
+    weight = torch.randn(2 * HK + HV, width, generator=gen).requires_grad_()
+    inputs = (x, q_weight, kv_weight, weight)
+    projections = []
+    project = conv_module._project_sources
+    monkeypatch.setattr(conv_module, "_project_sources", lambda *a: projections.append(1) or project(*a))
+
+    share = conv_module.SlotSourceShare() if handed_over else None
+    outs = conv_module.projected_slot_conv(x, q_weight, kv_weight, weight, layout.token, layout.rank, ends,
+                                           layout.position, share, heads, key_dim, value_dim, extra)
+    if handed_over:  # what the scan's backward does first: rebuild q, k, v, leaving the projections in share
+        rebuilt = conv_module.rebuild_projected_qkv(x.detach(), q_weight.detach(), kv_weight.detach(),
+                                                    weight.detach(), layout.token, ends, layout.position,
+                                                    share=share, heads=heads, key_dim=key_dim, value_dim=value_dim)
+        for a, b in zip(rebuilt, outs[:3]):
+            assert torch.equal(a, b.detach())
+        assert share.sources is not None
+    cotangents = [torch.randn(o.shape, generator=gen) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, cotangents)
+    assert len(projections) == 2  # the forward's, and the backward's own or the rebuild's
+    assert share is None or share.sources is None  # handed over and released
+
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    rx, rq, rkv, rw = ref_inputs
+    kv_all = torch.einsum("nd,spd->nsp", rx, rkv).reshape(num_tokens * streams, rows)  # every (token, stream)
+    ref_outs = _reference(rx @ rq.t(), kv_all, rw, layout, heads, key_dim, value_dim, extra)
+    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, [c.double() for c in cotangents])
+    for name, a, b in zip(["q", "k", "v", "gates", "dx", "dq_weight", "dkv_weight", "dweight"],
+                          list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+    assert (grads[2][2] == 0).all()  # the memory that no token selected
+
+
+@kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("slots,heads,dim,gated", [
     pytest.param(3, 2, 16, True, id="J3-gated"),
