@@ -65,6 +65,14 @@ _SLOT_KERNELS_PROBED: set[tuple] = set()
 logger = logging.getLogger("mom_lit")
 
 
+def _projection_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype that its matrix products run in: autocast's where autocast is on for x's device, else x's."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -372,6 +380,9 @@ class MoMLayer(nn.Module):
         projections themselves are recomputed in the backward (``ops.conv.projected_slot_conv``)."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
+        # The projections' operands in autocast's dtype, cast once: autocast would keep a copy of x per product, and
+        # the grouped product (bf16 only, not covered by autocast) then applies under mixed precision too.
+        x_flat = _projection_input(x_flat)
         # Rows of a multiple of 16 elements: the slot kernels' loads of a projection row are then aligned and
         # vectorised (rows of 2 K + 2 heads elements are not; 4 x 256 dims: 2056 -> 2064).
         w_stream = self._stream_weights(align=16).to(x_flat.dtype)  # (S, P, D)

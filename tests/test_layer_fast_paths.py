@@ -265,6 +265,48 @@ def test_bf16_layer_against_fp32_reference(overrides, grouped, monkeypatch):
     assert bool(calls["grouped"]) == grouped
 
 
+@pytest.mark.skipif(not NATIVE, reason="bf16 autocast on the GPU")
+@pytest.mark.parametrize("activation_memory", ["fast", "lean"])
+def test_mixed_precision_layer_against_fp32_reference(activation_memory, monkeypatch):
+    """fp32 weights under bf16 autocast (Lightning's ``bf16-mixed``): the projections run in bf16 from one cast of
+    the input, so that ``lean`` takes the grouped, recomputed projections as with bf16 weights; the output and
+    every gradient against the same layer in fp32 without autocast."""
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": False})
+    calls = _spy(monkeypatch)
+    cfg = dict(hidden_size=128, num_heads=4, head_dim=32, num_memories=4, topk=2, shared_memory=True,
+               backend="triton", num_layers=2)
+    torch.manual_seed(0)
+    mixed = MoMLayer(MoMConfig(**cfg, activation_memory=activation_memory)).to(DEVICE)
+    ref = MoMLayer(MoMConfig(**cfg)).to(DEVICE)
+    ref.load_state_dict(mixed.state_dict())
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(2, 41, 128, generator=gen).to(DEVICE)
+    seq_id = sequence_ids(2, 41, None, DEVICE)
+    x_mixed, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_mixed = mixed(x_mixed, seq_id, 2)[0]
+    out_ref = ref(x_ref, seq_id, 2)[0]
+    assert rel_err(out_mixed, out_ref) < 5e-2
+    grad = torch.randn(out_ref.shape, generator=gen).to(DEVICE)
+    out_mixed.float().backward(grad)
+    out_ref.backward(grad)
+    assert rel_err(x_mixed.grad, x_ref.grad) < 5e-2
+    for (name, p), q in zip(mixed.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32
+        if name in ("q_proj.weight", "k_proj", "v_proj", "conv_weight", "o_proj.weight"):
+            assert rel_err(p.grad, q.grad) < 5e-2, (name, rel_err(p.grad, q.grad))
+    assert calls["slots"] and calls["mix"]
+    assert bool(calls["grouped"]) == (activation_memory == "lean")
+
+
+def test_projections_take_the_autocast_dtype():
+    x = torch.randn(3, 8)
+    assert layer_module._projection_input(x) is x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer_module._projection_input(x).dtype == torch.bfloat16
+        assert layer_module._projection_input(torch.arange(3)).dtype == torch.int64
+
+
 def _spy(monkeypatch):
     calls = {"slots": 0, "mix": 0, "grouped": 0}
     for owner, name, key in ((MoMLayer, "_prepare_slots_triton", "slots"), (layer_module, "mix_gated_rms_norm", "mix"),
