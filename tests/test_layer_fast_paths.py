@@ -299,6 +299,46 @@ def test_mixed_precision_layer_against_fp32_reference(activation_memory, monkeyp
     assert bool(calls["grouped"]) == (activation_memory == "lean")
 
 
+@kernels
+@pytest.mark.parametrize("activation_memory", ["fast", "lean"])
+def test_autocast_layer_against_fp64_reference(activation_memory, monkeypatch):
+    """The mixed-precision path on CPU: fp32 weights under fp16 autocast (the interpreter cannot run bf16; the
+    mechanism is the same), the grouped product admitted in fp16 as torch runs it on CPU. The projections take
+    autocast's dtype from one cast of the input, ``lean`` recomputes them, and the output and gradients match the
+    fp64 reference layer to fp16 precision."""
+    if NATIVE:
+        pytest.skip("on a GPU: test_mixed_precision_layer_against_fp32_reference (bf16)")
+    monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
+    admitted = layer_module.grouped_mm_available
+    monkeypatch.setattr(layer_module, "grouped_mm_available",
+                        lambda x, n: x.dtype == torch.float16 or admitted(x, n))
+    calls = _spy(monkeypatch)
+    cfg = dict(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
+               backend="triton", num_layers=2)
+    torch.manual_seed(0)
+    mixed = MoMLayer(MoMConfig(**cfg, activation_memory=activation_memory))
+    ref = MoMLayer(MoMConfig(**{**cfg, "backend": "eager"})).double()
+    ref.load_state_dict(mixed.state_dict())
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(2, 37, 32, generator=gen)
+    seq_id = sequence_ids(2, 37, None, "cpu")
+    x_mixed, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out_mixed = mixed(x_mixed, seq_id, 2)[0]
+    out_ref = ref(x_ref, seq_id, 2)[0]
+    assert out_mixed.dtype == torch.float16
+    assert rel_err(out_mixed, out_ref) < 5e-3
+    grad = torch.randn(out_ref.shape, generator=gen)
+    out_mixed.float().backward(grad)
+    out_ref.backward(grad.double())
+    assert rel_err(x_mixed.grad, x_ref.grad) < 5e-3
+    for (name, p), q in zip(mixed.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        assert rel_err(p.grad, q.grad) < 5e-3, (name, rel_err(p.grad, q.grad))
+    assert calls["slots"] and calls["mix"]
+    assert bool(calls["grouped"]) == (activation_memory == "lean")
+
+
 def test_projections_take_the_autocast_dtype():
     x = torch.randn(3, 8)
     assert layer_module._projection_input(x) is x
