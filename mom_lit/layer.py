@@ -398,8 +398,7 @@ class MoMLayer(nn.Module):
                 share = SlotSourceShare()
                 q_weight = self.q_proj.weight.to(x_flat.dtype)
                 sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
-                q, k, v, rest = projected_slot_conv(*sources[:5], layout.rank, ends, layout.position, share, H, K,
-                                                    self.head_v_dim, extra * H)
+                q, k, v, rest = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H)
                 g, beta = self._gates(rest)
                 rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
                 return q, k, v, g, gk, beta, rebuild_qkv

@@ -157,8 +157,8 @@ def test_projected_slot_conv_matches_projections_then_slot_conv(handed_over, mon
     monkeypatch.setattr(conv_module, "_project_sources", lambda *a: projections.append(1) or project(*a))
 
     share = conv_module.SlotSourceShare() if handed_over else None
-    outs = conv_module.projected_slot_conv(x, q_weight, kv_weight, weight, layout.token, layout.rank, ends,
-                                           layout.position, share, heads, key_dim, value_dim, extra)
+    outs = conv_module.projected_slot_conv(x, q_weight, kv_weight, weight, layout.token, ends, layout.position,
+                                           layout.rank, share, heads, key_dim, value_dim, extra)
     if handed_over:  # what the scan's backward does first: rebuild q, k, v, leaving the projections in share
         rebuilt = conv_module.rebuild_projected_qkv(x.detach(), q_weight.detach(), kv_weight.detach(),
                                                     weight.detach(), layout.token, ends, layout.position,

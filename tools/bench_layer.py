@@ -153,6 +153,13 @@ def _autocast(args, dtype: torch.dtype):
     return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=args.mixed)
 
 
+def _fwd_bwd(module, x, args, dtype):
+    """Forward (under autocast with ``--mixed``) and backward of the sum of the outputs."""
+    with _autocast(args, dtype):
+        y = module(x)
+    y.float().sum().backward()
+
+
 def section_layer(args, dtype, rows):
     hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
     shapes = [(2, 64), (1, 128)] if args.tiny else [(8, 2048), (2, 8192)]
@@ -163,9 +170,7 @@ def section_layer(args, dtype, rows):
             x = torch.randn(b, t, hidden, device=args.device, dtype=_weights_dtype(args, dtype), requires_grad=True)
 
             def fwd_bwd():
-                with _autocast(args, dtype):
-                    y = module(x)
-                y.float().sum().backward()
+                _fwd_bwd(module, x, args, dtype)
 
             def fwd():
                 with torch.no_grad(), _autocast(args, dtype):
@@ -373,13 +378,8 @@ def section_profile(args, dtype, rows):
         torch.manual_seed(0)
         module = make().to(args.device, _weights_dtype(args, dtype)).train()
         x = torch.randn(b, t, hidden, device=args.device, dtype=_weights_dtype(args, dtype), requires_grad=True)
-
-        def fwd_bwd():
-            with _autocast(args, dtype):
-                y = module(x)
-            y.float().sum().backward()
-
-        _report_profile(args, _profile(fwd_bwd, args, f"layer {name}, {b}x{t}, fwd+bwd"))
+        _report_profile(args, _profile(lambda: _fwd_bwd(module, x, args, dtype), args,
+                                       f"layer {name}, {b}x{t}, fwd+bwd"))
         del module
         if args.device == "cuda":
             torch.cuda.empty_cache()

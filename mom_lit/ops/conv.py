@@ -182,20 +182,24 @@ def _project_sources(x, q_weight, kv_weight, token, ends):
     return x @ q_weight.t(), project_slots(x, kv_weight, token, ends)
 
 
+def _projected_qkv(q_src, kv_src, weight, token, position, heads, key_dim, value_dim):
+    """q, k, v of the slot stage from the query projections and the slot-ordered projections (row i = slot i)."""
+    rows = torch.arange(token.numel(), device=kv_src.device)
+    return slot_qkv(q_src, kv_src, weight, token, rows, position, heads=heads, key_dim=key_dim, value_dim=value_dim)
+
+
 class _ProjectedSlotConv(torch.autograd.Function):
     """Query and grouped slot projections + slot stage, keeping x and the weights instead of the projections."""
 
     @staticmethod
-    def forward(ctx, x, q_weight, kv_weight, weight, token, rank, ends, position, share, heads, key_dim, value_dim,
+    def forward(ctx, x, q_weight, kv_weight, weight, token, ends, position, rank, share, heads, key_dim, value_dim,
                 extra):
         HK, HV = heads * key_dim, heads * value_dim
         q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
         w = weight.contiguous()
-        rows = torch.arange(token.numel(), device=x.device)  # the projections are already in slot order
-        q, k, v = slot_qkv(q_src, kv_src, w, token, rows, position, heads=heads, key_dim=key_dim,
-                           value_dim=value_dim)
+        q, k, v = _projected_qkv(q_src, kv_src, w, token, position, heads, key_dim, value_dim)
         gates = kv_src[:, HK + HV:HK + HV + extra].clone()  # a copy: a view would keep kv_src alive
-        ctx.save_for_backward(x, q_weight, kv_weight, w, token, rank, ends, position)
+        ctx.save_for_backward(x, q_weight, kv_weight, w, token, ends, position, rank)
         ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
         ctx.share = share
         return q, k, v, gates
@@ -204,7 +208,7 @@ class _ProjectedSlotConv(torch.autograd.Function):
     def backward(ctx, dq, dk, dv, dgates):
         from mom_lit.ops.grouped import project_slots_backward
 
-        x, q_weight, kv_weight, w, token, rank, ends, position = ctx.saved_tensors
+        x, q_weight, kv_weight, w, token, ends, position, rank = ctx.saved_tensors
         HK, HV = ctx.dims[0] * ctx.dims[1], ctx.dims[0] * ctx.dims[2]
         sources = ctx.share.take() if ctx.share is not None else None
         q_src, kv_src = sources if sources is not None else _project_sources(x, q_weight, kv_weight, token, ends)
@@ -221,7 +225,7 @@ class _ProjectedSlotConv(torch.autograd.Function):
 
 
 def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
-                        token: torch.Tensor, rank: torch.Tensor, ends: torch.Tensor, position: torch.Tensor,
+                        token: torch.Tensor, ends: torch.Tensor, position: torch.Tensor, rank: torch.Tensor,
                         share: SlotSourceShare | None, heads: int, key_dim: int, value_dim: int, extra: int):
     """:func:`slot_conv` of ``q_src = x @ q_weight^T`` and of the grouped projections of the sorted slots
     (``mom_lit.ops.grouped.project_slots``), which the backward recomputes from x instead of keeping them: per
@@ -230,12 +234,13 @@ def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torc
     Args:
         x: (N_tok, D); q_weight: (HK, D); kv_weight: (S, P, D) per-stream projections (key | value | gate
             columns), x's dtype; weight: (2HK + HV, W) filter; token, position: (L,) of the sorted slots;
-            rank: (N_tok * J,); ends: (S,) int32 group ends of the memories' slots; share: hands over the
-            projections that the scan's backward rebuilt (:func:`rebuild_projected_qkv`), or None.
+            ends: (S,) int32 group ends of the memories' slots; rank: (N_tok * J,); share: hands over the
+            projections that the scan's backward rebuilt (:func:`rebuild_projected_qkv`), or None. The first
+            seven are the arguments of :func:`rebuild_projected_qkv`.
     Returns:
         q, k (L, H, K), v (L, H, V) in x's dtype, gates (L, extra).
     """
-    return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, rank, ends, position, share, heads,
+    return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, ends, position, rank, share, heads,
                                     key_dim, value_dim, extra)
 
 
@@ -248,9 +253,7 @@ def rebuild_projected_qkv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: to
     q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
     if share is not None:
         share.sources = (q_src, kv_src)
-    rows = torch.arange(token.numel(), device=x.device)
-    return slot_qkv(q_src, kv_src, weight.contiguous(), token, rows, position, heads=heads, key_dim=key_dim,
-                    value_dim=value_dim)
+    return _projected_qkv(q_src, kv_src, weight.contiguous(), token, position, heads, key_dim, value_dim)
 
 
 def slot_qkv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,

@@ -9,8 +9,8 @@ Intermediate buffers (W, U, per-chunk start states, and in the backward dU, dW a
 are kept in the input precision; gates, the triangular inverse and every state carried from chunk to chunk stay
 fp32. The forward keeps W, U and the inverse for the backward. The start state of every chunk (NC x H x K x V
 elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256, bf16: the largest buffer by far) is by default not kept:
-the backward recomputes it with one more sequential pass that reads the stored U. ``recompute`` chooses (see :func:`triton_scan`): keep the states too, or rebuild
-W and U as well.
+the backward recomputes it with one more sequential pass that reads the stored U. ``recompute`` chooses (see
+:func:`triton_scan`): keep the states too, or rebuild W and U as well.
 """
 
 from __future__ import annotations
