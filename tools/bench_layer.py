@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import time
@@ -331,7 +332,9 @@ def section_decode(args, dtype, rows):
 
 def _profile(fn, args, label: str) -> str:
     """Kernels by self device time over 3 calls of ``fn`` after 3 warm-up calls, and the wall time per call
-    beside the device time per call (a wall time well above the device time means the host is the bottleneck)."""
+    beside the device time per call (a wall time well above the device time means the host is the bottleneck).
+    With ``--profile-json``, every kernel's device milliseconds and launches per call are added to that file under
+    ``label``, so that two profiles can be compared kernel by kernel."""
     cuda = args.device == "cuda"
     for _ in range(3):
         fn()
@@ -356,6 +359,12 @@ def _profile(fn, args, label: str) -> str:
     total_key = "cuda_time_total" if cuda else "cpu_time_total"
     kernels = [a for a in averages if getattr(a, "device_type", None) == torch.autograd.DeviceType.CUDA]
     device_ms = sum(a.self_device_time_total for a in kernels) / 3 / 1e3
+    if args.profile_json:
+        path = Path(args.profile_json)
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[label] = {"wall_ms": wall_ms, "device_ms": device_ms,
+                        "kernels": {a.key: [a.self_device_time_total / 3 / 1e3, a.count / 3] for a in kernels}}
+        path.write_text(json.dumps(table, indent=1))
     return (f"profile of {label}, 3 calls\nwall time per call (unprofiled): {wall_ms:.2f} ms; device time per call "
             f"(profiled, sum of kernels): {device_ms:.2f} ms\n\nkernels by self device time:\n"
             + averages.table(sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=90)
@@ -410,6 +419,8 @@ def main() -> None:
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     p.add_argument("--profile-out", default=None, help="append the profile tables to this file too")
+    p.add_argument("--profile-json", default=None,
+                   help="add each profile's kernels (device ms and launches per call) to this JSON file")
     p.add_argument("--mixed", action="store_true",
                    help="fp32 weights and inputs, forward under torch.autocast in --dtype (Lightning's bf16-mixed); "
                         "the layer, model and profile sections")
