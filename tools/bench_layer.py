@@ -150,8 +150,10 @@ def _weights_dtype(args, dtype: torch.dtype) -> torch.dtype:
 
 
 def _autocast(args, dtype: torch.dtype):
-    """Lightning's ``bf16-mixed``: the forward under autocast in ``dtype`` (a no-op context without ``--mixed``)."""
-    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=args.mixed)
+    """Lightning's ``bf16-mixed``: the forward under autocast in ``dtype`` (a no-op context without ``--mixed``).
+    Its cast cache is off under ``--cuda-graph``: cached casts would outlive the capture they belong to."""
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=args.mixed,
+                          cache_enabled=not args.cuda_graph)
 
 
 def _fwd_bwd(module, x, args, dtype):
@@ -255,7 +257,35 @@ def _training_step(make, args, dtype, b: int, t: int):
             loss = model(ids, labels=ids).loss
         loss.backward()
 
+    if args.cuda_graph:
+        return model, _graphed(step, model)
     return model, step
+
+
+def _graphed(step, model):
+    """``step`` (forward + backward) captured once as a CUDA graph; returns its replay. The capture fails if the
+    step synchronises with the host or launches work whose sizes the host reads from the device. Warm-up runs on
+    a side stream first (as capture requires). ``step`` sets the gradients to None first, so that the backward
+    allocates them inside the capture and every replay writes them anew instead of accumulating."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _graph_memory_gib() -> float:
+    """A captured step's memory: what the caching allocator holds once its free blocks are released, that is the
+    graph's private pool (every tensor of the step, alive or not at its end) plus the weights and gradients. The
+    replay allocates nothing, so the peak of allocated memory would miss the pool."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved() / 2**30
 
 
 def section_model(args, dtype, rows):
@@ -265,10 +295,10 @@ def section_model(args, dtype, rows):
         cands[f"mom_lit MoM, checkpointed blocks ({backend})"] = \
             lambda make=cands[f"mom_lit MoM ({backend})"]: _checkpointed(make())
     for name, make in selected(args, cands):
-        model, step = _training_step(make, args, dtype, b, t)
         try:
+            model, step = _training_step(make, args, dtype, b, t)
             ms = bench(step, args.device)
-            mem = peak_memory_gib(step, args.device)
+            mem = peak_memory_gib(step, args.device) if not args.cuda_graph else _graph_memory_gib()
         except Exception as e:
             rows.append(("model", name, f"{b}x{t}", f"error: {type(e).__name__}: {str(e)[:80]}", "", ""))
             continue
@@ -369,7 +399,9 @@ def _profile(fn, args, label: str) -> str:
             f"(profiled, sum of kernels): {device_ms:.2f} ms\n\nkernels by self device time:\n"
             + averages.table(sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=90)
             + "\n\noperators by total device time (children included):\n"
-            + averages.table(sort_by=total_key, row_limit=args.profile_rows, max_name_column_width=90))
+            + averages.table(sort_by=total_key, row_limit=args.profile_rows, max_name_column_width=90)
+            + "\n\noperators by self host time (where the host's time goes):\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows, max_name_column_width=90))
 
 
 def _report_profile(args, report: str) -> None:
@@ -424,26 +456,39 @@ def main() -> None:
     p.add_argument("--mixed", action="store_true",
                    help="fp32 weights and inputs, forward under torch.autocast in --dtype (Lightning's bf16-mixed); "
                         "the layer, model and profile sections")
+    p.add_argument("--scan-recompute", choices=("none", "states", "wy"), default=None,
+                   help="what the Triton scan's backward rebuilds with activation_memory='fast' (default: "
+                        "mom_lit.ops.triton.scan.RECOMPUTE); none keeps the chunk states (more memory)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="model and profile_model sections: the training step (forward + backward) captured once as "
+                        "a CUDA graph and replayed (no host overhead; the capture fails on any host synchronisation)")
     p.add_argument("--activation-memory", choices=("fast", "lean"), default="fast",
                    help="MoMConfig.activation_memory of our layers and models (lean: the Triton scan rebuilds its "
                         "inputs in the backward)")
     args = p.parse_args()
+    if args.cuda_graph and args.device != "cuda":
+        p.error("--cuda-graph needs a CUDA device")
     REP_MS[0] = args.rep_ms
+    if args.scan_recompute is not None:
+        from mom_lit.ops.triton import scan
+
+        scan.RECOMPUTE = args.scan_recompute
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
     if args.fla_timing_only and fla_available():
         lift_fla_hopper_guard()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     precision = f"fp32 weights, autocast {args.dtype}" if args.mixed else args.dtype
-    print(f"device: {device_name}; torch {torch.__version__}; {precision}; "
-          f"activation memory {args.activation_memory}", flush=True)
+    settings = f"activation memory {args.activation_memory}" + \
+        (f", scan recompute {args.scan_recompute}" if args.scan_recompute else "") + \
+        (", steps captured as CUDA graphs" if args.cuda_graph else "")
+    print(f"device: {device_name}; torch {torch.__version__}; {precision}; {settings}", flush=True)
     rows: list[tuple] = []
     sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile,
                 "profile_model": section_profile_model}
     for s in args.sections.split(","):
         sections[s](args, dtype, rows)
-    lines = [f"Device: {device_name}, torch {torch.__version__}, {precision}, activation memory "
-             f"{args.activation_memory}", "",
+    lines = [f"Device: {device_name}, torch {torch.__version__}, {precision}, {settings}", "",
              "| section | candidate | shape | time (fwd+bwd / step / per token) | fwd only / throughput | peak memory |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
