@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -108,9 +109,15 @@ SWEEP = {
     "conv_bwd_dx": ("conv_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
     "dx_channels": ("conv_bwd", [32, 64, 128]),
     "dx_span": ("conv_bwd", [256, 512, 1024, 2048]),
+    # the fused backward (conv_bwd_fused=True with each of these)
+    "fused": ("conv_bwd", [StageLaunch(r, w) for r in (4, 8, 16) for w in (4, 8, 16)]),
+    "fused_span": ("conv_bwd", [64, 128, 256, 512]),
     "mix_fwd": ("mix_fwd", [StageLaunch(r, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)]),
     "mix_bwd": ("mix_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
 }
+
+
+FUSED_FIELDS = ("fused", "fused_span")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=256)
     p.add_argument("--no-sweep", action="store_true", help="time the library's settings only")
+    p.add_argument("--fields", default=None, help="comma list: sweep only these fields of StageLaunchConfig")
+    p.add_argument("--best-json", default=None, help="write the fastest setting per field here (JSON)")
     p.add_argument("--unaligned", action="store_true",
                    help="projection rows of 2 K + 2 heads elements (not padded to a multiple of 16)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
@@ -148,12 +157,18 @@ def main(argv: list[str] | None = None) -> None:
         print(lines[-1], flush=True)
     best = {}
     sweep = {} if args.no_sweep else SWEEP
+    if args.fields:
+        unknown = set(args.fields.split(",")) - set(SWEEP)
+        if unknown:
+            p.error(f"unknown sweep fields {sorted(unknown)}; known: {sorted(SWEEP)}")
+        sweep = {field: SWEEP[field] for field in args.fields.split(",")}
     if args.tiny:  # the first two settings of each field
         sweep = {field: (group, settings[:2]) for field, (group, settings) in sweep.items()}
     for field, (group, settings) in sweep.items():
         for setting in settings:
+            fused = {"conv_bwd_fused": True} if field in FUSED_FIELDS else {}
             try:
-                cfg = dataclasses.replace(default, **{field: setting})
+                cfg = dataclasses.replace(default, **{field: setting}, **fused)
             except ValueError:  # an inconsistent setting (StageLaunchConfig says why)
                 continue
             kern.LAUNCH = cfg
@@ -168,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
                 kern.LAUNCH = default
             lines.append(f"| {group} | {field}={setting} | {ms:.4f} | {diff:.2e} |")
             print(lines[-1], flush=True)
+            if cfg.conv_bwd_fused and cfg.fused.rows < 3:
+                continue  # conv_bwd fell back to the two kernels (rows < width - 1): not a fused timing
             if diff < 2e-2 and (field not in best or ms < best[field][1]):
                 best[field] = (setting, ms)
     if best:
@@ -177,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     if args.out:
         Path(args.out).write_text(report + "\n")
+    if args.best_json:
+        Path(args.best_json).write_text(json.dumps(
+            {field: (dataclasses.asdict(setting) if dataclasses.is_dataclass(setting) else setting)
+             for field, (setting, _) in best.items()}))
 
 
 if __name__ == "__main__":
