@@ -7,8 +7,6 @@ process (the interpreter must be active before Triton is first used, see ``test_
 
 from __future__ import annotations
 
-import dataclasses
-
 import os
 import subprocess
 import sys
@@ -50,33 +48,15 @@ SMALL_LAUNCH = layer_triton.StageLaunchConfig(
     mix_fwd=layer_triton.StageLaunch(8, 2), mix_bwd=layer_triton.StageLaunch(16, 4))
 
 
-# The fused slot backward (one kernel, the pre-activation gradient in a per-program ring): its library blocks, and
-# small ones (spans of 24 rows in blocks of 8, so a span ends inside a segment and the ring wraps several times).
-FUSED_LAUNCH = dataclasses.replace(layer_triton.StageLaunchConfig(), conv_bwd_fused=True)
-FUSED_SMALL_LAUNCH = dataclasses.replace(SMALL_LAUNCH, conv_bwd_fused=True, fused=layer_triton.StageLaunch(8, 2),
-                                         fused_span=24)
-
-
-@pytest.mark.parametrize("fields", [dict(conv_bwd_dx=layer_triton.StageLaunch(16, 4), dx_span=20),
-                                    dict(fused=layer_triton.StageLaunch(16, 4), fused_span=40)])
-def test_stage_launch_config_rejects_spans_that_overlap(fields):
-    with pytest.raises(ValueError, match="must be a multiple of"):
-        layer_triton.StageLaunchConfig(**fields)
+def test_stage_launch_config_rejects_spans_that_overlap():
+    with pytest.raises(ValueError, match="dx_span"):
+        layer_triton.StageLaunchConfig(conv_bwd_dx=layer_triton.StageLaunch(16, 4), dx_span=20)
 
 
 @pytest.fixture(params=["default-launch", "small-launch"])
 def launch(request, monkeypatch):
     if request.param == "small-launch":
         monkeypatch.setattr(layer_triton, "LAUNCH", SMALL_LAUNCH)
-    return request.param
-
-
-@pytest.fixture(params=["default-launch", "small-launch", "fused-launch", "fused-small-launch"])
-def conv_launch(request, monkeypatch):
-    """The slot stage's launch settings, the fused backward's included."""
-    configs = {"small-launch": SMALL_LAUNCH, "fused-launch": FUSED_LAUNCH, "fused-small-launch": FUSED_SMALL_LAUNCH}
-    if request.param in configs:
-        monkeypatch.setattr(layer_triton, "LAUNCH", configs[request.param])
     return request.param
 
 
@@ -105,8 +85,7 @@ def _reference(q_src, kv_src, weight, layout, heads, key_dim, value_dim, extra):
     pytest.param(3, 5, 1, 32, 32, 3, id="short-segments"),
     pytest.param(1, 70, 3, 8, 8, 2, id="3heads-width2"),
 ])
-def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width,
-                                                conv_launch):
+def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width, launch):
     if dtype == torch.bfloat16 and not NATIVE:
         pytest.skip("the interpreter mishandles bf16")
     gen = torch.Generator().manual_seed(42)

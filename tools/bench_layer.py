@@ -438,7 +438,7 @@ def section_profile_model(args, dtype, rows):
 
 
 def _set_stage_launch(args) -> None:
-    """Apply --stage-launch-json and --fused-slot-backward to the slot/mix kernels' launch settings."""
+    """Apply --stage-launch-json to the slot/mix kernels' launch settings."""
     import dataclasses
 
     from mom_lit.ops import layer_triton
@@ -447,8 +447,6 @@ def _set_stage_launch(args) -> None:
     if args.stage_launch_json:
         for name, value in json.loads(Path(args.stage_launch_json).read_text()).items():
             fields[name] = layer_triton.StageLaunch(**value) if isinstance(value, dict) else value
-    if args.fused_slot_backward:
-        fields["conv_bwd_fused"] = args.fused_slot_backward == "on"
     if fields:
         layer_triton.LAUNCH = dataclasses.replace(layer_triton.LAUNCH, **fields)
         print(f"slot/mix launch settings: {layer_triton.LAUNCH}", flush=True)
@@ -476,8 +474,6 @@ def main() -> None:
     p.add_argument("--scan-recompute", choices=("none", "states", "wy"), default=None,
                    help="what the Triton scan's backward rebuilds with activation_memory='fast' (default: "
                         "mom_lit.ops.triton.scan.RECOMPUTE); none keeps the chunk states (more memory)")
-    p.add_argument("--fused-slot-backward", choices=("on", "off"), default=None,
-                   help="the slot stage's backward as one fused kernel or two (default: the library's)")
     p.add_argument("--stage-launch-json", default=None,
                    help="launch settings of the slot/mix kernels to use (a JSON object of StageLaunchConfig fields, "
                         "as tools/bench_stages.py --best-json writes)")

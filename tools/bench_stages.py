@@ -109,15 +109,9 @@ SWEEP = {
     "conv_bwd_dx": ("conv_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
     "dx_channels": ("conv_bwd", [32, 64, 128]),
     "dx_span": ("conv_bwd", [256, 512, 1024, 2048]),
-    # the fused backward (conv_bwd_fused=True with each of these)
-    "fused": ("conv_bwd", [StageLaunch(r, w) for r in (4, 8, 16) for w in (4, 8, 16)]),
-    "fused_span": ("conv_bwd", [64, 128, 256, 512]),
     "mix_fwd": ("mix_fwd", [StageLaunch(r, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)]),
     "mix_bwd": ("mix_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
 }
-
-
-FUSED_FIELDS = ("fused", "fused_span")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,9 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep = {field: (group, settings[:2]) for field, (group, settings) in sweep.items()}
     for field, (group, settings) in sweep.items():
         for setting in settings:
-            fused = {"conv_bwd_fused": True} if field in FUSED_FIELDS else {}
             try:
-                cfg = dataclasses.replace(default, **{field: setting}, **fused)
+                cfg = dataclasses.replace(default, **{field: setting})
             except ValueError:  # an inconsistent setting (StageLaunchConfig says why)
                 continue
             kern.LAUNCH = cfg
@@ -183,8 +176,6 @@ def main(argv: list[str] | None = None) -> None:
                 kern.LAUNCH = default
             lines.append(f"| {group} | {field}={setting} | {ms:.4f} | {diff:.2e} |")
             print(lines[-1], flush=True)
-            if cfg.conv_bwd_fused and cfg.fused.rows < 3:
-                continue  # conv_bwd fell back to the two kernels (rows < width - 1): not a fused timing
             if diff < 2e-2 and (field not in best or ms < best[field][1]):
                 best[field] = (setting, ms)
     if best:

@@ -50,18 +50,11 @@ class StageLaunchConfig:
     dx_span: int = 512  # rows walked by one conv_bwd_dx program (its filter gradient is reduced once)
     mix_fwd: StageLaunch = StageLaunch(8, 8)
     mix_bwd: StageLaunch = StageLaunch(8, 2)
-    # One backward kernel instead of two (pre-activation gradient, then transposed convolution and filter
-    # gradient): it walks a span of rows per (span, head) program and keeps the pre-activation gradient in a small
-    # per-program ring instead of writing and re-reading a full (L, C) buffer.
-    conv_bwd_fused: bool = False
-    fused: StageLaunch = StageLaunch(8, 8)
-    fused_span: int = 256
 
     def __post_init__(self) -> None:
-        for span, rows, name in ((self.dx_span, self.conv_bwd_dx.rows, "conv_bwd_dx"),
-                                 (self.fused_span, self.fused.rows, "fused")):
-            if span % rows:  # a step past a span's end would count rows twice
-                raise ValueError(f"the span ({span}) must be a multiple of {name}.rows ({rows})")
+        if self.dx_span % self.conv_bwd_dx.rows:  # a step past a span's end would count rows twice
+            raise ValueError(f"dx_span ({self.dx_span}) must be a multiple of conv_bwd_dx.rows "
+                             f"({self.conv_bwd_dx.rows})")
 
 
 LAUNCH = StageLaunchConfig()
@@ -176,80 +169,6 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
              mask=mask_w[:, None] & mask_c[None, :])
 
 
-@triton.jit
-def _bwd_fused_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dst, dst_rows, dst_stride, dweight,
-                      ring, L, span, eps, C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                      NORM: tl.constexpr, SCATTER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """The whole slot backward over rows [pid * span, + span) and one head: per block of BT rows, the
-    pre-activation gradient (recomputed from the sources, as ``_bwd_pre_kernel``), then the transposed convolution
-    of the block before (it needs W-1 rows of the block after) and the filter gradient of this block.
-
-    The pre-activation gradient of the last two blocks lives in this program's ring (2 x BT x BD fp32 in global
-    memory, L2-resident), read back shifted by the taps after a barrier. The program computes one block past its
-    span (the next program's first rows) for the transposed convolution of its last rows; that block adds nothing
-    to the filter gradient."""
-    pid_r, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_d = tl.arange(0, BD)
-    mask_d = offs_d < D
-    col = head * D + offs_d
-    taps = tl.arange(0, WP)  # tap s: s rows back (the convolution, dw) or ahead (dx); taps >= W are padding
-    mask_w = taps < W
-    w = tl.load(weight + col[None, :] * W + (W - 1 - taps)[:, None], mask=mask_w[:, None] & mask_d[None, :],
-                other=0.0).to(tl.float32)  # (WP, BD): w[s] multiplies the input s rows back
-    ring = ring + (pid_r * tl.num_programs(1) + head) * (2 * BT * BD)
-    slot_rows = tl.arange(0, BT)
-    acc = tl.zeros((WP, BT, BD), dtype=tl.float32)
-    start = pid_r * span
-    end = tl.minimum(start + span, L)
-    for t0 in range(start, end + BT, BT):
-        offs_t = t0 + slot_rows
-        mask_t = offs_t < L
-        # Inputs s rows back, inside the segment when the position is at least s (zeros before its start); the
-        # source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
-        pos = tl.load(position + offs_t, mask=mask_t, other=0)
-        back = mask_w[:, None] & mask_t[None, :] & (pos[None, :] >= taps[:, None])  # (WP, BT)
-        src_row = tl.load(rows + tl.maximum(offs_t[None, :] - taps[:, None], 0),
-                          mask=mask_w[:, None] & mask_t[None, :], other=0).to(tl.int64)
-        x = tl.load(src + src_row[:, :, None] * src_stride + col[None, None, :],
-                    mask=back[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)  # (WP, BT, BD)
-        pre = tl.sum(x * w[:, None, :], axis=0)  # (BT, BD)
-        sig = tl.sigmoid(pre)
-        g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask_t[:, None] & mask_d[None, :],
-                    other=0.0).to(tl.float32)
-        if NORM:  # y = a r with r = (|a|^2 + eps)^-1/2:  da = r (dy - y <dy, y>)
-            a = pre * sig
-            r = tl.rsqrt(tl.sum(a * a, axis=1) + eps)
-            y = a * r[:, None]
-            g = r[:, None] * (g - y * tl.sum(g * y, axis=1)[:, None])
-        dp = tl.where(mask_t[:, None] & mask_d[None, :], g * sig * (1.0 + pre * (1.0 - sig)), 0.0)
-        acc += tl.where((offs_t < end)[None, :, None], dp[None, :, :] * x, 0.0)
-        block = (t0 - start) // BT
-        tl.store(ring + ((block % 2) * BT + slot_rows)[:, None] * BD + offs_d[None, :], dp)
-        tl.debug_barrier()
-        if t0 > start:
-            # Transposed convolution of the block before: dx[t] = sum_s dpre[t+s] w[s], row t+s in t's segment
-            # exactly when its position is at least s; rows t+s lie in the ring's two blocks.
-            prev_t = t0 - BT + slot_rows
-            ahead = prev_t[None, :] + taps[:, None]  # (WP, BT)
-            in_range = mask_w[:, None] & (ahead < L)
-            ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= taps[:, None])
-            rel = ahead - start
-            ring_row = ((rel // BT) % 2) * BT + rel % BT
-            d = tl.load(ring + ring_row[:, :, None] * BD + offs_d[None, None, :], mask=ok[:, :, None],
-                        other=0.0, cache_modifier=".cg")  # (WP, BT, BD)
-            dx = tl.sum(d * w[:, None, :], axis=0)
-            mask_prev = prev_t < end
-            if SCATTER:
-                out_rows = tl.load(dst_rows + prev_t, mask=mask_prev, other=0).to(tl.int64)
-            else:
-                out_rows = prev_t
-            tl.store(dst + out_rows[:, None] * dst_stride + col[None, :], dx.to(dst.dtype.element_ty),
-                     mask=mask_prev[:, None] & mask_d[None, :])
-        tl.debug_barrier()  # the next block overwrites the ring block read above
-    tl.store(dweight + (pid_r * W + (W - 1 - taps))[:, None] * C + col[None, :], tl.sum(acc, axis=1),
-             mask=mask_w[:, None] & mask_d[None, :])
-
-
 def _launch_config(D: int, launch: StageLaunch) -> tuple[int, int, int]:
     """(rows, head block, warps) of a kernel whose programs cover whole heads of D channels."""
     bd = triton.next_power_of_2(D)
@@ -281,17 +200,6 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
     if length == 0:
         return torch.zeros(channels, width, device=src.device, dtype=torch.float32)
     dout = dout.reshape(length, channels)
-    if LAUNCH.conv_bwd_fused and LAUNCH.fused.rows >= width - 1:  # the ring holds the W-1 rows ahead of a block
-        bt, bd, warps = _launch_config(dim, LAUNCH.fused)
-        spans = triton.cdiv(length, LAUNCH.fused_span)
-        dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
-        ring = torch.empty(spans * heads * 2 * bt * bd, device=src.device, dtype=torch.float32)
-        _bwd_fused_kernel[(spans, heads)](
-            src, src.stride(0), rows, position, weight, dout, dout.stride(0), dst,
-            dst_rows if dst_rows is not None else rows, dst.stride(0), dweight, ring, length, LAUNCH.fused_span, eps,
-            C=channels, D=dim, W=width, WP=triton.next_power_of_2(width), NORM=norm, SCATTER=dst_rows is not None,
-            BT=bt, BD=bd, num_warps=warps)
-        return dweight.sum(0).t()  # (C, W)
     bt, bd, warps = _launch_config(dim, LAUNCH.conv_bwd_pre)
     dpre = torch.empty(length, channels, device=src.device, dtype=dout.dtype)
     _bwd_pre_kernel[(triton.cdiv(length, bt), heads)](
