@@ -53,3 +53,56 @@ def test_bf16_training_step_is_finite_on_the_triton_path():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters())
+
+
+def _training_step(model, ids, cu_seqlens):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation_memory", ["fast", "lean"])
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed-documents"])
+def test_training_step_never_syncs_and_replays_as_a_cuda_graph(dtype, activation_memory, packed):
+    """The training forward and backward never wait for the device (any synchronising call raises under
+    ``set_sync_debug_mode("error")``, and stream capture would fail), so the whole step can be captured once as a
+    CUDA graph; its replays on new tokens give the eager step's loss and gradients (bf16 takes the grouped
+    projections; its tolerance allows the one-ulp differences of atomic sums, such as the embedding's gradient)."""
+    fast, _ = _pair("gated_delta", activation_memory=activation_memory)
+    model = fast.to(dtype).train()
+    atol, rtol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-3, 2e-2)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, 300) if packed else (3, 100)
+    cu = torch.tensor([0, 1, 120, 121, 300], device="cuda") if packed else None
+
+    def tokens():
+        return torch.randint(0, 101, shape, device="cuda", generator=gen)
+
+    _training_step(model, tokens(), cu)  # first step: the layer's one-off kernel probe, outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _training_step(model, tokens(), cu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    static_ids = tokens()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _training_step(model, static_ids, cu)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _training_step(model, static_ids, cu)
+    graph_grads = [p.grad for p in model.parameters()]  # allocated by the capture; every replay writes them
+    for _ in range(2):
+        ids = tokens()
+        static_ids.copy_(ids)
+        graph.replay()
+        replayed = [static_loss.clone()] + [g.clone() for g in graph_grads]
+        eager = [_training_step(model, ids, cu)] + [p.grad for p in model.parameters()]
+        for name, a, b in zip(["loss"] + [n for n, _ in model.named_parameters()], replayed, eager):
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=name)
