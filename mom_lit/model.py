@@ -229,7 +229,7 @@ class MoMForCausalLM(nn.Module):
             ends = cu_seqlens[1:].to(device=labels.device, dtype=torch.int64) - 1
             ends = ends[ends >= 0] if ends.device.type == "cpu" else ends.clamp(min=0)
             targets = targets.clone()
-            targets[0, ends] = -100
+            targets[0].index_fill_(0, ends, -100)  # a scalar fill: indexed assignment copies -100 from the host
         return targets
 
     @torch.no_grad()
