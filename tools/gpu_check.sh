@@ -13,6 +13,8 @@
 #   compare the targets' table in one go on GPU 0: our layer and model rows (default and memory-lean) while fla
 #           autotunes on GPU 1 (its cache on disk), then fla's rows on GPU 0 with the host to itself (the method of
 #           BENCHMARKS.md's table)
+#   graphs  bench_layer.py, model section with each training step captured as a CUDA graph (device time, no host
+#           launch work): our MoM and single-memory models, then fla's GDN
 #   mixed   bench_layer.py, model section with fp32 weights under bf16 autocast (the configs' bf16-mixed):
 #           our MoM model (default and memory-lean), then fla's GDN
 #   stages  bench_stages.py: the slot/mix stage kernels alone, and a sweep of their launch settings
@@ -28,12 +30,12 @@
 # quiet host (nothing on the other GPUs) and compare only rows of the same run.
 set -u
 if [ $# -lt 1 ]; then
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
-STEPS=${*:-tests layer model compare mixed stages profile decode interop scale}
+STEPS=${*:-tests layer model compare graphs mixed stages profile decode interop scale}
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 status=0
@@ -100,6 +102,11 @@ for step in $STEPS; do
         has_fla && CUDA_VISIBLE_DEVICES=0 run compare_fla "${FLA_S:-600}" python tools/bench_layer.py \
             --sections layer,model --fla-timing-only --skip "mom_lit,SDPA,Llama,Mom" --rep-ms 300 \
             --out "$OUT/compare_fla.md" ;;
+    graphs)
+        run graphs "${MODEL_S:-300}" python tools/bench_layer.py --sections model --cuda-graph \
+            --skip "fla,Llama,checkpointed" --out "$OUT/graphs.md"
+        has_fla && run graphs_fla "${FLA_S:-600}" python tools/bench_layer.py --sections model --cuda-graph \
+            --fla-timing-only --skip "mom_lit,Llama,Mom" --out "$OUT/graphs_fla.md" ;;
     mixed)
         run mixed "${MODEL_S:-300}" python tools/bench_layer.py --sections model --mixed \
             --skip "fla,Llama,mom_lit GDN,checkpointed" --out "$OUT/mixed.md"
@@ -127,7 +134,7 @@ for step in $STEPS; do
             run scale "${SCALE_S:-1500}" python tools/scale_runs.py --out "$OUT/scale" --timeout 360
         fi ;;
     *)
-        echo "unknown step '$step' (tests layer model compare mixed stages profile decode interop scale)" >&2
+        echo "unknown step '$step' (tests layer model compare graphs mixed stages profile decode interop scale)" >&2
         exit 2 ;;
     esac
 done
