@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,24 @@ def test_bench_layer_tiny_cpu_run(extra, tmp_path):
     assert len(rows) == 2, table  # both tiny shapes
     for row in rows:
         assert " ms | " in row and "error" not in row, row
+
+
+def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
+    """--profile-json records every profiled step under its label; --stage-launch-json sets the slot/mix launch
+    settings (printed); --cuda-graph refuses a CPU run with a clear message."""
+    launch = tmp_path / "launch.json"
+    launch.write_text(json.dumps({"conv_fwd": {"rows": 8, "num_warps": 2}, "dx_span": 256}))
+    profile = tmp_path / "profile.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_layer.py"), "--device", "cpu", "--tiny", "--sections",
+           "profile_model", "--skip", "fla,Llama,GDN", "--profile-rows", "3", "--profile-json", str(profile),
+           "--stage-launch-json", str(launch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "conv_fwd=StageLaunch(rows=8, num_warps=2)" in proc.stdout and "dx_span=256" in proc.stdout
+    assert "operators by self host time" in proc.stdout
+    recorded = json.loads(profile.read_text())
+    assert list(recorded) == ["model mom_lit MoM (compiled), 2x64, training step"]
+    assert recorded[next(iter(recorded))]["wall_ms"] > 0
+    proc = subprocess.run(cmd[:2] + ["--device", "cpu", "--cuda-graph"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and "--cuda-graph needs a CUDA device" in proc.stderr
