@@ -258,24 +258,18 @@ def _training_step(make, args, dtype, b: int, t: int):
         loss.backward()
 
     if args.cuda_graph:
-        return model, _graphed(step, model)
+        return model, _graphed(step)
     return model, step
 
 
-def _graphed(step, model):
+def _graphed(step):
     """``step`` (forward + backward) captured once as a CUDA graph; returns its replay. The capture fails if the
-    step synchronises with the host or launches work whose sizes the host reads from the device. Warm-up runs on
-    a side stream first (as capture requires). ``step`` sets the gradients to None first, so that the backward
-    allocates them inside the capture and every replay writes them anew instead of accumulating."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    step synchronises with the host or launches work whose sizes the host reads from the device. ``step`` sets the
+    gradients to None first, so that the backward allocates them inside the capture and every replay writes them
+    anew instead of accumulating."""
+    from bench_decode import capture_graph  # a sibling tool: warm-up on a side stream, then the capture
+
+    graph, _ = capture_graph(step)
     return graph.replay
 
 
