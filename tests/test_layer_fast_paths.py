@@ -128,13 +128,13 @@ def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, ke
 
 
 @kernels
+@pytest.mark.skipif(NATIVE, reason="the fp32 grouped product runs on CPU only; its bf16 CUDA twin is "
+                                   "test_bf16_layer_against_fp32_reference[E4-lean-recomputed-projections]")
 @pytest.mark.parametrize("handed_over", [False, True], ids=["own-recompute", "handed-over"])
 def test_projected_slot_conv_matches_projections_then_slot_conv(handed_over, monkeypatch):
     """The lean slot stage (query and grouped slot projections recomputed in the backward, or handed over by the
     scan's rebuild of q, k, v) against dense projections of every (token, stream) and the reference slot stage, with
     one memory that no token selected (an empty group) and one that a single token selected."""
-    if NATIVE:
-        pytest.skip("fp32 grouped product: CPU only (bf16 on CUDA: test_bf16_layer_against_fp32_reference)")
     gen = torch.Generator().manual_seed(7)
     batch, seq_len, hidden, heads, key_dim, value_dim, width = 2, 19, 32, 2, 16, 8, 4
     num_memories, extra = 4, 2 * heads
@@ -300,14 +300,14 @@ def test_mixed_precision_layer_against_fp32_reference(activation_memory, monkeyp
 
 
 @kernels
+@pytest.mark.skipif(NATIVE, reason="the CPU (interpreter, fp16) twin of test_mixed_precision_layer_against_fp32_"
+                                   "reference, which runs bf16 autocast on a GPU")
 @pytest.mark.parametrize("activation_memory", ["fast", "lean"])
 def test_autocast_layer_against_fp64_reference(activation_memory, monkeypatch):
     """The mixed-precision path on CPU: fp32 weights under fp16 autocast (the interpreter cannot run bf16; the
     mechanism is the same), the grouped product admitted in fp16 as torch runs it on CPU. The projections take
     autocast's dtype from one cast of the input, ``lean`` recomputes them, and the output and gradients match the
     fp64 reference layer to fp16 precision."""
-    if NATIVE:
-        pytest.skip("on a GPU: test_mixed_precision_layer_against_fp32_reference (bf16)")
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     admitted = layer_module.grouped_mm_available
     monkeypatch.setattr(layer_module, "grouped_mm_available",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
+from mom_lit.ops import layer_triton  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -431,19 +433,12 @@ def section_profile_model(args, dtype, rows):
             torch.cuda.empty_cache()
 
 
-def _set_stage_launch(args) -> None:
-    """Apply --stage-launch-json to the slot/mix kernels' launch settings."""
-    import dataclasses
-
-    from mom_lit.ops import layer_triton
-
-    fields = {}
-    if args.stage_launch_json:
-        for name, value in json.loads(Path(args.stage_launch_json).read_text()).items():
-            fields[name] = layer_triton.StageLaunch(**value) if isinstance(value, dict) else value
-    if fields:
-        layer_triton.LAUNCH = dataclasses.replace(layer_triton.LAUNCH, **fields)
-        print(f"slot/mix launch settings: {layer_triton.LAUNCH}", flush=True)
+def _set_stage_launch(path: str) -> None:
+    """Apply the StageLaunchConfig fields of the JSON file ``path`` (--stage-launch-json) to the slot/mix kernels."""
+    fields = {name: layer_triton.StageLaunch(**value) if isinstance(value, dict) else value
+              for name, value in json.loads(Path(path).read_text()).items()}
+    layer_triton.LAUNCH = dataclasses.replace(layer_triton.LAUNCH, **fields)
+    print(f"slot/mix launch settings: {layer_triton.LAUNCH}", flush=True)
 
 
 def main() -> None:
@@ -481,7 +476,8 @@ def main() -> None:
     if args.cuda_graph and args.device != "cuda":
         p.error("--cuda-graph needs a CUDA device")
     REP_MS[0] = args.rep_ms
-    _set_stage_launch(args)
+    if args.stage_launch_json:
+        _set_stage_launch(args.stage_launch_json)
     if args.scan_recompute is not None:
         from mom_lit.ops.triton import scan
 
