@@ -7,6 +7,8 @@ process (the interpreter must be active before Triton is first used, see ``test_
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import subprocess
 import sys
@@ -51,12 +53,24 @@ SMALL_LAUNCH = layer_triton.StageLaunchConfig(
 def test_stage_launch_config_rejects_spans_that_overlap():
     with pytest.raises(ValueError, match="dx_span"):
         layer_triton.StageLaunchConfig(conv_bwd_dx=layer_triton.StageLaunch(16, 4), dx_span=20)
+    with pytest.raises(ValueError, match="dx_kernel"):
+        layer_triton.StageLaunchConfig(dx_kernel="3d")
 
 
 @pytest.fixture(params=["default-launch", "small-launch"])
 def launch(request, monkeypatch):
     if request.param == "small-launch":
         monkeypatch.setattr(layer_triton, "LAUNCH", SMALL_LAUNCH)
+    return request.param
+
+
+@pytest.fixture(params=["default-launch", "small-launch", "tiles-small-launch"])
+def conv_launch(request, monkeypatch):
+    """The slot stage's launch settings, with each transposed-convolution kernel ("taps" and "tiles")."""
+    if request.param == "small-launch":
+        monkeypatch.setattr(layer_triton, "LAUNCH", SMALL_LAUNCH)
+    elif request.param == "tiles-small-launch":
+        monkeypatch.setattr(layer_triton, "LAUNCH", dataclasses.replace(SMALL_LAUNCH, dx_kernel="tiles"))
     return request.param
 
 
@@ -84,8 +98,10 @@ def _reference(q_src, kv_src, weight, layout, heads, key_dim, value_dim, extra):
     pytest.param(2, 37, 2, 16, 24, 4, id="K!=V,odd"),
     pytest.param(3, 5, 1, 32, 32, 3, id="short-segments"),
     pytest.param(1, 70, 3, 8, 8, 2, id="3heads-width2"),
+    pytest.param(2, 29, 1, 16, 16, 6, id="width6"),  # wider than the "taps" kernel: the "tiles" kernel runs
 ])
-def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width, launch):
+def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width,
+                                                conv_launch):
     if dtype == torch.bfloat16 and not NATIVE:
         pytest.skip("the interpreter mishandles bf16")
     gen = torch.Generator().manual_seed(42)

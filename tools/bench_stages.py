@@ -109,6 +109,7 @@ SWEEP = {
     "conv_bwd_dx": ("conv_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
     "dx_channels": ("conv_bwd", [32, 64, 128]),
     "dx_span": ("conv_bwd", [256, 512, 1024, 2048]),
+    "dx_kernel": ("conv_bwd", ["tiles", "taps"]),
     "mix_fwd": ("mix_fwd", [StageLaunch(r, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)]),
     "mix_bwd": ("mix_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
 }

@@ -29,6 +29,7 @@ package access:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import itertools
@@ -198,10 +199,15 @@ def run_layer_stages(rec: Recorder, quick: bool):
     from mom_lit.norm import mix_gated_rms_norm
     from mom_lit.ops.conv import slot_conv
 
+    from mom_lit.ops import layer_triton
+
     shapes = [(4, 256, 256), (2, 128, 128), (2, 64, 64)] + ([] if quick else [(2, 128, 96)])
-    for (H, K, V), dtype, width, gated, tokens in itertools.product(
-            shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128)):
-        rec.case = f"layer H{H} K{K} V{V} {str(dtype)[6:]} W={width} gate={int(gated)} N={tokens}"
+    library_launch = layer_triton.LAUNCH
+    for (H, K, V), dtype, width, gated, tokens, dx_kernel in itertools.product(
+            shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128), ("taps", "tiles")):
+        rec.case = (f"layer H{H} K{K} V{V} {str(dtype)[6:]} W={width} gate={int(gated)} N={tokens} "
+                    f"dx_kernel={dx_kernel}")
+        layer_triton.LAUNCH = dataclasses.replace(library_launch, dx_kernel=dx_kernel)
         S, J = 5, 3
 
         def rand(*shape):
@@ -218,6 +224,7 @@ def run_layer_stages(rec: Recorder, quick: bool):
         routing = torch.rand(tokens, J).to(dtype).requires_grad_()
         outs.append(mix_gated_rms_norm(o, layout.rank, routing, gate, torch.ones(V, dtype=dtype), 1e-5))
         torch.autograd.backward([t.float().sum() for t in outs])
+    layer_triton.LAUNCH = library_launch
 
 
 # ----------------------------------------------------------------------------------------------------------------

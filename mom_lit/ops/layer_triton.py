@@ -45,13 +45,18 @@ class StageLaunchConfig:
 
     conv_fwd: StageLaunch = StageLaunch(16, 4)
     conv_bwd_pre: StageLaunch = StageLaunch(16, 4)
-    conv_bwd_dx: StageLaunch = StageLaunch(16, 4)
+    conv_bwd_dx: StageLaunch = StageLaunch(32, 4)
     dx_channels: int = 64  # channels per conv_bwd_dx program
     dx_span: int = 512  # rows walked by one conv_bwd_dx program (its filter gradient is reduced once)
+    # "taps": the transposed convolution and filter gradient one tap at a time on (rows, channels) tiles, for
+    # widths up to 4; "tiles": all taps at once on (taps, rows, channels) tiles, any width
+    dx_kernel: str = "taps"
     mix_fwd: StageLaunch = StageLaunch(8, 8)
     mix_bwd: StageLaunch = StageLaunch(8, 2)
 
     def __post_init__(self) -> None:
+        if self.dx_kernel not in ("taps", "tiles"):
+            raise ValueError(f"dx_kernel must be 'taps' or 'tiles', got {self.dx_kernel!r}")
         if self.dx_span % self.conv_bwd_dx.rows:  # a step past a span's end would count rows twice
             raise ValueError(f"dx_span ({self.dx_span}) must be a multiple of conv_bwd_dx.rows "
                              f"({self.conv_bwd_dx.rows})")
@@ -169,6 +174,79 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
              mask=mask_w[:, None] & mask_c[None, :])
 
 
+@triton.jit
+def _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c, L,
+               s: tl.constexpr, C: tl.constexpr, W: tl.constexpr):
+    """Tap s (s rows ahead for dx, s rows back for dw) of one (rows, channels) block: returns the block's dx term
+    dpre[t+s] w[W-1-s] and its filter-gradient term dpre[t] x[t-s], both (BT, BC) fp32, zero across a segment's
+    start (row t+s is in t's segment when its position is at least s; row t-s when t's position is)."""
+    w = tl.load(weight + cols * W + (W - 1 - s), mask=mask_c, other=0.0).to(tl.float32)
+    ahead = offs_t + s
+    in_range = ahead < L
+    ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= s)
+    d = tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :],
+                other=0.0).to(tl.float32)
+    # The source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
+    src_row = tl.load(rows + tl.maximum(offs_t - s, 0), mask=mask_t, other=0).to(tl.int64)
+    x = tl.load(src + src_row[:, None] * src_stride + cols[None, :],
+                mask=(mask_t & (pos >= s))[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    return d * w[None, :], dp * x
+
+
+@triton.jit
+def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_rows, dst_stride, dweight, L, span,
+                           C: tl.constexpr, W: tl.constexpr, SCATTER: tl.constexpr, BT: tl.constexpr,
+                           BC: tl.constexpr):
+    """As :func:`_bwd_dx_dw_kernel` for W <= 4, one tap at a time: every tile is (BT, BC), the tap sums are
+    elementwise, and the filter gradient keeps one (BT, BC) accumulator per tap, reduced once per program."""
+    pid_r, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = pid_c * BC + tl.arange(0, BC)
+    mask_c = cols < C
+    acc0 = tl.zeros((BT, BC), dtype=tl.float32)
+    acc1 = tl.zeros((BT, BC), dtype=tl.float32)
+    acc2 = tl.zeros((BT, BC), dtype=tl.float32)
+    acc3 = tl.zeros((BT, BC), dtype=tl.float32)
+    start = pid_r * span
+    for t0 in range(start, tl.minimum(start + span, L), BT):
+        offs_t = t0 + tl.arange(0, BT)
+        mask_t = offs_t < L
+        pos = tl.load(position + offs_t, mask=mask_t, other=0)
+        dp = tl.load(dpre + offs_t[:, None] * C + cols[None, :], mask=mask_t[:, None] & mask_c[None, :],
+                     other=0.0).to(tl.float32)
+        dx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c, L,
+                            0, C, W)
+        acc0 += dw
+        if W > 1:
+            ddx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c,
+                                 L, 1, C, W)
+            dx += ddx
+            acc1 += dw
+        if W > 2:
+            ddx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c,
+                                 L, 2, C, W)
+            dx += ddx
+            acc2 += dw
+        if W > 3:
+            ddx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c,
+                                 L, 3, C, W)
+            dx += ddx
+            acc3 += dw
+        if SCATTER:
+            out_rows = tl.load(dst_rows + offs_t, mask=mask_t, other=0).to(tl.int64)
+        else:
+            out_rows = offs_t
+        tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
+                 mask=mask_t[:, None] & mask_c[None, :])
+    base = dweight + pid_r * W * C + cols
+    tl.store(base + (W - 1) * C, tl.sum(acc0, axis=0), mask=mask_c)
+    if W > 1:
+        tl.store(base + (W - 2) * C, tl.sum(acc1, axis=0), mask=mask_c)
+    if W > 2:
+        tl.store(base + (W - 3) * C, tl.sum(acc2, axis=0), mask=mask_c)
+    if W > 3:
+        tl.store(base + (W - 4) * C, tl.sum(acc3, axis=0), mask=mask_c)
+
+
 def _launch_config(D: int, launch: StageLaunch) -> tuple[int, int, int]:
     """(rows, head block, warps) of a kernel whose programs cover whole heads of D channels."""
     bd = triton.next_power_of_2(D)
@@ -207,11 +285,15 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
         C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, num_warps=warps)
     spans = triton.cdiv(length, LAUNCH.dx_span)
     dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
-    _bwd_dx_dw_kernel[(spans, triton.cdiv(channels, LAUNCH.dx_channels))](
-        src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
-        dst.stride(0), dweight, length, LAUNCH.dx_span, C=channels, W=width, WP=triton.next_power_of_2(width),
-        SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows, BC=LAUNCH.dx_channels,
-        num_warps=LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8))
+    args = (src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
+            dst.stride(0), dweight, length, LAUNCH.dx_span)
+    options = dict(C=channels, W=width, SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows,
+                   BC=LAUNCH.dx_channels, num_warps=LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8))
+    grid = (spans, triton.cdiv(channels, LAUNCH.dx_channels))
+    if LAUNCH.dx_kernel == "taps" and width <= 4:
+        _bwd_dx_dw_taps_kernel[grid](*args, **options)
+    else:
+        _bwd_dx_dw_kernel[grid](*args, WP=triton.next_power_of_2(width), **options)
     return dweight.sum(0).t()  # (C, W)
 
 
