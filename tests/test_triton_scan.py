@@ -235,6 +235,26 @@ def test_recomputed_chunk_states_equal_the_forward_ones():
     assert torch.equal(u2, u) and torch.equal(again[:real], h[:real])
 
 
+@pytest.mark.parametrize("tiles", [(16, 16), (64, 16), (16, 64)], ids=["narrow", "wide-k", "wide-v"])
+@pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
+def test_backward_tile_widths(rule, tiles, monkeypatch):
+    """dqk and wy_bwd loop over key and value tiles of their launch's widths: several tiles per dim, or one wider
+    than the dim (capped), give the same gradients."""
+    block_k, block_v = tiles
+    launch = scan_module.LaunchConfig(dqk=scan_module.Launch(4, 2, block_k, block_v),
+                                      wy_bwd=scan_module.Launch(4, 1, block_k, block_v))
+    monkeypatch.setattr(scan_module, "LAUNCH", launch)
+    inputs = make_inputs(rule, lengths=[70, 1, 45], key_dim=32, value_dim=48)
+    check_against_oracle(inputs, torch.float32)
+
+
+def test_launch_rejects_tile_widths_that_are_not_powers_of_two():
+    with pytest.raises(ValueError, match="block_k"):
+        scan_module.Launch(4, 2, block_k=96)
+    with pytest.raises(ValueError, match="block_v"):
+        scan_module.Launch(4, 2, block_v=8)
+
+
 @pytest.mark.parametrize("lengths", [[5], [0, 64, 0, 65, 1, 0], [128, 127, 200]], ids=["one", "empties", "long"])
 def test_chunk_index_maps_every_chunk_once(lengths):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])

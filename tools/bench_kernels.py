@@ -14,7 +14,10 @@ q, k, v, g and beta. The table is printed last (markdown) and optionally written
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -180,9 +183,10 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
     state_combos = [(8, 1, 32), (8, 2, 32), (8, 1, 16), (8, 2, 16), (4, 1, 16), (4, 2, 16), (8, 1, 64), (4, 1, 32),
                     (8, 2, 64), (8, 3, 32), (4, 2, 32), (4, 2, 64)]
     results = []  # (kernel, (warps, stages, block_v or None), ms)
+    base = scan_module.LAUNCH  # the tile widths of dqk and wy_bwd stay as they are (--sweep-tiles varies them)
     for i, (warps, stages, block_v) in enumerate(state_combos):
         chunk = Launch(*chunk_combos[i % len(chunk_combos)])
-        cfg = LaunchConfig(state_block_v=block_v, **{name: chunk for name in CHUNK_KERNELS},
+        cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(chunk, base, name) for name in CHUNK_KERNELS},
                            **{name: Launch(warps, stages) for name in STATE_KERNELS})
         scan_module.LAUNCH = cfg
         try:
@@ -207,7 +211,9 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
     block_v = min({s[2] for n, s, _ in results if n in STATE_KERNELS}, key=state_total)
     for name in STATE_KERNELS:
         best[name] = min(((s, ms) for n, s, ms in results if n == name and s[2] == block_v), key=lambda x: x[1])
-    cfg = LaunchConfig(state_block_v=block_v, **{name: Launch(*best[name][0][:2]) for name in best})
+    scan_module.LAUNCH = base
+    cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(Launch(*best[name][0][:2]), base, name)
+                                                 for name in best})
     lines = ["| kernel | best (warps, stages) | ms | all settings tried (warps, stages[, BV]): ms |",
              "|---|---|---|---|"]
     for name in CHUNK_KERNELS + STATE_KERNELS:
@@ -215,6 +221,45 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
                           for n, s, ms in results if n == name)
         lines.append(f"| {name} | {best[name][0][:2]} | {best[name][1]:.3f} | {tried} |")
     return cfg, lines
+
+
+def _with_tiles(launch: Launch, base: LaunchConfig, name: str) -> Launch:
+    """``launch`` with the tile widths that ``base`` gives kernel ``name``."""
+    kept = getattr(base, name)
+    return dataclasses.replace(launch, block_k=kept.block_k, block_v=kept.block_v)
+
+
+TILE_KERNELS = ("dqk", "wy_bwd")
+TILE_WIDTHS = ((64, 64), (128, 64), (128, 32), (64, 128), (256, 32))  # (block_k, block_v)
+TILE_LAUNCHES = ((4, 2), (8, 2), (8, 3), (4, 1))  # (warps, stages)
+
+
+def sweep_tiles(inputs) -> tuple[LaunchConfig, list[str]]:
+    """Time dqk and wy_bwd under several tile widths and launch settings; return the fastest per kernel."""
+    base = scan_module.LAUNCH
+    results = []  # (kernel, Launch, ms)
+    for block_k, block_v in TILE_WIDTHS:
+        for warps, stages in TILE_LAUNCHES:
+            launch = Launch(warps, stages, block_k, block_v)
+            scan_module.LAUNCH = dataclasses.replace(base, **{name: launch for name in TILE_KERNELS})
+            try:
+                times = kernel_times(inputs, reps=3)
+            except Exception as error:  # noqa: BLE001 - a setting may not fit (registers, shared memory)
+                print(f"{launch} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                continue
+            for name in TILE_KERNELS:
+                results.append((name, launch, times[f"{name}_kernel"][0]))
+            print(f"{launch}: " + ", ".join(f"{n}={times[n + '_kernel'][0]:.3f}" for n in TILE_KERNELS), flush=True)
+    scan_module.LAUNCH = base
+    best = {name: min(((launch, ms) for n, launch, ms in results if n == name), key=lambda x: x[1])
+            for name in TILE_KERNELS}
+    lines = ["| kernel | best (warps, stages, BK, BV) | ms | all settings tried (warps, stages, BK, BV): ms |",
+             "|---|---|---|---|"]
+    for name in TILE_KERNELS:
+        fmt = lambda l: f"{l.num_warps},{l.num_stages},{l.block_k},{l.block_v}"  # noqa: E731
+        tried = ", ".join(f"{fmt(launch)}: {ms:.3f}" for n, launch, ms in results if n == name)
+        lines.append(f"| {name} | ({fmt(best[name][0])}) | {best[name][1]:.3f} | {tried} |")
+    return dataclasses.replace(base, **{name: best[name][0] for name in TILE_KERNELS}), lines
 
 
 def max_relative_difference(inputs, cfg_a: LaunchConfig, cfg_b: LaunchConfig) -> float:
@@ -238,6 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--sweep", action="store_true", help="time several launch configs on the first shape")
+    parser.add_argument("--sweep-tiles", action="store_true",
+                        help="time tile widths and launch settings of dqk and wy_bwd on the first shape")
+    parser.add_argument("--launch-json", default=None,
+                        help="write the scan's launch settings in use after the sweeps here (for bench_layer.py "
+                             "--scan-launch-json)")
     parser.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of the first shape")
     parser.add_argument("--fla", action="store_true", help="also time fla's chunk_gated_delta_rule, if importable")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
@@ -260,6 +310,22 @@ def main(argv: list[str] | None = None) -> None:
         report += [f"\nPer-kernel launch sweep at {B} x {T} (ms per fwd+bwd):", *lines, f"\nfastest: {best!r}",
                    f"largest relative difference of o and gradients against the default config: {diff:.1e}"]
         print("\n".join(report[-4:]), flush=True)
+
+    if args.sweep_tiles:
+        B, T = shapes[0]
+        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
+                             H, D, D, dtype, seed=0)
+        before = scan_module.LAUNCH
+        best, lines = sweep_tiles(inputs)
+        diff = max_relative_difference(inputs, before, best)
+        scan_module.LAUNCH = best
+        report += [f"\nTile sweep of dqk and wy_bwd at {B} x {T} (ms per fwd+bwd):", *lines,
+                   f"\nfastest: {', '.join(f'{n}={getattr(best, n)}' for n in TILE_KERNELS)}",
+                   f"largest relative difference of o and gradients against the settings before: {diff:.1e}"]
+        print("\n".join(report[-4:]), flush=True)
+
+    if args.launch_json:
+        Path(args.launch_json).write_text(json.dumps(dataclasses.asdict(scan_module.LAUNCH), indent=1))
 
     if args.profile:
         B, T = shapes[0]

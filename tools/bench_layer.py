@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
 from mom_lit.ops import layer_triton  # noqa: E402
+from mom_lit.ops.triton import scan as scan_kernels  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -441,6 +442,15 @@ def _set_stage_launch(path: str) -> None:
     print(f"slot/mix launch settings: {layer_triton.LAUNCH}", flush=True)
 
 
+def _set_scan_launch(path: str) -> None:
+    """Apply the scan's LaunchConfig of the JSON file ``path`` (--scan-launch-json, as bench_kernels.py
+    --launch-json writes it)."""
+    fields = {name: scan_kernels.Launch(**value) if isinstance(value, dict) else value
+              for name, value in json.loads(Path(path).read_text()).items()}
+    scan_kernels.LAUNCH = scan_kernels.LaunchConfig(**fields)
+    print(f"scan launch settings: {scan_kernels.LAUNCH}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -466,6 +476,9 @@ def main() -> None:
     p.add_argument("--stage-launch-json", default=None,
                    help="launch settings of the slot/mix kernels to use (a JSON object of StageLaunchConfig fields, "
                         "as tools/bench_stages.py --best-json writes)")
+    p.add_argument("--scan-launch-json", default=None,
+                   help="launch settings of the scan's kernels to use (a JSON object of LaunchConfig fields, as "
+                        "tools/bench_kernels.py --launch-json writes)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="model and profile_model sections: the training step (forward + backward) captured once as "
                         "a CUDA graph and replayed (no host overhead; the capture fails on any host synchronisation)")
@@ -478,10 +491,10 @@ def main() -> None:
     REP_MS[0] = args.rep_ms
     if args.stage_launch_json:
         _set_stage_launch(args.stage_launch_json)
+    if args.scan_launch_json:
+        _set_scan_launch(args.scan_launch_json)
     if args.scan_recompute is not None:
-        from mom_lit.ops.triton import scan
-
-        scan.RECOMPUTE = args.scan_recompute
+        scan_kernels.RECOMPUTE = args.scan_recompute
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
     if args.fla_timing_only and fla_available():

@@ -40,10 +40,20 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 @dataclass(frozen=True)
 class Launch:
-    """Warps and software-pipelining depth of one kernel."""
+    """Warps and software-pipelining depth of one kernel, and for the per-chunk backward kernels (dqk, wy_bwd)
+    their key and value tile widths (0: up to 64). Wider key tiles cut the reloads of the (chunk, V-block) row
+    tiles that dqk reads again for every key block, at the cost of registers."""
 
     num_warps: int
     num_stages: int
+    block_k: int = 0
+    block_v: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_k", "block_v"):
+            value = getattr(self, name)
+            if value and (value < 16 or value & (value - 1)):
+                raise ValueError(f"Launch.{name} must be 0 or a power of two >= 16, got {value}")
 
 
 @dataclass
@@ -79,6 +89,11 @@ def _options(launch: Launch, mode: int) -> dict[str, int]:
 
 def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
+
+
+def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
+    """BK and BV of a per-chunk backward kernel: the launch's tile widths (capped at the padded dims) or 64."""
+    return {"BK": _block(K, launch.block_k or 64), "BV": _block(V, launch.block_v or 64)}
 
 
 def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
@@ -205,7 +220,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
         bwd.dqk_kernel[(NC, H)](
             q, k, u if is_delta else v, gamma if use_g else dummy, h, dh, do, du, dq, dk, dw, dgam,
             index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            H=H, K=K, V=V, **_tiles(LAUNCH.dqk, K, V), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.dqk, mode))
 
     dg = _empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
@@ -217,7 +232,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             k, v, beta if is_delta else dummy, gamma if use_g else dummy, tinv if is_delta else dummy,
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
             index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            H=H, K=K, V=V, **_tiles(LAUNCH.wy_bwd, K, V), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.wy_bwd, mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
