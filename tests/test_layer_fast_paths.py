@@ -8,7 +8,6 @@ process (the interpreter must be active before Triton is first used, see ``test_
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import subprocess
 import sys

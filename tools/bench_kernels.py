@@ -173,6 +173,15 @@ def kernel_breakdown(inputs) -> str:
     return "\n".join(lines)
 
 
+def _kernel_times_if_fits(inputs, label: str) -> dict[str, tuple[float, int]] | None:
+    """:func:`kernel_times` under the launch settings in use, or None (reported) where they do not fit the card."""
+    try:
+        return kernel_times(inputs, reps=3)
+    except Exception as error:  # noqa: BLE001 - a setting may not fit (registers, shared memory)
+        print(f"{label} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        return None
+
+
 CHUNK_KERNELS = ("wy_solve", "wy_apply", "output", "du_local", "dqk", "wy_bwd")
 STATE_KERNELS = ("state_fwd", "state_bwd")
 
@@ -189,10 +198,8 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
         cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(chunk, base, name) for name in CHUNK_KERNELS},
                            **{name: Launch(warps, stages) for name in STATE_KERNELS})
         scan_module.LAUNCH = cfg
-        try:
-            times = kernel_times(inputs, reps=3)
-        except Exception as error:  # noqa: BLE001 - a setting may not fit (registers, shared memory)
-            print(f"setting {i} failed: {type(error).__name__}: {error}", flush=True)
+        times = _kernel_times_if_fits(inputs, f"setting {i}")
+        if times is None:
             continue
         for name in CHUNK_KERNELS:
             results.append((name, (chunk.num_warps, chunk.num_stages, None), times[f"{name}_kernel"][0]))
@@ -234,6 +241,10 @@ TILE_WIDTHS = ((64, 64), (128, 64), (128, 32), (64, 128), (256, 32))  # (block_k
 TILE_LAUNCHES = ((4, 2), (8, 2), (8, 3), (4, 1))  # (warps, stages)
 
 
+def _tile_label(launch: Launch) -> str:
+    return f"{launch.num_warps},{launch.num_stages},{launch.block_k},{launch.block_v}"
+
+
 def sweep_tiles(inputs) -> tuple[LaunchConfig, list[str]]:
     """Time dqk and wy_bwd under several tile widths and launch settings; return the fastest per kernel."""
     base = scan_module.LAUNCH
@@ -242,10 +253,8 @@ def sweep_tiles(inputs) -> tuple[LaunchConfig, list[str]]:
         for warps, stages in TILE_LAUNCHES:
             launch = Launch(warps, stages, block_k, block_v)
             scan_module.LAUNCH = dataclasses.replace(base, **{name: launch for name in TILE_KERNELS})
-            try:
-                times = kernel_times(inputs, reps=3)
-            except Exception as error:  # noqa: BLE001 - a setting may not fit (registers, shared memory)
-                print(f"{launch} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            times = _kernel_times_if_fits(inputs, str(launch))
+            if times is None:
                 continue
             for name in TILE_KERNELS:
                 results.append((name, launch, times[f"{name}_kernel"][0]))
@@ -256,9 +265,8 @@ def sweep_tiles(inputs) -> tuple[LaunchConfig, list[str]]:
     lines = ["| kernel | best (warps, stages, BK, BV) | ms | all settings tried (warps, stages, BK, BV): ms |",
              "|---|---|---|---|"]
     for name in TILE_KERNELS:
-        fmt = lambda l: f"{l.num_warps},{l.num_stages},{l.block_k},{l.block_v}"  # noqa: E731
-        tried = ", ".join(f"{fmt(launch)}: {ms:.3f}" for n, launch, ms in results if n == name)
-        lines.append(f"| {name} | ({fmt(best[name][0])}) | {best[name][1]:.3f} | {tried} |")
+        tried = ", ".join(f"{_tile_label(launch)}: {ms:.3f}" for n, launch, ms in results if n == name)
+        lines.append(f"| {name} | ({_tile_label(best[name][0])}) | {best[name][1]:.3f} | {tried} |")
     return dataclasses.replace(base, **{name: best[name][0] for name in TILE_KERNELS}), lines
 
 

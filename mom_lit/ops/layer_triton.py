@@ -198,7 +198,8 @@ def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, d
                            C: tl.constexpr, W: tl.constexpr, SCATTER: tl.constexpr, BT: tl.constexpr,
                            BC: tl.constexpr):
     """As :func:`_bwd_dx_dw_kernel` for W <= 4, one tap at a time: every tile is (BT, BC), the tap sums are
-    elementwise, and the filter gradient keeps one (BT, BC) accumulator per tap, reduced once per program."""
+    elementwise, and the filter gradient keeps one (BT, BC) accumulator per tap, reduced once per program (Triton
+    has no arrays of tiles, so the four taps are written out)."""
     pid_r, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = pid_c * BC + tl.arange(0, BC)
     mask_c = cols < C
@@ -287,8 +288,9 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
     dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
     args = (src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
             dst.stride(0), dweight, length, LAUNCH.dx_span)
+    warps = LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8)
     options = dict(C=channels, W=width, SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows,
-                   BC=LAUNCH.dx_channels, num_warps=LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8))
+                   BC=LAUNCH.dx_channels, num_warps=warps)
     grid = (spans, triton.cdiv(channels, LAUNCH.dx_channels))
     if LAUNCH.dx_kernel == "taps" and width <= 4:
         _bwd_dx_dw_taps_kernel[grid](*args, **options)
