@@ -434,21 +434,14 @@ def section_profile_model(args, dtype, rows):
             torch.cuda.empty_cache()
 
 
-def _set_stage_launch(path: str) -> None:
-    """Apply the StageLaunchConfig fields of the JSON file ``path`` (--stage-launch-json) to the slot/mix kernels."""
-    fields = {name: layer_triton.StageLaunch(**value) if isinstance(value, dict) else value
+def _apply_launch_json(path: str, kernels, launch_type, label: str) -> None:
+    """Replace fields of ``kernels.LAUNCH`` (the slot/mix stages' or the scan's launch settings) by those of the
+    JSON file ``path``, as ``tools/bench_stages.py --best-json`` or ``tools/bench_kernels.py --launch-json`` write
+    them; nested objects become ``launch_type``."""
+    fields = {name: launch_type(**value) if isinstance(value, dict) else value
               for name, value in json.loads(Path(path).read_text()).items()}
-    layer_triton.LAUNCH = dataclasses.replace(layer_triton.LAUNCH, **fields)
-    print(f"slot/mix launch settings: {layer_triton.LAUNCH}", flush=True)
-
-
-def _set_scan_launch(path: str) -> None:
-    """Apply the scan's LaunchConfig of the JSON file ``path`` (--scan-launch-json, as bench_kernels.py
-    --launch-json writes it)."""
-    fields = {name: scan_kernels.Launch(**value) if isinstance(value, dict) else value
-              for name, value in json.loads(Path(path).read_text()).items()}
-    scan_kernels.LAUNCH = scan_kernels.LaunchConfig(**fields)
-    print(f"scan launch settings: {scan_kernels.LAUNCH}", flush=True)
+    kernels.LAUNCH = dataclasses.replace(kernels.LAUNCH, **fields)
+    print(f"{label} launch settings: {kernels.LAUNCH}", flush=True)
 
 
 def main() -> None:
@@ -490,9 +483,9 @@ def main() -> None:
         p.error("--cuda-graph needs a CUDA device")
     REP_MS[0] = args.rep_ms
     if args.stage_launch_json:
-        _set_stage_launch(args.stage_launch_json)
+        _apply_launch_json(args.stage_launch_json, layer_triton, layer_triton.StageLaunch, "slot/mix")
     if args.scan_launch_json:
-        _set_scan_launch(args.scan_launch_json)
+        _apply_launch_json(args.scan_launch_json, scan_kernels, scan_kernels.Launch, "scan")
     if args.scan_recompute is not None:
         scan_kernels.RECOMPUTE = args.scan_recompute
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")

@@ -197,9 +197,8 @@ def run_decode(rec: Recorder, quick: bool):
 def run_layer_stages(rec: Recorder, quick: bool):
     from mom_lit.layout import build_layout
     from mom_lit.norm import mix_gated_rms_norm
-    from mom_lit.ops.conv import slot_conv
-
     from mom_lit.ops import layer_triton
+    from mom_lit.ops.conv import slot_conv
 
     shapes = [(4, 256, 256), (2, 128, 128), (2, 64, 64)] + ([] if quick else [(2, 128, 96)])
     library_launch = layer_triton.LAUNCH
