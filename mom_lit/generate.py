@@ -29,6 +29,7 @@ from typing import TextIO
 
 import torch
 
+from mom_lit.cuda_graphs import capture_cuda_graph
 from mom_lit.data.tokenizers import Tokenizer, TokenizerNotFoundError, load_tokenizer
 from mom_lit.model import MoMForCausalLM, sample_next
 
@@ -98,16 +99,10 @@ class CapturedStep:
         self.token = torch.zeros(num_sequences, 1, dtype=torch.long, device=device)  # (N, 1) static input
         buffers = [t for s in cache.layers for t in (s.memory, s.conv) if t is not None]
         saved = [t.clone() for t in buffers]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compiles kernels and sets up libraries outside the capture
-            for _ in range(warmup):
-                model(self.token, cache=cache, use_cache=True)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(self.graph):
-            self.logits = model(self.token, cache=cache, use_cache=True).logits[:, -1]  # (N, V), static output
-        for buffer, value in zip(buffers, saved):
+        self.graph, logits = capture_cuda_graph(
+            lambda: model(self.token, cache=cache, use_cache=True).logits, device, warmup)
+        self.logits = logits[:, -1]  # (N, V), static output
+        for buffer, value in zip(buffers, saved):  # the warm-up and the capture ran real steps
             buffer.copy_(value)
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mom_lit import MoMConfig, MoMForCausalLM
+from mom_lit.cuda_graphs import capture_cuda_graph
 from mom_lit.data.tokenizers import ByteTokenizer, load_tokenizer
 from mom_lit.generate import TextStream, main, sample_tokens
 from mom_lit.interop import save_fla, save_pretrained
@@ -145,3 +146,12 @@ def test_cuda_graph_needs_a_cuda_model(checkpoint):
         list(sample_tokens(_model(), [[65, 66]], max_new_tokens=3, cuda_graph=True))
     code, out, err, _ = run("--checkpoint", str(checkpoint), "--device", "cpu", "--cuda_graph")
     assert code == 2 and "--cuda_graph needs a CUDA device" in err and out == ""
+
+
+def test_graph_capture_rejects_a_cpu_device_and_no_warmup():
+    calls = []
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        capture_cuda_graph(lambda: calls.append(1), device="cpu")
+    with pytest.raises(ValueError, match="warmup must be at least 1"):
+        capture_cuda_graph(lambda: calls.append(1), device="cuda", warmup=0)
+    assert calls == []  # rejected before running anything

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mom_lit import MoMConfig, MoMForCausalLM
+from mom_lit.cuda_graphs import capture_cuda_graph
 
 from invariants import assert_model_invariants
 
@@ -89,14 +90,7 @@ def test_training_step_never_syncs_and_replays_as_a_cuda_graph(dtype, activation
         torch.cuda.set_sync_debug_mode("default")
 
     static_ids = tokens()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        _training_step(model, static_ids, cu)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = _training_step(model, static_ids, cu)
+    graph, static_loss = capture_cuda_graph(lambda: _training_step(model, static_ids, cu), warmup=1)
     graph_grads = [p.grad for p in model.parameters()]  # allocated by the capture; every replay writes them
     for _ in range(2):
         ids = tokens()

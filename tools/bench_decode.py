@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM  # noqa: E402
 from mom_lit import layer as mom_layer  # noqa: E402
+from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.model import SwiGLU  # noqa: E402
 from mom_lit.norm import RMSNorm  # noqa: E402
 
@@ -155,20 +156,6 @@ def time_steps(step, args) -> float:
     return (time.perf_counter() - start) / args.steps * 1e3
 
 
-def capture_graph(step):
-    """A CUDA graph of ``step`` (warmed up on a side stream first, as capture requires)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
-
-
 def mom_prefill(model: MoMForCausalLM, prompt: torch.Tensor, chunk: int):
     """Cache and next token after ``prompt`` (1, C), fed through the cache in chunks of ``chunk`` tokens."""
     cache = None
@@ -200,7 +187,7 @@ def mom_graph_step(model: MoMForCausalLM, cache, token: torch.Tensor, device: st
         token.copy_(logits[:, -1:].argmax(-1))
         return logits
 
-    graph, logits = capture_graph(step)
+    graph, logits = capture_cuda_graph(step, warmup=3)
     restore()
     graph.replay()
     sync(device)
@@ -285,7 +272,7 @@ def run_sdpa(args, contexts, rows) -> None:
                             pos.add_(1)
                             return logits
 
-                        graph, logits = capture_graph(step)
+                        graph, logits = capture_cuda_graph(step, warmup=3)
                         pos.fill_(ctx)  # back to the eager step's state: later positions are masked out
                         token.copy_(first)
                         graph.replay()

@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
+from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
 from mom_lit.ops import layer_triton  # noqa: E402
 from mom_lit.ops.triton import scan as scan_kernels  # noqa: E402
@@ -270,9 +271,7 @@ def _graphed(step):
     step synchronises with the host or launches work whose sizes the host reads from the device. ``step`` sets the
     gradients to None first, so that the backward allocates them inside the capture and every replay writes them
     anew instead of accumulating."""
-    from bench_decode import capture_graph  # a sibling tool: warm-up on a side stream, then the capture
-
-    graph, _ = capture_graph(step)
+    graph, _ = capture_cuda_graph(step, warmup=3)
     return graph.replay
 
 
