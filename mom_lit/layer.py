@@ -62,6 +62,12 @@ _FUSION = {"disabled": False}
 # falls back to the compiled reference stages. ``allow_cpu`` lets tests run them on CPU under TRITON_INTERPRET=1.
 _SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0", "allow_cpu": False}
 _SLOT_KERNELS_PROBED: set[tuple] = set()
+PROJECTIONS = "auto"
+"""How the Triton path projects the per-stream k, v and gates: ``"dense"`` every stream for every token (one
+matrix product, S streams per token), ``"grouped"`` only the streams each token selected (a grouped product over
+the memory-sorted slots, J per token; bf16 on CUDA), ``"auto"`` grouped where that saves at least half of the
+FLOPs, or with ``activation_memory="lean"`` (see ``MoMLayer._grouped_projection_applies``)."""
+_PROJECTIONS = ("auto", "dense", "grouped")
 logger = logging.getLogger("mom_lit")
 
 
@@ -424,11 +430,15 @@ class MoMLayer(nn.Module):
         (S per token) when that saves at least half of the projection FLOPs: at S / J < 2 (E = 4, top-2, shared)
         the dense product ran as fast on an H200 as the grouped one plus its gathers. With
         ``activation_memory="lean"`` it applies whenever a token skips a stream (S > J): the backward then
-        recomputes the J selected streams' projections instead of keeping all S streams' ones."""
-        if self.gk_down is not None or not grouped_mm_available(x_flat, out_features):
+        recomputes the J selected streams' projections instead of keeping all S streams' ones. ``PROJECTIONS``
+        overrides this choice (for measurements)."""
+        if PROJECTIONS not in _PROJECTIONS:
+            raise ValueError(f"mom_lit.layer.PROJECTIONS must be one of {_PROJECTIONS}, got {PROJECTIONS!r}")
+        if (self.gk_down is not None or not grouped_mm_available(x_flat, out_features) or PROJECTIONS == "dense"
+                or self.num_streams == slots):
             return False
-        if self.config.activation_memory == "lean":
-            return self.num_streams > slots
+        if PROJECTIONS == "grouped" or self.config.activation_memory == "lean":
+            return True
         return self.num_streams >= 2 * slots
 
     def _fused_stages(self, x_flat):

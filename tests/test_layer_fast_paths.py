@@ -46,7 +46,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 SMALL_LAUNCH = layer_triton.StageLaunchConfig(
     conv_fwd=layer_triton.StageLaunch(8, 2), conv_bwd_pre=layer_triton.StageLaunch(16, 4),
     conv_bwd_dx=layer_triton.StageLaunch(8, 2), dx_channels=16, dx_span=24,
-    mix_fwd=layer_triton.StageLaunch(8, 2), mix_bwd=layer_triton.StageLaunch(16, 4))
+    mix_fwd=layer_triton.StageLaunch(8, 2), mix_bwd=layer_triton.StageLaunch(16, 4),
+    slot_sum=layer_triton.StageLaunch(8, 2), slot_sum_channels=16)
 
 
 def test_stage_launch_config_rejects_spans_that_overlap():
@@ -243,18 +244,45 @@ def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, g
 
 
 @kernels
-@pytest.mark.parametrize("rule,overrides,grouped", [
-    pytest.param("gated_delta", {}, False, id="gated_delta"),  # S / J = 5 / 3: every stream for every token
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_tokens,slots,channels", [(45, 3, 40), (9, 1, 16), (0, 3, 8)])
+def test_slot_sum_adds_each_tokens_slots(dtype, num_tokens, slots, channels, launch):
+    if dtype == torch.bfloat16 and not NATIVE:
+        pytest.skip("the interpreter mishandles bf16")
+    gen = torch.Generator().manual_seed(3)
+    memory = _routing(num_tokens, 4, slots - 1, gen) if slots > 1 else torch.zeros(num_tokens, 1, dtype=torch.long)
+    rank = build_layout(memory, torch.zeros(num_tokens, dtype=torch.long), 1, 5).rank.to(DEVICE)
+    src = torch.randn(num_tokens * slots, channels, generator=gen).to(DEVICE, dtype)
+    out = layer_triton.slot_sum(src, rank, num_tokens)
+    ref = src.double()[rank].view(num_tokens, slots, channels).sum(1)
+    assert out.dtype == dtype and out.shape == (num_tokens, channels)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
+def test_slot_sum_rejects_a_rank_that_does_not_cover_the_slots():
+    src, rank = torch.zeros(6, 4), torch.arange(6)
+    for bad_rank, num_tokens in ((rank[:-1], 3), (rank, 4), (rank, 0)):
+        with pytest.raises(ValueError, match="must index every one of the 6 slots"):
+            layer_triton.slot_sum(src, bad_rank, num_tokens)
+
+
+@kernels
+@pytest.mark.parametrize("rule,overrides,projections,grouped", [
+    pytest.param("gated_delta", {}, "auto", False, id="gated_delta"),  # S / J = 5 / 3: every stream for every token
+    pytest.param("gated_delta", {}, "grouped", True, id="gated_delta-grouped-forced"),
     # S / J = 4 / 2: grouped, on projection rows of 66 values padded to 80 (a multiple of 16 elements)
-    pytest.param("delta", {"shared_memory": False}, True, id="delta-no-shared-grouped"),
-    pytest.param("simple_gla", {"expand_v": 1.5}, False, id="simple_gla-K!=V"),
-    pytest.param("gated_delta", {"num_memories": 8}, True, id="grouped-projection-E8"),
-    pytest.param("gated_delta", {"num_memories": 6, "topk": 1, "shared_memory": False}, True, id="grouped-E6-top1"),
+    pytest.param("delta", {"shared_memory": False}, "auto", True, id="delta-no-shared-grouped"),
+    pytest.param("simple_gla", {"expand_v": 1.5}, "auto", False, id="simple_gla-K!=V"),
+    pytest.param("gated_delta", {"num_memories": 8}, "auto", True, id="grouped-projection-E8"),
+    pytest.param("gated_delta", {"num_memories": 8}, "dense", False, id="E8-dense-forced"),
+    pytest.param("gated_delta", {"num_memories": 6, "topk": 1, "shared_memory": False}, "auto", True,
+                 id="grouped-E6-top1"),
 ])
-def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, grouped, monkeypatch):
+def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, projections, grouped, monkeypatch):
     if NATIVE and grouped:
         pytest.skip("on CUDA the grouped projection takes bf16 only: test_bf16_layer_against_fp32_reference")
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
+    monkeypatch.setattr(layer_module, "PROJECTIONS", projections)
     calls = _spy(monkeypatch)
     if not NATIVE:  # the interpreted Triton scan is slow and not what is tested here
         reference_scan = layer_module.scan
@@ -265,13 +293,15 @@ def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, groupe
 
 
 @pytest.mark.skipif(not NATIVE, reason="bf16 end to end on the GPU")
-@pytest.mark.parametrize("overrides,grouped", [
-    pytest.param({}, False, id="E4-dense"),
-    pytest.param({"num_memories": 8}, True, id="E8-grouped"),
-    pytest.param({"activation_memory": "lean"}, True, id="E4-lean-recomputed-projections"),
+@pytest.mark.parametrize("overrides,projections,grouped", [
+    pytest.param({}, "auto", False, id="E4-dense"),
+    pytest.param({}, "grouped", True, id="E4-grouped-forced"),
+    pytest.param({"num_memories": 8}, "auto", True, id="E8-grouped"),
+    pytest.param({"activation_memory": "lean"}, "auto", True, id="E4-lean-recomputed-projections"),
 ])
-def test_bf16_layer_against_fp32_reference(overrides, grouped, monkeypatch):
+def test_bf16_layer_against_fp32_reference(overrides, projections, grouped, monkeypatch):
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": False})
+    monkeypatch.setattr(layer_module, "PROJECTIONS", projections)
     calls = _spy(monkeypatch)
     # 4 heads: per-stream rows of 2HK + 2H = 264 bf16 values, a multiple of 16 bytes as grouped_mm requires.
     _compare_layers("gated_delta", torch.bfloat16, overrides, tol=5e-2, hidden=128, heads=4, head_dim=32,
@@ -352,6 +382,13 @@ def test_autocast_layer_against_fp64_reference(activation_memory, monkeypatch):
         assert rel_err(p.grad, q.grad) < 5e-3, (name, rel_err(p.grad, q.grad))
     assert calls["slots"] and calls["mix"]
     assert bool(calls["grouped"]) == (activation_memory == "lean")
+
+
+def test_an_unknown_projection_choice_is_reported(monkeypatch):
+    monkeypatch.setattr(layer_module, "PROJECTIONS", "sparse")
+    layer = MoMLayer(MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_layers=1))
+    with pytest.raises(ValueError, match="PROJECTIONS must be one of"):
+        layer._grouped_projection_applies(torch.zeros(4, 32), 80, 3)
 
 
 def test_projections_take_the_autocast_dtype():

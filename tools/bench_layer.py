@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
+from mom_lit import layer as mom_layer  # noqa: E402
 from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
 from mom_lit.ops import layer_triton  # noqa: E402
@@ -477,6 +478,9 @@ def main() -> None:
     p.add_argument("--activation-memory", choices=("fast", "lean"), default="fast",
                    help="MoMConfig.activation_memory of our layers and models (lean: the Triton scan rebuilds its "
                         "inputs in the backward)")
+    p.add_argument("--projections", choices=("auto", "dense", "grouped"), default=None,
+                   help="mom_lit.layer.PROJECTIONS: the per-stream projections of every stream for every token "
+                        "(dense) or of the selected streams only (grouped); default: the library's choice (auto)")
     args = p.parse_args()
     if args.cuda_graph and args.device != "cuda":
         p.error("--cuda-graph needs a CUDA device")
@@ -487,6 +491,8 @@ def main() -> None:
         _apply_launch_json(args.scan_launch_json, scan_kernels, scan_kernels.Launch, "scan")
     if args.scan_recompute is not None:
         scan_kernels.RECOMPUTE = args.scan_recompute
+    if args.projections is not None:
+        mom_layer.PROJECTIONS = args.projections
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
     if args.fla_timing_only and fla_available():
@@ -495,6 +501,7 @@ def main() -> None:
     precision = f"fp32 weights, autocast {args.dtype}" if args.mixed else args.dtype
     settings = f"activation memory {args.activation_memory}" + \
         (f", scan recompute {args.scan_recompute}" if args.scan_recompute else "") + \
+        (f", projections {args.projections}" if args.projections else "") + \
         (", steps captured as CUDA graphs" if args.cuda_graph else "")
     print(f"device: {device_name}; torch {torch.__version__}; {precision}; {settings}", flush=True)
     rows: list[tuple] = []

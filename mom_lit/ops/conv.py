@@ -134,8 +134,8 @@ def _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, dims, d
             dkv[dkv_rows, gate_cols] = dgates.to(dkv.dtype)
     dq_slot = torch.empty(length, HK, device=q_src.device, dtype=q_src.dtype)
     dw_q = kern.conv_bwd(q_src, q_rows, position, w[:HK], grad(dq, key_dim), heads, key_dim, True, dq_slot, None)
-    # Each token owns exactly J slots: gather them through the inverse permutation and add (no scatter-add).
-    dq_src = dq_slot[rank].view(q_src.shape[0], -1, HK).sum(1)  # (N_tok * J, HK) -> (N_tok, HK)
+    # Each token owns exactly J slots: read them through the inverse permutation and add (no scatter-add).
+    dq_src = kern.slot_sum(dq_slot, rank, q_src.shape[0])  # (L, HK) -> (N_tok, HK)
     return dq_src, torch.cat([dw_q, dw_k, dw_v]).to(weight_dtype)
 
 

@@ -4,7 +4,7 @@ The sorted layout keeps each memory's slots contiguous (``layout.py``), so slot 
 @ W[m]^T``: one ``torch._grouped_mm`` with group ends at the memory boundaries does the projections of all
 memories without a loop and without projecting a token for memories it did not select. Its backward is two more
 grouped products (input and weight gradients); the input gradient of a token adds its J slots through the
-inverse slot permutation (a gather, never a scatter-add).
+inverse slot permutation (a Triton gather-sum, never a scatter-add: this path runs next to the slot kernels).
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ def project_slots(x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, en
 def project_slots_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor,
                            rank: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (N_tok, D) of x and (S, P, D) of weight from the (L, P) gradient of :func:`project_slots`."""
+    from mom_lit.ops.layer_triton import slot_sum  # Triton is imported only where its kernels run
+
     dy = dy.contiguous()
     dx_slot = torch._grouped_mm(dy, weight, offs=ends)  # (L, D)
-    dx = dx_slot[rank].view(x.shape[0], -1, x.shape[1]).sum(1)  # (N_tok * J, D) -> (N_tok, D)
+    dx = slot_sum(dx_slot, rank, x.shape[0])  # (L, D) -> (N_tok, D): a token's J slots, read through rank
     dweight = torch._grouped_mm(dy.t(), x[token], offs=ends)  # (S, P, D); empty groups give zeros
     return dx, dweight
 

@@ -16,6 +16,10 @@ Mix stage: per token, the routing-weighted sum of its J slot outputs (read in pl
 output through ``rank``), the per-head RMSNorm and the swish output gate, in one pass; its backward recomputes
 the sum and writes every slot's gradient row once (``rank`` is a permutation: no scatter-add).
 
+Slot sum: a token's gradient from its J slots, ``out[t] = sum_j src[rank[t * J + j]]`` (the slot stage's query
+gradient, the grouped projection's input gradient), read in place through ``rank`` and summed in fp32 in one pass
+instead of a gathered (N J, C) copy and a reduction over it.
+
 Row offsets are int64: slots x channels overflows int32 at MoM sizes. The kernels also run on CPU under
 ``TRITON_INTERPRET=1``.
 """
@@ -53,8 +57,12 @@ class StageLaunchConfig:
     dx_kernel: str = "taps"
     mix_fwd: StageLaunch = StageLaunch(8, 8)
     mix_bwd: StageLaunch = StageLaunch(8, 2)
+    slot_sum: StageLaunch = StageLaunch(16, 4)
+    slot_sum_channels: int = 256  # channels per slot_sum program
 
     def __post_init__(self) -> None:
+        if self.slot_sum_channels < 16 or self.slot_sum_channels & (self.slot_sum_channels - 1):
+            raise ValueError(f"slot_sum_channels must be a power of two >= 16, got {self.slot_sum_channels}")
         if self.dx_kernel not in ("taps", "tiles"):
             raise ValueError(f"dx_kernel must be 'taps' or 'tiles', got {self.dx_kernel!r}")
         if self.dx_span % self.conv_bwd_dx.rows:  # a step past a span's end would count rows twice
@@ -389,3 +397,36 @@ def mix_bwd(o, rank, weight, gate, norm_weight, dout, eps):
         dgate if dgate is not None else do, dnorm, num_tokens, eps, J=slots, H=heads, HV=heads * dim, D=dim,
         HAS_GATE=gate is not None, BT=bt, BD=bd, num_warps=warps)
     return do, dweight.sum(-1), dgate, dnorm.sum((0, 1))
+
+
+@triton.jit
+def _slot_sum_kernel(src, rank, out, N, C: tl.constexpr, J: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    pid_t, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    cols = pid_c * BC + tl.arange(0, BC)
+    mask_t = offs_t < N
+    mask = mask_t[:, None] & (cols[None, :] < C)
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(J):
+        row = tl.load(rank + offs_t * J + j, mask=mask_t, other=0).to(tl.int64)
+        acc += tl.load(src + row[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + offs_t[:, None] * C + cols[None, :], acc.to(out.dtype.element_ty), mask=mask)
+
+
+def slot_sum(src: torch.Tensor, rank: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(N, C) ``out[t] = sum_j src[rank[t * J + j]]`` of the (L, C) per-slot rows ``src`` (fp32 sum, src's dtype),
+    ``rank`` (N * J,) holding the sorted position of every token-major slot; N = ``num_tokens``, J = L / N.
+
+    The same as ``src[rank].view(N, J, C).sum(1)``, without the gathered copy."""
+    length, channels = src.shape
+    if rank.numel() != length or (num_tokens and length % num_tokens) or (length and not num_tokens):
+        raise ValueError(f"rank ({rank.numel()} entries) must index every one of the {length} slots, J per token "
+                         f"of {num_tokens}")
+    out = torch.empty(num_tokens, channels, device=src.device, dtype=src.dtype)
+    if num_tokens == 0 or channels == 0:
+        return out.zero_()
+    bc = min(LAUNCH.slot_sum_channels, triton.next_power_of_2(channels))
+    grid = (triton.cdiv(num_tokens, LAUNCH.slot_sum.rows), triton.cdiv(channels, bc))
+    _slot_sum_kernel[grid](src.contiguous(), rank, out, num_tokens, C=channels, J=length // num_tokens,
+                           BT=LAUNCH.slot_sum.rows, BC=bc, num_warps=LAUNCH.slot_sum.num_warps or 4)
+    return out
