@@ -34,7 +34,7 @@ from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
 from mom_lit.ops import scan
 from mom_lit.ops.conv import (SlotSourceShare, projected_slot_conv, rebuild_projected_qkv, slot_conv, slot_qkv,
                               varlen_short_conv)
-from mom_lit.ops.grouped import grouped_mm_available, grouped_projection
+from mom_lit.ops.grouped import grouped_mm_available
 from mom_lit.ops.decode import decode_step
 from mom_lit.router import Router, Routing
 
@@ -63,11 +63,11 @@ _FUSION = {"disabled": False}
 _SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0", "allow_cpu": False}
 _SLOT_KERNELS_PROBED: set[tuple] = set()
 PROJECTIONS = "auto"
-"""How the Triton path projects the per-stream k, v and gates: ``"dense"`` every stream for every token (one
-matrix product, S streams per token), ``"grouped"`` only the streams each token selected (a grouped product over
-the memory-sorted slots, J per token; bf16 on CUDA), ``"auto"`` grouped where that saves at least half of the
-FLOPs, or with ``activation_memory="lean"`` (see ``MoMLayer._grouped_projection_applies``)."""
-_PROJECTIONS = ("auto", "dense", "grouped")
+"""How the Triton path projects the per-stream k, v and gates: ``"auto"`` only the streams each token selected (a
+grouped product over the memory-sorted slots, J per token) wherever that applies (bf16 on CUDA, a token skipping
+some stream, no per-key gate; see ``MoMLayer._grouped_projection_applies``), ``"dense"`` every stream for every
+token (one matrix product, S streams per token; for measurements)."""
+_PROJECTIONS = ("auto", "dense")
 logger = logging.getLogger("mom_lit")
 
 
@@ -382,8 +382,9 @@ class MoMLayer(nn.Module):
     def _prepare_slots_triton(self, x_flat, layout):
         """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
         backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``). Also
-        returns the scan's ``rebuild_qkv`` (None unless ``activation_memory`` is ``lean``). Lean and grouped, the
-        projections themselves are recomputed in the backward (``ops.conv.projected_slot_conv``)."""
+        returns the scan's ``rebuild_qkv`` (None unless ``activation_memory`` is ``lean``). Where the grouped
+        product applies, each slot is projected for its own memory only (``ops.conv.projected_slot_conv``), and
+        with ``lean`` the backward recomputes those projections instead of keeping them."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
         # The projections' operands in autocast's dtype, cast once: autocast would keep a copy of x per product, and
@@ -400,21 +401,19 @@ class MoMLayer(nn.Module):
         lean = self.config.activation_memory == "lean"
         if self._grouped_projection_applies(x_flat, w_stream.shape[1], slots):
             ends = layout.cu_seqlens[layout.num_sequences::layout.num_sequences].to(torch.int32)  # (S,) group ends
-            if lean:  # nothing of the projections is kept: the backward rebuilds them once, for the scan and here
-                share = SlotSourceShare()
-                q_weight = self.q_proj.weight.to(x_flat.dtype)
-                sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
-                q, k, v, rest = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H)
-                g, beta = self._gates(rest)
-                rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
-                return q, k, v, g, gk, beta, rebuild_qkv
-            kv_src = grouped_projection(x_flat, w_stream, layout.token, layout.rank, ends)  # (L, P) sorted slots
-            kv_rows = torch.arange(kv_src.shape[0], device=x_flat.device)
-        else:
-            kv_src = x_flat @ w_stream.reshape(-1, hidden).t()  # (N_tok, S * P)
-            gk = self._per_key_gate(kv_src.view(num_tokens, S, -1), layout.token, layout.memory)
-            kv_src = kv_src.view(num_tokens * S, -1)  # (N_tok * S, P): row t * S + s
-            kv_rows = layout.token * S + layout.memory
+            # lean: nothing of the projections is kept; the backward rebuilds them once, for the scan and here
+            share = SlotSourceShare() if lean else None
+            q_weight = self.q_proj.weight.to(x_flat.dtype)
+            sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
+            q, k, v, rest = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H,
+                                                keep=not lean)
+            g, beta = self._gates(rest)
+            rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources) if lean else None
+            return q, k, v, g, gk, beta, rebuild_qkv
+        kv_src = x_flat @ w_stream.reshape(-1, hidden).t()  # (N_tok, S * P)
+        gk = self._per_key_gate(kv_src.view(num_tokens, S, -1), layout.token, layout.memory)
+        kv_src = kv_src.view(num_tokens * S, -1)  # (N_tok * S, P): row t * S + s
+        kv_rows = layout.token * S + layout.memory
         q_src = self.q_proj(x_flat)
         q, k, v, rest = slot_conv(q_src, kv_src, weight, layout.token, kv_rows, layout.position, layout.rank, H, K,
                                   self.head_v_dim, extra * H)
@@ -427,19 +426,14 @@ class MoMLayer(nn.Module):
 
     def _grouped_projection_applies(self, x_flat, out_features: int, slots: int) -> bool:
         """Project the sorted slots by one grouped product (J per token) rather than every stream for every token
-        (S per token) when that saves at least half of the projection FLOPs: at S / J < 2 (E = 4, top-2, shared)
-        the dense product ran as fast on an H200 as the grouped one plus its gathers. With
-        ``activation_memory="lean"`` it applies whenever a token skips a stream (S > J): the backward then
-        recomputes the J selected streams' projections instead of keeping all S streams' ones. ``PROJECTIONS``
-        overrides this choice (for measurements)."""
+        (S per token) wherever a token skips some stream (S > J). At E = 4, top-2 + shared (S / J = 5 / 3) on an
+        H200 it took the 12-layer bf16 step from 116.7 to 114.5 ms (graphed) and its memory from 18.4 to 16.9 GiB,
+        the layer from 8.13 to 7.92 ms (BENCHMARKS.md). With ``activation_memory="lean"`` the backward recomputes
+        these J projections instead of keeping them. ``PROJECTIONS="dense"`` turns it off."""
         if PROJECTIONS not in _PROJECTIONS:
             raise ValueError(f"mom_lit.layer.PROJECTIONS must be one of {_PROJECTIONS}, got {PROJECTIONS!r}")
-        if (self.gk_down is not None or not grouped_mm_available(x_flat, out_features) or PROJECTIONS == "dense"
-                or self.num_streams == slots):
-            return False
-        if PROJECTIONS == "grouped" or self.config.activation_memory == "lean":
-            return True
-        return self.num_streams >= 2 * slots
+        return (PROJECTIONS == "auto" and self.gk_down is None and self.num_streams > slots
+                and grouped_mm_available(x_flat, out_features))
 
     def _fused_stages(self, x_flat):
         """On CUDA next to the Triton scan, the elementwise work around it (gathers, convolution, norms, gates)

@@ -39,12 +39,12 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
     profile = tmp_path / "profile.json"
     cmd = [sys.executable, str(ROOT / "tools" / "bench_layer.py"), "--device", "cpu", "--tiny", "--sections",
            "profile_model", "--skip", "fla,Llama,GDN", "--profile-rows", "3", "--profile-json", str(profile),
-           "--stage-launch-json", str(launch), "--scan-launch-json", str(scan_launch), "--projections", "grouped"]
+           "--stage-launch-json", str(launch), "--scan-launch-json", str(scan_launch), "--projections", "dense"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "conv_fwd=StageLaunch(rows=8, num_warps=2)" in proc.stdout and "dx_span=256" in proc.stdout
     assert "dqk=Launch(num_warps=4, num_stages=2, block_k=128, block_v=32)" in proc.stdout
-    assert "state_block_v=32" in proc.stdout and "projections grouped" in proc.stdout
+    assert "state_block_v=32" in proc.stdout and "projections dense" in proc.stdout
     assert "operators by self host time" in proc.stdout
     recorded = json.loads(profile.read_text())
     assert list(recorded) == ["model mom_lit MoM (compiled), 2x64, training step"]

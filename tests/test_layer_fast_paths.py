@@ -144,13 +144,14 @@ def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, ke
 
 
 @kernels
-@pytest.mark.skipif(NATIVE, reason="the fp32 grouped product runs on CPU only; its bf16 CUDA twin is "
-                                   "test_bf16_layer_against_fp32_reference[E4-lean-recomputed-projections]")
-@pytest.mark.parametrize("handed_over", [False, True], ids=["own-recompute", "handed-over"])
-def test_projected_slot_conv_matches_projections_then_slot_conv(handed_over, monkeypatch):
-    """The lean slot stage (query and grouped slot projections recomputed in the backward, or handed over by the
-    scan's rebuild of q, k, v) against dense projections of every (token, stream) and the reference slot stage, with
-    one memory that no token selected (an empty group) and one that a single token selected."""
+@pytest.mark.skipif(NATIVE, reason="the fp32 grouped product runs on CPU only; its bf16 CUDA twins are "
+                                   "test_bf16_layer_against_fp32_reference[E4-grouped] and [E4-lean-...]")
+@pytest.mark.parametrize("mode", ["kept", "own-recompute", "handed-over"])
+def test_projected_slot_conv_matches_projections_then_slot_conv(mode, monkeypatch):
+    """The grouped slot stage (query and grouped slot projections kept for the backward, recomputed there, or handed
+    over by the scan's rebuild of q, k, v) against dense projections of every (token, stream) and the reference slot
+    stage, with one memory that no token selected (an empty group) and one that a single token selected."""
+    handed_over = mode == "handed-over"
     gen = torch.Generator().manual_seed(7)
     batch, seq_len, hidden, heads, key_dim, value_dim, width = 2, 19, 32, 2, 16, 8, 4
     num_memories, extra = 4, 2 * heads
@@ -174,7 +175,8 @@ def test_projected_slot_conv_matches_projections_then_slot_conv(handed_over, mon
 
     share = conv_module.SlotSourceShare() if handed_over else None
     outs = conv_module.projected_slot_conv(x, q_weight, kv_weight, weight, layout.token, ends, layout.position,
-                                           layout.rank, share, heads, key_dim, value_dim, extra)
+                                           layout.rank, share, heads, key_dim, value_dim, extra,
+                                           keep=mode == "kept")
     if handed_over:  # what the scan's backward does first: rebuild q, k, v, leaving the projections in share
         rebuilt = conv_module.rebuild_projected_qkv(x.detach(), q_weight.detach(), kv_weight.detach(),
                                                     weight.detach(), layout.token, ends, layout.position,
@@ -184,7 +186,8 @@ def test_projected_slot_conv_matches_projections_then_slot_conv(handed_over, mon
         assert share.sources is not None
     cotangents = [torch.randn(o.shape, generator=gen) for o in outs]
     grads = torch.autograd.grad(outs, inputs, cotangents)
-    assert len(projections) == 2  # the forward's, and the backward's own or the rebuild's
+    # the forward's, and the backward's own or the rebuild's unless kept
+    assert len(projections) == (1 if mode == "kept" else 2)
     assert share is None or share.sources is None  # handed over and released
 
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
@@ -267,20 +270,19 @@ def test_slot_sum_rejects_a_rank_that_does_not_cover_the_slots():
 
 
 @kernels
-@pytest.mark.parametrize("rule,overrides,projections,grouped", [
-    pytest.param("gated_delta", {}, "auto", False, id="gated_delta"),  # S / J = 5 / 3: every stream for every token
-    pytest.param("gated_delta", {}, "grouped", True, id="gated_delta-grouped-forced"),
-    # S / J = 4 / 2: grouped, on projection rows of 66 values padded to 80 (a multiple of 16 elements)
-    pytest.param("delta", {"shared_memory": False}, "auto", True, id="delta-no-shared-grouped"),
-    pytest.param("simple_gla", {"expand_v": 1.5}, "auto", False, id="simple_gla-K!=V"),
-    pytest.param("gated_delta", {"num_memories": 8}, "auto", True, id="grouped-projection-E8"),
-    pytest.param("gated_delta", {"num_memories": 8}, "dense", False, id="E8-dense-forced"),
-    pytest.param("gated_delta", {"num_memories": 6, "topk": 1, "shared_memory": False}, "auto", True,
-                 id="grouped-E6-top1"),
+@pytest.mark.parametrize("rule,overrides,projections", [
+    pytest.param("gated_delta", {}, "auto", id="gated_delta"),  # S / J = 5 / 3
+    pytest.param("gated_delta", {}, "dense", id="gated_delta-dense"),  # every stream for every token
+    # S / J = 4 / 2, on projection rows of 66 values padded to 80 (a multiple of 16 elements)
+    pytest.param("delta", {"shared_memory": False}, "auto", id="delta-no-shared"),
+    pytest.param("simple_gla", {"expand_v": 1.5}, "auto", id="simple_gla-K!=V"),
+    pytest.param("gated_delta", {"num_memories": 8}, "auto", id="E8"),
+    pytest.param("gated_delta", {"num_memories": 8}, "dense", id="E8-dense"),
+    pytest.param("gated_delta", {"num_memories": 6, "topk": 1, "shared_memory": False}, "auto", id="E6-top1"),
 ])
-def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, projections, grouped, monkeypatch):
-    if NATIVE and grouped:
-        pytest.skip("on CUDA the grouped projection takes bf16 only: test_bf16_layer_against_fp32_reference")
+def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, projections, monkeypatch):
+    """fp32: the selected streams' grouped projection on CPU (torch runs it in fp32 there; on CUDA it takes bf16
+    only, see test_bf16_layer_against_fp32_reference), every stream's dense one on CUDA or when asked for."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     monkeypatch.setattr(layer_module, "PROJECTIONS", projections)
     calls = _spy(monkeypatch)
@@ -289,13 +291,13 @@ def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, projec
         monkeypatch.setattr(layer_module, "scan", lambda *a, **k: reference_scan(*a, **{**k, "backend": "eager"}))
     _compare_layers(rule, torch.float32, overrides, tol=1e-4)
     assert calls["slots"] and calls["mix"], "the Triton stages did not run"
-    assert bool(calls["grouped"]) == grouped
+    assert bool(calls["grouped"]) == (projections == "auto" and not NATIVE)
 
 
 @pytest.mark.skipif(not NATIVE, reason="bf16 end to end on the GPU")
 @pytest.mark.parametrize("overrides,projections,grouped", [
-    pytest.param({}, "auto", False, id="E4-dense"),
-    pytest.param({}, "grouped", True, id="E4-grouped-forced"),
+    pytest.param({}, "auto", True, id="E4-grouped"),
+    pytest.param({}, "dense", False, id="E4-dense"),
     pytest.param({"num_memories": 8}, "auto", True, id="E8-grouped"),
     pytest.param({"activation_memory": "lean"}, "auto", True, id="E4-lean-recomputed-projections"),
 ])
@@ -314,7 +316,7 @@ def test_bf16_layer_against_fp32_reference(overrides, projections, grouped, monk
 @pytest.mark.parametrize("activation_memory", ["fast", "lean"])
 def test_mixed_precision_layer_against_fp32_reference(activation_memory, monkeypatch):
     """fp32 weights under bf16 autocast (Lightning's ``bf16-mixed``): the projections run in bf16 from one cast of
-    the input, so that ``lean`` takes the grouped, recomputed projections as with bf16 weights; the output and
+    the input, so that the grouped product applies (recomputed with ``lean``) as with bf16 weights; the output and
     every gradient against the same layer in fp32 without autocast."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": False})
     calls = _spy(monkeypatch)
@@ -341,7 +343,7 @@ def test_mixed_precision_layer_against_fp32_reference(activation_memory, monkeyp
         if name in ("q_proj.weight", "k_proj", "v_proj", "conv_weight", "o_proj.weight"):
             assert rel_err(p.grad, q.grad) < 5e-2, (name, rel_err(p.grad, q.grad))
     assert calls["slots"] and calls["mix"]
-    assert bool(calls["grouped"]) == (activation_memory == "lean")
+    assert calls["grouped"]
 
 
 @kernels
@@ -351,7 +353,7 @@ def test_mixed_precision_layer_against_fp32_reference(activation_memory, monkeyp
 def test_autocast_layer_against_fp64_reference(activation_memory, monkeypatch):
     """The mixed-precision path on CPU: fp32 weights under fp16 autocast (the interpreter cannot run bf16; the
     mechanism is the same), the grouped product admitted in fp16 as torch runs it on CPU. The projections take
-    autocast's dtype from one cast of the input, ``lean`` recomputes them, and the output and gradients match the
+    autocast's dtype from one cast of the input (``lean`` recomputes them), and the output and gradients match the
     fp64 reference layer to fp16 precision."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     admitted = layer_module.grouped_mm_available
@@ -381,7 +383,7 @@ def test_autocast_layer_against_fp64_reference(activation_memory, monkeypatch):
         assert p.grad.dtype == torch.float32, name
         assert rel_err(p.grad, q.grad) < 5e-3, (name, rel_err(p.grad, q.grad))
     assert calls["slots"] and calls["mix"]
-    assert bool(calls["grouped"]) == (activation_memory == "lean")
+    assert calls["grouped"]
 
 
 def test_an_unknown_projection_choice_is_reported(monkeypatch):
@@ -402,13 +404,12 @@ def test_projections_take_the_autocast_dtype():
 def _spy(monkeypatch):
     calls = {"slots": 0, "mix": 0, "grouped": 0}
     for owner, name, key in ((MoMLayer, "_prepare_slots_triton", "slots"), (layer_module, "mix_gated_rms_norm", "mix"),
-                             (layer_module, "grouped_projection", "grouped"),
                              (layer_module, "projected_slot_conv", "grouped")):
         original = getattr(owner, name)
 
-        def wrapped(*args, _original=original, _key=key):
+        def wrapped(*args, _original=original, _key=key, **kwargs):
             calls[_key] += 1
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, wrapped)
     return calls
@@ -476,19 +477,21 @@ def _saved_bytes_and_grads(layer, x, seq_id, batch):
 
 
 @kernels
+@pytest.mark.parametrize("projections", ["auto", "dense"])
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
-def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
+def test_lean_activation_memory_rebuilds_scan_inputs(rule, projections, monkeypatch):
     """With ``activation_memory="lean"`` the Triton scan keeps the slot stage's sources instead of its q, k, v and
-    rebuilds W, U (delta rules) in its backward, and the slot stage projects the selected streams only (grouped
-    product) and keeps none of the projections: the same output and gradients, and exactly those bytes less saved."""
+    rebuilds W, U (delta rules) in its backward, and where the slot stage projects the selected streams only (grouped
+    product) it keeps none of the projections: the same output and gradients, and exactly those bytes less saved."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
+    monkeypatch.setattr(layer_module, "PROJECTIONS", projections)
     batch, seq_len = 2, 37
     x = torch.randn(batch, seq_len, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     seq_id = sequence_ids(batch, seq_len, None, DEVICE)
     results, grouped = {}, {}
-    projections = []  # the lean slot stage's projections: once in the forward, once in the backward (shared)
+    projected = []  # the grouped slot stage's projections, by setting
     project = conv_module._project_sources
-    monkeypatch.setattr(conv_module, "_project_sources", lambda *a: projections.append(1) or project(*a))
+    monkeypatch.setattr(conv_module, "_project_sources", lambda *a: projected.append(memory) or project(*a))
     for memory in ("fast", "lean"):
         cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
                         update_rule=rule, backend="triton", activation_memory=memory)
@@ -498,9 +501,11 @@ def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
         results[memory] = _saved_bytes_and_grads(layer, x, seq_id, batch)
         grouped[memory] = bool(calls["grouped"])
     row = layer._stream_weights(align=16).shape[1]
-    lean_groups = grouped_mm_available(x.view(-1, x.shape[-1]), row)  # fp32: on CPU, not on CUDA
-    assert grouped == {"fast": False, "lean": lean_groups}
-    assert len(projections) == (2 if lean_groups else 0)
+    # fp32: the grouped product runs on CPU, not on CUDA
+    lean_groups = projections == "auto" and grouped_mm_available(x.view(-1, x.shape[-1]), row)
+    assert grouped == {"fast": lean_groups, "lean": lean_groups}
+    # fast: once in the forward; lean: once in the forward, once in the backward (shared with the scan's rebuild)
+    assert projected == (["fast", "lean", "lean"] if lean_groups else [])
     (kept, out, grads), (kept_lean, out_lean, grads_lean) = results["fast"], results["lean"]
     # Bit for bit where kernels run in order (the interpreter) and the products are the same; a GPU's atomic
     # reductions may reorder sums, and the grouped product sums the input and weight gradients in another order.
@@ -516,9 +521,9 @@ def test_lean_activation_memory_rebuilds_scan_inputs(rule, monkeypatch):
     scan_bytes = slots * H * per_slot_and_head * elt
     projection_bytes = 0
     if lean_groups:
-        # fast keeps every (token, stream)'s projections, the query projections and each slot's int64 row in
-        # them; lean keeps the (S,) int32 group ends and the query weight in x's dtype (here the parameter itself)
-        projection_bytes = (tokens * streams * row + tokens * H * K) * elt + slots * 8 - 4 * streams
+        # fast keeps the selected streams' projections of every slot and the query projections; lean keeps neither
+        # (both keep x, the weights and the group ends)
+        projection_bytes = (slots * row + tokens * H * K) * elt
     assert kept - kept_lean == scan_bytes + projection_bytes
 
 

@@ -478,9 +478,9 @@ def main() -> None:
     p.add_argument("--activation-memory", choices=("fast", "lean"), default="fast",
                    help="MoMConfig.activation_memory of our layers and models (lean: the Triton scan rebuilds its "
                         "inputs in the backward)")
-    p.add_argument("--projections", choices=("auto", "dense", "grouped"), default=None,
-                   help="mom_lit.layer.PROJECTIONS: the per-stream projections of every stream for every token "
-                        "(dense) or of the selected streams only (grouped); default: the library's choice (auto)")
+    p.add_argument("--projections", choices=("auto", "dense"), default=None,
+                   help="mom_lit.layer.PROJECTIONS: dense projects every stream for every token instead of the "
+                        "selected streams only (auto, the default, where the grouped product applies)")
     args = p.parse_args()
     if args.cuda_graph and args.device != "cuda":
         p.error("--cuda-graph needs a CUDA device")

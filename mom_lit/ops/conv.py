@@ -189,17 +189,19 @@ def _projected_qkv(q_src, kv_src, weight, token, position, heads, key_dim, value
 
 
 class _ProjectedSlotConv(torch.autograd.Function):
-    """Query and grouped slot projections + slot stage, keeping x and the weights instead of the projections."""
+    """Query and grouped slot projections + slot stage; keeps the projections for the backward (``keep``) or x and
+    the weights only, the backward recomputing them."""
 
     @staticmethod
-    def forward(ctx, x, q_weight, kv_weight, weight, token, ends, position, rank, share, heads, key_dim, value_dim,
-                extra):
+    def forward(ctx, x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, heads, key_dim,
+                value_dim, extra):
         HK, HV = heads * key_dim, heads * value_dim
         q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
         w = weight.contiguous()
         q, k, v = _projected_qkv(q_src, kv_src, w, token, position, heads, key_dim, value_dim)
         gates = kv_src[:, HK + HV:HK + HV + extra].clone()  # a copy: a view would keep kv_src alive
-        ctx.save_for_backward(x, q_weight, kv_weight, w, token, ends, position, rank)
+        kept = (q_src, kv_src) if keep else ()
+        ctx.save_for_backward(x, q_weight, kv_weight, w, token, ends, position, rank, *kept)
         ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
         ctx.share = share
         return q, k, v, gates
@@ -208,28 +210,30 @@ class _ProjectedSlotConv(torch.autograd.Function):
     def backward(ctx, dq, dk, dv, dgates):
         from mom_lit.ops.grouped import project_slots_backward
 
-        x, q_weight, kv_weight, w, token, ends, position, rank = ctx.saved_tensors
+        x, q_weight, kv_weight, w, token, ends, position, rank, *kept = ctx.saved_tensors
         HK, HV = ctx.dims[0] * ctx.dims[1], ctx.dims[0] * ctx.dims[2]
-        sources = ctx.share.take() if ctx.share is not None else None
-        q_src, kv_src = sources if sources is not None else _project_sources(x, q_weight, kv_weight, token, ends)
-        dkv = torch.empty_like(kv_src)
+        sources = tuple(kept) or (ctx.share.take() if ctx.share is not None else None)
+        q_src, kv_src = sources if sources else _project_sources(x, q_weight, kv_weight, token, ends)
+        dkv = torch.empty_like(kv_src)  # every row is a slot: only the columns past k and v need zeros
         dkv[:, HK + HV:].zero_()  # gate columns without a gradient and the zero padding rows' columns
         rows = torch.arange(token.numel(), device=x.device)
         dq_src, dweight = _slot_stage_grads(q_src, kv_src, w, token, rows, position, rank, ctx.dims, dq, dk, dv,
                                             dgates, dkv, None)
-        del q_src, kv_src
+        del q_src, kv_src, kept, sources
         dx, dkv_weight = project_slots_backward(dkv, x, kv_weight, token, rank, ends)
-        dx = dx.addmm_(dq_src, q_weight)
+        dx = dx.addmm_(dq_src, q_weight)  # both products' input gradients in one buffer
         dq_weight = dq_src.t() @ x
-        return dx, dq_weight, dkv_weight, dweight, None, None, None, None, None, None, None, None, None
+        return dx, dq_weight, dkv_weight, dweight, None, None, None, None, None, None, None, None, None, None
 
 
 def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
                         token: torch.Tensor, ends: torch.Tensor, position: torch.Tensor, rank: torch.Tensor,
-                        share: SlotSourceShare | None, heads: int, key_dim: int, value_dim: int, extra: int):
+                        share: SlotSourceShare | None, heads: int, key_dim: int, value_dim: int, extra: int,
+                        keep: bool = False):
     """:func:`slot_conv` of ``q_src = x @ q_weight^T`` and of the grouped projections of the sorted slots
-    (``mom_lit.ops.grouped.project_slots``), which the backward recomputes from x instead of keeping them: per
-    layer (N_tok x HK + L x P) elements less saved for one more set of products in the backward.
+    (``mom_lit.ops.grouped.project_slots``): each slot projected for its own memory only. ``keep=False``: the
+    backward recomputes the projections from x instead of keeping them (per layer N_tok x HK + L x P elements less
+    saved for one more set of products in the backward), or takes them from ``share``.
 
     Args:
         x: (N_tok, D); q_weight: (HK, D); kv_weight: (S, P, D) per-stream projections (key | value | gate
@@ -240,7 +244,7 @@ def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torc
     Returns:
         q, k (L, H, K), v (L, H, V) in x's dtype, gates (L, extra).
     """
-    return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, ends, position, rank, share, heads,
+    return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, heads,
                                     key_dim, value_dim, extra)
 
 

@@ -5,6 +5,7 @@ The sorted layout keeps each memory's slots contiguous (``layout.py``), so slot 
 memories without a loop and without projecting a token for memories it did not select. Its backward is two more
 grouped products (input and weight gradients); the input gradient of a token adds its J slots through the
 inverse slot permutation (a Triton gather-sum, never a scatter-add: this path runs next to the slot kernels).
+The autograd function around them is the slot stage's (``mom_lit.ops.conv.projected_slot_conv``).
 """
 
 from __future__ import annotations
@@ -37,27 +38,3 @@ def project_slots_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     dx = slot_sum(dx_slot, rank, x.shape[0])  # (L, D) -> (N_tok, D): a token's J slots, read through rank
     dweight = torch._grouped_mm(dy.t(), x[token], offs=ends)  # (S, P, D); empty groups give zeros
     return dx, dweight
-
-
-class _GroupedProjection(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, token, rank, ends):
-        ctx.save_for_backward(x, weight, token, rank, ends)
-        return project_slots(x, weight, token, ends)
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx, dweight = project_slots_backward(dy, *ctx.saved_tensors)
-        return dx, dweight, None, None, None
-
-
-def grouped_projection(x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, rank: torch.Tensor,
-                       ends: torch.Tensor) -> torch.Tensor:
-    """(L, P) projections ``x[token[i]] @ weight[m]^T`` of the sorted slots, slot i in memory group m.
-
-    Args:
-        x: (N_tok, D); weight: (S, P, D), x's dtype; token: (L,) token of each sorted slot; rank: (N_tok * J,)
-            sorted position of each token-major slot (every token owns exactly J slots); ends: (S,) int32
-            cumulative end of each memory's group of sorted slots.
-    """
-    return _GroupedProjection.apply(x, weight, token, rank, ends)
