@@ -248,6 +248,21 @@ def test_backward_tile_widths(rule, tiles, monkeypatch):
     check_against_oracle(inputs, torch.float32)
 
 
+@pytest.mark.parametrize("wy_products", ["tf32", "input"])
+@pytest.mark.parametrize("rule", ["gated_delta", "delta"])
+def test_wy_products_in_half_precision(rule, wy_products, monkeypatch):
+    """The products with the triangular inverse (W, U and their gradients) on fp32 operands (tf32) or rounded to the
+    input precision: both within the half-precision tolerances (fp16 here: the interpreter cannot run bf16)."""
+    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products=wy_products))
+    inputs = make_inputs(rule, lengths=[70, 1, 45], key_dim=32, value_dim=48, dtype=torch.float16)
+    check_against_oracle(inputs, torch.float16)
+
+
+def test_launch_rejects_unknown_wy_products():
+    with pytest.raises(ValueError, match="wy_products"):
+        scan_module.LaunchConfig(wy_products="fp8")
+
+
 def test_launch_rejects_tile_widths_that_are_not_powers_of_two():
     with pytest.raises(ValueError, match="block_k"):
         scan_module.Launch(4, 2, block_k=96)

@@ -283,6 +283,49 @@ def max_relative_difference(inputs, cfg_a: LaunchConfig, cfg_b: LaunchConfig) ->
     return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*outs))
 
 
+GRADIENTS = ("o", "dq", "dk", "dv", "dg", "dbeta")
+
+
+def errors_against_fp32(inputs) -> dict[str, float]:
+    """Relative RMS error of o and every gradient against the same scan on the inputs upcast to fp32 (exact
+    products), under the launch settings in use."""
+    q, k, v, g, beta, cu = inputs
+    do = torch.randn(v.shape, generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
+
+    def run(tensors):
+        leaves = [x.detach().requires_grad_() for x in tensors]
+        o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False)
+        return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))]
+
+    low = run((q, k, v, g, beta))
+    exact = run([x.float() for x in (q, k, v, g, beta)])
+    return {name: ((a.float() - b).norm() / b.norm()).item() for name, a, b in zip(GRADIENTS, low, exact)}
+
+
+def compare_variant(inputs, path: str) -> list[str]:
+    """Kernel times and errors of the launch settings in use against those with the fields of the JSON object at
+    ``path`` replaced (a Launch as {"num_warps": ..., "num_stages": ...})."""
+    fields = {name: Launch(**value) if isinstance(value, dict) else value
+              for name, value in json.loads(Path(path).read_text()).items()}
+    base = scan_module.LAUNCH
+    configs = {"in use": base, "variant": dataclasses.replace(base, **fields)}
+    times, errors = {}, {}
+    for label, cfg in configs.items():
+        scan_module.LAUNCH = cfg
+        times[label], errors[label] = kernel_times(inputs), errors_against_fp32(inputs)
+    scan_module.LAUNCH = base
+    names = sorted(set(times["in use"]) | set(times["variant"]), key=lambda n: -times["in use"].get(n, (0, 0))[0])
+    lines = [f"variant: {fields}", "| kernel | in use (ms per fwd+bwd) | variant |", "|---|---|---|"]
+    ms = {label: {name: t.get(name, (0.0, 0))[0] for name in names} for label, t in times.items()}
+    lines += [f"| {name[:60]} | {ms['in use'][name]:.3f} | {ms['variant'][name]:.3f} |" for name in names[:12]]
+    total = {label: sum(ms for ms, _ in t.values()) for label, t in times.items()}
+    lines.append(f"| all kernels | {total['in use']:.3f} | {total['variant']:.3f} |")
+    lines += ["", "| relative RMS error against fp32 inputs | " + " | ".join(GRADIENTS) + " |",
+              "|---|" + "---|" * len(GRADIENTS)]
+    lines += [f"| {label} | " + " | ".join(f"{errors[label][n]:.2e}" for n in GRADIENTS) + " |" for label in configs]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="8x2048,2x8192", help="comma-separated BxT of the layer input")
@@ -298,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the scan's launch settings in use after the sweeps here (for bench_layer.py "
                              "--scan-launch-json)")
     parser.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of the first shape")
+    parser.add_argument("--variant-json", default=None,
+                        help="on the first shape, kernel times and errors against fp32 inputs of the launch settings "
+                             "in use and of those with this JSON object's LaunchConfig fields replaced")
     parser.add_argument("--fla", action="store_true", help="also time fla's chunk_gated_delta_rule, if importable")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     args = parser.parse_args(argv)
@@ -342,6 +388,15 @@ def main(argv: list[str] | None = None) -> None:
                              H, D, D, dtype, seed=0)
         report += [f"\nKernel breakdown, MoM scan fwd+bwd at {B} x {T}:", kernel_breakdown(inputs)]
         print(report[-1], flush=True)
+
+    if args.variant_json:
+        B, T = shapes[0]
+        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
+                             H, D, D, dtype, seed=0)
+        lines = [f"\nLaunch settings in use against a variant, MoM scan at {B} x {T}:",
+                 *compare_variant(inputs, args.variant_json)]
+        report += lines
+        print("\n".join(lines), flush=True)
 
     table = ["| shape (B x T) | scan tokens (segments) | MoM scan fwd | MoM scan fwd+bwd | fwd TFLOP/s | "
              "1-stream scan fwd / fwd+bwd | SDPA 4x256 fwd / fwd+bwd | SDPA 16x64 fwd / fwd+bwd | "

@@ -236,7 +236,7 @@ def dqk_kernel(q, k, u, gamma, h_in, dh, do, du, dq, dk, dw, dgam, chunk_seg, ch
 @triton.jit
 def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, dg, chunk_seg, chunk_start, cu,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
+                  USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr, LOW: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
@@ -262,16 +262,16 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
             mk = mr[:, None] & (cols[None, :] < K)
             kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0)
             dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
-            dti += mm32(dwc, tl.trans(kc.to(tl.float32) * bk[:, None]), MODE)
+            dti += mm32(dwc, tl.trans(kc.to(tl.float32) * bk[:, None]), MODE, LOW)
             kkt += mm(kc, tl.trans(kc), MODE)
         for vv in range(0, V, BV):
             cols = vv + tl.arange(0, BV)
             mv = mr[:, None] & (cols[None, :] < V)
             vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
             duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
-            dti += mm32(duc, tl.trans(vc * b[:, None]), MODE)
+            dti += mm32(duc, tl.trans(vc * b[:, None]), MODE, LOW)
         strict = (rows[:, None] > rows[None, :]) & mr[:, None]
-        da = -mm32(tl.trans(t_inv), mm32(dti, tl.trans(t_inv), MODE), MODE)
+        da = -mm32(tl.trans(t_inv), mm32(dti, tl.trans(t_inv), MODE, LOW), MODE, LOW)
         da = tl.where(strict, da, 0.0)
         if USE_G:
             e_a = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], float("-inf")))
@@ -288,8 +288,8 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
             kc = tl.load(k + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
             dwc = tl.load(dw + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
             dkc = tl.load(dk_in + tok[:, None] * K + cols[None, :], mask=mk, other=0.0).to(tl.float32)
-            dkb = mm32(tl.trans(t_inv), dwc, MODE)  # d (beta Gamma K)
-            dkc += bk[:, None] * dkb + mm32(gm, kc, MODE) + mm32(tl.trans(gm), kc, MODE)
+            dkb = mm32(tl.trans(t_inv), dwc, MODE, LOW)  # d (beta Gamma K)
+            dkc += bk[:, None] * dkb + mm32(gm, kc, MODE, LOW) + mm32(tl.trans(gm), kc, MODE, LOW)
             tl.store(dk + tok[:, None] * K + cols[None, :], dkc.to(dk.dtype.element_ty), mask=mk)
             kdk = tl.sum(kc * dkb, 1)
             dbv += e_g * kdk
@@ -300,7 +300,7 @@ def wy_bwd_kernel(k, v, beta, gamma, tinv, dw, du, dk_in, dgam, dk, dv, dbeta, d
             mv = mr[:, None] & (cols[None, :] < V)
             vc = tl.load(v + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
             duc = tl.load(du + tok[:, None] * V + cols[None, :], mask=mv, other=0.0).to(tl.float32)
-            dvb = mm32(tl.trans(t_inv), duc, MODE)  # d (beta V)
+            dvb = mm32(tl.trans(t_inv), duc, MODE, LOW)  # d (beta V)
             tl.store(dv + tok[:, None] * V + cols[None, :], (b[:, None] * dvb).to(dv.dtype.element_ty), mask=mv)
             dbv += tl.sum(vc * dvb, 1)
         tl.store(dbeta + tok, dbv.to(dbeta.dtype.element_ty), mask=mr)

@@ -179,7 +179,7 @@ def wy_solve_kernel(k, g, beta, gamma, tinv, chunk_seg, chunk_start, cu,
 @triton.jit
 def wy_apply_kernel(k, v, beta, gamma, tinv, w, u, chunk_seg, chunk_start, cu,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    USE_G: tl.constexpr, MODE: tl.constexpr):
+                    USE_G: tl.constexpr, MODE: tl.constexpr, LOW: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
     seg, start, length = chunk_rows(chunk_seg, chunk_start, cu, c)
@@ -197,12 +197,14 @@ def wy_apply_kernel(k, v, beta, gamma, tinv, w, u, chunk_seg, chunk_start, cu,
         cols = kk + tl.arange(0, BK)
         mask = mr[:, None] & (cols[None, :] < K)
         kb = tl.load(k + tok[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32) * bk[:, None]
-        tl.store(w + tok[:, None] * K + cols[None, :], mm32(t_inv, kb, MODE).to(w.dtype.element_ty), mask=mask)
+        wc = mm32(t_inv, kb, MODE, LOW)
+        tl.store(w + tok[:, None] * K + cols[None, :], wc.to(w.dtype.element_ty), mask=mask)
     for vv in range(0, V, BV):
         cols = vv + tl.arange(0, BV)
         mask = mr[:, None] & (cols[None, :] < V)
         vb = tl.load(v + tok[:, None] * V + cols[None, :], mask=mask, other=0.0).to(tl.float32) * b[:, None]
-        tl.store(u + tok[:, None] * V + cols[None, :], mm32(t_inv, vb, MODE).to(u.dtype.element_ty), mask=mask)
+        uc = mm32(t_inv, vb, MODE, LOW)
+        tl.store(u + tok[:, None] * V + cols[None, :], uc.to(u.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -74,6 +74,13 @@ class LaunchConfig:
     state_bwd: Launch = Launch(8, 2)
     dqk: Launch = Launch(8, 3)
     wy_bwd: Launch = Launch(4, 1)
+    # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 / fp16
+    # inputs: "tf32" keeps them fp32, "input" rounds them to the input precision (fp32 inputs: exact either way)
+    wy_products: str = "tf32"
+
+    def __post_init__(self) -> None:
+        if self.wy_products not in ("tf32", "input"):
+            raise ValueError(f"wy_products must be 'tf32' or 'input', got {self.wy_products!r}")
 
 
 LAUNCH = LaunchConfig()
@@ -146,7 +153,7 @@ def _wy_apply(k, v, beta, gamma, tinv, index, cu):
             k, v, beta, gamma if gamma is not None else k.new_empty(1, dtype=torch.float32), tinv, w, u,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, V=V, BK=_block(K), BV=_block(V), USE_G=gamma is not None, MODE=mode,
-            **_options(LAUNCH.wy_apply, mode))
+            LOW=LAUNCH.wy_products == "input", **_options(LAUNCH.wy_apply, mode))
     return w, u
 
 
@@ -233,7 +240,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, V=V, **_tiles(LAUNCH.wy_bwd, K, V), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            **_options(LAUNCH.wy_bwd, mode))
+            LOW=LAUNCH.wy_products == "input", **_options(LAUNCH.wy_bwd, mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
 
