@@ -144,6 +144,29 @@ def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, ke
 
 
 @kernels
+@pytest.mark.parametrize("width", [4, 6], ids=["taps-width", "width6"])
+def test_slot_kernels_address_slot_ordered_sources_directly(width, conv_launch):
+    """``rows=None`` (sources already in slot order, as the grouped projection writes them) gives bit for bit what
+    the same sources gathered through the identity permutation give, forward and backward, through every
+    transposed-convolution kernel."""
+    gen = torch.Generator().manual_seed(11)
+    heads, dim, length = 2, 16, 53
+    position = torch.cat([torch.arange(20), torch.arange(1), torch.arange(32)]).to(DEVICE)  # three segments
+    src = torch.randn(length, heads * dim, generator=gen).to(DEVICE)
+    weight = torch.randn(heads * dim, width, generator=gen).to(DEVICE)
+    dout = torch.randn(length, heads, dim, generator=gen).to(DEVICE)
+    identity = torch.arange(length, device=DEVICE)
+    results = []
+    for rows in (None, identity):
+        out = layer_triton.conv_fwd(src, rows, position, weight, heads, dim, True)
+        dst = torch.full_like(src, float("nan"))
+        dweight = layer_triton.conv_bwd(src, rows, position, weight, dout, heads, dim, True, dst, None)
+        results.append((out, dst, dweight))
+    for name, a, b in zip(["out", "dsrc", "dweight"], *results):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
+@kernels
 @pytest.mark.skipif(NATIVE, reason="the fp32 grouped product runs on CPU only; its bf16 CUDA twins are "
                                    "test_bf16_layer_against_fp32_reference[E4-grouped] and [E4-lean-...]")
 @pytest.mark.parametrize("mode", ["kept", "own-recompute", "handed-over"])

@@ -112,7 +112,8 @@ def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
 
 def _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, dims, dq, dk, dv, dgates, dkv, dkv_rows):
     """Backward of the slot stage: returns d q_src (N_tok, HK) and the filter gradient; writes d kv_src into
-    ``dkv``, slot i's row at ``dkv_rows[i]`` (row i when None). Columns of dkv it does not write keep their values."""
+    ``dkv``, slot i's row at ``dkv_rows[i]`` (row i when None). Columns of dkv it does not write keep their values.
+    ``kv_rows`` None: kv_src is in slot order."""
     from mom_lit.ops import layer_triton as kern
 
     heads, key_dim, value_dim, extra, weight_dtype = dims
@@ -184,8 +185,7 @@ def _project_sources(x, q_weight, kv_weight, token, ends):
 
 def _projected_qkv(q_src, kv_src, weight, token, position, heads, key_dim, value_dim):
     """q, k, v of the slot stage from the query projections and the slot-ordered projections (row i = slot i)."""
-    rows = torch.arange(token.numel(), device=kv_src.device)
-    return slot_qkv(q_src, kv_src, weight, token, rows, position, heads=heads, key_dim=key_dim, value_dim=value_dim)
+    return slot_qkv(q_src, kv_src, weight, token, None, position, heads=heads, key_dim=key_dim, value_dim=value_dim)
 
 
 class _ProjectedSlotConv(torch.autograd.Function):
@@ -216,8 +216,7 @@ class _ProjectedSlotConv(torch.autograd.Function):
         q_src, kv_src = sources if sources else _project_sources(x, q_weight, kv_weight, token, ends)
         dkv = torch.empty_like(kv_src)  # every row is a slot: only the columns past k and v need zeros
         dkv[:, HK + HV:].zero_()  # gate columns without a gradient and the zero padding rows' columns
-        rows = torch.arange(token.numel(), device=x.device)
-        dq_src, dweight = _slot_stage_grads(q_src, kv_src, w, token, rows, position, rank, ctx.dims, dq, dk, dv,
+        dq_src, dweight = _slot_stage_grads(q_src, kv_src, w, token, None, position, rank, ctx.dims, dq, dk, dv,
                                             dgates, dkv, None)
         del q_src, kv_src, kept, sources
         dx, dkv_weight = project_slots_backward(dkv, x, kv_weight, token, rank, ends)
@@ -261,10 +260,10 @@ def rebuild_projected_qkv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: to
 
 
 def slot_qkv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,
-             kv_rows: torch.Tensor, position: torch.Tensor, *, heads: int, key_dim: int,
+             kv_rows: torch.Tensor | None, position: torch.Tensor, *, heads: int, key_dim: int,
              value_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The q, k (L, H, K) and v (L, H, V) of :func:`slot_conv` by its forward kernels, without autograd (weight
-    contiguous). Deterministic, so a backward can rebuild them instead of keeping them
+    contiguous; ``kv_rows`` None: kv_src is in slot order). Deterministic, so a backward can rebuild them instead of keeping them
     (``triton_scan(rebuild_qkv=...)``)."""
     from mom_lit.ops import layer_triton as kern
 

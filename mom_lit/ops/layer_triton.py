@@ -3,8 +3,9 @@
 Slot stage: gather, short convolution, SiLU and L2 norm in one pass.
 
 Every sorted slot row ``i`` reads its pre-convolution inputs straight from the projections (``src[rows[i]]``: no
-gathered copy), convolves along its segment (``position`` restarts at each segment start; the slot stage of a
-training forward has no cached conv state), applies SiLU and, for q and k, the per-head L2 norm. The backward
+gathered copy; with ``rows=None`` the projections are in slot order already and row ``i`` is addressed directly,
+without an index load), convolves along its segment (``position`` restarts at each segment start; the slot stage
+of a training forward has no cached conv state), applies SiLU and, for q and k, the per-head L2 norm. The backward
 recomputes the forward from the projections (nothing but the indices is kept) in two kernels: one writes the
 pre-activation gradient (an elementwise pass over (block of rows, head) programs, which the L2 norm needs whole),
 the next walks a span of rows per (span, block of channels) program, running the transposed convolution (the source
@@ -88,8 +89,16 @@ def _row_block(num_rows, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _source_rows(rows, offs, mask, GATHER: tl.constexpr):
+    """int64 source rows of the slot rows ``offs`` (>= 0): ``rows[offs]``, or ``offs`` itself without GATHER."""
+    if GATHER:
+        return tl.load(rows + offs, mask=mask, other=0).to(tl.int64)
+    return offs.to(tl.int64)
+
+
+@triton.jit
 def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d,
-                    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
     """(BT, BD) fp32 causal convolution of the rows ``offs_t`` inside their segments (zeros before the start)."""
     pos = tl.load(position + offs_t, mask=mask_t, other=0)
     acc = tl.zeros((BT, BD), dtype=tl.float32)
@@ -97,7 +106,7 @@ def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col
         valid = mask_t & (pos >= s)
         # The row index is clamped arithmetically and loaded under the bounds mask alone: Triton 3.6 fails to
         # lower (layout conversion pass, sm90) a 1-D load whose mask derives from the loaded positions.
-        r = tl.load(rows + tl.maximum(offs_t - s, 0), mask=mask_t, other=0).to(tl.int64)
+        r = _source_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
         x = tl.load(src + r[:, None] * src_stride + col[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
         w = tl.load(weight + col * W + (W - 1 - s), mask=mask_d, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
@@ -106,9 +115,10 @@ def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col
 
 @triton.jit
 def _fwd_kernel(src, src_stride, rows, position, weight, out, L, out_stride, eps,
-                D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                GATHER: tl.constexpr):
     pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
-    pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD)
+    pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD, GATHER)
     a = pre * tl.sigmoid(pre)
     if NORM:
         a = a * tl.rsqrt(tl.sum(a * a, axis=1) + eps)[:, None]
@@ -119,10 +129,10 @@ def _fwd_kernel(src, src_stride, rows, position, weight, out, L, out_stride, eps
 @triton.jit
 def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dpre, L, eps,
                     C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
-                    BT: tl.constexpr, BD: tl.constexpr):
+                    BT: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
     """Gradient of the pre-activation (L, C), recomputed from the sources: elementwise but for the L2 norm."""
     pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
-    pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD)
+    pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD, GATHER)
     sig = tl.sigmoid(pre)
     g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
@@ -138,7 +148,7 @@ def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, 
 @triton.jit
 def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_rows, dst_stride, dweight, L, span,
                    C: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, SCATTER: tl.constexpr,
-                   BT: tl.constexpr, BC: tl.constexpr):
+                   BT: tl.constexpr, BC: tl.constexpr, GATHER: tl.constexpr):
     """Over rows [pid * span, + span) and BC channels: the transposed convolution
     dx[t] = sum_s dpre[t+s] w[W-1-s] (rows t+s of t's segment) and this span's filter gradient
     dw[W-1-s] = sum_t dpre[t] x[t-s] (rows t-s of t's segment), accumulated elementwise over the walk."""
@@ -171,8 +181,8 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
         # source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
         pos = tl.load(position + offs_t, mask=mask_t, other=0)
         back = mask_w[:, None] & mask_t[None, :] & (pos[None, :] >= taps[:, None])  # (WP, BT)
-        src_row = tl.load(rows + tl.maximum(offs_t[None, :] - taps[:, None], 0), mask=mask_w[:, None] & mask_t[None, :],
-                          other=0).to(tl.int64)
+        src_row = _source_rows(rows, tl.maximum(offs_t[None, :] - taps[:, None], 0),
+                               mask_w[:, None] & mask_t[None, :], GATHER)
         x = tl.load(src + src_row[:, :, None] * src_stride + cols[None, None, :],
                     mask=back[:, :, None] & mask_c[None, None, :], other=0.0).to(tl.float32)  # (WP, BT, BC)
         dp = tl.load(dpre + offs_t[:, None] * C + cols[None, :], mask=mask_t[:, None] & mask_c[None, :],
@@ -184,7 +194,7 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
 
 @triton.jit
 def _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c, L,
-               s: tl.constexpr, C: tl.constexpr, W: tl.constexpr):
+               s: tl.constexpr, C: tl.constexpr, W: tl.constexpr, GATHER: tl.constexpr):
     """Tap s (s rows ahead for dx, s rows back for dw) of one (rows, channels) block: returns the block's dx term
     dpre[t+s] w[W-1-s] and its filter-gradient term dpre[t] x[t-s], both (BT, BC) fp32, zero across a segment's
     start (row t+s is in t's segment when its position is at least s; row t-s when t's position is)."""
@@ -195,7 +205,7 @@ def _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, m
     d = tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :],
                 other=0.0).to(tl.float32)
     # The source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
-    src_row = tl.load(rows + tl.maximum(offs_t - s, 0), mask=mask_t, other=0).to(tl.int64)
+    src_row = _source_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
     x = tl.load(src + src_row[:, None] * src_stride + cols[None, :],
                 mask=(mask_t & (pos >= s))[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
     return d * w[None, :], dp * x
@@ -204,7 +214,7 @@ def _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, m
 @triton.jit
 def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_rows, dst_stride, dweight, L, span,
                            C: tl.constexpr, W: tl.constexpr, SCATTER: tl.constexpr, BT: tl.constexpr,
-                           BC: tl.constexpr):
+                           BC: tl.constexpr, GATHER: tl.constexpr):
     """As :func:`_bwd_dx_dw_kernel` for W <= 4, one tap at a time: every tile is (BT, BC), the tap sums are
     elementwise, and the filter gradient keeps one (BT, BC) accumulator per tap, reduced once per program (Triton
     has no arrays of tiles, so the four taps are written out)."""
@@ -223,21 +233,21 @@ def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, d
         dp = tl.load(dpre + offs_t[:, None] * C + cols[None, :], mask=mask_t[:, None] & mask_c[None, :],
                      other=0.0).to(tl.float32)
         dx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c, L,
-                            0, C, W)
+                            0, C, W, GATHER)
         acc0 += dw
         if W > 1:
             ddx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c,
-                                 L, 1, C, W)
+                                 L, 1, C, W, GATHER)
             dx += ddx
             acc1 += dw
         if W > 2:
             ddx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c,
-                                 L, 2, C, W)
+                                 L, 2, C, W, GATHER)
             dx += ddx
             acc2 += dw
         if W > 3:
             ddx, dw = _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c,
-                                 L, 3, C, W)
+                                 L, 3, C, W, GATHER)
             dx += ddx
             acc3 += dw
         if SCATTER:
@@ -262,27 +272,29 @@ def _launch_config(D: int, launch: StageLaunch) -> tuple[int, int, int]:
     return launch.rows, bd, launch.num_warps or (4 if bd <= 128 else 8)
 
 
-def conv_fwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, heads: int,
+def conv_fwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tensor, weight: torch.Tensor, heads: int,
              dim: int, norm: bool, eps: float = 1e-6) -> torch.Tensor:
     """(L, heads, dim) SiLU(conv) [L2-normalised per head] of ``src[rows]`` (src (R, heads*dim), any row stride,
-    unit column stride; weight (heads*dim, W) contiguous)."""
-    length = rows.numel()
+    unit column stride; rows None: src's first L rows, L = len(position); weight (heads*dim, W) contiguous)."""
+    length = position.numel()
     out = torch.empty(length, heads, dim, device=src.device, dtype=src.dtype)
     if length == 0:
         return out
     bt, bd, warps = _launch_config(dim, LAUNCH.conv_fwd)
     _fwd_kernel[(triton.cdiv(length, bt), heads)](
-        src, src.stride(0), rows, position, weight, out, length, heads * dim, eps,
-        D=dim, W=weight.shape[1], NORM=norm, BT=bt, BD=bd, num_warps=warps)
+        src, src.stride(0), position if rows is None else rows, position, weight, out, length, heads * dim, eps,
+        D=dim, W=weight.shape[1], NORM=norm, BT=bt, BD=bd, GATHER=rows is not None, num_warps=warps)
     return out
 
 
-def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weight: torch.Tensor,
+def conv_bwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tensor, weight: torch.Tensor,
              dout: torch.Tensor, heads: int, dim: int, norm: bool, dst: torch.Tensor,
              dst_rows: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     """Backward of :func:`conv_fwd`: writes d src[rows] into ``dst`` (row ``dst_rows[i]``, or row i when None;
     unit column stride) and returns the filter gradient (heads*dim, W) fp32."""
-    length = rows.numel()
+    length = position.numel()
+    gather = rows is not None
+    rows = rows if gather else position  # a placeholder pointer that the kernels do not read
     channels, width = heads * dim, weight.shape[1]
     if length == 0:
         return torch.zeros(channels, width, device=src.device, dtype=torch.float32)
@@ -291,14 +303,14 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor, position: torch.Tensor, weig
     dpre = torch.empty(length, channels, device=src.device, dtype=dout.dtype)
     _bwd_pre_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, length, eps,
-        C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, num_warps=warps)
+        C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, GATHER=gather, num_warps=warps)
     spans = triton.cdiv(length, LAUNCH.dx_span)
     dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
     args = (src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
             dst.stride(0), dweight, length, LAUNCH.dx_span)
     warps = LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8)
     options = dict(C=channels, W=width, SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows,
-                   BC=LAUNCH.dx_channels, num_warps=warps)
+                   BC=LAUNCH.dx_channels, GATHER=gather, num_warps=warps)
     grid = (spans, triton.cdiv(channels, LAUNCH.dx_channels))
     if LAUNCH.dx_kernel == "taps" and width <= 4:
         _bwd_dx_dw_taps_kernel[grid](*args, **options)
