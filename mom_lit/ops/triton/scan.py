@@ -76,7 +76,7 @@ class LaunchConfig:
     wy_bwd: Launch = Launch(4, 1)
     # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 / fp16
     # inputs: "tf32" keeps them fp32, "input" rounds them to the input precision (fp32 inputs: exact either way)
-    wy_products: str = "tf32"
+    wy_products: str = "input"
 
     def __post_init__(self) -> None:
         if self.wy_products not in ("tf32", "input"):
