@@ -7,7 +7,8 @@ is not implemented here and is rejected with a ``ValueError``.
 
 Intermediate buffers (W, U, per-chunk start states, and in the backward dU, dW and a partial dK for bf16 inputs)
 are kept in the input precision; gates, the triangular inverse and every state carried from chunk to chunk stay
-fp32. The forward keeps W, U and the inverse for the backward. The start state of every chunk (NC x H x K x V
+fp32 (the products with the inverse round their operands to bf16 / fp16 for such inputs, as the other products
+do: ``LaunchConfig.wy_products``). The forward keeps W, U and the inverse for the backward. The start state of every chunk (NC x H x K x V
 elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256, bf16: the largest buffer by far) is by default not kept:
 the backward recomputes it with one more sequential pass that reads the stored U. ``recompute`` chooses (see
 :func:`triton_scan`): keep the states too, or rebuild W and U as well.
@@ -75,7 +76,8 @@ class LaunchConfig:
     dqk: Launch = Launch(8, 3)
     wy_bwd: Launch = Launch(4, 1)
     # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 / fp16
-    # inputs: "tf32" keeps them fp32, "input" rounds them to the input precision (fp32 inputs: exact either way)
+    # inputs: "tf32" keeps them fp32, "input" rounds them to the input precision (fp32 inputs: exact either way).
+    # "input" took wy_bwd from 0.61 to 0.43 ms at 8 x 2048 for ~10% more rounding error (BENCHMARKS.md)
     wy_products: str = "input"
 
     def __post_init__(self) -> None:
