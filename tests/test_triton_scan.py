@@ -248,14 +248,32 @@ def test_backward_tile_widths(rule, tiles, monkeypatch):
     check_against_oracle(inputs, torch.float32)
 
 
-@pytest.mark.parametrize("wy_products", ["tf32", "input"])
 @pytest.mark.parametrize("rule", ["gated_delta", "delta"])
-def test_wy_products_in_half_precision(rule, wy_products, monkeypatch):
-    """The products with the triangular inverse (W, U and their gradients) on fp32 operands (tf32) or rounded to the
-    input precision: both within the half-precision tolerances (fp16 here: the interpreter cannot run bf16)."""
-    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products=wy_products))
+def test_wy_products_keep_fp32_operands_for_fp16(rule, monkeypatch):
+    """fp16 inputs keep fp32 (tf32) operands in the products with the triangular inverse whatever ``wy_products``
+    says (fp16's range is too narrow for these gradients): both settings give the same bits, within the fp16
+    tolerances. (bf16 rounds them with "input", the default: the full-size bf16 cases below, on a GPU.)"""
     inputs = make_inputs(rule, lengths=[70, 1, 45], key_dim=32, value_dim=48, dtype=torch.float16)
     check_against_oracle(inputs, torch.float16)
+    results = []
+    for wy_products in ("input", "tf32"):
+        monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products=wy_products))
+        leaves = {n: inputs[n].detach().clone().requires_grad_() for n in ("q", "k", "v", "g", "beta")
+                  if inputs[n] is not None}
+        o, ht = triton_scan(**{**inputs, **leaves})
+        results.append([o, ht, *torch.autograd.grad(o.float().sum() + ht.sum(), list(leaves.values()))])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 kernels need a GPU (the interpreter mishandles bf16)")
+@pytest.mark.parametrize("rule", ["gated_delta", "delta"])
+def test_gpu_wy_products_tf32_bf16(rule, monkeypatch):
+    """The fp32-operand setting of the WY products (the default rounds them to bf16) at a full-size bf16 case."""
+    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products="tf32"))
+    inputs = make_inputs(rule, lengths=[700, 1, 64, 1000, 333], heads=4, key_dim=128, value_dim=128,
+                         dtype=torch.bfloat16, seed=13)
+    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan)
 
 
 def test_launch_rejects_unknown_wy_products():

@@ -263,8 +263,8 @@ def slot_qkv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_
              kv_rows: torch.Tensor | None, position: torch.Tensor, *, heads: int, key_dim: int,
              value_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The q, k (L, H, K) and v (L, H, V) of :func:`slot_conv` by its forward kernels, without autograd (weight
-    contiguous; ``kv_rows`` None: kv_src is in slot order). Deterministic, so a backward can rebuild them instead of keeping them
-    (``triton_scan(rebuild_qkv=...)``)."""
+    contiguous; ``kv_rows`` None: kv_src is in slot order). Deterministic, so a backward can rebuild them instead
+    of keeping them (``triton_scan(rebuild_qkv=...)``)."""
     from mom_lit.ops import layer_triton as kern
 
     HK, HV = heads * key_dim, heads * value_dim

@@ -39,7 +39,7 @@ def mm(a, b, MODE: tl.constexpr):
 @triton.jit
 def mm32(a, b, MODE: tl.constexpr, LOW: tl.constexpr):
     """a @ b on fp32 operands: exact for fp32 inputs, tf32 otherwise (for factors with a wide range), or with
-    operands rounded to the input precision when LOW (bf16 / fp16 inputs)."""
+    operands rounded to the input precision when LOW."""
     if MODE == 0:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif LOW:

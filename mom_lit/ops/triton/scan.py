@@ -7,11 +7,11 @@ is not implemented here and is rejected with a ``ValueError``.
 
 Intermediate buffers (W, U, per-chunk start states, and in the backward dU, dW and a partial dK for bf16 inputs)
 are kept in the input precision; gates, the triangular inverse and every state carried from chunk to chunk stay
-fp32 (the products with the inverse round their operands to bf16 / fp16 for such inputs, as the other products
-do: ``LaunchConfig.wy_products``). The forward keeps W, U and the inverse for the backward. The start state of every chunk (NC x H x K x V
-elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256, bf16: the largest buffer by far) is by default not kept:
-the backward recomputes it with one more sequential pass that reads the stored U. ``recompute`` chooses (see
-:func:`triton_scan`): keep the states too, or rebuild W and U as well.
+fp32 (the products with the inverse round their operands to bf16 for bf16 inputs, as the other products do:
+``LaunchConfig.wy_products``). The forward keeps W, U and the inverse for the backward. The start state of every
+chunk (NC x H x K x V elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256, bf16: the largest buffer by far) is
+by default not kept: the backward recomputes it with one more sequential pass that reads the stored U.
+``recompute`` chooses (see :func:`triton_scan`): keep the states too, or rebuild W and U as well.
 """
 
 from __future__ import annotations
@@ -75,9 +75,10 @@ class LaunchConfig:
     state_bwd: Launch = Launch(8, 2)
     dqk: Launch = Launch(8, 3)
     wy_bwd: Launch = Launch(4, 1)
-    # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 / fp16
-    # inputs: "tf32" keeps them fp32, "input" rounds them to the input precision (fp32 inputs: exact either way).
-    # "input" took wy_bwd from 0.61 to 0.43 ms at 8 x 2048 for ~10% more rounding error (BENCHMARKS.md)
+    # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 inputs:
+    # "tf32" keeps them fp32, "input" rounds them to bf16, which took wy_bwd from 0.61 to 0.43 ms at 8 x 2048 for
+    # ~10% more rounding error (BENCHMARKS.md). fp16 inputs always keep fp32 operands (fp16's range is too narrow for
+    # these gradients), fp32 inputs exact ones.
     wy_products: str = "input"
 
     def __post_init__(self) -> None:
@@ -98,6 +99,11 @@ def _options(launch: Launch, mode: int) -> dict[str, int]:
 
 def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
+
+
+def _wy_low(dtype: torch.dtype) -> bool:
+    """Whether the products with the triangular inverse round their operands to the input precision."""
+    return LAUNCH.wy_products == "input" and dtype == torch.bfloat16
 
 
 def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
@@ -155,7 +161,7 @@ def _wy_apply(k, v, beta, gamma, tinv, index, cu):
             k, v, beta, gamma if gamma is not None else k.new_empty(1, dtype=torch.float32), tinv, w, u,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, V=V, BK=_block(K), BV=_block(V), USE_G=gamma is not None, MODE=mode,
-            LOW=LAUNCH.wy_products == "input", **_options(LAUNCH.wy_apply, mode))
+            LOW=_wy_low(k.dtype), **_options(LAUNCH.wy_apply, mode))
     return w, u
 
 
@@ -242,7 +248,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, V=V, **_tiles(LAUNCH.wy_bwd, K, V), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            LOW=LAUNCH.wy_products == "input", **_options(LAUNCH.wy_bwd, mode))
+            LOW=_wy_low(q.dtype), **_options(LAUNCH.wy_bwd, mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
 
