@@ -318,7 +318,7 @@ def compare_variant(inputs, path: str) -> list[str]:
     lines = [f"variant: {fields}", "| kernel | in use (ms per fwd+bwd) | variant |", "|---|---|---|"]
     ms = {label: {name: t.get(name, (0.0, 0))[0] for name in names} for label, t in times.items()}
     lines += [f"| {name[:60]} | {ms['in use'][name]:.3f} | {ms['variant'][name]:.3f} |" for name in names[:12]]
-    total = {label: sum(ms for ms, _ in t.values()) for label, t in times.items()}
+    total = {label: sum(kernel_ms for kernel_ms, _ in t.values()) for label, t in times.items()}
     lines.append(f"| all kernels | {total['in use']:.3f} | {total['variant']:.3f} |")
     lines += ["", "| relative RMS error against fp32 inputs | " + " | ".join(GRADIENTS) + " |",
               "|---|" + "---|" * len(GRADIENTS)]
