@@ -64,9 +64,10 @@ _SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0",
 _SLOT_KERNELS_PROBED: set[tuple] = set()
 PROJECTIONS = "auto"
 """How the Triton path projects the per-stream k, v and gates: ``"auto"`` only the streams each token selected (a
-grouped product over the memory-sorted slots, J per token) wherever that applies (bf16 on CUDA, a token skipping
-some stream, no per-key gate; see ``MoMLayer._grouped_projection_applies``), ``"dense"`` every stream for every
-token (one matrix product, S streams per token; for measurements)."""
+grouped product over the memory-sorted slots, J per token) wherever that applies (bf16 on a GPU with torch's
+grouped kernels, sm90 / sm100; a token skipping some stream; no per-key gate: see
+``MoMLayer._grouped_projection_applies``), ``"dense"`` every stream for every token (one matrix product, S streams
+per token; for measurements)."""
 _PROJECTIONS = ("auto", "dense")
 logger = logging.getLogger("mom_lit")
 

@@ -409,6 +409,17 @@ def test_autocast_layer_against_fp64_reference(activation_memory, monkeypatch):
     assert calls["grouped"]
 
 
+@pytest.mark.parametrize("major,grouped", [(8, False), (9, True), (10, True), (12, False)])
+def test_grouped_projections_only_where_torch_has_grouped_kernels(major, grouped, monkeypatch):
+    """On other GPUs ``torch._grouped_mm`` loops over the groups after reading their sizes on the host (a
+    synchronisation in every step): the dense product runs there instead."""
+    from mom_lit.ops import grouped as grouped_module
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert grouped_module.grouped_kernels_on(torch.device("cuda", 0)) == grouped
+    assert grouped_module.grouped_kernels_on(torch.device("cpu"))
+
+
 def test_an_unknown_projection_choice_is_reported(monkeypatch):
     monkeypatch.setattr(layer_module, "PROJECTIONS", "sparse")
     layer = MoMLayer(MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_layers=1))

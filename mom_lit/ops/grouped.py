@@ -13,10 +13,23 @@ from __future__ import annotations
 import torch
 
 
+# CUDA majors with torch's grouped kernels (Hopper, Blackwell datacenter). Elsewhere ``torch._grouped_mm`` falls
+# back to a loop over the groups that reads their sizes on the host: a synchronisation in every step, and slower.
+_GROUPED_KERNEL_MAJORS = (9, 10)
+
+
+def grouped_kernels_on(device: torch.device) -> bool:
+    """Whether ``torch._grouped_mm`` runs as one grouped kernel, without a host synchronisation, on ``device``."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return torch.cuda.get_device_capability(device)[0] in _GROUPED_KERNEL_MAJORS
+
+
 def grouped_mm_available(x: torch.Tensor, out_features: int) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: bf16 on CUDA (fp32 or bf16 on CPU), rows of x and of the
-    output a multiple of 16 bytes (its kernels require 16-byte strides)."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether ``torch._grouped_mm`` takes these operands as one sync-free grouped kernel: bf16 on a CUDA device with
+    grouped kernels (fp32 or bf16 on CPU), rows of x and of the output a multiple of 16 bytes (its kernels require
+    16-byte strides)."""
+    if not hasattr(torch, "_grouped_mm") or not grouped_kernels_on(x.device):
         return False
     dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)
     row_bytes = x.element_size()
