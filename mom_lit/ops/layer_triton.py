@@ -89,9 +89,10 @@ def _row_block(num_rows, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _source_rows(rows, offs, mask, GATHER: tl.constexpr):
-    """int64 source rows of the slot rows ``offs`` (>= 0): ``rows[offs]``, or ``offs`` itself without GATHER."""
-    if GATHER:
+def _mapped_rows(rows, offs, mask, MAPPED: tl.constexpr):
+    """int64 rows (of a source, or of a gradient's destination) of the slot rows ``offs`` (>= 0): ``rows[offs]``,
+    or ``offs`` itself when not MAPPED."""
+    if MAPPED:
         return tl.load(rows + offs, mask=mask, other=0).to(tl.int64)
     return offs.to(tl.int64)
 
@@ -106,7 +107,7 @@ def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col
         valid = mask_t & (pos >= s)
         # The row index is clamped arithmetically and loaded under the bounds mask alone: Triton 3.6 fails to
         # lower (layout conversion pass, sm90) a 1-D load whose mask derives from the loaded positions.
-        r = _source_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
+        r = _mapped_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
         x = tl.load(src + r[:, None] * src_stride + col[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
         w = tl.load(weight + col * W + (W - 1 - s), mask=mask_d, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
@@ -171,17 +172,14 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
         d = tl.load(dpre + ahead[:, :, None] * C + cols[None, None, :], mask=ok[:, :, None] & mask_c[None, None, :],
                     other=0.0).to(tl.float32)  # (WP, BT, BC)
         dx = tl.sum(d * w[:, None, :], axis=0)  # (BT, BC)
-        if SCATTER:
-            out_rows = tl.load(dst_rows + offs_t, mask=mask_t, other=0).to(tl.int64)
-        else:
-            out_rows = offs_t
+        out_rows = _mapped_rows(dst_rows, offs_t, mask_t, SCATTER)
         tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
                  mask=mask_t[:, None] & mask_c[None, :])
         # Filter gradient: the input s rows back is inside the segment when the position is at least s; its
         # source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
         pos = tl.load(position + offs_t, mask=mask_t, other=0)
         back = mask_w[:, None] & mask_t[None, :] & (pos[None, :] >= taps[:, None])  # (WP, BT)
-        src_row = _source_rows(rows, tl.maximum(offs_t[None, :] - taps[:, None], 0),
+        src_row = _mapped_rows(rows, tl.maximum(offs_t[None, :] - taps[:, None], 0),
                                mask_w[:, None] & mask_t[None, :], GATHER)
         x = tl.load(src + src_row[:, :, None] * src_stride + cols[None, None, :],
                     mask=back[:, :, None] & mask_c[None, None, :], other=0.0).to(tl.float32)  # (WP, BT, BC)
@@ -205,7 +203,7 @@ def _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, m
     d = tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :],
                 other=0.0).to(tl.float32)
     # The source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
-    src_row = _source_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
+    src_row = _mapped_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
     x = tl.load(src + src_row[:, None] * src_stride + cols[None, :],
                 mask=(mask_t & (pos >= s))[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
     return d * w[None, :], dp * x
@@ -250,10 +248,7 @@ def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, d
                                  L, 3, C, W, GATHER)
             dx += ddx
             acc3 += dw
-        if SCATTER:
-            out_rows = tl.load(dst_rows + offs_t, mask=mask_t, other=0).to(tl.int64)
-        else:
-            out_rows = offs_t
+        out_rows = _mapped_rows(dst_rows, offs_t, mask_t, SCATTER)
         tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
                  mask=mask_t[:, None] & mask_c[None, :])
     base = dweight + pid_r * W * C + cols
