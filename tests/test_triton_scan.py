@@ -195,6 +195,14 @@ def test_equal_rows_without_cu_seqlens_or_final_state():
     check_against_oracle(inputs, torch.float32, output_final_state=False)
 
 
+@pytest.mark.parametrize("rule", ["gated_delta", "linear"])
+def test_head_dims_that_leave_partial_state_blocks(rule):
+    # K = 80: the second 64-row register block of the sequential passes is partly outside the state; V = 40 is
+    # not a multiple of the value block: the masked loads and stores of states and token tiles
+    inputs = make_inputs(rule, lengths=[70, 1, 64], key_dim=80, value_dim=40)
+    check_against_oracle(inputs, torch.float32)
+
+
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
 def test_extreme_gates_and_write_strengths(rule):
     inputs = make_inputs(rule, lengths=[64, 75, 3], gates="extreme", seed=7)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_block, state_program
+from mom_lit.ops.triton.common import (chunk_rows, load_gates, load_state, mm, mm32, row_tile, rows_tile,
+                                      state_program, store_row_tile, store_state)
 
 __all__ = ["dqk_kernel", "du_local_kernel", "state_bwd_kernel", "wy_bwd_kernel"]
 
@@ -65,26 +66,15 @@ def du_local_kernel(q, k, gamma, do, du, chunk_seg, chunk_start, cu, scale,
 
 
 @triton.jit
-def _state_bwd_block(ds, q, k, w, tok, mr, col0: tl.constexpr, doc, duc, decay, to_end, from_start, scale,
-                     K: tl.constexpr, BKS: tl.constexpr, USE_G: tl.constexpr, IS_DELTA: tl.constexpr,
-                     MODE: tl.constexpr):
-    """dS0 = Gamma_C dS1 + Qg^T dO - W^T dU on rows col0 .. col0 + BKS of the state."""
-    qc = rows_tile(q, tok, mr, col0, K, BKS).to(tl.float32)
+def _state_bwd_block(ds, q, w, row0, ck, mr, col0: tl.constexpr, doc, duc, decay, H: tl.constexpr,
+                     K: tl.constexpr, USE_G: tl.constexpr, IS_DELTA: tl.constexpr, MODE: tl.constexpr):
+    """dS0 = Gamma_C dS1 + Q^T dO' - W^T dU on rows col0 .. col0 + BKS of the state (dO' = scale Gamma dO)."""
     if USE_G:
         ds = ds * decay
-        qc = qc * from_start
-    ds += mm(tl.trans(qc), doc, MODE) * scale
+    ds += mm(tl.trans(row_tile(q, row0, col0, ck, mr, H, K)), doc, MODE)
     if IS_DELTA:
-        ds -= mm(tl.trans(rows_tile(w, tok, mr, col0, K, BKS)), duc, MODE)
+        ds -= mm(tl.trans(row_tile(w, row0, col0, ck, mr, H, K)), duc, MODE)
     return ds
-
-
-@triton.jit
-def _key_to_end(k, tok, mr, col0: tl.constexpr, to_end, K: tl.constexpr, BKS: tl.constexpr, USE_G: tl.constexpr):
-    kc = rows_tile(k, tok, mr, col0, K, BKS)
-    if USE_G:
-        kc = kc.to(tl.float32) * to_end
-    return kc
 
 
 @triton.jit
@@ -95,69 +85,66 @@ def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, order,
     # the (K, BV) state gradient is held as up to four (BKS, BV) register blocks d1..d4, as in the forward
     NKS: tl.constexpr = (K + BKS - 1) // BKS
     nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, order, cu, H, V, BV)
-    base = nh.to(tl.int64) * K * V
-    p1, m1, d1 = state_block(dht, base, 0, rv, K, V, BKS, BV, HAS_DHT)
+    dht_seg = dht + nh.to(tl.int64) * K * V
+    d1 = load_state(dht_seg, 0, rv, K, V, BKS, HAS_DHT)
     if NKS > 1:
-        p2, m2, d2 = state_block(dht, base, BKS, rv, K, V, BKS, BV, HAS_DHT)
+        d2 = load_state(dht_seg, BKS, rv, K, V, BKS, HAS_DHT)
     if NKS > 2:
-        p3, m3, d3 = state_block(dht, base, 2 * BKS, rv, K, V, BKS, BV, HAS_DHT)
+        d3 = load_state(dht_seg, 2 * BKS, rv, K, V, BKS, HAS_DHT)
     if NKS > 3:
-        p4, m4, d4 = state_block(dht, base, 3 * BKS, rv, K, V, BKS, BV, HAS_DHT)
+        d4 = load_state(dht_seg, 3 * BKS, rv, K, V, BKS, HAS_DHT)
     rows = tl.arange(0, 64)
+    ck = tl.arange(0, BKS)  # key columns of one register block, from its first
     for i in range(0, c1 - c0):
         c = c1 - 1 - i  # int64 chunk id, last chunk first
         start = bos + (c - c0) * 64
         length = eos - start
         mr = rows < length
-        tok = (start + rows) * H + h
-        dh_base = (c * H + h) * K * V - base
-        out_ty = dh.dtype.element_ty
-        tl.store(dh + dh_base + p1, d1.to(out_ty), mask=m1)
+        row0 = start * H + h  # int64 (token, head) row of the chunk's first token
+        dh_c = dh + (c * H + h) * K * V
+        store_state(dh_c, 0, rv, d1, K, V, BKS)
         if NKS > 1:
-            tl.store(dh + dh_base + p2, d2.to(out_ty), mask=m2)
+            store_state(dh_c, BKS, rv, d2, K, V, BKS)
         if NKS > 2:
-            tl.store(dh + dh_base + p3, d3.to(out_ty), mask=m3)
+            store_state(dh_c, 2 * BKS, rv, d3, K, V, BKS)
         if NKS > 3:
-            tl.store(dh + dh_base + p4, d4.to(out_ty), mask=m4)
-        mv = mr[:, None] & (rv[None, :] < V)
-        doc = tl.load(do + tok[:, None] * V + rv[None, :], mask=mv, other=0.0)
-        duc = tl.load(du + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
+            store_state(dh_c, 3 * BKS, rv, d4, K, V, BKS)
+        # the gates scale the (BT, BV) tiles rather than every key block: (Q * Gamma)^T dO = Q^T (Gamma dO) and
+        # (K * exp(gamma_C - gamma)) dS1 = exp(gamma_C - gamma) (K dS1), so the token tiles go into the products
+        # as loaded
+        doc = row_tile(do, row0, 0, rv, mr, H, V).to(tl.float32) * scale
+        duc = row_tile(du, row0, 0, rv, mr, H, V).to(tl.float32)
         decay = 1.0
-        to_end = tl.full([64, 1], 1.0, dtype=tl.float32)
-        from_start = tl.full([64, 1], 1.0, dtype=tl.float32)
+        kd = mm(row_tile(k, row0, 0, ck, mr, H, K), d1, MODE)
+        if NKS > 1:
+            kd += mm(row_tile(k, row0, BKS, ck, mr, H, K), d2, MODE)
+        if NKS > 2:
+            kd += mm(row_tile(k, row0, 2 * BKS, ck, mr, H, K), d3, MODE)
+        if NKS > 3:
+            kd += mm(row_tile(k, row0, 3 * BKS, ck, mr, H, K), d4, MODE)
         if USE_G:
-            gam, g_last = load_gates(gamma, tok, mr, start, length, H, h)
+            gam, g_last = load_gates(gamma, row0 + rows * H, mr, start, length, H, h)
             decay = tl.exp(g_last)
-            to_end = tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
-            from_start = tl.exp(gam)[:, None]
-        # dU = P^T dO (already in du) + Kd dS1
-        duc += mm(_key_to_end(k, tok, mr, 0, to_end, K, BKS, USE_G), d1, MODE)
+            kd = kd * tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
+            doc = doc * tl.exp(gam)[:, None]
+        duc += kd  # dU = P^T dO (already in du) + Kd dS1
+        store_row_tile(du, row0, rv, mr, H, V, duc)
+        d1 = _state_bwd_block(d1, q, w, row0, ck, mr, 0, doc, duc, decay, H, K, USE_G, IS_DELTA, MODE)
         if NKS > 1:
-            duc += mm(_key_to_end(k, tok, mr, BKS, to_end, K, BKS, USE_G), d2, MODE)
+            d2 = _state_bwd_block(d2, q, w, row0, ck, mr, BKS, doc, duc, decay, H, K, USE_G, IS_DELTA, MODE)
         if NKS > 2:
-            duc += mm(_key_to_end(k, tok, mr, 2 * BKS, to_end, K, BKS, USE_G), d3, MODE)
+            d3 = _state_bwd_block(d3, q, w, row0, ck, mr, 2 * BKS, doc, duc, decay, H, K, USE_G, IS_DELTA, MODE)
         if NKS > 3:
-            duc += mm(_key_to_end(k, tok, mr, 3 * BKS, to_end, K, BKS, USE_G), d4, MODE)
-        tl.store(du + tok[:, None] * V + rv[None, :], duc.to(du.dtype.element_ty), mask=mv)
-        d1 = _state_bwd_block(d1, q, k, w, tok, mr, 0, doc, duc, decay, to_end, from_start, scale,
-                              K, BKS, USE_G, IS_DELTA, MODE)
-        if NKS > 1:
-            d2 = _state_bwd_block(d2, q, k, w, tok, mr, BKS, doc, duc, decay, to_end, from_start, scale,
-                                  K, BKS, USE_G, IS_DELTA, MODE)
-        if NKS > 2:
-            d3 = _state_bwd_block(d3, q, k, w, tok, mr, 2 * BKS, doc, duc, decay, to_end, from_start, scale,
-                                  K, BKS, USE_G, IS_DELTA, MODE)
-        if NKS > 3:
-            d4 = _state_bwd_block(d4, q, k, w, tok, mr, 3 * BKS, doc, duc, decay, to_end, from_start, scale,
-                                  K, BKS, USE_G, IS_DELTA, MODE)
+            d4 = _state_bwd_block(d4, q, w, row0, ck, mr, 3 * BKS, doc, duc, decay, H, K, USE_G, IS_DELTA, MODE)
     if STORE_DH0:
-        tl.store(dh0 + p1, d1, mask=m1)
+        dh0_seg = dh0 + nh.to(tl.int64) * K * V
+        store_state(dh0_seg, 0, rv, d1, K, V, BKS)
         if NKS > 1:
-            tl.store(dh0 + p2, d2, mask=m2)
+            store_state(dh0_seg, BKS, rv, d2, K, V, BKS)
         if NKS > 2:
-            tl.store(dh0 + p3, d3, mask=m3)
+            store_state(dh0_seg, 2 * BKS, rv, d3, K, V, BKS)
         if NKS > 3:
-            tl.store(dh0 + p4, d4, mask=m4)
+            store_state(dh0_seg, 3 * BKS, rv, d4, K, V, BKS)
 
 
 @triton.jit

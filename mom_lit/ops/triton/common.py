@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BT", "chunk_rows", "dot_mode", "load_gates", "mm", "mm32", "rows_tile", "state_tile_ptrs"]
+__all__ = ["BT", "chunk_rows", "dot_mode", "load_gates", "load_state", "mm", "mm32", "row_tile", "rows_tile",
+           "state_program", "store_row_tile", "store_state"]
 
 BT = 64  # chunk length: four 16-row blocks in the triangular solve
 
@@ -65,10 +66,62 @@ def rows_tile(ptr, tok, mr, col0: tl.constexpr, D: tl.constexpr, BD: tl.constexp
 
 
 @triton.jit
-def state_tile_ptrs(base, row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr):
-    """Offsets and mask of rows row0 .. row0 + BKS, columns rv, of one (K, V) state at ``base``."""
-    rk = row0 + tl.arange(0, BKS)
-    return base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
+def _tile_mask(mr, col0: tl.constexpr, cols, D: tl.constexpr):
+    """Rows ``mr`` of a tile; its columns col0 + cols need no mask when the tile width divides D (then every block
+    of columns lies inside)."""
+    if tl.constexpr(D) % cols.shape[0] == 0:
+        mask = mr[:, None]
+    else:
+        mask = mr[:, None] & (col0 + cols[None, :] < D)
+    return mask
+
+
+@triton.jit
+def row_tile(ptr, row0, col0: tl.constexpr, cols, mr, H: tl.constexpr, D: tl.constexpr):
+    """(BT, len(cols)) tile of a (T, H, D) tensor: the chunk whose first (token * H + head) row is ``row0``
+    (int64), columns col0 + cols.
+
+    For the sequential passes: the element offsets past the chunk's first element are int32 and the same for every
+    chunk, so the compiler computes them once per program instead of holding int64 addresses across the loop.
+    """
+    offs = tl.arange(0, 64)[:, None] * (H * D) + cols[None, :]
+    return tl.load(ptr + row0 * D + col0 + offs, mask=_tile_mask(mr, col0, cols, D), other=0.0)
+
+
+@triton.jit
+def store_row_tile(ptr, row0, cols, mr, H: tl.constexpr, D: tl.constexpr, value):
+    """Store ``value`` at the rows and columns :func:`row_tile` reads with col0 = 0, in ptr's dtype."""
+    offs = tl.arange(0, 64)[:, None] * (H * D) + cols[None, :]
+    tl.store(ptr + row0 * D + offs, value.to(ptr.dtype.element_ty), mask=_tile_mask(mr, 0, cols, D))
+
+
+@triton.jit
+def _state_block(row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr):
+    """int32 offsets (from row row0) and mask of rows row0 .. row0 + BKS, columns rv, of a (K, V) state."""
+    rk = tl.arange(0, BKS)
+    return rk[:, None] * V + rv[None, :], (row0 + rk[:, None] < K) & (rv[None, :] < V)
+
+
+@triton.jit
+def load_state(ptr, row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr,
+               LOAD: tl.constexpr):
+    """fp32 rows row0 .. row0 + BKS, columns rv, of the (K, V) state at ``ptr`` if LOAD, else zeros."""
+    s = tl.zeros([BKS, rv.shape[0]], dtype=tl.float32)
+    if LOAD:
+        offs, mask = _state_block(row0, rv, K, V, BKS)
+        s = tl.load(ptr + row0 * V + offs, mask=mask, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def store_state(ptr, row0: tl.constexpr, rv, value, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr):
+    """Store one register block of a state (as :func:`load_state` reads it) in ptr's dtype; unmasked where the
+    blocks divide K and V (the sequential passes store one per chunk)."""
+    offs, mask = _state_block(row0, rv, K, V, BKS)
+    if K % BKS == 0 and tl.constexpr(V) % rv.shape[0] == 0:
+        tl.store(ptr + row0 * V + offs, value.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + row0 * V + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -89,17 +142,6 @@ def state_program(chunk_offsets, order, cu, H: tl.constexpr, V: tl.constexpr, BV
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
     return nh, nh % H, vb * BV + tl.arange(0, BV), c0, c1, bos, eos
-
-
-@triton.jit
-def state_block(src, base, row0: tl.constexpr, rv, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr,
-                BV: tl.constexpr, LOAD: tl.constexpr):
-    """Offsets, mask and fp32 value of one (BKS, BV) register block of a state: read from ``src`` if LOAD, else 0."""
-    p, m = state_tile_ptrs(base, row0, rv, K, V, BKS)
-    s = tl.zeros([BKS, BV], dtype=tl.float32)
-    if LOAD:
-        s = tl.load(src + p, mask=m, other=0.0).to(tl.float32)
-    return p, m, s
 
 
 @triton.jit

@@ -23,7 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import chunk_rows, load_gates, mm, mm32, rows_tile, state_block, state_program
+from mom_lit.ops.triton.common import (chunk_rows, load_gates, load_state, mm, mm32, row_tile, state_program,
+                                      store_row_tile, store_state)
 
 __all__ = ["output_kernel", "state_fwd_kernel", "wy_apply_kernel", "wy_solve_kernel"]
 
@@ -217,72 +218,74 @@ def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu,
     # the (K, BV) state is held as up to four (BKS, BV) register blocks s1..s4 (K <= 4 * BKS)
     NKS: tl.constexpr = (K + BKS - 1) // BKS
     nh, h, rv, c0, c1, bos, eos = state_program(chunk_offsets, order, cu, H, V, BV)
-    h0_base = nh.to(tl.int64) * K * V
-    p1, m1, s1 = state_block(h0, h0_base, 0, rv, K, V, BKS, BV, HAS_H0)
+    h0_seg = h0 + nh.to(tl.int64) * K * V
+    s1 = load_state(h0_seg, 0, rv, K, V, BKS, HAS_H0)
     if NKS > 1:
-        p2, m2, s2 = state_block(h0, h0_base, BKS, rv, K, V, BKS, BV, HAS_H0)
+        s2 = load_state(h0_seg, BKS, rv, K, V, BKS, HAS_H0)
     if NKS > 2:
-        p3, m3, s3 = state_block(h0, h0_base, 2 * BKS, rv, K, V, BKS, BV, HAS_H0)
+        s3 = load_state(h0_seg, 2 * BKS, rv, K, V, BKS, HAS_H0)
     if NKS > 3:
-        p4, m4, s4 = state_block(h0, h0_base, 3 * BKS, rv, K, V, BKS, BV, HAS_H0)
+        s4 = load_state(h0_seg, 3 * BKS, rv, K, V, BKS, HAS_H0)
     rows = tl.arange(0, 64)
+    ck = tl.arange(0, BKS)  # key columns of one register block, from its first
     for j in range(0, c1 - c0):
         c = c0 + j  # int64 chunk id
         start = bos + j * 64
         length = eos - start
         mr = rows < length
-        tok = (start + rows) * H + h  # (BT,) int64
-        h_base = (c * H + h) * K * V - h0_base  # the state tile offsets above are relative to h0_base
-        out_ty = h_out.dtype.element_ty
-        tl.store(h_out + h_base + p1, s1.to(out_ty), mask=m1)
+        row0 = start * H + h  # int64 (token, head) row of the chunk's first token
+        h_c = h_out + (c * H + h) * K * V
+        store_state(h_c, 0, rv, s1, K, V, BKS)
         if NKS > 1:
-            tl.store(h_out + h_base + p2, s2.to(out_ty), mask=m2)
+            store_state(h_c, BKS, rv, s2, K, V, BKS)
         if NKS > 2:
-            tl.store(h_out + h_base + p3, s3.to(out_ty), mask=m3)
+            store_state(h_c, 2 * BKS, rv, s3, K, V, BKS)
         if NKS > 3:
-            tl.store(h_out + h_base + p4, s4.to(out_ty), mask=m4)
-        mv = mr[:, None] & (rv[None, :] < V)
-        if IS_DELTA and U_FINAL:
-            uc = tl.load(u + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
-        elif IS_DELTA:
-            uc = tl.load(u + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
-            uc -= mm(rows_tile(w, tok, mr, 0, K, BKS), s1, MODE)
-            if NKS > 1:
-                uc -= mm(rows_tile(w, tok, mr, BKS, K, BKS), s2, MODE)
-            if NKS > 2:
-                uc -= mm(rows_tile(w, tok, mr, 2 * BKS, K, BKS), s3, MODE)
-            if NKS > 3:
-                uc -= mm(rows_tile(w, tok, mr, 3 * BKS, K, BKS), s4, MODE)
-            tl.store(u + tok[:, None] * V + rv[None, :], uc.to(u.dtype.element_ty), mask=mv)
+            store_state(h_c, 3 * BKS, rv, s4, K, V, BKS)
+        if IS_DELTA:
+            uc = row_tile(u, row0, 0, rv, mr, H, V).to(tl.float32)
+            if not U_FINAL:
+                uc -= mm(row_tile(w, row0, 0, ck, mr, H, K), s1, MODE)
+                if NKS > 1:
+                    uc -= mm(row_tile(w, row0, BKS, ck, mr, H, K), s2, MODE)
+                if NKS > 2:
+                    uc -= mm(row_tile(w, row0, 2 * BKS, ck, mr, H, K), s3, MODE)
+                if NKS > 3:
+                    uc -= mm(row_tile(w, row0, 3 * BKS, ck, mr, H, K), s4, MODE)
+                store_row_tile(u, row0, rv, mr, H, V, uc)
+                # continue from U as stored, as a recomputation of the states reads it back
+                uc = uc.to(u.dtype.element_ty).to(tl.float32)
         else:
-            uc = tl.load(v + tok[:, None] * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
+            uc = row_tile(v, row0, 0, rv, mr, H, V).to(tl.float32)
         if USE_G:
-            gam, g_last = load_gates(gamma, tok, mr, start, length, H, h)
-            to_end = tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
+            # (K * exp(gamma_C - gamma))^T U as K^T (exp(gamma_C - gamma) U): the token tiles go into the products
+            # as loaded, and one (BT, BV) tile is scaled instead of every key block
+            gam, g_last = load_gates(gamma, row0 + rows * H, mr, start, length, H, h)
+            uc = uc * tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
             decay = tl.exp(g_last)
-            s1 = s1 * decay + mm(tl.trans(rows_tile(k, tok, mr, 0, K, BKS) * to_end), uc, MODE)
+            s1 *= decay
             if NKS > 1:
-                s2 = s2 * decay + mm(tl.trans(rows_tile(k, tok, mr, BKS, K, BKS) * to_end), uc, MODE)
+                s2 *= decay
             if NKS > 2:
-                s3 = s3 * decay + mm(tl.trans(rows_tile(k, tok, mr, 2 * BKS, K, BKS) * to_end), uc, MODE)
+                s3 *= decay
             if NKS > 3:
-                s4 = s4 * decay + mm(tl.trans(rows_tile(k, tok, mr, 3 * BKS, K, BKS) * to_end), uc, MODE)
-        else:
-            s1 += mm(tl.trans(rows_tile(k, tok, mr, 0, K, BKS)), uc, MODE)
-            if NKS > 1:
-                s2 += mm(tl.trans(rows_tile(k, tok, mr, BKS, K, BKS)), uc, MODE)
-            if NKS > 2:
-                s3 += mm(tl.trans(rows_tile(k, tok, mr, 2 * BKS, K, BKS)), uc, MODE)
-            if NKS > 3:
-                s4 += mm(tl.trans(rows_tile(k, tok, mr, 3 * BKS, K, BKS)), uc, MODE)
-    if STORE_HT:
-        tl.store(ht + p1, s1, mask=m1)
+                s4 *= decay
+        s1 += mm(tl.trans(row_tile(k, row0, 0, ck, mr, H, K)), uc, MODE)
         if NKS > 1:
-            tl.store(ht + p2, s2, mask=m2)
+            s2 += mm(tl.trans(row_tile(k, row0, BKS, ck, mr, H, K)), uc, MODE)
         if NKS > 2:
-            tl.store(ht + p3, s3, mask=m3)
+            s3 += mm(tl.trans(row_tile(k, row0, 2 * BKS, ck, mr, H, K)), uc, MODE)
         if NKS > 3:
-            tl.store(ht + p4, s4, mask=m4)
+            s4 += mm(tl.trans(row_tile(k, row0, 3 * BKS, ck, mr, H, K)), uc, MODE)
+    if STORE_HT:
+        ht_seg = ht + nh.to(tl.int64) * K * V
+        store_state(ht_seg, 0, rv, s1, K, V, BKS)
+        if NKS > 1:
+            store_state(ht_seg, BKS, rv, s2, K, V, BKS)
+        if NKS > 2:
+            store_state(ht_seg, 2 * BKS, rv, s3, K, V, BKS)
+        if NKS > 3:
+            store_state(ht_seg, 3 * BKS, rv, s4, K, V, BKS)
 
 
 @triton.jit

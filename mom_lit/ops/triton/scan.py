@@ -66,13 +66,15 @@ class LaunchConfig:
     their loops are never software-pipelined (num_stages 1).
     """
 
-    state_block_v: int = 64  # V-block of the sequential passes, whose (K, BV) fp32 state lives in registers
+    # V-block of the sequential passes, whose (K, BV) fp32 state lives in registers; with BV = 64 the backward pass's
+    # pipelined token tiles no longer fit an H200's shared memory at K = 256
+    state_block_v: int = 32
     wy_solve: Launch = Launch(4, 2)
     wy_apply: Launch = Launch(4, 1)
-    state_fwd: Launch = Launch(8, 2)
+    state_fwd: Launch = Launch(4, 2)
     output: Launch = Launch(4, 3)
     du_local: Launch = Launch(8, 3)
-    state_bwd: Launch = Launch(8, 2)
+    state_bwd: Launch = Launch(4, 2)
     dqk: Launch = Launch(8, 3)
     wy_bwd: Launch = Launch(4, 1)
     # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 inputs:
