@@ -223,8 +223,12 @@ def test_backward_with_kept_or_rebuilt_intermediates(rule, recompute):
     check_against_oracle(inputs, torch.float32, recompute=recompute)
 
 
-def test_recomputed_chunk_states_equal_the_forward_ones():
-    inputs = make_inputs("gated_delta", lengths=[70, 0, 1, 130], heads=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_recomputed_chunk_states_equal_the_forward_ones(dtype):
+    # in bf16 the forward rounds U to its stored precision before the state update, as the recomputation reads it
+    if dtype == torch.bfloat16 and not ON_GPU:
+        pytest.skip("bf16 kernels need a GPU (the interpreter mishandles bf16)")
+    inputs = make_inputs("gated_delta", lengths=[70, 0, 1, 130], heads=2, dtype=dtype)
     flat = {n: None if x is None else x.squeeze(0).contiguous()
             for n, x in inputs.items() if n in ("q", "k", "v", "g", "beta")}  # (T, H, *)
     cu = inputs["cu_seqlens"]
@@ -284,6 +288,28 @@ def test_gpu_wy_products_tf32_bf16(rule, monkeypatch):
     check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan)
 
 
+def test_bf16_wy_products_only_with_full_tiles(monkeypatch):
+    """bf16 operands in the products with the triangular inverse only where both dims fill 64-wide tiles (narrower
+    bf16 products faulted on an H200 with Triton 3.6); fp16 and fp32 never round them."""
+    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products="input"))
+    assert scan_module._wy_low(torch.bfloat16, 256, 256) and scan_module._wy_low(torch.bfloat16, 64, 128)
+    for K, V in ((32, 16), (64, 32), (128, 16), (32, 64)):
+        assert not scan_module._wy_low(torch.bfloat16, K, V)
+    assert not scan_module._wy_low(torch.float16, 256, 256) and not scan_module._wy_low(torch.float32, 256, 256)
+    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products="tf32"))
+    assert not scan_module._wy_low(torch.bfloat16, 256, 256)
+
+
+def test_value_tiles_never_narrower_than_key_tiles():
+    """Per-chunk kernels widen value tiles to the key tile's width (narrower ones faulted in bf16 on an H200)."""
+    assert scan_module._chunk_blocks(256, 256) == (64, 64)
+    assert scan_module._chunk_blocks(64, 32) == (64, 64)
+    assert scan_module._chunk_blocks(32, 16) == (32, 32)
+    assert scan_module._chunk_blocks(16, 256) == (16, 64)
+    assert scan_module._tiles(scan_module.Launch(4, 1), 64, 16) == {"BK": 64, "BV": 64}
+    assert scan_module._tiles(scan_module.Launch(4, 1, block_k=64, block_v=16), 64, 16) == {"BK": 64, "BV": 16}
+
+
 def test_launch_rejects_unknown_wy_products():
     with pytest.raises(ValueError, match="wy_products"):
         scan_module.LaunchConfig(wy_products="fp8")
@@ -340,7 +366,8 @@ def test_gpu_rules_mixed_lengths(rule, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("key_dim,value_dim", [(64, 64), (256, 256), (128, 64), (64, 256)])
+@pytest.mark.parametrize("key_dim,value_dim", [(64, 64), (256, 256), (128, 64), (64, 256), (32, 16), (64, 32),
+                                               (16, 16), (128, 32)])
 def test_gpu_head_dims_bf16(key_dim, value_dim):
     inputs = make_inputs("gated_delta", lengths=MIXED_LENGTHS, heads=4, key_dim=key_dim, value_dim=value_dim,
                          dtype=torch.bfloat16, seed=3)

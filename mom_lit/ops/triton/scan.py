@@ -79,8 +79,8 @@ class LaunchConfig:
     wy_bwd: Launch = Launch(4, 1)
     # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 inputs:
     # "tf32" keeps them fp32, "input" rounds them to bf16, which took wy_bwd from 0.61 to 0.43 ms at 8 x 2048 for
-    # ~10% more rounding error (BENCHMARKS.md). fp16 inputs always keep fp32 operands (fp16's range is too narrow for
-    # these gradients), fp32 inputs exact ones.
+    # ~10% more rounding error (BENCHMARKS.md), for key and value dims >= 64 (see _wy_low). fp16 inputs always keep
+    # fp32 operands (fp16's range is too narrow for these gradients), fp32 inputs exact ones.
     wy_products: str = "input"
 
     def __post_init__(self) -> None:
@@ -103,27 +103,43 @@ def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
-def _wy_low(dtype: torch.dtype) -> bool:
-    """Whether the products with the triangular inverse round their operands to the input precision."""
-    return LAUNCH.wy_products == "input" and dtype == torch.bfloat16
+def _wy_low(dtype: torch.dtype, K: int, V: int) -> bool:
+    """Whether the products with the triangular inverse round their operands to the input precision.
+
+    Only with key and value dims of at least 64 (full 64-wide tiles): with Triton 3.6 on an H200, wy_apply's bf16
+    products faulted (illegal memory access) at (K, V) = (32, 16), (48, 16), (64, 16), (64, 32) and (128, 16),
+    while (32, 32), (32, 64) and every dim >= 64 ran correctly; narrower dims keep fp32 operands.
+    """
+    return LAUNCH.wy_products == "input" and dtype == torch.bfloat16 and min(K, V) >= 64
+
+
+def _chunk_blocks(K: int, V: int) -> tuple[int, int]:
+    """Key and value tile widths of the per-chunk kernels: up to 64, value tiles never narrower than key tiles
+    (masked past V). With Triton 3.6 on an H200, bf16 kernels with narrower value tiles faulted (illegal memory
+    access: wy_apply at (K, V) = (32, 16), (48, 16), (64, 16), (64, 32), (128, 16), and a later kernel of the
+    backward at (64, 32)), while every case measured with BV >= BK ran correctly."""
+    BK = _block(K)
+    return BK, max(BK, _block(V))
 
 
 def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
-    """BK and BV of a per-chunk backward kernel: the launch's tile widths (capped at the padded dims) or 64."""
-    return {"BK": _block(K, launch.block_k or 64), "BV": _block(V, launch.block_v or 64)}
+    """BK and BV of a per-chunk backward kernel: the launch's tile widths (capped at the padded dims) or those of
+    :func:`_chunk_blocks`."""
+    BK, BV = _chunk_blocks(K, V)
+    return {"BK": _block(K, launch.block_k) if launch.block_k else BK,
+            "BV": _block(V, launch.block_v) if launch.block_v else BV}
 
 
 def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
     """Packed inputs (T, H, *) -> o, final states, and what the backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
-    N = cu.numel() - 1
     index = build_chunk_index(cu, T, BT)
     NC = index.max_chunks
     use_g, is_delta = g is not None, beta is not None
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
-    BK, BV = _block(K), _block(V)
+    BK, BV = _chunk_blocks(K, V)
 
     gamma = _empty(T, H, dtype=torch.float32, device=q.device) if use_g else dummy
     tinv = w = u = None
@@ -158,12 +174,13 @@ def _wy_apply(k, v, beta, gamma, tinv, index, cu):
     w = _empty(T, H, K, dtype=k.dtype, device=k.device)
     u = _empty(T, H, V, dtype=k.dtype, device=k.device)
     mode = dot_mode(k.dtype)
+    BK, BV = _chunk_blocks(K, V)
     if index.max_chunks > 0:
         fwd.wy_apply_kernel[(index.max_chunks, H)](
             k, v, beta, gamma if gamma is not None else k.new_empty(1, dtype=torch.float32), tinv, w, u,
             index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, V=V, BK=_block(K), BV=_block(V), USE_G=gamma is not None, MODE=mode,
-            LOW=_wy_low(k.dtype), **_options(LAUNCH.wy_apply, mode))
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=gamma is not None, MODE=mode,
+            LOW=_wy_low(k.dtype, K, V), **_options(LAUNCH.wy_apply, mode))
     return w, u
 
 
@@ -207,7 +224,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     use_g, is_delta = g is not None, beta is not None
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
-    BK, BV = _block(K), _block(V)
+    BK, BV = _chunk_blocks(K, V)
 
     # dU, dW and the first part of dK pass between kernels in bf16 for bf16 inputs (halving the backward's largest
     # intermediate traffic; every product that reads them rounds its operands to bf16 or tf32 anyway), in fp32
@@ -250,7 +267,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, V=V, **_tiles(LAUNCH.wy_bwd, K, V), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            LOW=_wy_low(q.dtype), **_options(LAUNCH.wy_bwd, mode))
+            LOW=_wy_low(q.dtype, K, V), **_options(LAUNCH.wy_bwd, mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
 
