@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import (chunk_rows, load_gates, load_state, mm, mm32, row_tile, rows_tile,
-                                      state_program, store_row_tile, store_state)
+from mom_lit.ops.triton.common import (chunk_rows, load_gates, load_state, mm, mm32, chunk_tile, rows_tile,
+                                      state_program, store_chunk_tile, store_state)
 
 __all__ = ["dqk_kernel", "du_local_kernel", "state_bwd_kernel", "wy_bwd_kernel"]
 
@@ -71,9 +71,9 @@ def _state_bwd_block(ds, q, w, row0, ck, mr, col0: tl.constexpr, doc, duc, decay
     """dS0 = Gamma_C dS1 + Q^T dO' - W^T dU on rows col0 .. col0 + BKS of the state (dO' = scale Gamma dO)."""
     if USE_G:
         ds = ds * decay
-    ds += mm(tl.trans(row_tile(q, row0, col0, ck, mr, H, K)), doc, MODE)
+    ds += mm(tl.trans(chunk_tile(q, row0, col0, ck, mr, H, K)), doc, MODE)
     if IS_DELTA:
-        ds -= mm(tl.trans(row_tile(w, row0, col0, ck, mr, H, K)), duc, MODE)
+        ds -= mm(tl.trans(chunk_tile(w, row0, col0, ck, mr, H, K)), duc, MODE)
     return ds
 
 
@@ -112,23 +112,23 @@ def state_bwd_kernel(q, k, w, gamma, do, du, dh, dht, dh0, chunk_offsets, order,
         # the gates scale the (BT, BV) tiles rather than every key block: (Q * Gamma)^T dO = Q^T (Gamma dO) and
         # (K * exp(gamma_C - gamma)) dS1 = exp(gamma_C - gamma) (K dS1), so the token tiles go into the products
         # as loaded
-        doc = row_tile(do, row0, 0, rv, mr, H, V).to(tl.float32) * scale
-        duc = row_tile(du, row0, 0, rv, mr, H, V).to(tl.float32)
+        doc = chunk_tile(do, row0, 0, rv, mr, H, V).to(tl.float32) * scale
+        duc = chunk_tile(du, row0, 0, rv, mr, H, V).to(tl.float32)
         decay = 1.0
-        kd = mm(row_tile(k, row0, 0, ck, mr, H, K), d1, MODE)
+        kd = mm(chunk_tile(k, row0, 0, ck, mr, H, K), d1, MODE)
         if NKS > 1:
-            kd += mm(row_tile(k, row0, BKS, ck, mr, H, K), d2, MODE)
+            kd += mm(chunk_tile(k, row0, BKS, ck, mr, H, K), d2, MODE)
         if NKS > 2:
-            kd += mm(row_tile(k, row0, 2 * BKS, ck, mr, H, K), d3, MODE)
+            kd += mm(chunk_tile(k, row0, 2 * BKS, ck, mr, H, K), d3, MODE)
         if NKS > 3:
-            kd += mm(row_tile(k, row0, 3 * BKS, ck, mr, H, K), d4, MODE)
+            kd += mm(chunk_tile(k, row0, 3 * BKS, ck, mr, H, K), d4, MODE)
         if USE_G:
             gam, g_last = load_gates(gamma, row0 + rows * H, mr, start, length, H, h)
             decay = tl.exp(g_last)
             kd = kd * tl.exp(tl.where(mr, g_last - gam, 0.0))[:, None]
             doc = doc * tl.exp(gam)[:, None]
         duc += kd  # dU = P^T dO (already in du) + Kd dS1
-        store_row_tile(du, row0, rv, mr, H, V, duc)
+        store_chunk_tile(du, row0, rv, mr, H, V, duc)
         d1 = _state_bwd_block(d1, q, w, row0, ck, mr, 0, doc, duc, decay, H, K, USE_G, IS_DELTA, MODE)
         if NKS > 1:
             d2 = _state_bwd_block(d2, q, w, row0, ck, mr, BKS, doc, duc, decay, H, K, USE_G, IS_DELTA, MODE)

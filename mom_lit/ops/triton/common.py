@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BT", "chunk_rows", "dot_mode", "load_gates", "load_state", "mm", "mm32", "row_tile", "rows_tile",
-           "state_program", "store_row_tile", "store_state"]
+__all__ = ["BT", "chunk_rows", "chunk_tile", "dot_mode", "load_gates", "load_state", "mm", "mm32", "rows_tile",
+           "state_program", "store_chunk_tile", "store_state"]
 
 BT = 64  # chunk length: four 16-row blocks in the triangular solve
 
@@ -77,7 +77,7 @@ def _tile_mask(mr, col0: tl.constexpr, cols, D: tl.constexpr):
 
 
 @triton.jit
-def row_tile(ptr, row0, col0: tl.constexpr, cols, mr, H: tl.constexpr, D: tl.constexpr):
+def chunk_tile(ptr, row0, col0: tl.constexpr, cols, mr, H: tl.constexpr, D: tl.constexpr):
     """(BT, len(cols)) tile of a (T, H, D) tensor: the chunk whose first (token * H + head) row is ``row0``
     (int64), columns col0 + cols.
 
@@ -89,8 +89,8 @@ def row_tile(ptr, row0, col0: tl.constexpr, cols, mr, H: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def store_row_tile(ptr, row0, cols, mr, H: tl.constexpr, D: tl.constexpr, value):
-    """Store ``value`` at the rows and columns :func:`row_tile` reads with col0 = 0, in ptr's dtype."""
+def store_chunk_tile(ptr, row0, cols, mr, H: tl.constexpr, D: tl.constexpr, value):
+    """Store ``value`` at the rows and columns :func:`chunk_tile` reads with col0 = 0, in ptr's dtype."""
     offs = tl.arange(0, 64)[:, None] * (H * D) + cols[None, :]
     tl.store(ptr + row0 * D + offs, value.to(ptr.dtype.element_ty), mask=_tile_mask(mr, 0, cols, D))
 

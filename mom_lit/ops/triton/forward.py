@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import (chunk_rows, load_gates, load_state, mm, mm32, row_tile, state_program,
-                                      store_row_tile, store_state)
+from mom_lit.ops.triton.common import (chunk_rows, load_gates, load_state, mm, mm32, chunk_tile, state_program,
+                                      store_chunk_tile, store_state)
 
 __all__ = ["output_kernel", "state_fwd_kernel", "wy_apply_kernel", "wy_solve_kernel"]
 
@@ -243,20 +243,20 @@ def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu,
         if NKS > 3:
             store_state(h_c, 3 * BKS, rv, s4, K, V, BKS)
         if IS_DELTA:
-            uc = row_tile(u, row0, 0, rv, mr, H, V).to(tl.float32)
+            uc = chunk_tile(u, row0, 0, rv, mr, H, V).to(tl.float32)
             if not U_FINAL:
-                uc -= mm(row_tile(w, row0, 0, ck, mr, H, K), s1, MODE)
+                uc -= mm(chunk_tile(w, row0, 0, ck, mr, H, K), s1, MODE)
                 if NKS > 1:
-                    uc -= mm(row_tile(w, row0, BKS, ck, mr, H, K), s2, MODE)
+                    uc -= mm(chunk_tile(w, row0, BKS, ck, mr, H, K), s2, MODE)
                 if NKS > 2:
-                    uc -= mm(row_tile(w, row0, 2 * BKS, ck, mr, H, K), s3, MODE)
+                    uc -= mm(chunk_tile(w, row0, 2 * BKS, ck, mr, H, K), s3, MODE)
                 if NKS > 3:
-                    uc -= mm(row_tile(w, row0, 3 * BKS, ck, mr, H, K), s4, MODE)
-                store_row_tile(u, row0, rv, mr, H, V, uc)
+                    uc -= mm(chunk_tile(w, row0, 3 * BKS, ck, mr, H, K), s4, MODE)
+                store_chunk_tile(u, row0, rv, mr, H, V, uc)
                 # continue from U as stored, as a recomputation of the states reads it back
                 uc = uc.to(u.dtype.element_ty).to(tl.float32)
         else:
-            uc = row_tile(v, row0, 0, rv, mr, H, V).to(tl.float32)
+            uc = chunk_tile(v, row0, 0, rv, mr, H, V).to(tl.float32)
         if USE_G:
             # (K * exp(gamma_C - gamma))^T U as K^T (exp(gamma_C - gamma) U): the token tiles go into the products
             # as loaded, and one (BT, BV) tile is scaled instead of every key block
@@ -270,13 +270,13 @@ def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu,
                 s3 *= decay
             if NKS > 3:
                 s4 *= decay
-        s1 += mm(tl.trans(row_tile(k, row0, 0, ck, mr, H, K)), uc, MODE)
+        s1 += mm(tl.trans(chunk_tile(k, row0, 0, ck, mr, H, K)), uc, MODE)
         if NKS > 1:
-            s2 += mm(tl.trans(row_tile(k, row0, BKS, ck, mr, H, K)), uc, MODE)
+            s2 += mm(tl.trans(chunk_tile(k, row0, BKS, ck, mr, H, K)), uc, MODE)
         if NKS > 2:
-            s3 += mm(tl.trans(row_tile(k, row0, 2 * BKS, ck, mr, H, K)), uc, MODE)
+            s3 += mm(tl.trans(chunk_tile(k, row0, 2 * BKS, ck, mr, H, K)), uc, MODE)
         if NKS > 3:
-            s4 += mm(tl.trans(row_tile(k, row0, 3 * BKS, ck, mr, H, K)), uc, MODE)
+            s4 += mm(tl.trans(chunk_tile(k, row0, 3 * BKS, ck, mr, H, K)), uc, MODE)
     if STORE_HT:
         ht_seg = ht + nh.to(tl.int64) * K * V
         store_state(ht_seg, 0, rv, s1, K, V, BKS)

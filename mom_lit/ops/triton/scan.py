@@ -115,9 +115,12 @@ def _wy_low(dtype: torch.dtype, K: int, V: int) -> bool:
 
 def _chunk_blocks(K: int, V: int) -> tuple[int, int]:
     """Key and value tile widths of the per-chunk kernels: up to 64, value tiles never narrower than key tiles
-    (masked past V). With Triton 3.6 on an H200, bf16 kernels with narrower value tiles faulted (illegal memory
-    access: wy_apply at (K, V) = (32, 16), (48, 16), (64, 16), (64, 32), (128, 16), and a later kernel of the
-    backward at (64, 32)), while every case measured with BV >= BK ran correctly."""
+    (masked past V).
+
+    A precaution, not yet confirmed on a GPU: with Triton 3.6 on an H200, bf16 inputs faulted (illegal memory
+    access) at small head dims with value tiles narrower than key tiles (see :func:`_wy_low`; with that guard, a
+    kernel after wy_apply still faulted at (K, V) = (64, 32)), while the cases with BV >= BK ran. The fault's kernel
+    was not isolated; 64-wide tiles at K, V >= 64 (every shipped config) are unchanged."""
     BK = _block(K)
     return BK, max(BK, _block(V))
 
