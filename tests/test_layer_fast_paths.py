@@ -31,6 +31,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NATIVE = torch.cuda.is_available()
 kernels = pytest.mark.skipif(not (NATIVE or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if NATIVE else "cpu"
+# fp32 everywhere the kernels run; bf16 natively on a GPU only (the interpreter mishandles bf16)
+bf16_native = pytest.mark.skipif(not NATIVE, reason="the interpreter mishandles bf16")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16", marks=bf16_native)]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,7 +96,7 @@ def _reference(q_src, kv_src, weight, layout, heads, key_dim, value_dim, extra):
 
 
 @kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,seq_len,heads,key_dim,value_dim,width", [
     pytest.param(2, 37, 2, 16, 24, 4, id="K!=V,odd"),
     pytest.param(3, 5, 1, 32, 32, 3, id="short-segments"),
@@ -102,8 +105,6 @@ def _reference(q_src, kv_src, weight, layout, heads, key_dim, value_dim, extra):
 ])
 def test_slot_conv_matches_gather_then_convolve(dtype, batch, seq_len, heads, key_dim, value_dim, width,
                                                 conv_launch):
-    if dtype == torch.bfloat16 and not NATIVE:
-        pytest.skip("the interpreter mishandles bf16")
     gen = torch.Generator().manual_seed(42)
     num_memories, topk, extra = 4, 2, 2 * heads
     streams = num_memories + 1
@@ -226,14 +227,12 @@ def test_projected_slot_conv_matches_projections_then_slot_conv(mode, monkeypatc
 
 
 @kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slots,heads,dim,gated", [
     pytest.param(3, 2, 16, True, id="J3-gated"),
     pytest.param(1, 3, 24, False, id="J1-ungated-D24"),
 ])
 def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, gated, launch):
-    if dtype == torch.bfloat16 and not NATIVE:
-        pytest.skip("the interpreter mishandles bf16")
     gen = torch.Generator().manual_seed(42)
     num_tokens = 45
     memory = _routing(num_tokens, 4, slots - 1, gen) if slots > 1 else torch.zeros(num_tokens, 1, dtype=torch.long)
@@ -270,11 +269,9 @@ def test_mix_stage_matches_unsort_sum_and_gated_norm(dtype, slots, heads, dim, g
 
 
 @kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens,slots,channels", [(45, 3, 40), (9, 1, 16), (0, 3, 8)])
 def test_slot_sum_adds_each_tokens_slots(dtype, num_tokens, slots, channels, launch):
-    if dtype == torch.bfloat16 and not NATIVE:
-        pytest.skip("the interpreter mishandles bf16")
     gen = torch.Generator().manual_seed(3)
     memory = _routing(num_tokens, 4, slots - 1, gen) if slots > 1 else torch.zeros(num_tokens, 1, dtype=torch.long)
     rank = build_layout(memory, torch.zeros(num_tokens, dtype=torch.long), 1, 5).rank.to(DEVICE)
@@ -546,7 +543,7 @@ def test_lean_activation_memory_rebuilds_scan_inputs(rule, projections, monkeypa
     torch.testing.assert_close(out_lean, out, **(dict(rtol=0, atol=0) if not NATIVE else tol))
     for name, grad in grads.items():
         torch.testing.assert_close(grads_lean[name], grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
-    tokens, streams = batch * seq_len, cfg.num_streams
+    tokens = batch * seq_len
     slots = tokens * 3  # top-2 + shared
     K, V, H, elt = cfg.head_dim, cfg.head_v_dim, cfg.num_heads, x.element_size()
     per_slot_and_head = 2 * K + V + (K + V if rule == "gated_delta" else 0)  # q, k, v (+ W, U)
