@@ -252,11 +252,11 @@ def test_recomputed_chunk_states_equal_the_forward_ones(dtype):
 @pytest.mark.parametrize("tiles", [(16, 16), (64, 16), (16, 64)], ids=["narrow", "wide-k", "wide-v"])
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
 def test_backward_tile_widths(rule, tiles, monkeypatch):
-    """dqk and wy_bwd loop over key and value tiles of their launch's widths: several tiles per dim, or one wider
-    than the dim (capped), give the same gradients."""
+    """The per-chunk kernels loop over (or split into programs by) key and value tiles of their launch's widths:
+    several tiles per dim, or one wider than the dim (capped), give the same outputs and gradients."""
     block_k, block_v = tiles
-    launch = scan_module.LaunchConfig(dqk=scan_module.Launch(4, 2, block_k, block_v),
-                                      wy_bwd=scan_module.Launch(4, 1, block_k, block_v))
+    launch = scan_module.LaunchConfig(**{name: scan_module.Launch(4, 2, block_k, block_v)
+                                         for name in ("output", "du_local", "dqk", "wy_bwd")})
     monkeypatch.setattr(scan_module, "LAUNCH", launch)
     inputs = make_inputs(rule, lengths=[70, 1, 45], key_dim=32, value_dim=48)
     check_against_oracle(inputs, torch.float32)
@@ -304,13 +304,16 @@ def test_bf16_wy_products_only_with_full_tiles(monkeypatch):
 
 def test_value_tiles_never_narrower_than_key_tiles():
     """Per-chunk kernels widen value tiles to the key tile's width (a precaution against the bf16 faults seen on an
-    H200 at narrow head dims); explicit launch tile widths are kept."""
+    H200 at narrow head dims); explicit launch tile widths are kept from a value dim of 64 on."""
     assert scan_module._chunk_blocks(256, 256) == (64, 64)
     assert scan_module._chunk_blocks(64, 32) == (64, 64)
     assert scan_module._chunk_blocks(32, 16) == (32, 32)
     assert scan_module._chunk_blocks(16, 256) == (16, 64)
     assert scan_module._tiles(scan_module.Launch(4, 1), 64, 16) == {"BK": 64, "BV": 64}
-    assert scan_module._tiles(scan_module.Launch(4, 1, block_k=64, block_v=16), 64, 16) == {"BK": 64, "BV": 16}
+    assert scan_module._tiles(scan_module.Launch(4, 1, block_k=64, block_v=16), 64, 16) == {"BK": 64, "BV": 64}
+    assert scan_module._tiles(scan_module.Launch(4, 1, block_k=128, block_v=64), 128, 32) == {"BK": 128, "BV": 128}
+    assert scan_module._tiles(scan_module.Launch(4, 1, block_k=128, block_v=64), 256, 256) == {"BK": 128, "BV": 64}
+    assert scan_module._tiles(scan_module.Launch(4, 1, block_k=16, block_v=16), 32, 48) == {"BK": 16, "BV": 16}
 
 
 def test_launch_rejects_unknown_wy_products():

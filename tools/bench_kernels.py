@@ -192,7 +192,7 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
     state_combos = [(8, 1, 32), (8, 2, 32), (8, 1, 16), (8, 2, 16), (4, 1, 16), (4, 2, 16), (8, 1, 64), (4, 1, 32),
                     (8, 2, 64), (8, 3, 32), (4, 2, 32), (4, 2, 64)]
     results = []  # (kernel, (warps, stages, block_v or None), ms)
-    base = scan_module.LAUNCH  # the tile widths of dqk and wy_bwd stay as they are (--sweep-tiles varies them)
+    base = scan_module.LAUNCH  # the tile widths of the per-chunk kernels stay as they are (--sweep-tiles varies them)
     for i, (warps, stages, block_v) in enumerate(state_combos):
         chunk = Launch(*chunk_combos[i % len(chunk_combos)])
         cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(chunk, base, name) for name in CHUNK_KERNELS},
@@ -236,9 +236,9 @@ def _with_tiles(launch: Launch, base: LaunchConfig, name: str) -> Launch:
     return dataclasses.replace(launch, block_k=kept.block_k, block_v=kept.block_v)
 
 
-TILE_KERNELS = ("dqk", "wy_bwd")
+TILE_KERNELS = ("output", "du_local", "dqk", "wy_bwd")
 # (block_k, block_v): BK 256 needs more shared memory than an H200 has; BV 32 was slower there at every setting
-TILE_WIDTHS = ((64, 64), (128, 64), (64, 128))
+TILE_WIDTHS = ((64, 64), (128, 64), (64, 128), (64, 256))
 TILE_LAUNCHES = ((4, 1), (4, 2), (8, 2), (8, 3), (8, 4), (16, 2), (16, 3))  # (warps, stages)
 
 
@@ -247,7 +247,8 @@ def _tile_label(launch: Launch) -> str:
 
 
 def sweep_tiles(inputs) -> tuple[LaunchConfig, list[str]]:
-    """Time dqk and wy_bwd under several tile widths and launch settings; return the fastest per kernel."""
+    """Time the per-chunk kernels with tile widths under several tile widths and launch settings; return the
+    fastest per kernel (settings that exceed the shared memory are skipped)."""
     base = scan_module.LAUNCH
     results = []  # (kernel, Launch, ms)
     for block_k, block_v in TILE_WIDTHS:
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--sweep", action="store_true", help="time several launch configs on the first shape")
     parser.add_argument("--sweep-tiles", action="store_true",
-                        help="time tile widths and launch settings of dqk and wy_bwd on the first shape")
+                        help="time tile widths and launch settings of output, du_local, dqk and wy_bwd on the first "
+                             "shape")
     parser.add_argument("--launch-json", default=None,
                         help="write the scan's launch settings in use after the sweeps here (for bench_layer.py "
                              "--scan-launch-json)")
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         best, lines = sweep_tiles(inputs)
         diff = max_relative_difference(inputs, before, best)
         scan_module.LAUNCH = best
-        report += [f"\nTile sweep of dqk and wy_bwd at {B} x {T} (ms per fwd+bwd):", *lines,
+        report += [f"\nTile sweep of the per-chunk kernels at {B} x {T} (ms per fwd+bwd):", *lines,
                    f"\nfastest: {', '.join(f'{n}={getattr(best, n)}' for n in TILE_KERNELS)}",
                    f"largest relative difference of o and gradients against the settings before: {diff:.1e}"]
         print("\n".join(report[-4:]), flush=True)

@@ -41,9 +41,10 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 @dataclass(frozen=True)
 class Launch:
-    """Warps and software-pipelining depth of one kernel, and for the per-chunk backward kernels (dqk, wy_bwd)
-    their key and value tile widths (0: up to 64). Wider key tiles cut the reloads of the (chunk, V-block) row
-    tiles that dqk reads again for every key block, at the cost of registers."""
+    """Warps and software-pipelining depth of one kernel, and for the per-chunk kernels (output, du_local, dqk,
+    wy_bwd) their key and value tile widths (0: up to 64). Wider tiles mean fewer programs per chunk, each with more
+    registers: output and du_local form Q K^T again in every value block's program, dqk forms dO U^T again in
+    every key block's."""
 
     num_warps: int
     num_stages: int
@@ -72,11 +73,11 @@ class LaunchConfig:
     wy_solve: Launch = Launch(4, 2)
     wy_apply: Launch = Launch(4, 1)
     state_fwd: Launch = Launch(4, 2)
-    output: Launch = Launch(4, 3)
-    du_local: Launch = Launch(8, 3)
+    output: Launch = Launch(8, 3, block_k=64, block_v=128)
+    du_local: Launch = Launch(8, 3, block_k=64, block_v=256)  # one program per chunk: Q K^T formed once
     state_bwd: Launch = Launch(4, 2)
-    dqk: Launch = Launch(8, 3)
-    wy_bwd: Launch = Launch(4, 1)
+    dqk: Launch = Launch(8, 3, block_k=128, block_v=64)  # two key-block programs per chunk
+    wy_bwd: Launch = Launch(4, 2, block_k=64, block_v=128)
     # operands of the products with the chunk's triangular inverse (W, U and their gradients) for bf16 inputs:
     # "tf32" keeps them fp32, "input" rounds them to bf16, which took wy_bwd from 0.61 to 0.43 ms at 8 x 2048 for
     # ~10% more rounding error (BENCHMARKS.md), for key and value dims >= 64 (see _wy_low). fp16 inputs always keep
@@ -126,11 +127,12 @@ def _chunk_blocks(K: int, V: int) -> tuple[int, int]:
 
 
 def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
-    """BK and BV of a per-chunk backward kernel: the launch's tile widths (capped at the padded dims) or those of
-    :func:`_chunk_blocks`."""
+    """BK and BV of a per-chunk kernel: the launch's tile widths (capped at the padded dims) or those of
+    :func:`_chunk_blocks`; below a value dim of 64, value tiles are never narrower than key tiles (as there)."""
     BK, BV = _chunk_blocks(K, V)
-    return {"BK": _block(K, launch.block_k) if launch.block_k else BK,
-            "BV": _block(V, launch.block_v) if launch.block_v else BV}
+    BK = _block(K, launch.block_k) if launch.block_k else BK
+    BV = _block(V, launch.block_v) if launch.block_v else BV
+    return {"BK": BK, "BV": max(BV, BK) if V < 64 else BV}
 
 
 def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
@@ -142,7 +144,7 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
     use_g, is_delta = g is not None, beta is not None
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
-    BK, BV = _chunk_blocks(K, V)
+    BK = _chunk_blocks(K, V)[0]
 
     gamma = _empty(T, H, dtype=torch.float32, device=q.device) if use_g else dummy
     tinv = w = u = None
@@ -160,9 +162,10 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
     h, ht = _state_pass(k, v, w, u, gamma if use_g else None, h0, index, cu, output_final_state, u_final=False)
     o = _empty(T, H, V, dtype=v.dtype, device=q.device)
     if NC > 0:
-        fwd.output_kernel[(NC * triton.cdiv(V, BV), H)](
+        tiles = _tiles(LAUNCH.output, K, V)
+        fwd.output_kernel[(NC * triton.cdiv(V, tiles["BV"]), H)](
             q, k, v, u if is_delta else dummy, gamma, h, o, index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            H=H, K=K, V=V, **tiles, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.output, mode))
     keep_wu = recompute != "wy"
     saved = (index, gamma if use_g else None, tinv, w if keep_wu else None, u if keep_wu else None,
@@ -227,7 +230,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     use_g, is_delta = g is not None, beta is not None
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
-    BK, BV = _chunk_blocks(K, V)
+    BK = _chunk_blocks(K, V)[0]
 
     # dU, dW and the first part of dK pass between kernels in bf16 for bf16 inputs (halving the backward's largest
     # intermediate traffic; every product that reads them rounds its operands to bf16 or tf32 anyway), in fp32
@@ -235,9 +238,10 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     grad_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     du = _empty(T, H, V, dtype=grad_dtype, device=q.device)
     if NC > 0:
-        bwd.du_local_kernel[(NC * triton.cdiv(V, BV), H)](
+        tiles = _tiles(LAUNCH.du_local, K, V)
+        bwd.du_local_kernel[(NC * triton.cdiv(V, tiles["BV"]), H)](
             q, k, gamma if use_g else dummy, do, du, index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_G=use_g, MODE=mode,
+            H=H, K=K, V=V, **tiles, USE_G=use_g, MODE=mode,
             **_options(LAUNCH.du_local, mode))
     dh = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
@@ -252,12 +256,14 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(T, H, K, dtype=grad_dtype if is_delta else k.dtype, device=q.device)
     dw = _empty(T, H, K, dtype=grad_dtype, device=q.device) if is_delta else dummy
-    dgam = _empty(T, H, dtype=torch.float32, device=q.device) if use_g else dummy
+    dqk_tiles = _tiles(LAUNCH.dqk, K, V)
+    dgam_parts = triton.cdiv(K, dqk_tiles["BK"])  # dqk writes one dgamma slice per key block
+    dgam = _empty(dgam_parts, T, H, dtype=torch.float32, device=q.device) if use_g else dummy
     if NC > 0:
-        bwd.dqk_kernel[(NC, H)](
+        bwd.dqk_kernel[(NC * dgam_parts, H)](
             q, k, u if is_delta else v, gamma if use_g else dummy, h, dh, do, du, dq, dk, dw, dgam,
-            index.chunk_seg, index.chunk_start, cu, scale,
-            H=H, K=K, V=V, **_tiles(LAUNCH.dqk, K, V), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            index.chunk_seg, index.chunk_start, cu, scale, T * H,
+            H=H, K=K, V=V, **dqk_tiles, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.dqk, mode))
 
     dg = _empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
@@ -268,9 +274,9 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
         bwd.wy_bwd_kernel[(NC, H)](
             k, v, beta if is_delta else dummy, gamma if use_g else dummy, tinv if is_delta else dummy,
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
-            index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, V=V, **_tiles(LAUNCH.wy_bwd, K, V), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            LOW=_wy_low(q.dtype, K, V), **_options(LAUNCH.wy_bwd, mode))
+            index.chunk_seg, index.chunk_start, cu, T * H,
+            H=H, K=K, V=V, **_tiles(LAUNCH.wy_bwd, K, V), DGAM_PARTS=dgam_parts, USE_G=use_g, IS_DELTA=is_delta,
+            MODE=mode, LOW=_wy_low(q.dtype, K, V), **_options(LAUNCH.wy_bwd, mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
 
