@@ -303,8 +303,8 @@ def test_bf16_wy_products_only_with_full_tiles(monkeypatch):
 
 
 def test_value_tiles_never_narrower_than_key_tiles():
-    """Per-chunk kernels widen value tiles to the key tile's width (a precaution against the bf16 faults seen on an
-    H200 at narrow head dims); explicit launch tile widths are kept from a value dim of 64 on."""
+    """Per-chunk kernels widen value tiles to the key tile's width (against the bf16 faults seen on an H200 at
+    narrow head dims); explicit launch tile widths are kept from a value dim of 64 on."""
     assert scan_module._chunk_blocks(256, 256) == (64, 64)
     assert scan_module._chunk_blocks(64, 32) == (64, 64)
     assert scan_module._chunk_blocks(32, 16) == (32, 32)
