@@ -30,12 +30,14 @@ __all__ = ["output_kernel", "state_fwd_kernel", "wy_apply_kernel", "wy_solve_ker
 
 
 @triton.jit
-def _invert_unit_lower16(a):
-    """(I + a)^-1 for a strictly lower (16, 16) block, by forward substitution one row at a time."""
+def _invert_unit_lower16(a_rows, row_stride, n_rows):
+    """(I + a)^-1 for a strictly lower (16, 16) block, by forward substitution one row at a time. Row i of ``a``
+    is read from memory at ``a_rows + i * row_stride`` (rows from ``n_rows`` on are zero): a load instead of
+    extracting the row from a register tile, which would take a reduction across the program's threads."""
     r = tl.arange(0, 16)
     x = (r[:, None] == r[None, :]).to(tl.float32)
     for i in tl.static_range(1, 16):
-        a_row = tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)  # (16,) a[i, :]
+        a_row = tl.load(a_rows + i * row_stride + r, mask=(r < i) & (i < n_rows), other=0.0)  # (16,) a[i, :]
         # rows j < i of x are final and a[i, j] = 0 for j >= i, so this is sum_{j<i} a[i, j] x[j, :]
         acc = tl.sum(a_row[:, None] * x, 0)
         x = tl.where(r[:, None] == i, (r[None, :] == i).to(tl.float32) - acc[None, :], x)
@@ -146,11 +148,20 @@ def wy_solve_kernel(k, g, beta, gamma, tinv, chunk_seg, chunk_start, cu,
         a32 = _gated_block(a32, b3, c3, c2, False)
         a33 = _gated_block(a33, b3, c3, c3, True)
 
-        # block forward substitution: T_IJ = -T_II sum_{J <= L < I} A_IL T_LJ (the solve always runs in fp32)
-        i00 = _invert_unit_lower16(a00)
-        i11 = _invert_unit_lower16(a11)
-        i22 = _invert_unit_lower16(a22)
-        i33 = _invert_unit_lower16(a33)
+        # block forward substitution: T_IJ = -T_II sum_{J <= L < I} A_IL T_LJ (the solve always runs in fp32).
+        # The diagonal blocks are put in their place of tinv first, where the substitution reads their rows.
+        _store_block(tinv, t0, m0, 0, a00)
+        _store_block(tinv, t1, m1, 16, a11)
+        _store_block(tinv, t2, m2, 32, a22)
+        _store_block(tinv, t3, m3, 48, a33)
+        tl.debug_barrier()
+        row0 = tinv + (start * H + h) * 64  # row 0 of the chunk's (64, 64) block of tinv
+        stride = H * 64  # from one row to the next
+        i00 = _invert_unit_lower16(row0, stride, length)
+        i11 = _invert_unit_lower16(row0 + 16 * stride + 16, stride, length - 16)
+        i22 = _invert_unit_lower16(row0 + 32 * stride + 32, stride, length - 32)
+        i33 = _invert_unit_lower16(row0 + 48 * stride + 48, stride, length - 48)
+        tl.debug_barrier()  # every row is read before the inverse overwrites it
         i10 = -mm(i11, mm(a10, i00, 0), 0)
         i21 = -mm(i22, mm(a21, i11, 0), 0)
         i32 = -mm(i33, mm(a32, i22, 0), 0)
