@@ -247,7 +247,7 @@ def _tile_label(launch: Launch) -> str:
 
 
 def sweep_tiles(inputs) -> tuple[LaunchConfig, list[str]]:
-    """Time the per-chunk kernels with tile widths under several tile widths and launch settings; return the
+    """Time the per-chunk kernels that take tile widths under several widths and launch settings; return the
     fastest per kernel (settings that exceed the shared memory are skipped)."""
     base = scan_module.LAUNCH
     results = []  # (kernel, Launch, ms)

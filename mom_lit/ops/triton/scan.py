@@ -60,8 +60,9 @@ class Launch:
 
 @dataclass
 class LaunchConfig:
-    """Launch settings of every kernel: the fastest of ``tools/bench_kernels.py --sweep`` on an H200, bf16, K = V = 256
-    (see BENCHMARKS.md); every setting there fits the shared memory of an H100/H200.
+    """Launch settings of every kernel: the fastest of ``tools/bench_kernels.py --sweep`` (and ``--sweep-tiles`` for
+    the per-chunk kernels' tile widths) on an H200, bf16, K = V = 256 (see BENCHMARKS.md); every setting there fits
+    the shared memory of an H100/H200.
 
     Inputs in fp32 take exact (non tensor-core) products whose operand tiles need far more shared memory, so
     their loops are never software-pipelined (num_stages 1).
