@@ -188,7 +188,7 @@ STATE_KERNELS = ("state_fwd", "state_bwd")
 
 def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
     """Time every kernel under several launch settings; return the fastest setting per kernel and a report."""
-    chunk_combos = [(4, 1), (4, 2), (8, 1), (8, 2), (8, 3), (4, 3), (2, 2), (1, 2)]
+    chunk_combos = [(4, 1), (4, 2), (8, 1), (8, 2), (8, 3), (4, 3)]
     state_combos = [(8, 1, 32), (8, 2, 32), (8, 1, 16), (8, 2, 16), (4, 1, 16), (4, 2, 16), (8, 1, 64), (4, 1, 32),
                     (8, 2, 64), (8, 3, 32), (4, 2, 32), (4, 2, 64)]
     results = []  # (kernel, (warps, stages, block_v or None), ms)
