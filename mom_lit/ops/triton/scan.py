@@ -71,8 +71,9 @@ class LaunchConfig:
     # V-block of the sequential passes, whose (K, BV) fp32 state lives in registers; with BV = 64 the backward pass's
     # pipelined token tiles no longer fit an H200's shared memory at K = 256
     state_block_v: int = 32
-    # 2 warps (a setting the sweep did not try then): with the solve's rows read from memory it took 0.122 ms at
-    # 8 x 2048, against 0.254 ms for 4 warps with the rows taken from registers (the two changes were timed together)
+    # 2 warps (not among the sweep's settings, which apply to every per-chunk kernel at once): with the solve's rows
+    # read from memory it took 0.122 ms at 8 x 2048, against 0.254 ms for 4 warps with the rows taken from registers
+    # (the two changes were timed together)
     wy_solve: Launch = Launch(2, 2)
     wy_apply: Launch = Launch(4, 1)
     state_fwd: Launch = Launch(4, 2)
