@@ -52,3 +52,42 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
     proc = subprocess.run(cmd[:2] + ["--device", "cpu", "--cuda-graph"], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
     assert proc.returncode == 2 and "--cuda-graph needs a CUDA device" in proc.stderr
+
+
+def _bench_kernels():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.pop(0)
+    return bench_kernels
+
+
+def test_bench_kernels_variants_one_or_several(tmp_path):
+    """--variant-json takes one object or a list: each becomes the settings in use with its fields replaced."""
+    bench_kernels = _bench_kernels()
+    from mom_lit.ops.triton.scan import Launch, LaunchConfig
+
+    base = LaunchConfig()
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"wy_solve": {"num_warps": 1, "num_stages": 2}}))
+    configs = bench_kernels.load_variants(str(one), base)
+    assert list(configs) == ["in use", "variant 1"] and configs["in use"] is base
+    assert configs["variant 1"].wy_solve == Launch(1, 2) and configs["variant 1"].dqk == base.dqk
+    several = tmp_path / "several.json"
+    several.write_text(json.dumps([{"wy_solve": {"num_warps": 4, "num_stages": 2}}, {"state_block_v": 16}]))
+    configs = bench_kernels.load_variants(str(several), base)
+    assert list(configs) == ["in use", "variant 1", "variant 2"]
+    assert configs["variant 1"].wy_solve == Launch(4, 2) and configs["variant 2"].state_block_v == 16
+
+
+@pytest.mark.parametrize("text, message", [('{"wy_solv": {"num_warps": 1}}', "wy_solv"),
+                                           ('[{"dqk": {"num_warps": 4, "num_stages": 2}}, 3]', "variant 2"),
+                                           ('{"dqk": {"num_warps": 4, "stages": 2}}', "stages"),
+                                           ("{not json", "Expecting")])
+def test_bench_kernels_rejects_a_bad_variant_file_before_any_work(text, message, tmp_path):
+    path = tmp_path / "variant.json"
+    path.write_text(text)
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--variant-json", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--variant-json" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from mom_lit.ops.triton import scan as scan_module
-from mom_lit.ops.triton.scan import Launch, LaunchConfig, triton_scan
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without an install too
+
+from mom_lit.ops.triton import scan as scan_module  # noqa: E402
+from mom_lit.ops.triton.scan import Launch, LaunchConfig, triton_scan  # noqa: E402
 
 
 def mom_lengths(batch: int, seq_len: int, memories: int, topk: int, shared: bool, gen: torch.Generator) -> list[int]:
@@ -303,27 +305,50 @@ def errors_against_fp32(inputs) -> dict[str, float]:
     return {name: ((a.float() - b).norm() / b.norm()).item() for name, a, b in zip(GRADIENTS, low, exact)}
 
 
-def compare_variant(inputs, path: str) -> list[str]:
-    """Kernel times and errors of the launch settings in use against those with the fields of the JSON object at
-    ``path`` replaced (a Launch as {"num_warps": ..., "num_stages": ...})."""
-    fields = {name: Launch(**value) if isinstance(value, dict) else value
-              for name, value in json.loads(Path(path).read_text()).items()}
+def load_variants(path: str, base: LaunchConfig) -> dict[str, LaunchConfig]:
+    """The launch settings to compare: ``base`` ("in use") and, for each JSON object at ``path`` (one object or a
+    list of them), ``base`` with that object's LaunchConfig fields replaced (a Launch as {"num_warps": ...,
+    "num_stages": ...}). Unknown fields raise a ValueError that names them."""
+    spec = json.loads(Path(path).read_text())
+    objects = spec if isinstance(spec, list) else [spec]
+    known = {field.name for field in dataclasses.fields(LaunchConfig)}
+    configs = {"in use": base}
+    for i, obj in enumerate(objects, start=1):
+        if not isinstance(obj, dict) or set(obj) - known:
+            unknown = sorted(set(obj) - known) if isinstance(obj, dict) else obj
+            raise ValueError(f"{path}: variant {i} must be an object of LaunchConfig fields; not fields: {unknown}")
+        fields = {name: Launch(**value) if isinstance(value, dict) else value for name, value in obj.items()}
+        configs[f"variant {i}"] = dataclasses.replace(base, **fields)
+    return configs
+
+
+def compare_variants(inputs, path: str, errors: bool = True) -> list[str]:
+    """Kernel times (and, with ``errors``, errors against fp32 inputs, which compiles the fp32 kernels too) of the
+    launch settings in use and of each variant of :func:`load_variants`, on the same inputs."""
     base = scan_module.LAUNCH
-    configs = {"in use": base, "variant": dataclasses.replace(base, **fields)}
-    times, errors = {}, {}
-    for label, cfg in configs.items():
-        scan_module.LAUNCH = cfg
-        times[label], errors[label] = kernel_times(inputs), errors_against_fp32(inputs)
-    scan_module.LAUNCH = base
-    names = sorted(set(times["in use"]) | set(times["variant"]), key=lambda n: -times["in use"].get(n, (0, 0))[0])
-    lines = [f"variant: {fields}", "| kernel | in use (ms per fwd+bwd) | variant |", "|---|---|---|"]
+    configs = load_variants(path, base)
+    times, errs = {}, {}
+    try:
+        for label, cfg in configs.items():
+            scan_module.LAUNCH = cfg
+            times[label] = kernel_times(inputs)
+            if errors:
+                errs[label] = errors_against_fp32(inputs)
+            print(f"{label} timed", flush=True)
+    finally:
+        scan_module.LAUNCH = base
+    names = sorted(set().union(*times.values()), key=lambda n: -times["in use"].get(n, (0, 0))[0])
     ms = {label: {name: t.get(name, (0.0, 0))[0] for name in names} for label, t in times.items()}
-    lines += [f"| {name[:60]} | {ms['in use'][name]:.3f} | {ms['variant'][name]:.3f} |" for name in names[:12]]
-    total = {label: sum(kernel_ms for kernel_ms, _ in t.values()) for label, t in times.items()}
-    lines.append(f"| all kernels | {total['in use']:.3f} | {total['variant']:.3f} |")
-    lines += ["", "| relative RMS error against fp32 inputs | " + " | ".join(GRADIENTS) + " |",
-              "|---|" + "---|" * len(GRADIENTS)]
-    lines += [f"| {label} | " + " | ".join(f"{errors[label][n]:.2e}" for n in GRADIENTS) + " |" for label in configs]
+    labels = list(configs)
+    lines = [f"{label}: {cfg!r}" for label, cfg in configs.items() if label != "in use"]
+    lines += ["| kernel (ms per fwd+bwd) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += [f"| {name[:60]} | " + " | ".join(f"{ms[label][name]:.3f}" for label in labels) + " |"
+              for name in names[:12]]
+    lines.append("| all kernels | " + " | ".join(f"{sum(ms[label].values()):.3f}" for label in labels) + " |")
+    if errors:
+        lines += ["", "| relative RMS error against fp32 inputs | " + " | ".join(GRADIENTS) + " |",
+                  "|---|" + "---|" * len(GRADIENTS)]
+        lines += [f"| {label} | " + " | ".join(f"{errs[label][n]:.2e}" for n in GRADIENTS) + " |" for label in labels]
     return lines
 
 
@@ -345,10 +370,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of the first shape")
     parser.add_argument("--variant-json", default=None,
                         help="on the first shape, kernel times and errors against fp32 inputs of the launch settings "
-                             "in use and of those with this JSON object's LaunchConfig fields replaced")
+                             "in use and of those with this JSON object's LaunchConfig fields replaced (or a list "
+                             "of such objects: each one a variant)")
+    parser.add_argument("--variant-times-only", action="store_true",
+                        help="--variant-json without the errors against fp32 inputs (which compile the fp32 "
+                             "kernels too)")
     parser.add_argument("--fla", action="store_true", help="also time fla's chunk_gated_delta_rule, if importable")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     args = parser.parse_args(argv)
+    if args.variant_json:  # a bad file fails here, not after the sweeps
+        try:
+            load_variants(args.variant_json, scan_module.LAUNCH)
+        except (OSError, ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+            parser.error(f"--variant-json: {error}")
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
     dtype = getattr(torch, args.dtype)
@@ -395,8 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         B, T = shapes[0]
         inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
                              H, D, D, dtype, seed=0)
-        lines = [f"\nLaunch settings in use against a variant, MoM scan at {B} x {T}:",
-                 *compare_variant(inputs, args.variant_json)]
+        lines = [f"\nLaunch settings in use against variants, MoM scan at {B} x {T}:",
+                 *compare_variants(inputs, args.variant_json, errors=not args.variant_times_only)]
         report += lines
         print("\n".join(lines), flush=True)
 
