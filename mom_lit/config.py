@@ -72,12 +72,12 @@ class MoMConfig:
     """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v and its W, U, and the projections
     (in bf16 on Hopper / Blackwell GPUs a grouped product of each token's selected streams only, else every
     stream's). ``lean``: the scan rebuilds q, k, v and W, U in its backward, and the backward recomputes the grouped
-    projections from the layer input (once, for the scan and the slot stage) instead of keeping them. Per scanned slot and head 4 (K + V)
-    bytes less in bf16, and neither the query projection nor the slots x heads x (K + V + 2) elements of the
-    per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200): 8.3 instead of 15.9 GiB for
-    ~13% more step time (BENCHMARKS.md). Triton path only; under bf16-mixed autocast the projections run in bf16
-    from one cast of the layer input, so the same applies (10.6 GiB there, against 19.7 GiB, measured before fast
-    took the grouped product too)."""
+    projections from the layer input (once, for the scan and the slot stage) instead of keeping them. Per scanned
+    slot and head 4 (K + V) bytes less in bf16, and neither the query projection nor the slots x heads x
+    (K + V + 2) elements of the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200): 8.3
+    instead of 15.9 GiB for ~13% more step time (BENCHMARKS.md). Triton path only; under bf16-mixed autocast the
+    projections run in bf16 from one cast of the layer input, so the same applies (10.6 GiB there, against 19.7 GiB,
+    measured before fast took the grouped product too)."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

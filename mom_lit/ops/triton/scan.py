@@ -118,26 +118,24 @@ def _wy_low(dtype: torch.dtype, K: int, V: int) -> bool:
     return LAUNCH.wy_products == "input" and dtype == torch.bfloat16 and min(K, V) >= 64
 
 
-def _chunk_blocks(K: int, V: int) -> tuple[int, int]:
-    """Key and value tile widths of the per-chunk kernels: up to 64, value tiles never narrower than key tiles
-    (masked past V).
+def _chunk_blocks(K: int, V: int, block_k: int = 0, block_v: int = 0) -> tuple[int, int]:
+    """Key and value tile widths of the per-chunk kernels: ``block_k`` / ``block_v`` (0: 64) capped at the padded
+    dims; below a value dim of 64, value tiles are never narrower than key tiles (masked past V).
 
     With Triton 3.6 on an H200, bf16 inputs faulted (illegal memory access) at small head dims with value tiles
     narrower than key tiles: with :func:`_wy_low`'s guard alone, a kernel after wy_apply still faulted at (K, V) =
     (64, 32). With this rule too, (64, 32), (128, 32), (128, 16), (64, 16), (48, 16) and (32, 16) ran forward and
     backward without a fault, and the GPU test cases (32, 16), (64, 32), (16, 16), (128, 32) match the reference.
     64-wide tiles at K, V >= 64 (every shipped config) are unchanged."""
-    BK = _block(K)
-    return BK, max(BK, _block(V))
+    BK = _block(K, block_k or 64)
+    BV = _block(V, block_v or 64)
+    return BK, max(BV, BK) if V < 64 else BV
 
 
 def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
-    """BK and BV of a per-chunk kernel: the launch's tile widths (capped at the padded dims) or those of
-    :func:`_chunk_blocks`; below a value dim of 64, value tiles are never narrower than key tiles (as there)."""
-    BK, BV = _chunk_blocks(K, V)
-    BK = _block(K, launch.block_k) if launch.block_k else BK
-    BV = _block(V, launch.block_v) if launch.block_v else BV
-    return {"BK": BK, "BV": max(BV, BK) if V < 64 else BV}
+    """BK and BV of a per-chunk kernel: :func:`_chunk_blocks` with the launch's tile widths."""
+    BK, BV = _chunk_blocks(K, V, launch.block_k, launch.block_v)
+    return {"BK": BK, "BV": BV}
 
 
 def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
