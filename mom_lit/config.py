@@ -10,7 +10,7 @@ UpdateRule = Literal["gated_delta", "delta", "gla", "simple_gla", "linear"]
 UPDATE_RULES: tuple[str, ...] = ("gated_delta", "delta", "gla", "simple_gla", "linear")
 AuxLossType = Literal["global", "per_sequence"]
 Backend = Literal["auto", "triton", "compiled", "eager"]
-ActivationMemory = Literal["fast", "lean"]
+ActivationMemory = Literal["fast", "balanced", "lean"]
 
 
 @dataclass
@@ -71,13 +71,14 @@ class MoMConfig:
     activation_memory: ActivationMemory = "fast"
     """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v and its W, U, and the projections
     (in bf16 on Hopper / Blackwell GPUs a grouped product of each token's selected streams only, else every
-    stream's). ``lean``: the scan rebuilds q, k, v and W, U in its backward, and the backward recomputes the grouped
-    projections from the layer input (once, for the scan and the slot stage) instead of keeping them. Per scanned
-    slot and head 4 (K + V) bytes less in bf16, and neither the query projection nor the slots x heads x
-    (K + V + 2) elements of the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200): 8.3
-    instead of 15.9 GiB for ~13% more step time (BENCHMARKS.md). Triton path only; under bf16-mixed autocast the
-    projections run in bf16 from one cast of the layer input, so the same applies (10.6 GiB there, against 19.7 GiB,
-    measured before fast took the grouped product too)."""
+    stream's). ``balanced``: the projections only; the scan rebuilds q, k, v from them (the slot stage's forward
+    again) and W, U (delta rules) in its backward: per scanned slot and head 3K + 2V elements less (2K + V without
+    W, U). ``lean``: as balanced, and the backward recomputes the grouped projections from the layer input (once,
+    for the scan and the slot stage) instead of keeping them: neither the query projection nor the slots x heads x
+    (K + V + 2) elements of the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200):
+    15.9 GiB fast, 8.3 GiB lean for ~13% more step time (BENCHMARKS.md). Triton path only; under bf16-mixed autocast
+    the projections run in bf16 from one cast of the layer input, so the same applies (lean 10.6 GiB there, against
+    19.7 GiB, measured before fast took the grouped product too)."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -94,8 +95,9 @@ class MoMConfig:
             raise ValueError(f"MoMConfig.aux_loss_type must be 'global' or 'per_sequence', got {self.aux_loss_type!r}")
         if self.backend not in ("auto", "triton", "compiled", "eager"):
             raise ValueError(f"MoMConfig.backend must be auto|triton|compiled|eager, got {self.backend!r}")
-        if self.activation_memory not in ("fast", "lean"):
-            raise ValueError(f"MoMConfig.activation_memory must be 'fast' or 'lean', got {self.activation_memory!r}")
+        if self.activation_memory not in ("fast", "balanced", "lean"):
+            raise ValueError("MoMConfig.activation_memory must be 'fast', 'balanced' or 'lean', "
+                             f"got {self.activation_memory!r}")
         if self.topk > self.num_memories:
             raise ValueError(f"MoMConfig.topk={self.topk} exceeds num_memories={self.num_memories}")
         if self.expand_v <= 0 or float(self.head_dim * self.expand_v) != int(self.head_dim * self.expand_v):

@@ -350,7 +350,7 @@ class MoMLayer(nn.Module):
             backend=c.backend,
             chunk_size=c.chunk_size,
             rebuild_qkv=rebuild_qkv,
-            recompute="wy" if c.activation_memory == "lean" else None,
+            recompute="wy" if c.activation_memory in ("lean", "balanced") else None,
         )
         new_state = None
         if use_cache:
@@ -383,9 +383,10 @@ class MoMLayer(nn.Module):
     def _prepare_slots_triton(self, x_flat, layout):
         """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
         backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``). Also
-        returns the scan's ``rebuild_qkv`` (None unless ``activation_memory`` is ``lean``). Where the grouped
-        product applies, each slot is projected for its own memory only (``ops.conv.projected_slot_conv``), and
-        with ``lean`` the backward recomputes those projections instead of keeping them."""
+        returns the scan's ``rebuild_qkv`` (None with ``activation_memory="fast"``). Where the grouped product
+        applies, each slot is projected for its own memory only (``ops.conv.projected_slot_conv``); with ``lean``
+        the backward recomputes those projections instead of keeping them, with ``balanced`` the scan rebuilds q, k,
+        v from the kept ones."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
         # The projections' operands in autocast's dtype, cast once: autocast would keep a copy of x per product, and
@@ -399,17 +400,25 @@ class MoMLayer(nn.Module):
         extra = (self.b_proj is not None) + (self.a_proj is not None)
         weight = self.conv_weight.to(x_flat.dtype).contiguous()
         dims = dict(heads=H, key_dim=K, value_dim=self.head_v_dim)
-        lean = self.config.activation_memory == "lean"
+        memory = self.config.activation_memory
         if self._grouped_projection_applies(x_flat, w_stream.shape[1], slots):
             ends = layout.cu_seqlens[layout.num_sequences::layout.num_sequences].to(torch.int32)  # (S,) group ends
-            # lean: nothing of the projections is kept; the backward rebuilds them once, for the scan and here
-            share = SlotSourceShare() if lean else None
             q_weight = self.q_proj.weight.to(x_flat.dtype)
             sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
-            q, k, v, rest = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H,
-                                                keep=not lean)
+            if memory == "lean":  # nothing of the projections is kept; the backward rebuilds them once, for both
+                share = SlotSourceShare()
+                q, k, v, rest = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H)
+                rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
+            elif memory == "balanced":  # the scan keeps the slot stage's own kept projections, not q, k, v
+                q, k, v, rest, q_src, kv_src = projected_slot_conv(*sources, layout.rank, None, H, K, self.head_v_dim,
+                                                                   extra * H, keep=True, expose=True)
+                rebuild_qkv = (functools.partial(slot_qkv, **dims),
+                               (q_src, kv_src, weight, layout.token, None, layout.position))
+            else:
+                q, k, v, rest = projected_slot_conv(*sources, layout.rank, None, H, K, self.head_v_dim, extra * H,
+                                                    keep=True)
+                rebuild_qkv = None
             g, beta = self._gates(rest)
-            rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources) if lean else None
             return q, k, v, g, gk, beta, rebuild_qkv
         kv_src = x_flat @ w_stream.reshape(-1, hidden).t()  # (N_tok, S * P)
         gk = self._per_key_gate(kv_src.view(num_tokens, S, -1), layout.token, layout.memory)
@@ -420,7 +429,7 @@ class MoMLayer(nn.Module):
                                   self.head_v_dim, extra * H)
         g, beta = self._gates(rest)
         rebuild_qkv = None
-        if lean:  # slot_conv keeps these for its own backward anyway
+        if memory != "fast":  # slot_conv keeps these for its own backward anyway
             rebuild_qkv = (functools.partial(slot_qkv, **dims),
                            (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
         return q, k, v, g, gk, beta, rebuild_qkv

@@ -319,6 +319,7 @@ def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, projec
     pytest.param({}, "auto", True, id="E4-grouped"),
     pytest.param({}, "dense", False, id="E4-dense"),
     pytest.param({"num_memories": 8}, "auto", True, id="E8-grouped"),
+    pytest.param({"activation_memory": "balanced"}, "auto", True, id="E4-balanced-rebuilt-qkv"),
     pytest.param({"activation_memory": "lean"}, "auto", True, id="E4-lean-recomputed-projections"),
 ])
 def test_bf16_layer_against_fp32_reference(overrides, projections, grouped, monkeypatch):
@@ -333,7 +334,7 @@ def test_bf16_layer_against_fp32_reference(overrides, projections, grouped, monk
 
 
 @pytest.mark.skipif(not NATIVE, reason="bf16 autocast on the GPU")
-@pytest.mark.parametrize("activation_memory", ["fast", "lean"])
+@pytest.mark.parametrize("activation_memory", ["fast", "balanced", "lean"])
 def test_mixed_precision_layer_against_fp32_reference(activation_memory, monkeypatch):
     """fp32 weights under bf16 autocast (Lightning's ``bf16-mixed``): the projections run in bf16 from one cast of
     the input, so that the grouped product applies (recomputed with ``lean``) as with bf16 weights; the output and
@@ -508,10 +509,11 @@ def _saved_bytes_and_grads(layer, x, seq_id, batch):
 @kernels
 @pytest.mark.parametrize("projections", ["auto", "dense"])
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
-def test_lean_activation_memory_rebuilds_scan_inputs(rule, projections, monkeypatch):
-    """With ``activation_memory="lean"`` the Triton scan keeps the slot stage's sources instead of its q, k, v and
-    rebuilds W, U (delta rules) in its backward, and where the slot stage projects the selected streams only (grouped
-    product) it keeps none of the projections: the same output and gradients, and exactly those bytes less saved."""
+def test_leaner_activation_memory_rebuilds_scan_inputs(rule, projections, monkeypatch):
+    """With ``activation_memory="balanced"`` the Triton scan keeps the slot stage's sources instead of its q, k, v and
+    rebuilds W, U (delta rules) in its backward; ``lean`` also keeps none of the projections where the slot stage
+    projects the selected streams only (grouped product). The same output and gradients, and exactly those bytes
+    less saved."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     monkeypatch.setattr(layer_module, "PROJECTIONS", projections)
     batch, seq_len = 2, 37
@@ -521,43 +523,47 @@ def test_lean_activation_memory_rebuilds_scan_inputs(rule, projections, monkeypa
     projected = []  # the grouped slot stage's projections, by setting
     project = conv_module._project_sources
     monkeypatch.setattr(conv_module, "_project_sources", lambda *a: projected.append(memory) or project(*a))
-    for memory in ("fast", "lean"):
+    settings = ("fast", "balanced", "lean")
+    for memory in settings:
         cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_memory=True,
                         update_rule=rule, backend="triton", activation_memory=memory)
-        torch.manual_seed(0)  # the same weights for both settings
+        torch.manual_seed(0)  # the same weights for every setting
         calls = _spy(monkeypatch)
         layer = MoMLayer(cfg).to(DEVICE)
         results[memory] = _saved_bytes_and_grads(layer, x, seq_id, batch)
         grouped[memory] = bool(calls["grouped"])
     row = layer._stream_weights(align=16).shape[1]
     # fp32: the grouped product runs on CPU, not on CUDA
-    lean_groups = projections == "auto" and grouped_mm_available(x.view(-1, x.shape[-1]), row)
-    assert grouped == {"fast": lean_groups, "lean": lean_groups}
-    # fast: once in the forward; lean: once in the forward, once in the backward (shared with the scan's rebuild)
-    assert projected == (["fast", "lean", "lean"] if lean_groups else [])
-    (kept, out, grads), (kept_lean, out_lean, grads_lean) = results["fast"], results["lean"]
-    # Bit for bit where kernels run in order (the interpreter) and the products are the same; a GPU's atomic
-    # reductions may reorder sums, and the grouped product sums the input and weight gradients in another order.
-    exact = not NATIVE and not lean_groups
-    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out_lean, out, **(dict(rtol=0, atol=0) if not NATIVE else tol))
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_lean[name], grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    groups = projections == "auto" and grouped_mm_available(x.view(-1, x.shape[-1]), row)
+    assert grouped == dict.fromkeys(settings, groups)
+    # fast, balanced: once in the forward; lean: once in the forward, once in the backward (shared with the scan's
+    # rebuild)
+    assert projected == (["fast", "balanced", "lean", "lean"] if groups else [])
+    kept, out, grads = results["fast"]
     tokens = batch * seq_len
     slots = tokens * 3  # top-2 + shared
     K, V, H, elt = cfg.head_dim, cfg.head_v_dim, cfg.num_heads, x.element_size()
     per_slot_and_head = 2 * K + V + (K + V if rule == "gated_delta" else 0)  # q, k, v (+ W, U)
     scan_bytes = slots * H * per_slot_and_head * elt
-    projection_bytes = 0
-    if lean_groups:
-        # fast keeps the selected streams' projections of every slot and the query projections; lean keeps neither
-        # (both keep x, the weights and the group ends)
-        projection_bytes = (slots * row + tokens * H * K) * elt
-    assert kept - kept_lean == scan_bytes + projection_bytes
+    # fast and balanced keep the selected streams' projections of every slot and the query projections; lean keeps
+    # neither (all keep x, the weights and the group ends)
+    projection_bytes = (slots * row + tokens * H * K) * elt if groups else 0
+    for memory, saved_less in (("balanced", scan_bytes), ("lean", scan_bytes + projection_bytes)):
+        kept_other, out_other, grads_other = results[memory]
+        # Bit for bit where kernels run in order (the interpreter) and the products are the same; a GPU's atomic
+        # reductions may reorder sums, and the grouped product sums the input and weight gradients in another
+        # order.
+        exact = not NATIVE and not (groups and memory == "lean")
+        tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_other, out, **(dict(rtol=0, atol=0) if not NATIVE else tol))
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_other[name], grad, **tol,
+                                       msg=lambda m, name=name, memory=memory: f"{memory} {name}: {m}")
+        assert kept - kept_other == saved_less, memory
 
 
 @kernels
-@pytest.mark.parametrize("activation_memory", ["fast", "lean"])
+@pytest.mark.parametrize("activation_memory", ["fast", "balanced", "lean"])
 def test_first_forward_inside_an_activation_checkpoint(activation_memory, monkeypatch, caplog):
     """The stages' one-off build probe may run inside a checkpointed block (FSDP recomputes every block, so the
     very first forward is checkpointed); the recompute must still match, and the gradients equal the plain ones

@@ -64,7 +64,7 @@ def _training_step(model, ids, cu_seqlens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("activation_memory", ["fast", "lean"])
+@pytest.mark.parametrize("activation_memory", ["fast", "balanced", "lean"])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed-documents"])
 def test_training_step_never_syncs_and_replays_as_a_cuda_graph(dtype, activation_memory, packed):
     """The training forward and backward never wait for the device (any synchronising call raises under

@@ -475,9 +475,9 @@ def main() -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="model and profile_model sections: the training step (forward + backward) captured once as "
                         "a CUDA graph and replayed (no host overhead; the capture fails on any host synchronisation)")
-    p.add_argument("--activation-memory", choices=("fast", "lean"), default="fast",
-                   help="MoMConfig.activation_memory of our layers and models (lean: the Triton scan rebuilds its "
-                        "inputs in the backward)")
+    p.add_argument("--activation-memory", choices=("fast", "balanced", "lean"), default="fast",
+                   help="MoMConfig.activation_memory of our layers and models (balanced: the Triton scan rebuilds "
+                        "its inputs in the backward from the kept projections; lean: the projections too)")
     p.add_argument("--projections", choices=("auto", "dense"), default=None,
                    help="mom_lit.layer.PROJECTIONS: dense projects every stream for every token instead of the "
                         "selected streams only (auto, the default, where the grouped product applies)")

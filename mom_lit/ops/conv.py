@@ -190,10 +190,11 @@ def _projected_qkv(q_src, kv_src, weight, token, position, heads, key_dim, value
 
 class _ProjectedSlotConv(torch.autograd.Function):
     """Query and grouped slot projections + slot stage; keeps the projections for the backward (``keep``) or x and
-    the weights only, the backward recomputing them."""
+    the weights only, the backward recomputing them. ``expose``: the kept projections are outputs too (without a
+    gradient), so that the scan can keep the very same tensors to rebuild q, k, v from."""
 
     @staticmethod
-    def forward(ctx, x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, heads, key_dim,
+    def forward(ctx, x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, expose, heads, key_dim,
                 value_dim, extra):
         HK, HV = heads * key_dim, heads * value_dim
         q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
@@ -204,10 +205,13 @@ class _ProjectedSlotConv(torch.autograd.Function):
         ctx.save_for_backward(x, q_weight, kv_weight, w, token, ends, position, rank, *kept)
         ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
         ctx.share = share
+        if expose:
+            ctx.mark_non_differentiable(q_src, kv_src)
+            return q, k, v, gates, q_src, kv_src
         return q, k, v, gates
 
     @staticmethod
-    def backward(ctx, dq, dk, dv, dgates):
+    def backward(ctx, dq, dk, dv, dgates, *_sources):
         from mom_lit.ops.grouped import project_slots_backward
 
         x, q_weight, kv_weight, w, token, ends, position, rank, *kept = ctx.saved_tensors
@@ -222,17 +226,20 @@ class _ProjectedSlotConv(torch.autograd.Function):
         dx, dkv_weight = project_slots_backward(dkv, x, kv_weight, token, rank, ends)
         dx = dx.addmm_(dq_src, q_weight)  # both products' input gradients in one buffer
         dq_weight = dq_src.t() @ x
-        return dx, dq_weight, dkv_weight, dweight, None, None, None, None, None, None, None, None, None, None
+        return (dx, dq_weight, dkv_weight, dweight, None, None, None, None, None, None, None, None, None, None,
+                None)
 
 
 def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
                         token: torch.Tensor, ends: torch.Tensor, position: torch.Tensor, rank: torch.Tensor,
                         share: SlotSourceShare | None, heads: int, key_dim: int, value_dim: int, extra: int,
-                        keep: bool = False):
+                        keep: bool = False, expose: bool = False):
     """:func:`slot_conv` of ``q_src = x @ q_weight^T`` and of the grouped projections of the sorted slots
     (``mom_lit.ops.grouped.project_slots``): each slot projected for its own memory only. ``keep=False``: the
     backward recomputes the projections from x instead of keeping them (per layer N_tok x HK + L x P elements less
-    saved for one more set of products in the backward), or takes them from ``share``.
+    saved for one more set of products in the backward), or takes them from ``share``. ``expose`` (with ``keep``):
+    also return the kept projections ``q_src`` (N_tok, HK) and ``kv_src`` (L, P), slot-ordered, without a gradient:
+    ``slot_qkv(q_src, kv_src, weight, token, None, position, ...)`` rebuilds q, k, v from them.
 
     Args:
         x: (N_tok, D); q_weight: (HK, D); kv_weight: (S, P, D) per-stream projections (key | value | gate
@@ -241,10 +248,12 @@ def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torc
             projections that the scan's backward rebuilt (:func:`rebuild_projected_qkv`), or None. The first
             seven are the arguments of :func:`rebuild_projected_qkv`.
     Returns:
-        q, k (L, H, K), v (L, H, V) in x's dtype, gates (L, extra).
+        q, k (L, H, K), v (L, H, V) in x's dtype, gates (L, extra) [, q_src, kv_src].
     """
-    return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, heads,
-                                    key_dim, value_dim, extra)
+    if expose and not keep:
+        raise ValueError("projected_slot_conv: expose needs keep (only kept projections can be handed out)")
+    return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, expose,
+                                    heads, key_dim, value_dim, extra)
 
 
 def rebuild_projected_qkv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
