@@ -91,3 +91,29 @@ def test_bench_kernels_rejects_a_bad_variant_file_before_any_work(text, message,
     cmd = [sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--variant-json", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--variant-json" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypatch):
+    """A variant whose kernels do not build (shared memory, registers) is named with its error; the others are still
+    compared. A failing setting in use is an error of the run."""
+    bench_kernels = _bench_kernels()
+    from mom_lit.ops.triton import scan as scan_module
+
+    path = tmp_path / "variants.json"
+    path.write_text(json.dumps([{"state_block_v": 16}, {"state_fwd": {"num_warps": 4, "num_stages": 3}}]))
+
+    def kernel_times(inputs):
+        if scan_module.LAUNCH.state_fwd.num_stages == 3:
+            raise RuntimeError("out of resource: shared memory, Required: 314376")
+        return {"state_fwd_kernel": (0.5 if scan_module.LAUNCH.state_block_v == 16 else 0.6, 1)}
+
+    monkeypatch.setattr(bench_kernels, "kernel_times", kernel_times)
+    lines = bench_kernels.compare_variants(None, str(path), errors=False)
+    assert any(line.startswith("variant 2:") and "did not run: RuntimeError: out of resource" in line
+               for line in lines)
+    assert "| kernel (ms per fwd+bwd) | in use | variant 1 |" in lines
+    assert "| state_fwd_kernel | 0.600 | 0.500 |" in lines
+    assert scan_module.LAUNCH == scan_module.LaunchConfig()  # the settings in use are restored
+    monkeypatch.setattr(bench_kernels, "kernel_times", lambda inputs: (_ for _ in ()).throw(RuntimeError("no")))
+    with pytest.raises(RuntimeError):
+        bench_kernels.compare_variants(None, str(path), errors=False)

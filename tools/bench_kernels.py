@@ -327,20 +327,29 @@ def compare_variants(inputs, path: str, errors: bool = True) -> list[str]:
     launch settings in use and of each variant of :func:`load_variants`, on the same inputs."""
     base = scan_module.LAUNCH
     configs = load_variants(path, base)
-    times, errs = {}, {}
+    times, errs, failed = {}, {}, {}
     try:
         for label, cfg in configs.items():
             scan_module.LAUNCH = cfg
-            times[label] = kernel_times(inputs)
-            if errors:
-                errs[label] = errors_against_fp32(inputs)
+            try:
+                times[label] = kernel_times(inputs)
+                if errors:
+                    errs[label] = errors_against_fp32(inputs)
+            except Exception as error:  # a variant that does not build (shared memory, registers) is reported
+                if label == "in use":
+                    raise
+                times.pop(label, None)
+                failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                print(f"{label} failed: {failed[label]}", flush=True)
+                continue
             print(f"{label} timed", flush=True)
     finally:
         scan_module.LAUNCH = base
     names = sorted(set().union(*times.values()), key=lambda n: -times["in use"].get(n, (0, 0))[0])
     ms = {label: {name: t.get(name, (0.0, 0))[0] for name in names} for label, t in times.items()}
-    labels = list(configs)
-    lines = [f"{label}: {cfg!r}" for label, cfg in configs.items() if label != "in use"]
+    labels = list(times)
+    lines = [f"{label}: {cfg!r}" + (f" -- did not run: {failed[label]}" if label in failed else "")
+             for label, cfg in configs.items() if label != "in use"]
     lines += ["| kernel (ms per fwd+bwd) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += [f"| {name[:60]} | " + " | ".join(f"{ms[label][name]:.3f}" for label in labels) + " |"
               for name in names[:12]]
