@@ -400,16 +400,16 @@ class MoMLayer(nn.Module):
         extra = (self.b_proj is not None) + (self.a_proj is not None)
         weight = self.conv_weight.to(x_flat.dtype).contiguous()
         dims = dict(heads=H, key_dim=K, value_dim=self.head_v_dim)
-        memory = self.config.activation_memory
+        activation_memory = self.config.activation_memory
         if self._grouped_projection_applies(x_flat, w_stream.shape[1], slots):
             ends = layout.cu_seqlens[layout.num_sequences::layout.num_sequences].to(torch.int32)  # (S,) group ends
             q_weight = self.q_proj.weight.to(x_flat.dtype)
             sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
-            if memory == "lean":  # nothing of the projections is kept; the backward rebuilds them once, for both
+            if activation_memory == "lean":  # no projection kept: the backward rebuilds them once, for scan and stage
                 share = SlotSourceShare()
                 q, k, v, rest = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H)
                 rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
-            elif memory == "balanced":  # the scan keeps the slot stage's own kept projections, not q, k, v
+            elif activation_memory == "balanced":  # the scan keeps the slot stage's own kept projections, not q, k, v
                 q, k, v, rest, q_src, kv_src = projected_slot_conv(*sources, layout.rank, None, H, K, self.head_v_dim,
                                                                    extra * H, keep=True, expose=True)
                 rebuild_qkv = (functools.partial(slot_qkv, **dims),
@@ -429,7 +429,7 @@ class MoMLayer(nn.Module):
                                   self.head_v_dim, extra * H)
         g, beta = self._gates(rest)
         rebuild_qkv = None
-        if memory != "fast":  # slot_conv keeps these for its own backward anyway
+        if activation_memory != "fast":  # slot_conv keeps these for its own backward anyway
             rebuild_qkv = (functools.partial(slot_qkv, **dims),
                            (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
         return q, k, v, g, gk, beta, rebuild_qkv

@@ -170,11 +170,12 @@ def test_slot_kernels_address_slot_ordered_sources_directly(width, conv_launch):
 @kernels
 @pytest.mark.skipif(NATIVE, reason="the fp32 grouped product runs on CPU only; its bf16 CUDA twins are "
                                    "test_bf16_layer_against_fp32_reference[E4-grouped] and [E4-lean-...]")
-@pytest.mark.parametrize("mode", ["kept", "own-recompute", "handed-over"])
+@pytest.mark.parametrize("mode", ["kept", "kept-exposed", "own-recompute", "handed-over"])
 def test_projected_slot_conv_matches_projections_then_slot_conv(mode, monkeypatch):
-    """The grouped slot stage (query and grouped slot projections kept for the backward, recomputed there, or handed
-    over by the scan's rebuild of q, k, v) against dense projections of every (token, stream) and the reference slot
-    stage, with one memory that no token selected (an empty group) and one that a single token selected."""
+    """The grouped slot stage (query and grouped slot projections kept for the backward, kept and handed out to
+    rebuild q, k, v from, recomputed there, or handed over by the scan's rebuild of q, k, v) against dense
+    projections of every (token, stream) and the reference slot stage, with one memory that no token selected (an
+    empty group) and one that a single token selected."""
     handed_over = mode == "handed-over"
     gen = torch.Generator().manual_seed(7)
     batch, seq_len, hidden, heads, key_dim, value_dim, width = 2, 19, 32, 2, 16, 8, 4
@@ -198,9 +199,17 @@ def test_projected_slot_conv_matches_projections_then_slot_conv(mode, monkeypatc
     monkeypatch.setattr(conv_module, "_project_sources", lambda *a: projections.append(1) or project(*a))
 
     share = conv_module.SlotSourceShare() if handed_over else None
+    exposed = mode == "kept-exposed"
     outs = conv_module.projected_slot_conv(x, q_weight, kv_weight, weight, layout.token, ends, layout.position,
                                            layout.rank, share, heads, key_dim, value_dim, extra,
-                                           keep=mode == "kept")
+                                           keep=mode.startswith("kept"), expose=exposed)
+    if exposed:  # what balanced activation memory hands the scan: the kept projections rebuild q, k, v exactly
+        outs, (q_src, kv_src) = outs[:4], outs[4:]
+        assert not q_src.requires_grad and not kv_src.requires_grad
+        rebuilt = conv_module.slot_qkv(q_src, kv_src, weight.detach(), layout.token, None, layout.position,
+                                       heads=heads, key_dim=key_dim, value_dim=value_dim)
+        for a, b in zip(rebuilt, outs[:3]):
+            assert torch.equal(a, b.detach())
     if handed_over:  # what the scan's backward does first: rebuild q, k, v, leaving the projections in share
         rebuilt = conv_module.rebuild_projected_qkv(x.detach(), q_weight.detach(), kv_weight.detach(),
                                                     weight.detach(), layout.token, ends, layout.position,
@@ -211,7 +220,7 @@ def test_projected_slot_conv_matches_projections_then_slot_conv(mode, monkeypatc
     cotangents = [torch.randn(o.shape, generator=gen) for o in outs]
     grads = torch.autograd.grad(outs, inputs, cotangents)
     # the forward's, and the backward's own or the rebuild's unless kept
-    assert len(projections) == (1 if mode == "kept" else 2)
+    assert len(projections) == (1 if mode.startswith("kept") else 2)
     assert share is None or share.sources is None  # handed over and released
 
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
@@ -640,3 +649,9 @@ def test_fast_paths_under_the_interpreter():
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+
+
+def test_projected_slot_conv_hands_out_kept_projections_only():
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="expose needs keep"):
+        conv_module.projected_slot_conv(x, x, x, x, x, x, x, x, None, 1, 4, 4, 0, keep=False, expose=True)
