@@ -169,7 +169,8 @@ def test_slot_kernels_address_slot_ordered_sources_directly(width, conv_launch):
 
 @kernels
 @pytest.mark.skipif(NATIVE, reason="the fp32 grouped product runs on CPU only; its bf16 CUDA twins are "
-                                   "test_bf16_layer_against_fp32_reference[E4-grouped] and [E4-lean-...]")
+                                   "test_bf16_layer_against_fp32_reference[E4-grouped], [E4-balanced-...] and "
+                                   "[E4-lean-...]")
 @pytest.mark.parametrize("mode", ["kept", "kept-exposed", "own-recompute", "handed-over"])
 def test_projected_slot_conv_matches_projections_then_slot_conv(mode, monkeypatch):
     """The grouped slot stage (query and grouped slot projections kept for the backward, kept and handed out to
