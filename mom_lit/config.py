@@ -69,17 +69,17 @@ class MoMConfig:
     backend: Backend = "auto"
     """Scan backend: auto (Triton on CUDA, compiled reference elsewhere) | triton | compiled | eager."""
     activation_memory: ActivationMemory = "fast"
-    """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v and its W, U, and the projections
-    (in bf16 on Hopper / Blackwell GPUs a grouped product of each token's selected streams only, else every
-    stream's). ``balanced``: the projections only; the scan rebuilds q, k, v from them (the slot stage's forward
-    again) and W, U (delta rules) in its backward: per scanned slot and head 3K + 2V elements less (2K + V without
-    W, U). ``lean``: as balanced, and the backward recomputes the grouped projections from the layer input (once,
-    for the scan and the slot stage) instead of keeping them: neither the query projection nor the slots x heads x
-    (K + V + 2) elements of the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200,
-    graphed step): 16.9 GiB fast, 11.4 GiB balanced at 0.92x fast's tokens/s, 9.1 GiB lean at 0.88x
-    (BENCHMARKS.md). Triton path only; under bf16-mixed autocast the projections run in bf16 from one cast of the
-    layer input, so the same applies (lean 10.6 GiB there, against 19.7 GiB, measured before fast took the grouped
-    product too)."""
+    """What the Triton path keeps for the backward. ``fast``: the scan's q, k, v, its W, U and the chunks'
+    triangular inverses, and the projections (in bf16 on Hopper / Blackwell GPUs a grouped product of each token's
+    selected streams only, else every stream's). ``balanced``: the projections only; the scan rebuilds q, k, v
+    from them (the slot stage's forward again) and W, U and the inverses (delta rules) in its backward: per scanned
+    slot and head 3K + 2V elements and 64 fp32 values less (2K + V elements without a delta rule). ``lean``: as
+    balanced, and the backward recomputes the grouped projections from the layer input (once, for the scan and the
+    slot stage) instead of keeping them: neither the query projection nor the slots x heads x (K + V + 2) elements
+    of the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200, graphed step): 16.9 GiB
+    fast, 11.4 GiB balanced at 0.92x fast's tokens/s, 9.1 GiB lean at 0.88x (BENCHMARKS.md). Triton path only;
+    under bf16-mixed autocast the projections run in bf16 from one cast of the layer input, so the same applies
+    (lean 10.6 GiB there, against 19.7 GiB, measured before fast took the grouped product too)."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -521,9 +521,9 @@ def _saved_bytes_and_grads(layer, x, seq_id, batch):
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
 def test_leaner_activation_memory_rebuilds_scan_inputs(rule, projections, monkeypatch):
     """With ``activation_memory="balanced"`` the Triton scan keeps the slot stage's sources instead of its q, k, v and
-    rebuilds W, U (delta rules) in its backward; ``lean`` also keeps none of the projections where the slot stage
-    projects the selected streams only (grouped product). The same output and gradients, and exactly those bytes
-    less saved."""
+    rebuilds W, U and the triangular inverses (delta rules) in its backward; ``lean`` also keeps none of the
+    projections where the slot stage projects the selected streams only (grouped product). The same output and
+    gradients, and exactly those bytes less saved."""
     monkeypatch.setattr(layer_module, "_SLOT_KERNELS", {"disabled": False, "allow_cpu": True})
     monkeypatch.setattr(layer_module, "PROJECTIONS", projections)
     batch, seq_len = 2, 37
@@ -554,7 +554,8 @@ def test_leaner_activation_memory_rebuilds_scan_inputs(rule, projections, monkey
     slots = tokens * 3  # top-2 + shared
     K, V, H, elt = cfg.head_dim, cfg.head_v_dim, cfg.num_heads, x.element_size()
     per_slot_and_head = 2 * K + V + (K + V if rule == "gated_delta" else 0)  # q, k, v (+ W, U)
-    scan_bytes = slots * H * per_slot_and_head * elt
+    inverse = 64 * 4 if rule == "gated_delta" else 0  # the chunk's fp32 triangular inverse, one row per slot
+    scan_bytes = slots * H * (per_slot_and_head * elt + inverse)
     # fast and balanced keep the selected streams' projections of every slot and the query projections; lean keeps
     # neither (all keep x, the weights and the group ends)
     projection_bytes = (slots * row + tokens * H * K) * elt if groups else 0

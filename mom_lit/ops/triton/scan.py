@@ -11,7 +11,7 @@ fp32 (the products with the inverse round their operands to bf16 for bf16 inputs
 ``LaunchConfig.wy_products``). The forward keeps W, U and the inverse for the backward. The start state of every
 chunk (NC x H x K x V elements, ~0.4 GiB at 49K scan tokens, 4 heads x 256, bf16: the largest buffer by far) is
 by default not kept: the backward recomputes it with one more sequential pass that reads the stored U.
-``recompute`` chooses (see :func:`triton_scan`): keep the states too, or rebuild W and U as well.
+``recompute`` chooses (see :func:`triton_scan`): keep the states too, or rebuild W, U and the inverse as well.
 """
 
 from __future__ import annotations
@@ -147,33 +147,43 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
     use_g, is_delta = g is not None, beta is not None
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
-    BK = _chunk_blocks(K, V)[0]
 
-    gamma = _empty(T, H, dtype=torch.float32, device=q.device) if use_g else dummy
-    tinv = w = u = None
+    gamma, tinv = _solve(k, g, beta, index, cu)
+    w = u = None
     if is_delta:
-        tinv = _empty(T, H, BT, dtype=torch.float32, device=q.device)
-    if (use_g or is_delta) and NC > 0:
-        fwd.wy_solve_kernel[(NC, H)](
-            k, g if use_g else dummy, beta if is_delta else dummy, gamma, tinv if is_delta else dummy,
-            index.chunk_seg, index.chunk_start, cu,
-            H=H, K=K, BK=BK, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            **_options(LAUNCH.wy_solve, mode))
-    if is_delta:
-        w, u = _wy_apply(k, v, beta, gamma if use_g else None, tinv, index, cu)
+        w, u = _wy_apply(k, v, beta, gamma, tinv, index, cu)
 
-    h, ht = _state_pass(k, v, w, u, gamma if use_g else None, h0, index, cu, output_final_state, u_final=False)
+    h, ht = _state_pass(k, v, w, u, gamma, h0, index, cu, output_final_state, u_final=False)
     o = _empty(T, H, V, dtype=v.dtype, device=q.device)
     if NC > 0:
         tiles = _tiles(LAUNCH.output, K, V)
         fwd.output_kernel[(NC * triton.cdiv(V, tiles["BV"]), H)](
-            q, k, v, u if is_delta else dummy, gamma, h, o, index.chunk_seg, index.chunk_start, cu, scale,
+            q, k, v, u if is_delta else dummy, gamma if use_g else dummy, h, o, index.chunk_seg, index.chunk_start,
+            cu, scale,
             H=H, K=K, V=V, **tiles, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(LAUNCH.output, mode))
-    keep_wu = recompute != "wy"
-    saved = (index, gamma if use_g else None, tinv, w if keep_wu else None, u if keep_wu else None,
+    keep_wy = recompute != "wy"
+    saved = (index, gamma, tinv if keep_wy else None, w if keep_wy else None, u if keep_wy else None,
              h if recompute == "none" else None)
     return o, ht, saved
+
+
+def _solve(k, g, beta, index, cu):
+    """The (T, H) fp32 in-chunk cumulative log-decay gamma (None without g) and, for the delta rules, the (T, H, BT)
+    fp32 inverse of each chunk's unit lower-triangular system (None otherwise)."""
+    T, H, K = k.shape
+    use_g, is_delta = g is not None, beta is not None
+    mode = dot_mode(k.dtype)
+    dummy = k.new_empty(1, dtype=torch.float32)
+    gamma = _empty(T, H, dtype=torch.float32, device=k.device) if use_g else None
+    tinv = _empty(T, H, BT, dtype=torch.float32, device=k.device) if is_delta else None
+    if (use_g or is_delta) and index.max_chunks > 0:
+        fwd.wy_solve_kernel[(index.max_chunks, H)](
+            k, g if use_g else dummy, beta if is_delta else dummy, gamma if use_g else dummy,
+            tinv if is_delta else dummy, index.chunk_seg, index.chunk_start, cu,
+            H=H, K=K, BK=_block(K), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
+            **_options(LAUNCH.wy_solve, mode))
+    return gamma, tinv
 
 
 def _wy_apply(k, v, beta, gamma, tinv, index, cu):
@@ -221,7 +231,8 @@ def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
 def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     index, gamma, tinv, w, u, h = saved
     index: ChunkIndex
-    if beta is not None and w is None:  # W and U were not kept: rebuild them, then U and the states in one pass
+    if beta is not None and w is None:  # W, U and Tinv were not kept: rebuild them, then U and the states in one pass
+        tinv = _solve(k, g, beta, index, cu)[1]
         w, u = _wy_apply(k, v, beta, gamma, tinv, index, cu)
         h, _ = _state_pass(k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=False)
     elif h is None:
@@ -333,8 +344,9 @@ def triton_scan(
     """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.recurrent.recurrent_scan`.
 
     ``recompute``: what the backward rebuilds instead of the forward keeping it (None: ``RECOMPUTE``):
-    ``"states"`` the chunk start states (one more sequential pass), ``"wy"`` also W and U of the delta rules
-    (one more W/U kernel and a heavier pass; 2 (K + V) bytes less per scanned token and head in bf16),
+    ``"states"`` the chunk start states (one more sequential pass), ``"wy"`` also W, U and the chunks' triangular
+    inverses of the delta rules (the solve and W/U kernels again and a heavier pass; 2 (K + V) bytes in bf16 and
+    4 x 64 bytes of fp32 inverse less per scanned token and head),
     ``"none"`` nothing (fastest backward, most memory).
 
     ``rebuild_qkv``: ``(fn, sources)`` where ``fn(*sources)`` gives back the packed (B*T, H, K|V) q, k, v exactly;
