@@ -109,8 +109,9 @@ def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypat
 
     monkeypatch.setattr(bench_kernels, "kernel_times", kernel_times)
     lines = bench_kernels.compare_variants(None, str(path), errors=False)
-    assert any(line.startswith("variant 2:") and "did not run: RuntimeError: out of resource" in line
-               for line in lines)
+    assert "variant 1: state_block_v=16" in lines
+    assert any(line.startswith("variant 2: state_fwd=Launch(num_warps=4, num_stages=3")
+               and "did not run: RuntimeError: out of resource" in line for line in lines)
     assert "| kernel (ms per fwd+bwd) | in use | variant 1 |" in lines
     assert "| state_fwd_kernel | 0.600 | 0.500 |" in lines
     assert scan_module.LAUNCH == scan_module.LaunchConfig()  # the settings in use are restored

@@ -322,6 +322,12 @@ def load_variants(path: str, base: LaunchConfig) -> dict[str, LaunchConfig]:
     return configs
 
 
+def _changed_fields(cfg: LaunchConfig, base: LaunchConfig) -> str:
+    """The fields of ``cfg`` that differ from ``base``, as name=value (a variant's line of the report)."""
+    return ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                     if getattr(cfg, f.name) != getattr(base, f.name))
+
+
 def compare_variants(inputs, path: str, errors: bool = True) -> list[str]:
     """Kernel times (and, with ``errors``, errors against fp32 inputs, which compiles the fp32 kernels too) of the
     launch settings in use and of each variant of :func:`load_variants`, on the same inputs."""
@@ -348,7 +354,7 @@ def compare_variants(inputs, path: str, errors: bool = True) -> list[str]:
     names = sorted(set().union(*times.values()), key=lambda n: -times["in use"].get(n, (0, 0))[0])
     ms = {label: {name: t.get(name, (0.0, 0))[0] for name in names} for label, t in times.items()}
     labels = list(times)
-    lines = [f"{label}: {cfg!r}" + (f" -- did not run: {failed[label]}" if label in failed else "")
+    lines = [f"{label}: {_changed_fields(cfg, base)}" + (f" -- did not run: {failed[label]}" if label in failed else "")
              for label, cfg in configs.items() if label != "in use"]
     lines += ["| kernel (ms per fwd+bwd) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += [f"| {name[:60]} | " + " | ".join(f"{ms[label][name]:.3f}" for label in labels) + " |"

@@ -244,7 +244,6 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     use_g, is_delta = g is not None, beta is not None
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
-    BK = _chunk_blocks(K, V)[0]
 
     # dU, dW and the first part of dK pass between kernels in bf16 for bf16 inputs (halving the backward's largest
     # intermediate traffic; every product that reads them rounds its operands to bf16 or tf32 anyway), in fp32
@@ -264,7 +263,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
         q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets,
         index.longest_first, cu, scale,
-        H=H, K=K, V=V, BKS=BK, BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
+        H=H, K=K, V=V, BKS=_block(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **_options(LAUNCH.state_bwd, mode))
 
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
