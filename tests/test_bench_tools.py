@@ -100,17 +100,17 @@ def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypat
     from mom_lit.ops.triton import scan as scan_module
 
     path = tmp_path / "variants.json"
-    path.write_text(json.dumps([{"state_block_v": 16}, {"state_fwd": {"num_warps": 4, "num_stages": 3}}]))
+    path.write_text(json.dumps([{"state_block_v": 16}, {"state_fwd": {"num_warps": 8, "num_stages": 3, "block_v": 64}}]))
 
     def kernel_times(inputs):
-        if scan_module.LAUNCH.state_fwd.num_stages == 3:
+        if scan_module.LAUNCH.state_fwd.block_v == 64:
             raise RuntimeError("out of resource: shared memory, Required: 314376")
         return {"state_fwd_kernel": (0.5 if scan_module.LAUNCH.state_block_v == 16 else 0.6, 1)}
 
     monkeypatch.setattr(bench_kernels, "kernel_times", kernel_times)
     lines = bench_kernels.compare_variants(None, str(path), errors=False)
     assert "variant 1: state_block_v=16" in lines
-    assert any(line.startswith("variant 2: state_fwd=Launch(num_warps=4, num_stages=3")
+    assert any(line.startswith("variant 2: state_fwd=Launch(num_warps=8, num_stages=3")
                and "did not run: RuntimeError: out of resource" in line for line in lines)
     assert "| kernel (ms per fwd+bwd) | in use | variant 1 |" in lines
     assert "| state_fwd_kernel | 0.600 | 0.500 |" in lines

@@ -262,6 +262,23 @@ def test_backward_tile_widths(rule, tiles, monkeypatch):
     check_against_oracle(inputs, torch.float32)
 
 
+@pytest.mark.parametrize("recompute", ["states", "wy"])
+def test_sequential_passes_take_their_own_value_blocks(recompute, monkeypatch):
+    """The forward's pass, the backward's recomputation of the states and the backward's pass each take their own
+    launch's V-block (0: ``state_block_v``): different blocks per pass, several per value dim or one wider than it
+    (capped at the padded dim), give the same outputs and gradients. With ``recompute="wy"`` the backward reruns
+    the forward's pass (its V-block) instead of the recomputation."""
+    Launch = scan_module.Launch
+    launch = scan_module.LaunchConfig(state_fwd=Launch(4, 2, block_v=16), state_recompute=Launch(4, 2, block_v=64),
+                                      state_bwd=Launch(4, 2), state_block_v=32)
+    monkeypatch.setattr(scan_module, "LAUNCH", launch)
+    assert [scan_module._state_block_v(48, getattr(launch, name)) for name in
+            ("state_fwd", "state_recompute", "state_bwd")] == [16, 64, 32]
+    assert scan_module._state_block_v(16, launch.state_recompute) == 16
+    inputs = make_inputs("gated_delta", lengths=[70, 1, 45], key_dim=32, value_dim=48)
+    check_against_oracle(inputs, torch.float32, recompute=recompute)
+
+
 @pytest.mark.parametrize("rule", ["gated_delta", "delta"])
 def test_wy_products_keep_fp32_operands_for_fp16(rule, monkeypatch):
     """fp16 inputs keep fp32 (tf32) operands in the products with the triangular inverse whatever ``wy_products``

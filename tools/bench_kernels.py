@@ -197,8 +197,10 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
     base = scan_module.LAUNCH  # the tile widths of the per-chunk kernels stay as they are (--sweep-tiles varies them)
     for i, (warps, stages, block_v) in enumerate(state_combos):
         chunk = Launch(*chunk_combos[i % len(chunk_combos)])
+        # state_fwd_kernel's two launches (the forward's pass and the backward's recomputation) are timed together
         cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(chunk, base, name) for name in CHUNK_KERNELS},
-                           **{name: Launch(warps, stages) for name in STATE_KERNELS})
+                           **{name: Launch(warps, stages) for name in STATE_KERNELS},
+                           state_recompute=Launch(warps, stages))
         scan_module.LAUNCH = cfg
         times = _kernel_times_if_fits(inputs, f"setting {i}")
         if times is None:
@@ -222,7 +224,8 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
         best[name] = min(((s, ms) for n, s, ms in results if n == name and s[2] == block_v), key=lambda x: x[1])
     scan_module.LAUNCH = base
     cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(Launch(*best[name][0][:2]), base, name)
-                                                 for name in best})
+                                                 for name in best},
+                       state_recompute=Launch(*best["state_fwd"][0][:2]))
     lines = ["| kernel | best (warps, stages) | ms | all settings tried (warps, stages[, BV]): ms |",
              "|---|---|---|---|"]
     for name in CHUNK_KERNELS + STATE_KERNELS:

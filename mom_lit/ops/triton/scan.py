@@ -44,7 +44,8 @@ class Launch:
     """Warps and software-pipelining depth of one kernel, and for the per-chunk kernels (output, du_local, dqk,
     wy_bwd) their key and value tile widths (0: up to 64). Wider tiles mean fewer programs per chunk, each with more
     registers: output and du_local form Q K^T again in every value block's program, dqk forms dO U^T again in
-    every key block's."""
+    every key block's. For the sequential passes ``block_v`` is the V-block of their (K, BV) fp32 register state (0:
+    ``LaunchConfig.state_block_v``); ``block_k`` does not apply."""
 
     num_warps: int
     num_stages: int
@@ -68,15 +69,21 @@ class LaunchConfig:
     their loops are never software-pipelined (num_stages 1).
     """
 
-    # V-block of the sequential passes, whose (K, BV) fp32 state lives in registers; with BV = 64 the backward pass's
-    # pipelined token tiles no longer fit an H200's shared memory at K = 256
+    # V-block of the sequential passes (unless a pass's Launch.block_v says otherwise), whose (K, BV) fp32 state
+    # lives in registers; with BV = 64 the backward pass's pipelined token tiles no longer fit an H200's shared memory
+    # at K = 256
     state_block_v: int = 32
     # 2 warps (not among the sweep's settings, which apply to every per-chunk kernel at once): with the solve's rows
     # read from memory it took 0.122 ms at 8 x 2048, against 0.254 ms for 4 warps with the rows taken from registers
     # (the two changes were timed together)
     wy_solve: Launch = Launch(2, 2)
     wy_apply: Launch = Launch(4, 1)
-    state_fwd: Launch = Launch(4, 2)
+    # the forward's pass, which also forms U = Uv - W S per chunk (two products per step), and the backward's
+    # recomputation of the states from a kept U (one product per step); balanced and lean memory, which keep no U,
+    # rerun the forward's pass in the backward. Each pass's own setting took their two launches at 8 x 2048 from
+    # 0.681 to 0.613 ms against (4, 2) with 32 columns for both; (4, 3) with 64 columns exceeds the shared memory
+    state_fwd: Launch = Launch(4, 3)
+    state_recompute: Launch = Launch(4, 2, block_v=64)
     output: Launch = Launch(8, 3, block_k=64, block_v=128)
     du_local: Launch = Launch(8, 3, block_k=64, block_v=256)  # one program per chunk: Q K^T formed once
     state_bwd: Launch = Launch(4, 2)
@@ -130,6 +137,12 @@ def _chunk_blocks(K: int, V: int, block_k: int = 0, block_v: int = 0) -> tuple[i
     BK = _block(K, block_k or 64)
     BV = _block(V, block_v or 64)
     return BK, max(BV, BK) if V < 64 else BV
+
+
+def _state_block_v(V: int, launch: Launch) -> int:
+    """V-block of a sequential pass: its launch's ``block_v``, else ``LAUNCH.state_block_v``; at most 64 and the
+    padded V."""
+    return min(_block(V), launch.block_v or LAUNCH.state_block_v)
 
 
 def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
@@ -217,14 +230,15 @@ def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     dummy = k.new_empty(1, dtype=torch.float32)
     h = _empty(index.max_chunks, H, K, V, dtype=k.dtype, device=k.device)
     ht = _empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
-    BVS = min(_block(V), LAUNCH.state_block_v)
+    launch = LAUNCH.state_recompute if u_final else LAUNCH.state_fwd
+    BVS = _state_block_v(V, launch)
     fwd.state_fwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         k, v, w if is_delta else dummy, u if is_delta else dummy, gamma if use_g else dummy, h,
         h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets,
         index.longest_first, cu,
         H=H, K=K, V=V, BKS=_block(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
         HAS_H0=h0 is not None, STORE_HT=ht is not None, U_FINAL=u_final, MODE=mode,
-        **_options(LAUNCH.state_fwd, mode))
+        **_options(launch, mode))
     return h, ht
 
 
@@ -258,7 +272,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             **_options(LAUNCH.du_local, mode))
     dh = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    BVS = min(_block(V), LAUNCH.state_block_v)
+    BVS = _state_block_v(V, LAUNCH.state_bwd)
     bwd.state_bwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets,
