@@ -52,6 +52,9 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
     proc = subprocess.run(cmd[:2] + ["--device", "cpu", "--cuda-graph"], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
     assert proc.returncode == 2 and "--cuda-graph needs a CUDA device" in proc.stderr
+    proc = subprocess.run(cmd[:2] + ["--device", "cpu", "--profile-shape", "8by2048"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--profile-shape" in proc.stderr and "expected BxT" in proc.stderr
 
 
 def _bench_kernels():

@@ -4,7 +4,7 @@ Sections (``--sections``):
   layer   one layer forward and forward+backward (loss = sum of outputs), peak memory
   model   a 12-layer model, one training step (forward + backward), tokens/s, peak memory
   decode  per-token latency of an eager decode loop after a prefill of C tokens
-  profile top device kernels of each selected layer's forward+backward (8 x 2048)
+  profile top device kernels of each selected layer's forward+backward (8 x 2048, or --profile-shape)
   profile_model  the same for each selected model's training step
 
 Settings follow the reference figures (hidden 1024, 4 heads x 256, expand_v 1, short conv 4, E=4, top-2, shared
@@ -409,9 +409,9 @@ def _report_profile(args, report: str) -> None:
 
 
 def section_profile(args, dtype, rows):
-    """Where the time of each selected layer's forward+backward goes (top device kernels), 8 x 2048."""
+    """Where the time of each selected layer's forward+backward goes (top device kernels), at --profile-shape."""
     hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
-    b, t = (2, 64) if args.tiny else (8, 2048)
+    b, t = (2, 64) if args.tiny else args.profile_shape
     for name, make in selected(args, layer_candidates(args, hidden, heads, head_dim)):
         torch.manual_seed(0)
         module = make().to(args.device, _weights_dtype(args, dtype)).train()
@@ -424,8 +424,8 @@ def section_profile(args, dtype, rows):
 
 
 def section_profile_model(args, dtype, rows):
-    """Where the time of each selected model's training step goes (top device kernels)."""
-    b, t = (2, 64) if args.tiny else (8, 2048)
+    """Where the time of each selected model's training step goes (top device kernels), at --profile-shape."""
+    b, t = (2, 64) if args.tiny else args.profile_shape
     for name, make in selected(args, model_candidates(args, args.tiny)):
         model, step = _training_step(make, args, dtype, b, t)
         _report_profile(args, _profile(step, args, f"model {name}, {b}x{t}, training step"))
@@ -444,6 +444,14 @@ def _apply_launch_json(path: str, kernels, launch_type, label: str) -> None:
     print(f"{label} launch settings: {kernels.LAUNCH}", flush=True)
 
 
+def _batch_by_length(text: str) -> tuple[int, int]:
+    """``"8x2048"`` -> (8, 2048); argparse reports a ValueError as a bad value of the option."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected BxT with positive integers, such as 8x2048, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -458,6 +466,8 @@ def main() -> None:
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     p.add_argument("--profile-out", default=None, help="append the profile tables to this file too")
+    p.add_argument("--profile-shape", type=_batch_by_length, default=(8, 2048), metavar="BxT",
+                   help="batch x sequence length of the profile and profile_model sections (default 8x2048)")
     p.add_argument("--profile-json", default=None,
                    help="add each profile's kernels (device ms and launches per call) to this JSON file")
     p.add_argument("--mixed", action="store_true",
