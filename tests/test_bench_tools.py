@@ -103,7 +103,8 @@ def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypat
     from mom_lit.ops.triton import scan as scan_module
 
     path = tmp_path / "variants.json"
-    path.write_text(json.dumps([{"state_block_v": 16}, {"state_fwd": {"num_warps": 8, "num_stages": 3, "block_v": 64}}]))
+    path.write_text(json.dumps([{"state_block_v": 16},
+                                {"state_fwd": {"num_warps": 8, "num_stages": 3, "block_v": 64}}]))
 
     def kernel_times(inputs):
         if scan_module.LAUNCH.state_fwd.block_v == 64:

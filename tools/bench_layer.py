@@ -445,7 +445,8 @@ def _apply_launch_json(path: str, kernels, launch_type, label: str) -> None:
 
 
 def _batch_by_length(text: str) -> tuple[int, int]:
-    """``"8x2048"`` -> (8, 2048); argparse reports a ValueError as a bad value of the option."""
+    """``"8x2048"`` -> (8, 2048); anything else raises the ArgumentTypeError that argparse reports as a usage
+    error naming the option."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(f"expected BxT with positive integers, such as 8x2048, got {text!r}")
