@@ -77,8 +77,7 @@ class MoMConfig:
     balanced, and the backward recomputes the grouped projections from the layer input (once, for the scan and the
     slot stage) instead of keeping them: neither the query projection nor the slots x heads x (K + V + 2) elements
     of the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200, graphed step): 16.9 GiB
-    fast, 11.4 GiB balanced at 0.92x fast's tokens/s, 9.1 GiB lean at 0.88x (BENCHMARKS.md; both measured while
-    they still kept the triangular inverses, ~0.56 GiB more than now by the saved bytes). Triton path only;
+    fast, 10.9 GiB balanced at 0.91x fast's tokens/s, 8.5 GiB lean at 0.87x (BENCHMARKS.md). Triton path only;
     under bf16-mixed autocast the projections run in bf16 from one cast of the layer input, so the same applies
     (lean 10.6 GiB there, against 19.7 GiB, measured before fast took the grouped product too)."""
 
