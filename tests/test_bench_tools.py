@@ -84,6 +84,34 @@ def test_bench_kernels_variants_one_or_several(tmp_path):
     assert configs["variant 1"].wy_solve == Launch(4, 2) and configs["variant 2"].state_block_v == 16
 
 
+def test_bench_kernels_sweep_picks_each_pass_its_own_setting(monkeypatch):
+    """--sweep keeps the fastest setting of every kernel; each sequential pass (forward, recomputation, backward: a
+    kernel name each) gets its own warps, stages and V-block, and the settings in use are restored."""
+    bench_kernels = _bench_kernels()
+    from mom_lit.ops.triton import scan as scan_module
+    from mom_lit.ops.triton.scan import Launch
+
+    fastest = {"state_fwd": (4, 1, 16), "state_recompute": (8, 2, 64), "state_bwd": (4, 2, 32)}
+
+    def kernel_times(inputs, reps=3):
+        cfg = scan_module.LAUNCH
+        times = {f"{name}_kernel": (1.0 + getattr(cfg, name).num_warps / 100, 1)
+                 for name in bench_kernels.CHUNK_KERNELS}
+        for name, best in fastest.items():
+            launch = getattr(cfg, name)
+            setting = (launch.num_warps, launch.num_stages, launch.block_v or cfg.state_block_v)
+            times[f"{name}_kernel"] = (0.5 if setting == best else 0.9, 1)
+        return times
+
+    monkeypatch.setattr(bench_kernels, "kernel_times", kernel_times)
+    cfg, lines = bench_kernels.sweep(None)
+    assert cfg.state_fwd == Launch(4, 1, block_v=16) and cfg.state_recompute == Launch(8, 2, block_v=64)
+    assert cfg.state_bwd == Launch(4, 2, block_v=32) and cfg.state_block_v == scan_module.LAUNCH.state_block_v
+    assert cfg.dqk.num_warps == 4 and cfg.dqk.block_k == scan_module.LAUNCH.dqk.block_k  # tile widths kept
+    assert "| state_recompute | 8,2,64 | 0.500 |" in "\n".join(lines)
+    assert scan_module.LAUNCH == scan_module.LaunchConfig()
+
+
 @pytest.mark.parametrize("text, message", [('{"wy_solv": {"num_warps": 1}}', "wy_solv"),
                                            ('[{"dqk": {"num_warps": 4, "num_stages": 2}}, 3]', "variant 2"),
                                            ('{"dqk": {"num_warps": 4, "stages": 2}}', "stages"),

@@ -185,7 +185,7 @@ def _kernel_times_if_fits(inputs, label: str) -> dict[str, tuple[float, int]] | 
 
 
 CHUNK_KERNELS = ("wy_solve", "wy_apply", "output", "du_local", "dqk", "wy_bwd")
-STATE_KERNELS = ("state_fwd", "state_bwd")
+STATE_KERNELS = ("state_fwd", "state_recompute", "state_bwd")
 
 
 def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
@@ -197,10 +197,8 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
     base = scan_module.LAUNCH  # the tile widths of the per-chunk kernels stay as they are (--sweep-tiles varies them)
     for i, (warps, stages, block_v) in enumerate(state_combos):
         chunk = Launch(*chunk_combos[i % len(chunk_combos)])
-        # state_fwd_kernel's two launches (the forward's pass and the backward's recomputation) are timed together
         cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(chunk, base, name) for name in CHUNK_KERNELS},
-                           **{name: Launch(warps, stages) for name in STATE_KERNELS},
-                           state_recompute=Launch(warps, stages))
+                           **{name: Launch(warps, stages) for name in STATE_KERNELS})
         scan_module.LAUNCH = cfg
         times = _kernel_times_if_fits(inputs, f"setting {i}")
         if times is None:
@@ -211,28 +209,25 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
             results.append((name, (warps, stages, block_v), times[f"{name}_kernel"][0]))
         print(f"setting {i}: " + ", ".join(f"{n}={times[n + '_kernel'][0]:.3f}" for n in CHUNK_KERNELS + STATE_KERNELS),
               flush=True)
-    best = {}
+    best = {}  # the fastest setting of each kernel; each sequential pass takes its own V-block (Launch.block_v)
     for name, setting, ms in results:
-        if name in CHUNK_KERNELS and (name not in best or ms < best[name][1]):
+        if name not in best or ms < best[name][1]:
             best[name] = (setting, ms)
-    # the two state passes share one V-block: pick it by their summed time, then each pass's warps/stages
-    def state_total(block_v: int) -> float:
-        return sum(min(ms for n, s, ms in results if n == name and s[2] == block_v) for name in STATE_KERNELS)
-
-    block_v = min({s[2] for n, s, _ in results if n in STATE_KERNELS}, key=state_total)
-    for name in STATE_KERNELS:
-        best[name] = min(((s, ms) for n, s, ms in results if n == name and s[2] == block_v), key=lambda x: x[1])
     scan_module.LAUNCH = base
-    cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(Launch(*best[name][0][:2]), base, name)
-                                                 for name in best},
-                       state_recompute=Launch(*best["state_fwd"][0][:2]))
-    lines = ["| kernel | best (warps, stages) | ms | all settings tried (warps, stages[, BV]): ms |",
+    cfg = LaunchConfig(state_block_v=base.state_block_v,
+                       **{name: _with_tiles(Launch(*best[name][0][:2]), base, name) for name in CHUNK_KERNELS},
+                       **{name: Launch(*best[name][0][:2], block_v=best[name][0][2]) for name in STATE_KERNELS})
+    lines = ["| kernel | best (warps, stages[, BV]) | ms | all settings tried (warps, stages[, BV]): ms |",
              "|---|---|---|---|"]
     for name in CHUNK_KERNELS + STATE_KERNELS:
-        tried = ", ".join(f"{s[0]},{s[1]}{'' if s[2] is None else ',' + str(s[2])}: {ms:.3f}"
-                          for n, s, ms in results if n == name)
-        lines.append(f"| {name} | {best[name][0][:2]} | {best[name][1]:.3f} | {tried} |")
+        tried = ", ".join(f"{_setting(s)}: {ms:.3f}" for n, s, ms in results if n == name)
+        lines.append(f"| {name} | {_setting(best[name][0])} | {best[name][1]:.3f} | {tried} |")
     return cfg, lines
+
+
+def _setting(setting: tuple) -> str:
+    """(warps, stages, V-block or None) as "warps,stages[,BV]"."""
+    return ",".join(str(x) for x in setting if x is not None)
 
 
 def _with_tiles(launch: Launch, base: LaunchConfig, name: str) -> Launch:

@@ -12,7 +12,9 @@ Kernels, in launch order:
     wy_solve_kernel   per (chunk, head): gamma and Tinv (blockwise forward substitution on 16-row blocks)
     wy_apply_kernel   per (chunk, head): W and Uv
     state_fwd_kernel  per (segment, head, V block): the sequential pass; stores every chunk's start state and U
-                      (the backward runs it again, reading U, to recompute the start states it did not keep)
+    state_recompute_kernel  the same pass reading U instead of forming it: the backward's recomputation of the
+                      start states that the forward did not keep (a kernel of its own name, so that profiles
+                      and launch settings tell the two passes apart)
     output_kernel     per (chunk, head, V block): O
 Every exponent is a difference of cumulative gates inside one chunk with the later position first, so it is
 <= 0 for decays and nothing overflows whatever the gate magnitude.
@@ -26,7 +28,7 @@ import triton.language as tl
 from mom_lit.ops.triton.common import (chunk_rows, chunk_tile, load_gates, load_state, mm, mm32, state_program,
                                       store_chunk_tile, store_state)
 
-__all__ = ["output_kernel", "state_fwd_kernel", "wy_apply_kernel", "wy_solve_kernel"]
+__all__ = ["output_kernel", "state_fwd_kernel", "state_recompute_kernel", "wy_apply_kernel", "wy_solve_kernel"]
 
 
 @triton.jit
@@ -221,6 +223,24 @@ def wy_apply_kernel(k, v, beta, gamma, tinv, w, u, chunk_seg, chunk_start, cu,
 
 @triton.jit
 def state_fwd_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+                     USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                     MODE: tl.constexpr):
+    _sequential_pass(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu, H, K, V, BKS, BV, USE_G,
+                     IS_DELTA, HAS_H0, STORE_HT, False, MODE)
+
+
+@triton.jit
+def state_recompute_kernel(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+                           USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+                           STORE_HT: tl.constexpr, MODE: tl.constexpr):
+    _sequential_pass(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu, H, K, V, BKS, BV, USE_G,
+                     IS_DELTA, HAS_H0, STORE_HT, True, MODE)
+
+
+@triton.jit
+def _sequential_pass(k, v, w, u, gamma, h_out, h0, ht, chunk_offsets, order, cu,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, IS_DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
                      U_FINAL: tl.constexpr, MODE: tl.constexpr):

@@ -231,14 +231,14 @@ def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     h = _empty(index.max_chunks, H, K, V, dtype=k.dtype, device=k.device)
     ht = _empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
     launch = LAUNCH.state_recompute if u_final else LAUNCH.state_fwd
+    kernel = fwd.state_recompute_kernel if u_final else fwd.state_fwd_kernel
     BVS = _state_block_v(V, launch)
-    fwd.state_fwd_kernel[(N * H * triton.cdiv(V, BVS),)](
+    kernel[(N * H * triton.cdiv(V, BVS),)](
         k, v, w if is_delta else dummy, u if is_delta else dummy, gamma if use_g else dummy, h,
         h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets,
         index.longest_first, cu,
         H=H, K=K, V=V, BKS=_block(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
-        HAS_H0=h0 is not None, STORE_HT=ht is not None, U_FINAL=u_final, MODE=mode,
-        **_options(launch, mode))
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, MODE=mode, **_options(launch, mode))
     return h, ht
 
 
