@@ -405,19 +405,18 @@ class MoMLayer(nn.Module):
             ends = layout.cu_seqlens[layout.num_sequences::layout.num_sequences].to(torch.int32)  # (S,) group ends
             q_weight = self.q_proj.weight.to(x_flat.dtype)
             sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
-            if activation_memory == "lean":  # no projection kept: the backward rebuilds them once, for scan and stage
-                share = SlotSourceShare()
-                q, k, v, rest = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H)
+            # lean keeps no projection (the backward rebuilds them once, for scan and stage through ``share``);
+            # balanced has the scan keep the slot stage's own kept projections instead of q, k, v
+            lean, balanced = activation_memory == "lean", activation_memory == "balanced"
+            share = SlotSourceShare() if lean else None
+            q, k, v, rest, *kept = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H,
+                                                       keep=not lean, expose=balanced)
+            rebuild_qkv = None
+            if lean:
                 rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
-            elif activation_memory == "balanced":  # the scan keeps the slot stage's own kept projections, not q, k, v
-                q, k, v, rest, q_src, kv_src = projected_slot_conv(*sources, layout.rank, None, H, K, self.head_v_dim,
-                                                                   extra * H, keep=True, expose=True)
+            elif balanced:  # kept = (q_src, kv_src)
                 rebuild_qkv = (functools.partial(slot_qkv, **dims),
-                               (q_src, kv_src, weight, layout.token, None, layout.position))
-            else:
-                q, k, v, rest = projected_slot_conv(*sources, layout.rank, None, H, K, self.head_v_dim, extra * H,
-                                                    keep=True)
-                rebuild_qkv = None
+                               (*kept, weight, layout.token, None, layout.position))
             g, beta = self._gates(rest)
             return q, k, v, g, gk, beta, rebuild_qkv
         kv_src = x_flat @ w_stream.reshape(-1, hidden).t()  # (N_tok, S * P)
