@@ -60,22 +60,26 @@ def sequence_ids(batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None,
 def build_layout(memory: torch.Tensor, seq_id: torch.Tensor, num_sequences: int, num_streams: int) -> StreamLayout:
     """Sort the (token, slot) pairs of ``memory`` (B*T, J) into contiguous segments.
 
-    No host synchronisation: all sizes derive from shapes.
+    No host synchronisation: all sizes derive from shapes. Every step is one tensor operation, since on a GPU each
+    costs a kernel launch per layer and pass.
     """
     num_tokens, slots_per_token = memory.shape
-    memory_flat = memory.reshape(-1).to(torch.int64)  # (B*T*J,) token-major
-    token_flat = torch.arange(num_tokens, device=memory.device).repeat_interleave(slots_per_token)
-    segment_flat = memory_flat * num_sequences + seq_id.to(torch.int64).repeat_interleave(slots_per_token)
+    num_segments = num_streams * num_sequences
+    # int32 keys: half the radix passes of int64 (segment ids stay far below 2^31).
+    key_dtype = torch.int32 if num_segments < 2 ** 31 else torch.int64
+    segment_flat = (memory.to(key_dtype) * num_sequences + seq_id.to(key_dtype)[:, None]).reshape(-1)  # (B*T*J,)
     # A token selects distinct memories, so within a segment slots are in token order and the stable sort keeps
     # time order whatever the routing scores were (ties, zero weights).
     segment_sorted, order = torch.sort(segment_flat, stable=True)
-    counts = count_values(segment_flat, num_streams * num_sequences)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    # Segment s starts at the first sorted slot whose id is at least s (empty segments start where the next does).
+    bounds = torch.arange(num_segments + 1, device=memory.device, dtype=key_dtype)
+    cu_seqlens = torch.searchsorted(segment_sorted, bounds)  # (S*N + 1,) int64
     arange = torch.arange(order.numel(), device=memory.device)
-    position = arange - cu_seqlens[segment_sorted]
+    segment = segment_sorted.long()
+    position = arange - cu_seqlens[segment]
     rank = torch.empty_like(order).index_copy_(0, order, arange)
-    return StreamLayout(token=token_flat[order], slot=order, rank=rank, memory=memory_flat[order],
-                        segment=segment_sorted, position=position, cu_seqlens=cu_seqlens, num_sequences=num_sequences,
+    return StreamLayout(token=order // slots_per_token, slot=order, rank=rank, memory=segment // num_sequences,
+                        segment=segment, position=position, cu_seqlens=cu_seqlens, num_sequences=num_sequences,
                         num_streams=num_streams)
 
 
