@@ -169,9 +169,8 @@ class MoMLayer(nn.Module):
             routing = self.router(x_flat)
             memory, weight = routing.memory, routing.weight
         if self.config.shared_memory:
-            shared = self.num_streams - 1
-            memory = torch.cat([memory, torch.full_like(memory[:, :1], shared)], dim=1)
-            weight = torch.cat([weight, torch.ones_like(weight[:, :1])], dim=1)
+            memory = F.pad(memory, (0, 1), value=self.num_streams - 1)  # the shared stream is the last one
+            weight = F.pad(weight, (0, 1), value=1.0)
         return routing, memory, weight
 
     def _stream_weights(self, align: int = 1) -> torch.Tensor:
@@ -222,6 +221,12 @@ class MoMLayer(nn.Module):
             a = rest[:, H:2 * H] if self.b_proj is not None else rest[:, :H]
             g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (L, H)
         return g, beta
+
+    def _gates_fused(self, rest: torch.Tensor):
+        """:meth:`_gates` by one Triton kernel each way (the slot stage's path)."""
+        from mom_lit.ops.layer_triton import scalar_gates
+
+        return scalar_gates(rest, self.A_log, self.dt_bias, self.num_heads, self.b_proj is not None)
 
     def _split_qkv(self, qkv: torch.Tensor):
         c, H, K, V = self.config, self.num_heads, self.head_dim, self.head_v_dim
@@ -280,6 +285,8 @@ class MoMLayer(nn.Module):
             return True
         _SLOT_KERNELS_PROBED.add(key)
         try:
+            from mom_lit.ops.layer_triton import scalar_gates
+
             # Identity saved-tensor hooks shadow any outer ones: when the first forward runs inside an activation
             # checkpoint, the probe's tensors must not be recorded as the block's, or the recompute (which skips
             # the probe) would not match the original forward.
@@ -300,6 +307,11 @@ class MoMLayer(nn.Module):
                               rand(H * (2 * K + V), width)]
                     outs += slot_conv(*inputs, layout.token, layout.token * S + layout.memory, layout.position,
                                       layout.rank, H, K, V, H)
+                    decay, has_beta = self.a_proj is not None, self.b_proj is not None
+                    # the probe's own gate parameters, not the layer's
+                    gates = scalar_gates(rand(num_tokens * S, (decay + has_beta) * H), rand(H) if decay else None,
+                                         rand(H) if decay else None, H, has_beta)
+                    outs += [t for t in gates if t is not None]
                 o = rand(num_tokens, H, V)
                 gate = rand(num_tokens, H, V) if self.g_proj is not None else None
                 outs.append(mix_gated_rms_norm(o, layout.rank, torch.ones(num_tokens, 1, device=device), gate,
@@ -417,7 +429,7 @@ class MoMLayer(nn.Module):
             elif balanced:  # kept = (q_src, kv_src)
                 rebuild_qkv = (functools.partial(slot_qkv, **dims),
                                (*kept, weight, layout.token, None, layout.position))
-            g, beta = self._gates(rest)
+            g, beta = self._gates_fused(rest)
             return q, k, v, g, gk, beta, rebuild_qkv
         kv_src = x_flat @ w_stream.reshape(-1, hidden).t()  # (N_tok, S * P)
         gk = self._per_key_gate(kv_src.view(num_tokens, S, -1), layout.token, layout.memory)
@@ -426,7 +438,7 @@ class MoMLayer(nn.Module):
         q_src = self.q_proj(x_flat)
         q, k, v, rest = slot_conv(q_src, kv_src, weight, layout.token, kv_rows, layout.position, layout.rank, H, K,
                                   self.head_v_dim, extra * H)
-        g, beta = self._gates(rest)
+        g, beta = self._gates_fused(rest)
         rebuild_qkv = None
         if activation_memory != "fast":  # slot_conv keeps these for its own backward anyway
             rebuild_qkv = (functools.partial(slot_qkv, **dims),

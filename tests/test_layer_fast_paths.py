@@ -300,6 +300,64 @@ def test_slot_sum_rejects_a_rank_that_does_not_cover_the_slots():
 
 
 @kernels
+@pytest.mark.parametrize("has_beta,has_decay", [(True, True), (True, False), (False, True)],
+                         ids=["beta-and-decay", "beta", "decay"])
+@pytest.mark.parametrize("length", [300, 1, 0])
+def test_scalar_gates_match_the_reference_gates(has_beta, has_decay, length):
+    """beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) of strided gate columns against fp64, values
+    and every gradient, through saturated, tiny and ordinary logits (several row blocks at 300 rows)."""
+    gen = torch.Generator().manual_seed(5)
+    heads, cols = 3, 3 * (has_beta + has_decay)
+    wide = torch.randn(length, cols + 5, generator=gen, dtype=torch.float64) * 6
+    wide[:4, :] = torch.tensor([60.0, -60.0, 1e-3, -30.0])[:min(4, length), None]
+    rest = wide[:, 2:2 + cols].to(DEVICE, torch.float32).requires_grad_()  # a row stride past its width
+    a_log = torch.randn(heads, generator=gen).to(DEVICE).requires_grad_() if has_decay else None
+    dt_bias = torch.randn(heads, generator=gen).to(DEVICE).requires_grad_() if has_decay else None
+    g, beta = layer_triton.scalar_gates(rest, a_log, dt_bias, heads, has_beta)
+    assert (g is not None) == has_decay and (beta is not None) == has_beta
+    leaves = [t for t in (rest, a_log, dt_bias) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    r = ref_leaves[0]
+    loss, ref_loss = 0.0, 0.0
+    if has_beta:
+        w = torch.randn(length, heads, generator=gen, dtype=torch.float64).to(DEVICE)
+        ref_beta = torch.sigmoid(r[:, :heads])
+        torch.testing.assert_close(beta.double(), ref_beta, atol=1e-6, rtol=1e-5)
+        loss, ref_loss = loss + (beta.double() * w).sum(), ref_loss + (ref_beta * w).sum()
+    if has_decay:
+        w = torch.randn(length, heads, generator=gen, dtype=torch.float64).to(DEVICE)
+        a = r[:, heads:] if has_beta else r
+        ref_g = -ref_leaves[1].exp() * torch.nn.functional.softplus(a + ref_leaves[2])
+        torch.testing.assert_close(g.double(), ref_g, atol=1e-6, rtol=1e-5)
+        loss, ref_loss = loss + (g.double() * w).sum(), ref_loss + (ref_g * w).sum()
+    if length == 0:
+        return
+    grads = torch.autograd.grad(loss, leaves)
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@kernels
+def test_scalar_gates_without_a_gradient_for_one_output():
+    """An unused beta gives its columns a zero gradient (and g's still flows)."""
+    rest = torch.randn(40, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
+    a_log, dt_bias = torch.zeros(2, device=DEVICE, requires_grad=True), torch.zeros(2, device=DEVICE)
+    g, _beta = layer_triton.scalar_gates(rest, a_log, dt_bias, 2, True)
+    g.sum().backward()
+    assert torch.equal(rest.grad[:, :2], torch.zeros_like(rest.grad[:, :2]))
+    assert (rest.grad[:, 2:] < 0).all() and a_log.grad is not None
+
+
+def test_scalar_gates_reject_columns_that_do_not_match_the_rule():
+    with pytest.raises(ValueError, match=r"rest must be \(L, 4\)"):
+        layer_triton.scalar_gates(torch.zeros(5, 6), torch.zeros(2), torch.zeros(2), 2, True)
+    with pytest.raises(ValueError, match="unit column stride"):
+        layer_triton.scalar_gates(torch.zeros(4, 5).t(), None, None, 5, True)
+    assert layer_triton.scalar_gates(torch.zeros(5, 0), None, None, 2, False) == (None, None)
+
+
+@kernels
 @pytest.mark.parametrize("rule,overrides,projections", [
     pytest.param("gated_delta", {}, "auto", id="gated_delta"),  # S / J = 5 / 3
     pytest.param("gated_delta", {}, "dense", id="gated_delta-dense"),  # every stream for every token
@@ -320,7 +378,7 @@ def test_layer_with_slot_kernels_matches_reference_layer(rule, overrides, projec
         reference_scan = layer_module.scan
         monkeypatch.setattr(layer_module, "scan", lambda *a, **k: reference_scan(*a, **{**k, "backend": "eager"}))
     _compare_layers(rule, torch.float32, overrides, tol=1e-4)
-    assert calls["slots"] and calls["mix"], "the Triton stages did not run"
+    assert calls["slots"] and calls["mix"] and calls["gates"], "the Triton stages did not run"
     assert bool(calls["grouped"]) == (projections == "auto" and not NATIVE)
 
 
@@ -442,9 +500,9 @@ def test_projections_take_the_autocast_dtype():
 
 
 def _spy(monkeypatch):
-    calls = {"slots": 0, "mix": 0, "grouped": 0}
+    calls = {"slots": 0, "mix": 0, "grouped": 0, "gates": 0}
     for owner, name, key in ((MoMLayer, "_prepare_slots_triton", "slots"), (layer_module, "mix_gated_rms_norm", "mix"),
-                             (layer_module, "projected_slot_conv", "grouped")):
+                             (layer_module, "projected_slot_conv", "grouped"), (layer_triton, "scalar_gates", "gates")):
         original = getattr(owner, name)
 
         def wrapped(*args, _original=original, _key=key, **kwargs):
