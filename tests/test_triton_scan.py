@@ -347,7 +347,7 @@ def test_launch_rejects_tile_widths_that_are_not_powers_of_two():
 
 @pytest.mark.parametrize("lengths", [[5], [0, 64, 0, 65, 1, 0], [128, 127, 200]], ids=["one", "empties", "long"])
 def test_chunk_index_maps_every_chunk_once(lengths):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
     index = build_chunk_index(cu, int(cu[-1]), 64)
     expected = [(n, s) for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())) for s in range(a, b, 64)]
     seg, start = index.chunk_seg.tolist(), index.chunk_start.tolist()
