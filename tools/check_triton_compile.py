@@ -51,7 +51,8 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 MODULES = ("mom_lit.ops.triton.common", "mom_lit.ops.triton.forward", "mom_lit.ops.triton.backward",
-           "mom_lit.ops.triton.decode", "mom_lit.ops.triton.scan", "mom_lit.ops.layer_triton")
+           "mom_lit.ops.triton.decode", "mom_lit.ops.triton.scan", "mom_lit.ops.triton.chunk_index",
+           "mom_lit.ops.layer_triton")
 
 
 class CompileOnlyDriver(DriverBase):
@@ -203,7 +204,7 @@ def run_layer_stages(rec: Recorder, quick: bool):
     shapes = [(4, 256, 256), (2, 128, 128), (2, 64, 64)] + ([] if quick else [(2, 128, 96)])
     library_launch = layer_triton.LAUNCH
     for (H, K, V), dtype, width, gated, tokens, dx_kernel in itertools.product(
-            shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128), ("taps", "tiles")):
+            shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128), ("taps", "tiles", "stencil")):
         rec.case = (f"layer H{H} K{K} V{V} {str(dtype)[6:]} W={width} gate={int(gated)} N={tokens} "
                     f"dx_kernel={dx_kernel}")
         layer_triton.LAUNCH = dataclasses.replace(library_launch, dx_kernel=dx_kernel)
@@ -222,6 +223,7 @@ def run_layer_stages(rec: Recorder, quick: bool):
         gate = rand(tokens, H, V) if gated else None
         routing = torch.rand(tokens, J).to(dtype).requires_grad_()
         outs.append(mix_gated_rms_norm(o, layout.rank, routing, gate, torch.ones(V, dtype=dtype), 1e-5))
+        outs += layer_triton.scalar_gates(outs[3], rand(H), rand(H), H, True)  # the gate columns of each slot
         torch.autograd.backward([t.float().sum() for t in outs])
     layer_triton.LAUNCH = library_launch
 
