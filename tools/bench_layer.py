@@ -363,8 +363,7 @@ def section_decode(args, dtype, rows):
 
 def _profile(fn, args, label: str) -> str:
     """Kernels by self device time over 3 calls of ``fn`` after 3 warm-up calls, and the wall time per call
-    beside the device time and (CUDA) the host's own time per call (a wall time well above the device time means
-    the host is the bottleneck).
+    beside the device time per call (a wall time well above the device time means the host is the bottleneck).
     With ``--profile-json``, every kernel's device milliseconds and launches per call are added to that file under
     ``label``, so that two profiles can be compared kernel by kernel."""
     cuda = args.device == "cuda"
@@ -378,17 +377,6 @@ def _profile(fn, args, label: str) -> str:
     if cuda:
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) / 3 * 1e3
-    host_ms = None
-    if cuda:
-        # The host's own time per call: the device sleeps (~1 s) while the host enqueues 3 calls, so the host never
-        # waits for it (3 calls stay well inside the launch queue). Above the device time, eager calls are bound by
-        # the host (Python, dispatch, kernel launches).
-        torch.cuda._sleep(2_000_000_000)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fn()
-        host_ms = (time.perf_counter() - t0) / 3 * 1e3
-        torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -405,12 +393,11 @@ def _profile(fn, args, label: str) -> str:
     if args.profile_json:
         path = Path(args.profile_json)
         table = json.loads(path.read_text()) if path.exists() else {}
-        table[label] = {"wall_ms": wall_ms, "device_ms": device_ms, "host_ms": host_ms,
+        table[label] = {"wall_ms": wall_ms, "device_ms": device_ms,
                         "kernels": {a.key: [a.self_device_time_total / 3 / 1e3, a.count / 3] for a in kernels}}
         path.write_text(json.dumps(table, indent=1))
-    host = "" if host_ms is None else f"; host time per call (device kept busy): {host_ms:.2f} ms"
     return (f"profile of {label}, 3 calls\nwall time per call (unprofiled): {wall_ms:.2f} ms; device time per call "
-            f"(profiled, sum of kernels): {device_ms:.2f} ms{host}\n\nkernels by self device time:\n"
+            f"(profiled, sum of kernels): {device_ms:.2f} ms\n\nkernels by self device time:\n"
             + averages.table(sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=90)
             + "\n\noperators by total device time (children included):\n"
             + averages.table(sort_by=total_key, row_limit=args.profile_rows, max_name_column_width=90)
