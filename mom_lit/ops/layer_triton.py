@@ -9,7 +9,9 @@ of a training forward has no cached conv state), applies SiLU and, for q and k, 
 recomputes the forward from the projections (nothing but the indices is kept) in two kernels: one writes the
 pre-activation gradient (an elementwise pass over (block of rows, head) programs, which the L2 norm needs whole),
 the next walks a span of rows per (span, block of channels) program, running the transposed convolution (the source
-gradient rows) and accumulating the filter gradient in registers, reduced once per program.
+gradient rows) and accumulating the filter gradient in registers, reduced once per program. An opt-in variant
+(``dx_kernel="stencil"``) accumulates the filter gradient in the first kernel instead, from the source rows it
+loads anyway, so that the second is a stencil over the pre-activation gradient alone.
 
 A channel group is one head of q, k or v (D channels).
 
@@ -20,6 +22,9 @@ the sum and writes every slot's gradient row once (``rank`` is a permutation: no
 Slot sum: a token's gradient from its J slots, ``out[t] = sum_j src[rank[t * J + j]]`` (the slot stage's query
 gradient, the grouped projection's input gradient), read in place through ``rank`` and summed in fp32 in one pass
 instead of a gathered (N J, C) copy and a reduction over it.
+
+Gates: Gated DeltaNet's per-head beta and log-decay of every slot from its gate columns, one kernel each way (the
+parameters' gradients as per-block partial sums, added once).
 
 Row offsets are int64: slots x channels overflows int32 at MoM sizes. The kernels also run on CPU under
 ``TRITON_INTERPRET=1``.
@@ -137,6 +142,19 @@ def _fwd_kernel(src, src_stride, rows, position, weight, out, L, out_stride, eps
 
 
 @triton.jit
+def _pre_gradient(pre, sig, g, eps, NORM: tl.constexpr):
+    """(BT, BD) fp32 gradient of the pre-activation ``pre`` (``sig`` its sigmoid) from the output gradient ``g`` of
+    SiLU [+ L2 norm over the whole head]."""
+    if NORM:
+        # y = a r with r = (|a|^2 + eps)^-1/2:  da = r (dy - y <dy, y>)
+        a = pre * sig
+        r = tl.rsqrt(tl.sum(a * a, axis=1) + eps)
+        y = a * r[:, None]
+        g = r[:, None] * (g - y * tl.sum(g * y, axis=1)[:, None])
+    return g * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
 def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dpre, L, eps,
                     C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
@@ -145,13 +163,7 @@ def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, 
     pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD, GATHER)
     sig = tl.sigmoid(pre)
     g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    if NORM:
-        # y = a r with r = (|a|^2 + eps)^-1/2:  da = r (dy - y <dy, y>)
-        a = pre * sig
-        r = tl.rsqrt(tl.sum(a * a, axis=1) + eps)
-        y = a * r[:, None]
-        g = r[:, None] * (g - y * tl.sum(g * y, axis=1)[:, None])
-    dp = g * sig * (1.0 + pre * (1.0 - sig))
+    dp = _pre_gradient(pre, sig, g, eps, NORM)
     tl.store(dpre + offs_t[:, None] * C + col[None, :], dp.to(dpre.dtype.element_ty), mask=mask)
 
 
@@ -197,6 +209,18 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
         acc += dp[None, :, :] * x
     tl.store(dweight + (pid_r * W + (W - 1 - taps))[:, None] * C + cols[None, :], tl.sum(acc, axis=1),
              mask=mask_w[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _store_tap_sums(base, acc0, acc1, acc2, acc3, mask, C: tl.constexpr, W: tl.constexpr):
+    """The filter gradient of taps 0..W-1 (W <= 4), each the row sum of its accumulator, at ``base + (W-1-s) C``."""
+    tl.store(base + (W - 1) * C, tl.sum(acc0, axis=0), mask=mask)
+    if W > 1:
+        tl.store(base + (W - 2) * C, tl.sum(acc1, axis=0), mask=mask)
+    if W > 2:
+        tl.store(base + (W - 3) * C, tl.sum(acc2, axis=0), mask=mask)
+    if W > 3:
+        tl.store(base + (W - 4) * C, tl.sum(acc3, axis=0), mask=mask)
 
 
 @triton.jit
@@ -260,14 +284,7 @@ def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, d
         out_rows = _mapped_rows(dst_rows, offs_t, mask_t, SCATTER)
         tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
                  mask=mask_t[:, None] & mask_c[None, :])
-    base = dweight + pid_r * W * C + cols
-    tl.store(base + (W - 1) * C, tl.sum(acc0, axis=0), mask=mask_c)
-    if W > 1:
-        tl.store(base + (W - 2) * C, tl.sum(acc1, axis=0), mask=mask_c)
-    if W > 2:
-        tl.store(base + (W - 3) * C, tl.sum(acc2, axis=0), mask=mask_c)
-    if W > 3:
-        tl.store(base + (W - 4) * C, tl.sum(acc3, axis=0), mask=mask_c)
+    _store_tap_sums(dweight + pid_r * W * C + cols, acc0, acc1, acc2, acc3, mask_c, C, W)
 
 
 @triton.jit
@@ -317,12 +334,7 @@ def _bwd_pre_dw_kernel(src, src_stride, rows, position, weight, dout, dout_strid
             pre += x3 * w3[None, :]
         sig = tl.sigmoid(pre)
         g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        if NORM:  # as in _bwd_pre_kernel
-            a = pre * sig
-            r = tl.rsqrt(tl.sum(a * a, axis=1) + eps)
-            y = a * r[:, None]
-            g = r[:, None] * (g - y * tl.sum(g * y, axis=1)[:, None])
-        dp = g * sig * (1.0 + pre * (1.0 - sig))
+        dp = _pre_gradient(pre, sig, g, eps, NORM)
         tl.store(dpre + offs_t[:, None] * C + col[None, :], dp.to(dpre.dtype.element_ty), mask=mask)
         acc0 += dp * x0
         if W > 1:
@@ -331,14 +343,7 @@ def _bwd_pre_dw_kernel(src, src_stride, rows, position, weight, dout, dout_strid
             acc2 += dp * x2
         if W > 3:
             acc3 += dp * x3
-    base = dweight + pid_r * W * C + col
-    tl.store(base + (W - 1) * C, tl.sum(acc0, axis=0), mask=mask_d)
-    if W > 1:
-        tl.store(base + (W - 2) * C, tl.sum(acc1, axis=0), mask=mask_d)
-    if W > 2:
-        tl.store(base + (W - 3) * C, tl.sum(acc2, axis=0), mask=mask_d)
-    if W > 3:
-        tl.store(base + (W - 4) * C, tl.sum(acc3, axis=0), mask=mask_d)
+    _store_tap_sums(dweight + pid_r * W * C + col, acc0, acc1, acc2, acc3, mask_d, C, W)
 
 
 @triton.jit
