@@ -657,12 +657,12 @@ class _ScalarGates(torch.autograd.Function):
         if has_beta and dbeta is None:
             dbeta = torch.zeros_like(beta)
         if length:
-            some = g if has_decay else beta
-            _gates_bwd_kernel[(blocks,)](rest, rest.stride(0), a_log if has_decay else rest,
-                                         dt_bias if has_decay else rest, beta if has_beta else some, some,
-                                         dbeta.contiguous() if has_beta else some, dg.contiguous() if has_decay else some,
-                                         drest, dparams, length, H=heads, HAS_BETA=has_beta, HAS_DECAY=has_decay,
-                                         BT=_GATE_ROWS, BH=triton.next_power_of_2(heads), num_warps=4)
+            some = g if has_decay else beta  # a placeholder pointer for the absent gate's tensors (never read)
+            _gates_bwd_kernel[(blocks,)](
+                rest, rest.stride(0), a_log if has_decay else rest, dt_bias if has_decay else rest,
+                beta if has_beta else some, g if has_decay else some, dbeta.contiguous() if has_beta else some,
+                dg.contiguous() if has_decay else some, drest, dparams, length, H=heads, HAS_BETA=has_beta,
+                HAS_DECAY=has_decay, BT=_GATE_ROWS, BH=triton.next_power_of_2(heads), num_warps=4)
         if not has_decay:
             return drest, None, None, None, None, None
         dparams = dparams.sum(0)  # (2, H)
