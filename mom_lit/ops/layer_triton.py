@@ -112,17 +112,34 @@ def _mapped_rows(rows, offs, mask, MAPPED: tl.constexpr):
 
 
 @triton.jit
+def _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, s: tl.constexpr, GATHER: tl.constexpr):
+    """(BT, BD) source rows s back of the rows ``offs_t`` (positions ``pos``) inside their segments, zeros before a
+    segment's start (in the source's dtype: callers convert, where their loads are scheduled as before)."""
+    # The row index is clamped arithmetically and loaded under the bounds mask alone: Triton 3.6 fails to lower
+    # (layout conversion pass, sm90) a 1-D load whose mask derives from the loaded positions.
+    valid = mask_t & (pos >= s)
+    r = _mapped_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
+    return tl.load(src + r[:, None] * src_stride + col[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _tap_ahead(dpre, position, offs_t, cols, mask_c, L, s: tl.constexpr, C: tl.constexpr):
+    """(BT, BC) pre-activation gradient rows s ahead of ``offs_t`` inside their segments (row t+s belongs to
+    t's segment exactly when its position is at least s), zeros elsewhere."""
+    ahead = offs_t + s
+    in_range = ahead < L
+    ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= s)
+    return tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
+
+
+@triton.jit
 def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d,
                     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
     """(BT, BD) fp32 causal convolution of the rows ``offs_t`` inside their segments (zeros before the start)."""
     pos = tl.load(position + offs_t, mask=mask_t, other=0)
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for s in tl.static_range(W):  # tap W-1-s multiplies the input s rows back
-        valid = mask_t & (pos >= s)
-        # The row index is clamped arithmetically and loaded under the bounds mask alone: Triton 3.6 fails to
-        # lower (layout conversion pass, sm90) a 1-D load whose mask derives from the loaded positions.
-        r = _mapped_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
-        x = tl.load(src + r[:, None] * src_stride + col[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+        x = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, s, GATHER)
         w = tl.load(weight + col * W + (W - 1 - s), mask=mask_d, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
     return acc
@@ -197,7 +214,7 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
         tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
                  mask=mask_t[:, None] & mask_c[None, :])
         # Filter gradient: the input s rows back is inside the segment when the position is at least s; its
-        # source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
+        # source row is clamped arithmetically and loaded under the bounds mask (see _tap_source).
         pos = tl.load(position + offs_t, mask=mask_t, other=0)
         back = mask_w[:, None] & mask_t[None, :] & (pos[None, :] >= taps[:, None])  # (WP, BT)
         src_row = _mapped_rows(rows, tl.maximum(offs_t[None, :] - taps[:, None], 0),
@@ -230,15 +247,8 @@ def _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, m
     dpre[t+s] w[W-1-s] and its filter-gradient term dpre[t] x[t-s], both (BT, BC) fp32, zero across a segment's
     start (row t+s is in t's segment when its position is at least s; row t-s when t's position is)."""
     w = tl.load(weight + cols * W + (W - 1 - s), mask=mask_c, other=0.0).to(tl.float32)
-    ahead = offs_t + s
-    in_range = ahead < L
-    ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= s)
-    d = tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :],
-                other=0.0).to(tl.float32)
-    # The source row is clamped arithmetically and loaded under the bounds mask (see _pre_activation).
-    src_row = _mapped_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
-    x = tl.load(src + src_row[:, None] * src_stride + cols[None, :],
-                mask=(mask_t & (pos >= s))[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    d = _tap_ahead(dpre, position, offs_t, cols, mask_c, L, s, C).to(tl.float32)
+    x = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, cols, mask_c, s, GATHER).to(tl.float32)
     return d * w[None, :], dp * x
 
 
@@ -288,15 +298,6 @@ def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, d
 
 
 @triton.jit
-def _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, s: tl.constexpr, GATHER: tl.constexpr):
-    """(BT, BD) fp32 source rows s back of the rows ``offs_t`` inside their segments (zeros before the start; the
-    row is clamped arithmetically and loaded under the bounds mask, see _pre_activation)."""
-    r = _mapped_rows(rows, tl.maximum(offs_t - s, 0), mask_t, GATHER)
-    return tl.load(src + r[:, None] * src_stride + col[None, :], mask=(mask_t & (pos >= s))[:, None] & mask_d[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _bwd_pre_dw_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dpre, dweight, L, span, eps,
                        C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr,
                        BD: tl.constexpr, GATHER: tl.constexpr):
@@ -321,16 +322,16 @@ def _bwd_pre_dw_kernel(src, src_stride, rows, position, weight, dout, dout_strid
         mask_t = offs_t < L
         mask = mask_t[:, None] & mask_d[None, :]
         pos = tl.load(position + offs_t, mask=mask_t, other=0)
-        x0 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 0, GATHER)
+        x0 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 0, GATHER).to(tl.float32)
         pre = x0 * w0[None, :]
         if W > 1:
-            x1 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 1, GATHER)
+            x1 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 1, GATHER).to(tl.float32)
             pre += x1 * w1[None, :]
         if W > 2:
-            x2 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 2, GATHER)
+            x2 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 2, GATHER).to(tl.float32)
             pre += x2 * w2[None, :]
         if W > 3:
-            x3 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 3, GATHER)
+            x3 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 3, GATHER).to(tl.float32)
             pre += x3 * w3[None, :]
         sig = tl.sigmoid(pre)
         g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -357,11 +358,7 @@ def _bwd_dx_stencil_kernel(position, weight, dpre, dst, dst_rows, dst_stride, L,
     mask_t, mask_c = offs_t < L, cols < C
     dx = tl.zeros((BT, BC), dtype=tl.float32)
     for s in tl.static_range(W):
-        ahead = offs_t + s
-        in_range = ahead < L
-        # row t+s belongs to t's segment exactly when its position is at least s
-        ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= s)
-        d = tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
+        d = _tap_ahead(dpre, position, offs_t, cols, mask_c, L, s, C)
         w = tl.load(weight + cols * W + (W - 1 - s), mask=mask_c, other=0.0).to(tl.float32)
         dx += d.to(tl.float32) * w[None, :]
     out_rows = _mapped_rows(dst_rows, offs_t, mask_t, SCATTER)
