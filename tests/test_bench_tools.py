@@ -57,6 +57,43 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
     assert proc.returncode == 2 and "--profile-shape" in proc.stderr and "expected BxT" in proc.stderr
 
 
+def _bench_layer():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_layer
+    finally:
+        sys.path.pop(0)
+    return bench_layer
+
+
+def _profile_entry(device_ms: float, wall_ms: float, launches: dict[str, float]) -> dict:
+    return {"wall_ms": wall_ms, "device_ms": device_ms, "kernels": {name: [0.1, n] for name, n in launches.items()}}
+
+
+def test_summarize_profiles_compares_each_shape_with_fla(tmp_path):
+    """The device-time ratio of a row is to fla's GatedDeltaNet of the same kind and shape, and "-" where none was
+    profiled; launches per call add up every kernel's count; a file that is no --profile-json record is refused."""
+    table = {
+        "layer mom_lit MoM (triton), 8x2048, fwd+bwd": _profile_entry(6.4, 7.6, {"a": 100, "b": 43}),
+        "layer fla GatedDeltaNet, 8x2048, fwd+bwd": _profile_entry(3.2, 7.8, {"c": 92}),
+        "layer mom_lit MoM (triton), 2x8192, fwd+bwd": _profile_entry(6.5, 7.0, {"a": 143}),
+        "model mom_lit MoM (triton), 8x2048, training step": _profile_entry(99.0, 101.0, {"a": 1800}),
+        "model fla GatedDeltaNetForCausalLM, 8x2048, training step": _profile_entry(66.0, 140.0, {"c": 1100}),
+    }
+    summary = _bench_layer().summarize_profiles(table).splitlines()
+    assert summary[2] == "| layer mom_lit MoM (triton) | 8x2048 | 6.400 ms | 7.60 ms | 143 | 2.00x |"
+    assert summary[3].endswith("| 92 | 1.00x |")
+    assert summary[4].endswith("| 6.500 ms | 7.00 ms | 143 | - |")  # no fla row at 2 x 8192
+    assert summary[5].endswith("| 1800 | 1.50x |")  # models against fla's model, not its layer
+    with pytest.raises(ValueError, match="not a profile"):
+        _bench_layer().summarize_profiles({"layer x": _profile_entry(1.0, 1.0, {})})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_layer.py"), "--summarize-profiles", str(bad)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--summarize-profiles" in proc.stderr
+
+
 def _bench_kernels():
     sys.path.insert(0, str(ROOT / "tools"))
     try:

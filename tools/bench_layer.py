@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -448,6 +449,30 @@ def _apply_launch_json(path: str, kernels, launch_type, label: str) -> None:
     print(f"{label} launch settings: {kernels.LAUNCH}", flush=True)
 
 
+_PROFILE_LABEL = re.compile(r"^(?P<kind>layer|model) (?P<name>.+), (?P<shape>\d+x\d+), (?P<what>.+)$")
+
+
+def summarize_profiles(table: dict) -> str:
+    """A markdown table of the profiles that ``--profile-json`` recorded: device and wall time per call, launches per
+    call, and the device-time ratio to fla's GatedDeltaNet profiled at the same shape (where that row exists)."""
+    rows = []
+    for label, entry in table.items():
+        match = _PROFILE_LABEL.match(label)
+        if match is None or not {"device_ms", "wall_ms", "kernels"} <= entry.keys():
+            raise ValueError(f"not a profile recorded by --profile-json: {label!r}")
+        launches = sum(count for _, count in entry["kernels"].values())
+        rows.append((match["kind"], match["name"], match["shape"], entry["device_ms"], entry["wall_ms"], launches))
+    reference = {(kind, shape): device for kind, name, shape, device, _, _ in rows
+                 if name.startswith("fla GatedDeltaNet")}
+    lines = ["| profile | shape | device time per call | wall time per call | launches per call | device time / fla "
+             "GatedDeltaNet's |", "|---|---|---|---|---|---|"]
+    for kind, name, shape, device, wall, launches in rows:
+        ref = reference.get((kind, shape))
+        ratio = f"{device / ref:.2f}x" if ref else "-"
+        lines.append(f"| {kind} {name} | {shape} | {device:.3f} ms | {wall:.2f} ms | {launches:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _batch_by_length(text: str) -> tuple[int, int]:
     """``"8x2048"`` -> (8, 2048); anything else raises the ArgumentTypeError that argparse reports as a usage
     error naming the option."""
@@ -487,6 +512,9 @@ def main() -> None:
     p.add_argument("--scan-launch-json", default=None,
                    help="launch settings of the scan's kernels to use (a JSON object of LaunchConfig fields, as "
                         "tools/bench_kernels.py --launch-json writes)")
+    p.add_argument("--summarize-profiles", default=None, metavar="JSON",
+                   help="print a table of the profiles recorded in this --profile-json file (device and wall time, "
+                        "launches, ratio to fla's GatedDeltaNet at the same shape) and exit")
     p.add_argument("--cuda-graph", action="store_true",
                    help="model and profile_model sections: the training step (forward + backward) captured once as "
                         "a CUDA graph and replayed (no host overhead; the capture fails on any host synchronisation)")
@@ -497,6 +525,12 @@ def main() -> None:
                    help="mom_lit.layer.PROJECTIONS: dense projects every stream for every token instead of the "
                         "selected streams only (auto, the default, where the grouped product applies)")
     args = p.parse_args()
+    if args.summarize_profiles:
+        try:
+            print(summarize_profiles(json.loads(Path(args.summarize_profiles).read_text())))
+        except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+            p.error(f"--summarize-profiles {args.summarize_profiles}: {error}")
+        return
     if args.cuda_graph and args.device != "cuda":
         p.error("--cuda-graph needs a CUDA device")
     REP_MS[0] = args.rep_ms

@@ -19,6 +19,9 @@
 #           our MoM model (default and memory-lean), then fla's GDN
 #   stages  bench_stages.py: the slot/mix stage kernels alone, and a sweep of their launch settings
 #   profile bench_layer.py profile sections: top kernels of our layer's fwd+bwd and of our model's step
+#   devicetime  the layer targets on device time: profiles of our MoM layer's and fla's GatedDeltaNet's fwd+bwd
+#           at 8 x 2048 and 2 x 8192 (fla autotunes in the untimed warm-up calls of its first profile), every
+#           kernel in OUT/devicetime.json, and a table of device and wall time per call
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
 #   interop verify_fla_interop.py: our converted models against fla's, fp32 and bf16 (needs fla)
 #   scale   scale_runs.py with 2+ GPUs: 1 GPU, DDP, FSDP, two single-GPU "nodes"
@@ -35,7 +38,8 @@ if [ $# -lt 1 ]; then
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
-STEPS=${*:-tests layer model compare graphs mixed stages profile decode interop scale}
+ALL_STEPS="tests layer model compare graphs mixed stages profile devicetime decode interop scale"
+STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 status=0
@@ -119,6 +123,16 @@ for step in $STEPS; do
     profile)
         run profile "${PROFILE_S:-300}" python tools/bench_layer.py --sections profile,profile_model \
             --skip "fla,SDPA,Llama,GDN" --profile-out "$OUT/profile.txt" ;;
+    devicetime)
+        for shape in 8x2048 2x8192; do
+            run "devicetime_ours_$shape" "${PROFILE_S:-300}" python tools/bench_layer.py --sections profile \
+                --profile-shape "$shape" --skip "fla,SDPA,Mom,1 memory" --profile-json "$OUT/devicetime.json" \
+                --profile-out "$OUT/devicetime_profiles.txt"
+            has_fla && run "devicetime_fla_$shape" "${FLA_S:-600}" python tools/bench_layer.py --sections profile \
+                --profile-shape "$shape" --fla-timing-only --skip "mom_lit,SDPA,Mom" \
+                --profile-json "$OUT/devicetime.json" --profile-out "$OUT/devicetime_profiles.txt"
+        done
+        python tools/bench_layer.py --summarize-profiles "$OUT/devicetime.json" | tee "$OUT/devicetime.md" ;;
     decode)
         run decode "${DECODE_S:-420}" python tools/bench_decode.py --json "$OUT/decode.json" ;;
     interop)
@@ -134,7 +148,7 @@ for step in $STEPS; do
             run scale "${SCALE_S:-1500}" python tools/scale_runs.py --out "$OUT/scale" --timeout 360
         fi ;;
     *)
-        echo "unknown step '$step' (tests layer model compare graphs mixed stages profile decode interop scale)" >&2
+        echo "unknown step '$step' ($ALL_STEPS)" >&2
         exit 2 ;;
     esac
 done
