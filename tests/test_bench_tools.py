@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -57,13 +58,17 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
     assert proc.returncode == 2 and "--profile-shape" in proc.stderr and "expected BxT" in proc.stderr
 
 
-def _bench_layer():
+def _tool(name: str):
+    """The module of ``tools/<name>.py`` (the tools are scripts, not a package)."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
-        import bench_layer
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return bench_layer
+
+
+def _bench_kernels():
+    return _tool("bench_kernels")
 
 
 def _profile_entry(device_ms: float, wall_ms: float, launches: dict[str, float]) -> dict:
@@ -80,27 +85,18 @@ def test_summarize_profiles_compares_each_shape_with_fla(tmp_path):
         "model mom_lit MoM (triton), 8x2048, training step": _profile_entry(99.0, 101.0, {"a": 1800}),
         "model fla GatedDeltaNetForCausalLM, 8x2048, training step": _profile_entry(66.0, 140.0, {"c": 1100}),
     }
-    summary = _bench_layer().summarize_profiles(table).splitlines()
+    summary = _tool("bench_layer").summarize_profiles(table).splitlines()
     assert summary[2] == "| layer mom_lit MoM (triton) | 8x2048 | 6.400 ms | 7.60 ms | 143 | 2.00x |"
     assert summary[3].endswith("| 92 | 1.00x |")
     assert summary[4].endswith("| 6.500 ms | 7.00 ms | 143 | - |")  # no fla row at 2 x 8192
     assert summary[5].endswith("| 1800 | 1.50x |")  # models against fla's model, not its layer
     with pytest.raises(ValueError, match="not a profile"):
-        _bench_layer().summarize_profiles({"layer x": _profile_entry(1.0, 1.0, {})})
+        _tool("bench_layer").summarize_profiles({"layer x": _profile_entry(1.0, 1.0, {})})
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_layer.py"), "--summarize-profiles", str(bad)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--summarize-profiles" in proc.stderr
-
-
-def _bench_kernels():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import bench_kernels
-    finally:
-        sys.path.pop(0)
-    return bench_kernels
 
 
 def test_bench_kernels_variants_one_or_several(tmp_path):
