@@ -33,7 +33,7 @@
 # quiet host (nothing on the other GPUs) and compare only rows of the same run.
 set -u
 if [ $# -lt 1 ]; then
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"  # the header comment
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
