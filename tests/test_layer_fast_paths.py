@@ -48,7 +48,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # channel blocks (a span of 24 rows walked in steps of 8, 16 channels per program), so the boundaries are tested.
 SMALL_LAUNCH = layer_triton.StageLaunchConfig(
     conv_fwd=layer_triton.StageLaunch(8, 2), conv_bwd_pre=layer_triton.StageLaunch(16, 4),
-    conv_bwd_dx=layer_triton.StageLaunch(8, 2), dx_channels=16, dx_span=24, dx_kernel="taps",
+    conv_bwd_dx=layer_triton.StageLaunch(8, 2), dx_channels=16, dx_span=24,
     mix_fwd=layer_triton.StageLaunch(8, 2), mix_bwd=layer_triton.StageLaunch(16, 4),
     slot_sum=layer_triton.StageLaunch(8, 2), slot_sum_channels=16)
 
@@ -58,8 +58,6 @@ def test_stage_launch_config_rejects_spans_that_overlap():
         layer_triton.StageLaunchConfig(conv_bwd_dx=layer_triton.StageLaunch(16, 4), dx_span=20)
     with pytest.raises(ValueError, match="dx_kernel"):
         layer_triton.StageLaunchConfig(dx_kernel="3d")
-    with pytest.raises(ValueError, match="conv_bwd_pre_dw.rows"):
-        layer_triton.StageLaunchConfig(dx_kernel="stencil", conv_bwd_pre_dw=layer_triton.StageLaunch(48, 8))
 
 
 @pytest.fixture(params=["default-launch", "small-launch"])
@@ -69,19 +67,13 @@ def launch(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["default-launch", "stencil-launch", "taps-small-launch", "tiles-small-launch",
-                        "stencil-small-launch"])
+@pytest.fixture(params=["default-launch", "small-launch", "tiles-small-launch"])
 def conv_launch(request, monkeypatch):
-    """The slot stage's launch settings, with each transposed-convolution kernel ("taps", "tiles", "stencil")."""
-    if request.param == "stencil-launch":
-        monkeypatch.setattr(layer_triton, "LAUNCH", dataclasses.replace(layer_triton.LAUNCH, dx_kernel="stencil"))
-    elif request.param == "taps-small-launch":
+    """The slot stage's launch settings, with each transposed-convolution kernel ("taps" and "tiles")."""
+    if request.param == "small-launch":
         monkeypatch.setattr(layer_triton, "LAUNCH", SMALL_LAUNCH)
     elif request.param == "tiles-small-launch":
         monkeypatch.setattr(layer_triton, "LAUNCH", dataclasses.replace(SMALL_LAUNCH, dx_kernel="tiles"))
-    elif request.param == "stencil-small-launch":  # spans of 24 rows walked in steps of 8 rows
-        monkeypatch.setattr(layer_triton, "LAUNCH", dataclasses.replace(
-            SMALL_LAUNCH, dx_kernel="stencil", conv_bwd_pre_dw=layer_triton.StageLaunch(8, 2)))
     return request.param
 
 

@@ -4,8 +4,7 @@
 Shapes are those of one layer at the ANCHORS.md setting: B x T tokens routed uniformly at random to top-2 of E = 4
 memories plus the shared one (3 slots per token), 4 heads x 256, short convolution of width 4, bf16. Every kernel
 is timed alone (``triton.testing.do_bench`` medians, ms) under each setting of a coordinate sweep: one kernel's
-setting varies while the others keep the library's defaults (the ``stencil`` field varies the settings of that
-transposed-convolution kernel together). Every setting's results are compared with the
+setting varies while the others keep the library's defaults. Every setting's results are compared with the
 defaults' (largest absolute difference): a setting that computes something else is reported, never chosen.
 
     python tools/bench_stages.py --out stages.md            # times and sweep at 8 x 2048
@@ -110,12 +109,7 @@ SWEEP = {
     "conv_bwd_dx": ("conv_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
     "dx_channels": ("conv_bwd", [32, 64, 128]),
     "dx_span": ("conv_bwd", [256, 512, 1024, 2048]),
-    "dx_kernel": ("conv_bwd", ["tiles", "taps", "stencil"]),
-    # the "stencil" kernels with their own settings (a setting that is a dict sets several fields at once)
-    "stencil": ("conv_bwd", [dict(dx_kernel="stencil", conv_bwd_pre_dw=StageLaunch(r, w), dx_span=span)
-                             for r in (8, 16) for w in (4, 8) for span in (256, 512)]
-                + [dict(dx_kernel="stencil", conv_bwd_dx=StageLaunch(r, 4), dx_channels=c)
-                   for r, c in ((16, 64), (32, 128), (64, 64))]),
+    "dx_kernel": ("conv_bwd", ["tiles", "taps"]),
     "mix_fwd": ("mix_fwd", [StageLaunch(r, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)]),
     "mix_bwd": ("mix_bwd", [StageLaunch(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]),
 }
@@ -167,9 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep = {field: (group, settings[:2]) for field, (group, settings) in sweep.items()}
     for field, (group, settings) in sweep.items():
         for setting in settings:
-            fields = setting if isinstance(setting, dict) else {field: setting}
             try:
-                cfg = dataclasses.replace(default, **fields)
+                cfg = dataclasses.replace(default, **{field: setting})
             except ValueError:  # an inconsistent setting (StageLaunchConfig says why)
                 continue
             kern.LAUNCH = cfg
@@ -193,13 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     if args.out:
         Path(args.out).write_text(report + "\n")
-    if args.best_json:  # StageLaunchConfig fields (a dict setting contributes each of its fields)
-        chosen = {}
-        for field, (setting, _) in sorted(best.items(), key=lambda item: -item[1][1]):  # the fastest wins a clash
-            chosen.update(setting if isinstance(setting, dict) else {field: setting})
+    if args.best_json:
         Path(args.best_json).write_text(json.dumps(
-            {field: (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
-             for field, value in chosen.items()}))
+            {field: (dataclasses.asdict(setting) if dataclasses.is_dataclass(setting) else setting)
+             for field, (setting, _) in best.items()}))
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def run_layer_stages(rec: Recorder, quick: bool):
     shapes = [(4, 256, 256), (2, 128, 128), (2, 64, 64)] + ([] if quick else [(2, 128, 96)])
     library_launch = layer_triton.LAUNCH
     for (H, K, V), dtype, width, gated, tokens, dx_kernel in itertools.product(
-            shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128), ("taps", "tiles", "stencil")):
+            shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128), ("taps", "tiles")):
         rec.case = (f"layer H{H} K{K} V{V} {str(dtype)[6:]} W={width} gate={int(gated)} N={tokens} "
                     f"dx_kernel={dx_kernel}")
         layer_triton.LAUNCH = dataclasses.replace(library_launch, dx_kernel=dx_kernel)

@@ -9,9 +9,7 @@ of a training forward has no cached conv state), applies SiLU and, for q and k, 
 recomputes the forward from the projections (nothing but the indices is kept) in two kernels: one writes the
 pre-activation gradient (an elementwise pass over (block of rows, head) programs, which the L2 norm needs whole),
 the next walks a span of rows per (span, block of channels) program, running the transposed convolution (the source
-gradient rows) and accumulating the filter gradient in registers, reduced once per program. An opt-in variant
-(``dx_kernel="stencil"``) accumulates the filter gradient in the first kernel instead, from the source rows it
-loads anyway, so that the second is a stencil over the pre-activation gradient alone.
+gradient rows) and accumulating the filter gradient in registers, reduced once per program.
 
 A channel group is one head of q, k or v (D channels).
 
@@ -59,14 +57,8 @@ class StageLaunchConfig:
     dx_channels: int = 64  # channels per conv_bwd_dx program
     dx_span: int = 512  # rows walked by one conv_bwd_dx program (its filter gradient is reduced once)
     # "taps": the transposed convolution and filter gradient one tap at a time on (rows, channels) tiles, for
-    # widths up to 4; "tiles": all taps at once on (taps, rows, channels) tiles, any width; "stencil" (widths up to
-    # 4, else "tiles"): the pre-activation pass also accumulates the filter gradient from the source rows it loads
-    # anyway, walking dx_span rows per (span, head) program (conv_bwd_pre_dw), and the transposed convolution is a
-    # stencil over the pre-activation gradient alone (conv_bwd_dx rows x dx_channels per program), so the sources
-    # are read once instead of twice. Measured on an H200, "stencil" is faster alone (0.337 against 0.357 ms at its
-    # best setting) but not in the layer, so "taps" stays the default (BENCHMARKS.md).
+    # widths up to 4; "tiles": all taps at once on (taps, rows, channels) tiles, any width
     dx_kernel: str = "taps"
-    conv_bwd_pre_dw: StageLaunch = StageLaunch(16, 8)
     mix_fwd: StageLaunch = StageLaunch(8, 8)
     mix_bwd: StageLaunch = StageLaunch(8, 2)
     slot_sum: StageLaunch = StageLaunch(16, 4)
@@ -75,14 +67,11 @@ class StageLaunchConfig:
     def __post_init__(self) -> None:
         if self.slot_sum_channels < 16 or self.slot_sum_channels & (self.slot_sum_channels - 1):
             raise ValueError(f"slot_sum_channels must be a power of two >= 16, got {self.slot_sum_channels}")
-        if self.dx_kernel not in ("taps", "tiles", "stencil"):
-            raise ValueError(f"dx_kernel must be 'taps', 'tiles' or 'stencil', got {self.dx_kernel!r}")
-        # a step past a span's end would count rows twice (the walking kernels of every mode: "stencil" falls back
-        # to "tiles" for widths over 4)
-        for name in ("conv_bwd_dx", "conv_bwd_pre_dw") if self.dx_kernel == "stencil" else ("conv_bwd_dx",):
-            rows = getattr(self, name).rows
-            if self.dx_span % rows:
-                raise ValueError(f"dx_span ({self.dx_span}) must be a multiple of {name}.rows ({rows})")
+        if self.dx_kernel not in ("taps", "tiles"):
+            raise ValueError(f"dx_kernel must be 'taps' or 'tiles', got {self.dx_kernel!r}")
+        if self.dx_span % self.conv_bwd_dx.rows:  # a step past a span's end would count rows twice
+            raise ValueError(f"dx_span ({self.dx_span}) must be a multiple of conv_bwd_dx.rows "
+                             f"({self.conv_bwd_dx.rows})")
 
 
 LAUNCH = StageLaunchConfig()
@@ -123,16 +112,6 @@ def _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, s: tl.c
 
 
 @triton.jit
-def _tap_ahead(dpre, position, offs_t, cols, mask_c, L, s: tl.constexpr, C: tl.constexpr):
-    """(BT, BC) pre-activation gradient rows s ahead of ``offs_t`` inside their segments (row t+s belongs to
-    t's segment exactly when its position is at least s), zeros elsewhere."""
-    ahead = offs_t + s
-    in_range = ahead < L
-    ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= s)
-    return tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
-
-
-@triton.jit
 def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d,
                     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
     """(BT, BD) fp32 causal convolution of the rows ``offs_t`` inside their segments (zeros before the start)."""
@@ -159,19 +138,6 @@ def _fwd_kernel(src, src_stride, rows, position, weight, out, L, out_stride, eps
 
 
 @triton.jit
-def _pre_gradient(pre, sig, g, eps, NORM: tl.constexpr):
-    """(BT, BD) fp32 gradient of the pre-activation ``pre`` (``sig`` its sigmoid) from the output gradient ``g`` of
-    SiLU [+ L2 norm over the whole head]."""
-    if NORM:
-        # y = a r with r = (|a|^2 + eps)^-1/2:  da = r (dy - y <dy, y>)
-        a = pre * sig
-        r = tl.rsqrt(tl.sum(a * a, axis=1) + eps)
-        y = a * r[:, None]
-        g = r[:, None] * (g - y * tl.sum(g * y, axis=1)[:, None])
-    return g * sig * (1.0 + pre * (1.0 - sig))
-
-
-@triton.jit
 def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dpre, L, eps,
                     C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
@@ -180,7 +146,13 @@ def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, 
     pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD, GATHER)
     sig = tl.sigmoid(pre)
     g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    dp = _pre_gradient(pre, sig, g, eps, NORM)
+    if NORM:
+        # y = a r with r = (|a|^2 + eps)^-1/2:  da = r (dy - y <dy, y>)
+        a = pre * sig
+        r = tl.rsqrt(tl.sum(a * a, axis=1) + eps)
+        y = a * r[:, None]
+        g = r[:, None] * (g - y * tl.sum(g * y, axis=1)[:, None])
+    dp = g * sig * (1.0 + pre * (1.0 - sig))
     tl.store(dpre + offs_t[:, None] * C + col[None, :], dp.to(dpre.dtype.element_ty), mask=mask)
 
 
@@ -229,25 +201,17 @@ def _bwd_dx_dw_kernel(src, src_stride, rows, position, weight, dpre, dst, dst_ro
 
 
 @triton.jit
-def _store_tap_sums(base, acc0, acc1, acc2, acc3, mask, C: tl.constexpr, W: tl.constexpr):
-    """The filter gradient of taps 0..W-1 (W <= 4), each the row sum of its accumulator, at ``base + (W-1-s) C``."""
-    tl.store(base + (W - 1) * C, tl.sum(acc0, axis=0), mask=mask)
-    if W > 1:
-        tl.store(base + (W - 2) * C, tl.sum(acc1, axis=0), mask=mask)
-    if W > 2:
-        tl.store(base + (W - 3) * C, tl.sum(acc2, axis=0), mask=mask)
-    if W > 3:
-        tl.store(base + (W - 4) * C, tl.sum(acc3, axis=0), mask=mask)
-
-
-@triton.jit
 def _dx_dw_tap(src, src_stride, rows, position, weight, dpre, dp, pos, offs_t, mask_t, cols, mask_c, L,
                s: tl.constexpr, C: tl.constexpr, W: tl.constexpr, GATHER: tl.constexpr):
     """Tap s (s rows ahead for dx, s rows back for dw) of one (rows, channels) block: returns the block's dx term
     dpre[t+s] w[W-1-s] and its filter-gradient term dpre[t] x[t-s], both (BT, BC) fp32, zero across a segment's
     start (row t+s is in t's segment when its position is at least s; row t-s when t's position is)."""
     w = tl.load(weight + cols * W + (W - 1 - s), mask=mask_c, other=0.0).to(tl.float32)
-    d = _tap_ahead(dpre, position, offs_t, cols, mask_c, L, s, C).to(tl.float32)
+    ahead = offs_t + s
+    in_range = ahead < L
+    ok = in_range & (tl.load(position + ahead, mask=in_range, other=0) >= s)
+    d = tl.load(dpre + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & mask_c[None, :],
+                other=0.0).to(tl.float32)
     x = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, cols, mask_c, s, GATHER).to(tl.float32)
     return d * w[None, :], dp * x
 
@@ -294,76 +258,14 @@ def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, d
         out_rows = _mapped_rows(dst_rows, offs_t, mask_t, SCATTER)
         tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
                  mask=mask_t[:, None] & mask_c[None, :])
-    _store_tap_sums(dweight + pid_r * W * C + cols, acc0, acc1, acc2, acc3, mask_c, C, W)
-
-
-@triton.jit
-def _bwd_pre_dw_kernel(src, src_stride, rows, position, weight, dout, dout_stride, dpre, dweight, L, span, eps,
-                       C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr,
-                       BD: tl.constexpr, GATHER: tl.constexpr):
-    """:func:`_bwd_pre_kernel` over rows [pid * span, + span) of one head, walked BT rows at a time, which also
-    accumulates this span's filter gradient dw[W-1-s] = sum_t dpre[t] x[t-s] from the W <= 4 source tiles it loads
-    for the pre-activation anyway (one (BT, BD) accumulator per tap, written out: Triton has no arrays of tiles)."""
-    pid_r, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_d = tl.arange(0, BD)
-    mask_d = offs_d < D
-    col = head * D + offs_d
-    w0 = tl.load(weight + col * W + (W - 1), mask=mask_d, other=0.0).to(tl.float32)
-    w1 = tl.load(weight + col * W + (W - 2), mask=mask_d & (W > 1), other=0.0).to(tl.float32)
-    w2 = tl.load(weight + col * W + (W - 3), mask=mask_d & (W > 2), other=0.0).to(tl.float32)
-    w3 = tl.load(weight + col * W + (W - 4), mask=mask_d & (W > 3), other=0.0).to(tl.float32)
-    acc0 = tl.zeros((BT, BD), dtype=tl.float32)
-    acc1 = tl.zeros((BT, BD), dtype=tl.float32)
-    acc2 = tl.zeros((BT, BD), dtype=tl.float32)
-    acc3 = tl.zeros((BT, BD), dtype=tl.float32)
-    start = pid_r * span
-    for t0 in range(start, tl.minimum(start + span, L), BT):
-        offs_t = t0 + tl.arange(0, BT)
-        mask_t = offs_t < L
-        mask = mask_t[:, None] & mask_d[None, :]
-        pos = tl.load(position + offs_t, mask=mask_t, other=0)
-        x0 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 0, GATHER).to(tl.float32)
-        pre = x0 * w0[None, :]
-        if W > 1:
-            x1 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 1, GATHER).to(tl.float32)
-            pre += x1 * w1[None, :]
-        if W > 2:
-            x2 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 2, GATHER).to(tl.float32)
-            pre += x2 * w2[None, :]
-        if W > 3:
-            x3 = _tap_source(src, src_stride, rows, pos, offs_t, mask_t, col, mask_d, 3, GATHER).to(tl.float32)
-            pre += x3 * w3[None, :]
-        sig = tl.sigmoid(pre)
-        g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        dp = _pre_gradient(pre, sig, g, eps, NORM)
-        tl.store(dpre + offs_t[:, None] * C + col[None, :], dp.to(dpre.dtype.element_ty), mask=mask)
-        acc0 += dp * x0
-        if W > 1:
-            acc1 += dp * x1
-        if W > 2:
-            acc2 += dp * x2
-        if W > 3:
-            acc3 += dp * x3
-    _store_tap_sums(dweight + pid_r * W * C + col, acc0, acc1, acc2, acc3, mask_d, C, W)
-
-
-@triton.jit
-def _bwd_dx_stencil_kernel(position, weight, dpre, dst, dst_rows, dst_stride, L, C: tl.constexpr, W: tl.constexpr,
-                           SCATTER: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """The transposed convolution dx[t] = sum_s dpre[t+s] w[W-1-s] over the rows of t's segment, for one (BT, BC)
-    block: the pre-activation gradient alone, no source rows."""
-    pid_t, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    cols = pid_c * BC + tl.arange(0, BC)
-    mask_t, mask_c = offs_t < L, cols < C
-    dx = tl.zeros((BT, BC), dtype=tl.float32)
-    for s in tl.static_range(W):
-        d = _tap_ahead(dpre, position, offs_t, cols, mask_c, L, s, C)
-        w = tl.load(weight + cols * W + (W - 1 - s), mask=mask_c, other=0.0).to(tl.float32)
-        dx += d.to(tl.float32) * w[None, :]
-    out_rows = _mapped_rows(dst_rows, offs_t, mask_t, SCATTER)
-    tl.store(dst + out_rows[:, None] * dst_stride + cols[None, :], dx.to(dst.dtype.element_ty),
-             mask=mask_t[:, None] & mask_c[None, :])
+    base = dweight + pid_r * W * C + cols
+    tl.store(base + (W - 1) * C, tl.sum(acc0, axis=0), mask=mask_c)
+    if W > 1:
+        tl.store(base + (W - 2) * C, tl.sum(acc1, axis=0), mask=mask_c)
+    if W > 2:
+        tl.store(base + (W - 3) * C, tl.sum(acc2, axis=0), mask=mask_c)
+    if W > 3:
+        tl.store(base + (W - 4) * C, tl.sum(acc3, axis=0), mask=mask_c)
 
 
 def _launch_config(D: int, launch: StageLaunch) -> tuple[int, int, int]:
@@ -399,24 +301,12 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tenso
     if length == 0:
         return torch.zeros(channels, width, device=src.device, dtype=torch.float32)
     dout = dout.reshape(length, channels)
-    dpre = torch.empty(length, channels, device=src.device, dtype=dout.dtype)
-    spans = triton.cdiv(length, LAUNCH.dx_span)
-    if LAUNCH.dx_kernel == "stencil" and width <= 4:
-        dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
-        bt, bd, warps = _launch_config(dim, LAUNCH.conv_bwd_pre_dw)
-        _bwd_pre_dw_kernel[(spans, heads)](
-            src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, dweight, length, LAUNCH.dx_span,
-            eps, C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, GATHER=gather, num_warps=warps)
-        grid = (triton.cdiv(length, LAUNCH.conv_bwd_dx.rows), triton.cdiv(channels, LAUNCH.dx_channels))
-        _bwd_dx_stencil_kernel[grid](
-            position, weight, dpre, dst, dst_rows if dst_rows is not None else rows, dst.stride(0), length,
-            C=channels, W=width, SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows, BC=LAUNCH.dx_channels,
-            num_warps=LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8))
-        return dweight.sum(0).t()  # (C, W)
     bt, bd, warps = _launch_config(dim, LAUNCH.conv_bwd_pre)
+    dpre = torch.empty(length, channels, device=src.device, dtype=dout.dtype)
     _bwd_pre_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, length, eps,
         C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, GATHER=gather, num_warps=warps)
+    spans = triton.cdiv(length, LAUNCH.dx_span)
     dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
     args = (src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
             dst.stride(0), dweight, length, LAUNCH.dx_span)
