@@ -21,6 +21,10 @@ def capture_cuda_graph(fn: Callable[[], T], device: torch.device | str | None = 
     library handles and lets the caching allocator settle outside the capture. Those runs are real calls: a caller
     whose ``fn`` updates state in place restores it afterwards. The capture fails if ``fn`` synchronises with the
     host, so a successful capture also shows that ``fn`` never does.
+
+    The graph reads and writes the tensors that ``fn`` touched at their captured addresses: keep ``fn``'s inputs
+    (and anything else it reads that was allocated outside the capture) alive for as long as the graph is replayed.
+    Freed, their memory may be handed to other tensors, and the replays would silently read those.
     """
     device = torch.device("cuda") if device is None else torch.device(device)
     if device.type != "cuda":

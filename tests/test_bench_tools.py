@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,87 @@ def test_bench_layer_tiny_cpu_run(extra, tmp_path):
     assert len(rows) == 2, table  # both tiny shapes
     for row in rows:
         assert " ms | " in row and "error" not in row, row
+
+
+def test_bench_layer_rounds_and_settings_side_by_side_on_cpu(tmp_path):
+    """--activation-memory takes a list (one candidate each, named by its setting) and --rounds gives every
+    layer and model row a median with its range."""
+    out = tmp_path / "table.md"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_layer.py"), "--device", "cpu", "--tiny", "--sections",
+           "layer,model", "--skip", "fla,SDPA,GDN,Llama,checkpointed", "--rep-ms", "20", "--rounds", "2",
+           "--activation-memory", "fast,balanced", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = out.read_text()
+    assert "activation memory fast,balanced, 2 rounds (median, range)" in table
+    for section, count in [("layer", 4), ("model", 2)]:  # two settings (x two shapes for the layer)
+        rows = [line for line in table.splitlines() if line.startswith(f"| {section} | mom_lit MoM")]
+        assert len(rows) == count, table
+        assert sum("(compiled, balanced)" in row for row in rows) == count // 2, table
+        for row in rows:
+            assert re.search(r"\| [0-9.]+ ms \([0-9.]+-[0-9.]+\) \|", row), row
+
+
+def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
+    """--rounds: every round times each candidate once, in the order given; the row gives the median and the range;
+    a candidate that fails is reported with its error and not timed again, the others still are."""
+    bench_layer = _tool("bench_layer")
+    calls = []
+    times = iter([3.0, 7.0, 1.0, 9.0, 2.0, 8.0])
+
+    def bench(fn, device):
+        fn()
+        return next(times)
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("out of resource")
+
+    monkeypatch.setattr(bench_layer, "bench", bench)
+    result = bench_layer.bench_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
+                                       "broken": broken}, "cpu", rounds=3)
+    assert calls == ["a", "b", "broken", "a", "b", "a", "b"]
+    assert result["a"] == [3.0, 1.0, 2.0] and result["b"] == [7.0, 9.0, 8.0]
+    assert result["broken"] == "error: RuntimeError: out of resource"
+    assert bench_layer.format_ms(result["a"]) == "2.00 ms (1.00-3.00)"
+    assert bench_layer.format_ms([101.26], 1) == "101.3 ms"  # one round: no range
+    assert bench_layer.format_ms(result["broken"]) == result["broken"]
+
+
+def test_bench_layer_graphed_replay_keeps_the_step_inputs_alive(monkeypatch):
+    """A captured step reads its token ids in place: the replay that _graphed returns must keep them alive, or their
+    memory could go to another tensor while the graph is still replayed."""
+    import gc
+    import weakref
+
+    bench_layer = _tool("bench_layer")
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+
+    monkeypatch.setattr(bench_layer, "capture_cuda_graph", lambda fn, warmup: (Graph(), None))
+
+    class Ids:  # stands for the token ids that only the step's closure holds
+        pass
+
+    def make_step():
+        ids = Ids()
+
+        def step():
+            return ids
+
+        return step, weakref.ref(ids)
+
+    step, ids = make_step()
+    replay = bench_layer._graphed(step)
+    del step
+    gc.collect()
+    assert ids() is not None
+    replay()
+    assert Graph.replays == 1
 
 
 def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
@@ -56,6 +138,11 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
     proc = subprocess.run(cmd[:2] + ["--device", "cpu", "--profile-shape", "8by2048"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--profile-shape" in proc.stderr and "expected BxT" in proc.stderr
+    for bad, message in [(["--activation-memory", "fast,leaner"], "expected a comma list"),
+                         (["--rounds", "0"], "--rounds must be at least 1")]:
+        proc = subprocess.run(cmd[:2] + ["--device", "cpu", *bad], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def _tool(name: str):

@@ -73,6 +73,30 @@ def peak_memory_gib(fn, device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def bench_rounds(fns: dict, device: str, rounds: int) -> dict[str, list[float] | str]:
+    """Milliseconds of every ``fns[name]()`` per round: each round times every candidate once, in turn, so that a
+    drift of the host or of the clocks during the run reaches every candidate alike instead of favouring those
+    timed first. A candidate that fails is reported as an error string and left out of the later rounds."""
+    times: dict[str, list[float] | str] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if isinstance(times[name], str):
+                continue
+            try:
+                times[name].append(bench(fn, device))
+            except Exception as e:  # one failing candidate must not hide the others
+                times[name] = f"error: {type(e).__name__}: {str(e)[:80]}"
+    return times
+
+
+def format_ms(times: list[float] | str, digits: int = 2) -> str:
+    """Median milliseconds, with the range over the rounds when there were several."""
+    if isinstance(times, str):
+        return times
+    median = f"{statistics.median(times):.{digits}f} ms"
+    return median if len(times) == 1 else f"{median} ({min(times):.{digits}f}-{max(times):.{digits}f})"
+
+
 # --------------------------------------------------------------------------------------------------- layers
 class SDPABlock(nn.Module):
     """Plain causal attention: qkv projection, 16 heads x 64, SDPA, output projection."""
@@ -119,15 +143,23 @@ def lift_fla_hopper_guard() -> None:
     chunk_o.TRITON_ABOVE_3_7_1 = True
 
 
+def _our_settings(args):
+    """(backend, activation memory, label) of each of our candidates: every backend with every --activation-memory
+    setting; the label names the setting unless it is the only one."""
+    for backend in args.backends:
+        for memory in args.activation_memory:
+            yield backend, memory, backend if len(args.activation_memory) == 1 else f"{backend}, {memory}"
+
+
 def layer_candidates(args, hidden, heads, head_dim):
     cands = {}
-    for backend in args.backends:
+    for backend, memory, label in _our_settings(args):
         cfg = MoMConfig(hidden_size=hidden, num_heads=heads, head_dim=head_dim, expand_v=1.0, num_memories=4, topk=2,
                         shared_memory=True, num_layers=12, backend=backend, vocab_size=32000,
-                        activation_memory=args.activation_memory)
-        cands[f"mom_lit MoM ({backend})"] = lambda cfg=cfg: OurLayer(cfg)
+                        activation_memory=memory)
+        cands[f"mom_lit MoM ({label})"] = lambda cfg=cfg: OurLayer(cfg)
         gdn = MoMConfig(**{**cfg.to_dict(), "num_memories": 1, "topk": 1, "shared_memory": False})
-        cands[f"mom_lit GDN, 1 memory ({backend})"] = lambda cfg=gdn: OurLayer(cfg)
+        cands[f"mom_lit GDN, 1 memory ({label})"] = lambda cfg=gdn: OurLayer(cfg)
     if fla_available():
         from fla.layers import GatedDeltaNet, MomAttention
 
@@ -174,29 +206,31 @@ def _fwd_bwd(module, x, args, dtype):
 
 
 def section_layer(args, dtype, rows):
+    """Every selected layer's forward + backward and forward, timed in turn for --rounds rounds at each shape."""
     hidden, heads, head_dim = (64, 2, 16) if args.tiny else (1024, 4, 256)
     shapes = [(2, 64), (1, 128)] if args.tiny else [(8, 2048), (2, 8192)]
+    modules = {}
     for name, make in selected(args, layer_candidates(args, hidden, heads, head_dim)):
         torch.manual_seed(0)
-        module = make().to(args.device, _weights_dtype(args, dtype)).train()
-        for b, t in shapes:
+        modules[name] = make().to(args.device, _weights_dtype(args, dtype)).train()
+    for b, t in shapes:
+        fwd_bwd, fwd = {}, {}
+        for name, module in modules.items():
             x = torch.randn(b, t, hidden, device=args.device, dtype=_weights_dtype(args, dtype), requires_grad=True)
+            fwd_bwd[name] = lambda module=module, x=x: _fwd_bwd(module, x, args, dtype)
 
-            def fwd_bwd():
-                _fwd_bwd(module, x, args, dtype)
-
-            def fwd():
+            def forward(module=module, x=x):
                 with torch.no_grad(), _autocast(args, dtype):
                     module(x)
 
-            try:
-                ms_fb = bench(fwd_bwd, args.device)
-                ms_f = bench(fwd, args.device)
-                mem = peak_memory_gib(fwd_bwd, args.device)
-            except Exception as e:  # one failing candidate must not hide the others
-                rows.append(("layer", name, f"{b}x{t}", f"error: {type(e).__name__}: {str(e)[:80]}", "", ""))
-                continue
-            rows.append(("layer", name, f"{b}x{t}", f"{ms_fb:.2f} ms", f"{ms_f:.2f} ms",
+            fwd[name] = forward
+        times_fb = bench_rounds(fwd_bwd, args.device, args.rounds)
+        times_f = bench_rounds(fwd, args.device, args.rounds)
+        for name in modules:
+            mem = None
+            if not isinstance(times_fb[name], str):
+                mem = peak_memory_gib(fwd_bwd[name], args.device)
+            rows.append(("layer", name, f"{b}x{t}", format_ms(times_fb[name]), format_ms(times_f[name]),
                          "" if mem is None else f"{mem:.2f} GiB"))
             print(rows[-1], flush=True)
 
@@ -205,11 +239,11 @@ def model_candidates(args, tiny):
     dims = dict(hidden_size=64, num_heads=2, head_dim=16, num_layers=2, vocab_size=512) if tiny else \
         dict(hidden_size=1024, num_heads=4, head_dim=256, num_layers=12, vocab_size=32000)
     cands = {}
-    for backend in args.backends:
-        ours = dict(dims, backend=backend, tie_embeddings=False, activation_memory=args.activation_memory)
-        cands[f"mom_lit MoM ({backend})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
+    for backend, memory, label in _our_settings(args):
+        ours = dict(dims, backend=backend, tie_embeddings=False, activation_memory=memory)
+        cands[f"mom_lit MoM ({label})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
             **ours, num_memories=4, topk=2, shared_memory=True))
-        cands[f"mom_lit GDN ({backend})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
+        cands[f"mom_lit GDN ({label})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
             **ours, num_memories=1, topk=1, shared_memory=False))
     if fla_available():
         from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, MomConfig, MomForCausalLM
@@ -276,9 +310,15 @@ def _graphed(step):
     """``step`` (forward + backward) captured once as a CUDA graph; returns its replay. The capture fails if the
     step synchronises with the host or launches work whose sizes the host reads from the device. ``step`` sets the
     gradients to None first, so that the backward allocates them inside the capture and every replay writes them
-    anew instead of accumulating."""
+    anew instead of accumulating. The replay holds ``step``, and with it the token ids that the graph reads in
+    place: were they freed, their memory could be handed to another tensor (another model's, say) and the replays
+    would read whatever that holds."""
     graph, _ = capture_cuda_graph(step, warmup=3)
-    return graph.replay
+
+    def replay(step=step):  # noqa: ARG001 - held for its inputs, not called
+        graph.replay()
+
+    return replay
 
 
 def _graph_memory_gib() -> float:
@@ -291,26 +331,62 @@ def _graph_memory_gib() -> float:
 
 
 def section_model(args, dtype, rows):
+    """Every selected model's training step at 8 x 2048. With --rounds 1 one model is alive at a time; with more,
+    all of them are, and their steps are timed in turn."""
     b, t = (2, 64) if args.tiny else (8, 2048)
     cands = model_candidates(args, args.tiny)
-    for backend in args.backends:  # the memory/time trade of activation checkpointing (skip: "checkpointed")
-        cands[f"mom_lit MoM, checkpointed blocks ({backend})"] = \
-            lambda make=cands[f"mom_lit MoM ({backend})"]: _checkpointed(make())
-    for name, make in selected(args, cands):
+    for _, _, label in _our_settings(args):  # activation checkpointing's memory/time trade (skip: "checkpointed")
+        cands[f"mom_lit MoM, checkpointed blocks ({label})"] = \
+            lambda make=cands[f"mom_lit MoM ({label})"]: _checkpointed(make())
+    if args.rounds == 1:
+        for name, make in selected(args, cands):
+            _time_models(args, dtype, {name: make}, b, t, rows)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        _time_models(args, dtype, dict(selected(args, cands)), b, t, rows)
+
+
+def _time_models(args, dtype, makers: dict, b: int, t: int, rows) -> None:
+    """Build every model of ``makers``, time their training steps in turn (``bench_rounds``), then measure each
+    one's memory as if it were alone: its peak less the other models' weights (eager; every gradient is dropped
+    first), or the growth of the reserved memory when its step was captured (--cuda-graph: the graph's pool and
+    its weights and gradients)."""
+    models, steps, memory, failed = {}, {}, {}, {}
+    reserved = 0.0
+    for name, make in makers.items():
         try:
-            model, step = _training_step(make, args, dtype, b, t)
-            ms = bench(step, args.device)
-            mem = peak_memory_gib(step, args.device) if not args.cuda_graph else _graph_memory_gib()
+            models[name], steps[name] = _training_step(make, args, dtype, b, t)
+            if args.cuda_graph:
+                memory[name] = _graph_memory_gib() - reserved
+                reserved += memory[name]
         except Exception as e:
-            rows.append(("model", name, f"{b}x{t}", f"error: {type(e).__name__}: {str(e)[:80]}", "", ""))
+            failed[name] = f"error: {type(e).__name__}: {str(e)[:80]}"
+    times = bench_rounds(steps, args.device, args.rounds)
+    for name in makers:
+        result = failed.get(name) or times[name]
+        if isinstance(result, str):
+            rows.append(("model", name, f"{b}x{t}", result, "", ""))
+            print(rows[-1], flush=True)
             continue
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        rows.append(("model", f"{name} ({params:.1f} M)", f"{b}x{t}", f"{ms:.1f} ms",
+        mem = memory.get(name) if args.cuda_graph else _alone_peak_gib(models, name, steps[name], args.device)
+        params = sum(p.numel() for p in models[name].parameters()) / 1e6
+        ms = statistics.median(result)
+        rows.append(("model", f"{name} ({params:.1f} M)", f"{b}x{t}", format_ms(result, 1),
                      f"{b * t / ms:.1f} K tok/s", "" if mem is None else f"{mem:.2f} GiB"))
         print(rows[-1], flush=True)
-        del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+
+
+def _alone_peak_gib(models: dict, name: str, step, device: str) -> float | None:
+    """Peak memory of ``models[name]``'s step, less the weights of the other models alive beside it."""
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    peak = peak_memory_gib(step, device)
+    if peak is None:
+        return None
+    others = sum(p.numel() * p.element_size() for other, model in models.items() if other != name
+                 for p in model.parameters())
+    return peak - others / 2**30
 
 
 @torch.no_grad()
@@ -482,6 +558,15 @@ def _batch_by_length(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _activation_memories(text: str) -> list[str]:
+    """``"fast,balanced"`` -> ["fast", "balanced"]; an unknown setting is a usage error naming the option."""
+    settings = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in settings if part not in ("fast", "balanced", "lean")]
+    if not settings or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma list of fast, balanced and lean, got {text!r}")
+    return settings
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -518,9 +603,14 @@ def main() -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="model and profile_model sections: the training step (forward + backward) captured once as "
                         "a CUDA graph and replayed (no host overhead; the capture fails on any host synchronisation)")
-    p.add_argument("--activation-memory", choices=("fast", "balanced", "lean"), default="fast",
-                   help="MoMConfig.activation_memory of our layers and models (balanced: the Triton scan rebuilds "
-                        "its inputs in the backward from the kept projections; lean: the projections too)")
+    p.add_argument("--activation-memory", type=_activation_memories, default=["fast"], metavar="SETTINGS",
+                   help="comma list of MoMConfig.activation_memory settings of our layers and models, one candidate "
+                        "each (fast, the default; balanced: the Triton scan rebuilds its inputs in the backward from "
+                        "the kept projections; lean: the projections too)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="layer and model sections: time every selected candidate once per round, in turn, this many "
+                        "rounds, and report the median and range over the rounds (with more than 1, all selected "
+                        "models are alive at once)")
     p.add_argument("--projections", choices=("auto", "dense"), default=None,
                    help="mom_lit.layer.PROJECTIONS: dense projects every stream for every token instead of the "
                         "selected streams only (auto, the default, where the grouped product applies)")
@@ -533,6 +623,8 @@ def main() -> None:
         return
     if args.cuda_graph and args.device != "cuda":
         p.error("--cuda-graph needs a CUDA device")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     REP_MS[0] = args.rep_ms
     if args.stage_launch_json:
         _apply_launch_json(args.stage_launch_json, layer_triton, layer_triton.StageLaunch, "slot/mix")
@@ -548,10 +640,11 @@ def main() -> None:
         lift_fla_hopper_guard()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     precision = f"fp32 weights, autocast {args.dtype}" if args.mixed else args.dtype
-    settings = f"activation memory {args.activation_memory}" + \
+    settings = f"activation memory {','.join(args.activation_memory)}" + \
         (f", scan recompute {args.scan_recompute}" if args.scan_recompute else "") + \
         (f", projections {args.projections}" if args.projections else "") + \
-        (", steps captured as CUDA graphs" if args.cuda_graph else "")
+        (", steps captured as CUDA graphs" if args.cuda_graph else "") + \
+        (f", {args.rounds} rounds (median, range)" if args.rounds > 1 else "")
     print(f"device: {device_name}; torch {torch.__version__}; {precision}; {settings}", flush=True)
     rows: list[tuple] = []
     sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile,
