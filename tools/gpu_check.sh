@@ -13,6 +13,9 @@
 #   compare the targets' table in one go on GPU 0: our layer and model rows (default and memory-lean) while fla
 #           autotunes on GPU 1 (its cache on disk), then fla's rows on GPU 0 with the host to itself (the method of
 #           BENCHMARKS.md's table)
+#   interleaved  the same targets with every candidate alive in one process and timed in turn, round after round
+#           (bench_layer.py --rounds: median and range per row), so that drifts of the host reach all alike: the
+#           layer (ours, fla's GatedDeltaNet), then the model step eager and graphed (ours fast and balanced, fla's)
 #   graphs  bench_layer.py, model section with each training step captured as a CUDA graph (device time, no host
 #           launch work): our MoM and single-memory models, then fla's GDN
 #   mixed   bench_layer.py, model section with fp32 weights under bf16 autocast (the configs' bf16-mixed):
@@ -25,8 +28,9 @@
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
 #   interop verify_fla_interop.py: our converted models against fla's, fp32 and bf16 (needs fla)
 #   scale   scale_runs.py with 2+ GPUs: 1 GPU, DDP, FSDP, two single-GPU "nodes"
-# fla's rows run in processes of their own, after ours on the same card, with the longest limits: its first calls
-# autotune for minutes. TRITON_CACHE_AUTOTUNING=1 keeps those results on disk, so its later processes skip that.
+# Outside the interleaved step, fla's rows run in processes of their own, after ours on the same card, with the
+# longest limits: its first calls autotune for minutes. TRITON_CACHE_AUTOTUNING=1 keeps those results on disk, so
+# its later processes skip that.
 # Limits (seconds) can be changed through the environment: TESTS_S, LAYER_S, FLA_S, MODEL_S, STAGES_S, PROFILE_S,
 # DECODE_S, INTEROP_S, SCALE_S. fla's timings lift its Hopper guard (--fla-timing-only): they are timings, not
 # correctness claims. fla's speed varies between runs with what else the host does while it autotunes: time on a
@@ -38,7 +42,7 @@ if [ $# -lt 1 ]; then
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
-ALL_STEPS="tests layer model compare graphs mixed stages profile devicetime decode interop scale"
+ALL_STEPS="tests layer model compare interleaved graphs mixed stages profile devicetime decode interop scale"
 STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
@@ -106,6 +110,16 @@ for step in $STEPS; do
         has_fla && CUDA_VISIBLE_DEVICES=0 run compare_fla "${FLA_S:-600}" python tools/bench_layer.py \
             --sections layer,model --fla-timing-only --skip "mom_lit,SDPA,Llama,Mom" --rep-ms 300 \
             --out "$OUT/compare_fla.md" ;;
+    interleaved)
+        fla_flag=()
+        has_fla && fla_flag=(--fla-timing-only)
+        run interleaved_layer "${FLA_S:-600}" python tools/bench_layer.py --sections layer --rounds 5 --rep-ms 300 \
+            "${fla_flag[@]}" --skip "1 memory,MomAttention,SDPA" --out "$OUT/interleaved_layer.md"
+        for graph in "" --cuda-graph; do
+            run "interleaved_model${graph:+_graphed}" "${FLA_S:-600}" python tools/bench_layer.py --sections model \
+                --rounds 5 --rep-ms 1000 --activation-memory fast,balanced "${fla_flag[@]}" $graph \
+                --skip "GDN (,checkpointed,Llama,MomForCausalLM" --out "$OUT/interleaved_model${graph:+_graphed}.md"
+        done ;;
     graphs)
         run graphs "${MODEL_S:-300}" python tools/bench_layer.py --sections model --cuda-graph \
             --skip "fla,Llama,checkpointed" --out "$OUT/graphs.md"
