@@ -128,7 +128,7 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
     assert "conv_fwd=StageLaunch(rows=8, num_warps=2)" in proc.stdout and "dx_span=256" in proc.stdout
     assert "dqk=Launch(num_warps=4, num_stages=2, block_k=128, block_v=32)" in proc.stdout
     assert "state_block_v=32" in proc.stdout and "projections dense" in proc.stdout
-    assert "operators by self host time" in proc.stdout
+    assert "operators by self host time" in proc.stdout and "operators by input shapes" in proc.stdout
     recorded = json.loads(profile.read_text())
     assert list(recorded) == ["model mom_lit MoM (compiled), 2x64, training step"]
     assert recorded[next(iter(recorded))]["wall_ms"] > 0

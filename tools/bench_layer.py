@@ -457,7 +457,7 @@ def _profile(fn, args, label: str) -> str:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for _ in range(3):
             fn()
         if cuda:
@@ -479,7 +479,10 @@ def _profile(fn, args, label: str) -> str:
             + "\n\noperators by total device time (children included):\n"
             + averages.table(sort_by=total_key, row_limit=args.profile_rows, max_name_column_width=90)
             + "\n\noperators by self host time (where the host's time goes):\n"
-            + averages.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows, max_name_column_width=90))
+            + averages.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows, max_name_column_width=90)
+            + "\n\noperators by input shapes and self device time (which tensors the small launches touch):\n"
+            + prof.key_averages(group_by_input_shape=True).table(
+                sort_by=self_key, row_limit=args.profile_rows, max_name_column_width=40, max_shapes_column_width=90))
 
 
 def _report_profile(args, report: str) -> None:
