@@ -74,6 +74,31 @@ def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
     assert bench_layer.format_ms(result["broken"]) == result["broken"]
 
 
+def test_bench_layer_memory_of_one_candidate_among_several(monkeypatch):
+    """With several candidates alive, a candidate's peak leaves out the others' weights and inputs, and every
+    gradient is dropped before its step runs (the others' would otherwise stay in its peak)."""
+    import torch
+
+    bench_layer = _tool("bench_layer")
+    modules = {"a": torch.nn.Linear(256, 256, bias=False), "b": torch.nn.Linear(512, 512, bias=False)}
+    inputs = {"a": torch.zeros(1024, requires_grad=True), "b": torch.zeros(2048, requires_grad=True)}
+    for module in modules.values():
+        module.weight.grad = torch.ones_like(module.weight)
+    inputs["b"].grad = torch.ones(2048)
+    seen = []
+
+    def peak(step, device):
+        seen.append([m.weight.grad for m in modules.values()] + [x.grad for x in inputs.values()])
+        return 1.0
+
+    monkeypatch.setattr(bench_layer, "peak_memory_gib", peak)
+    mem = bench_layer._alone_peak_gib(modules, "a", lambda: None, "cuda", inputs)
+    assert seen == [[None, None, None, None]]
+    assert mem == pytest.approx(1.0 - (512 * 512 + 2048) * 4 / 2**30)
+    monkeypatch.setattr(bench_layer, "peak_memory_gib", lambda step, device: None)
+    assert bench_layer._alone_peak_gib(modules, "a", lambda: None, "cpu") is None
+
+
 def test_bench_layer_graphed_replay_keeps_the_step_inputs_alive(monkeypatch):
     """A captured step reads its token ids in place: the replay that _graphed returns must keep them alive, or their
     memory could go to another tensor while the graph is still replayed."""

@@ -214,9 +214,10 @@ def section_layer(args, dtype, rows):
         torch.manual_seed(0)
         modules[name] = make().to(args.device, _weights_dtype(args, dtype)).train()
     for b, t in shapes:
-        fwd_bwd, fwd = {}, {}
+        fwd_bwd, fwd, inputs = {}, {}, {}
         for name, module in modules.items():
             x = torch.randn(b, t, hidden, device=args.device, dtype=_weights_dtype(args, dtype), requires_grad=True)
+            inputs[name] = x
             fwd_bwd[name] = lambda module=module, x=x: _fwd_bwd(module, x, args, dtype)
 
             def forward(module=module, x=x):
@@ -229,7 +230,7 @@ def section_layer(args, dtype, rows):
         for name in modules:
             mem = None
             if not isinstance(times_fb[name], str):
-                mem = peak_memory_gib(fwd_bwd[name], args.device)
+                mem = _alone_peak_gib(modules, name, fwd_bwd[name], args.device, inputs)
             rows.append(("layer", name, f"{b}x{t}", format_ms(times_fb[name]), format_ms(times_f[name]),
                          "" if mem is None else f"{mem:.2f} GiB"))
             print(rows[-1], flush=True)
@@ -349,9 +350,8 @@ def section_model(args, dtype, rows):
 
 def _time_models(args, dtype, makers: dict, b: int, t: int, rows) -> None:
     """Build every model of ``makers``, time their training steps in turn (``bench_rounds``), then measure each
-    one's memory as if it were alone: its peak less the other models' weights (eager; every gradient is dropped
-    first), or the growth of the reserved memory when its step was captured (--cuda-graph: the graph's pool and
-    its weights and gradients)."""
+    one's memory as if it were alone (eager: ``_alone_peak_gib``), or the growth of the reserved memory when its
+    step was captured (--cuda-graph: the graph's pool and its weights and gradients)."""
     models, steps, memory, failed = {}, {}, {}, {}
     reserved = 0.0
     for name, make in makers.items():
@@ -377,16 +377,20 @@ def _time_models(args, dtype, makers: dict, b: int, t: int, rows) -> None:
         print(rows[-1], flush=True)
 
 
-def _alone_peak_gib(models: dict, name: str, step, device: str) -> float | None:
-    """Peak memory of ``models[name]``'s step, less the weights of the other models alive beside it."""
-    for model in models.values():
-        model.zero_grad(set_to_none=True)
+def _alone_peak_gib(modules: dict, name: str, step, device: str, inputs: dict | None = None) -> float | None:
+    """Peak memory of ``step`` (``modules[name]``'s), as if that module and its input were the only ones alive:
+    every gradient is dropped first, and the other modules' weights and inputs are left out of the peak."""
+    inputs = inputs or {}
+    for module in modules.values():
+        module.zero_grad(set_to_none=True)
+    for x in inputs.values():
+        x.grad = None
     peak = peak_memory_gib(step, device)
     if peak is None:
         return None
-    others = sum(p.numel() * p.element_size() for other, model in models.items() if other != name
-                 for p in model.parameters())
-    return peak - others / 2**30
+    others = [p for other, module in modules.items() if other != name for p in module.parameters()]
+    others += [x for other, x in inputs.items() if other != name]
+    return peak - sum(t.numel() * t.element_size() for t in others) / 2**30
 
 
 @torch.no_grad()
