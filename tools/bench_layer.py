@@ -73,6 +73,11 @@ def peak_memory_gib(fn, device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def error_cell(error: Exception) -> str:
+    """The table cell of a candidate that failed: its error, shortened (one failure must not hide the others)."""
+    return f"error: {type(error).__name__}: {str(error)[:80]}"
+
+
 def bench_rounds(fns: dict, device: str, rounds: int) -> dict[str, list[float] | str]:
     """Milliseconds of every ``fns[name]()`` per round: each round times every candidate once, in turn, so that a
     drift of the host or of the clocks during the run reaches every candidate alike instead of favouring those
@@ -85,7 +90,7 @@ def bench_rounds(fns: dict, device: str, rounds: int) -> dict[str, list[float] |
             try:
                 times[name].append(bench(fn, device))
             except Exception as e:  # one failing candidate must not hide the others
-                times[name] = f"error: {type(e).__name__}: {str(e)[:80]}"
+                times[name] = error_cell(e)
     return times
 
 
@@ -361,7 +366,7 @@ def _time_models(args, dtype, makers: dict, b: int, t: int, rows) -> None:
                 memory[name] = _graph_memory_gib() - reserved
                 reserved += memory[name]
         except Exception as e:
-            failed[name] = f"error: {type(e).__name__}: {str(e)[:80]}"
+            failed[name] = error_cell(e)
     times = bench_rounds(steps, args.device, args.rounds)
     for name in makers:
         result = failed.get(name) or times[name]
@@ -433,7 +438,7 @@ def section_decode(args, dtype, rows):
                     torch.cuda.synchronize()
                 ms = (time.perf_counter() - t0) / 30 * 1e3
             except Exception as e:
-                rows.append(("decode", name, f"C={ctx}", f"error: {type(e).__name__}: {str(e)[:80]}", "", ""))
+                rows.append(("decode", name, f"C={ctx}", error_cell(e), "", ""))
                 break
             rows.append(("decode", name, f"C={ctx}", f"{ms:.2f} ms/token", "", ""))
             print(rows[-1], flush=True)
