@@ -23,7 +23,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
 from mom_lit.data.packing import TokenBlockCollate
-from mom_lit.data.prepare import SPLITS, read_meta
+from mom_lit.data.prepare import SPLITS, read_meta, recorded_tokenizer
 from mom_lit.data.shakespeare import ensure_shakespeare, shakespeare_dir
 from mom_lit.data.tokenizers import load_tokenizer
 
@@ -61,7 +61,8 @@ class TextDataModule(L.LightningDataModule):
         data_dir: folder with ``train/`` and ``val/`` (and optionally ``test/``) prepared splits; None uses the
             embedded Shakespeare corpus, prepared on first use into ``cache_dir``.
         tokenizer: ``"byte"``, a ``tokenizer.json`` path or a locally cached hub name; must match the tokenizer
-            the data were prepared with.
+            the data were prepared with. None takes the ``tokenizer.json`` recorded in ``data_dir``'s metadata
+            (``"byte"`` if none is); the resolved spec is what the hyper-parameters (and checkpoints) record.
         seq_len: tokens per row (T); each row reads ``seq_len + 1`` tokens so labels are the next tokens.
         batch_size: rows per batch and per rank (B).
         num_workers: data-loader worker processes per rank (0 loads in the main process).
@@ -79,7 +80,7 @@ class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        tokenizer: str = "byte",
+        tokenizer: str | None = None,
         seq_len: int = 512,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -99,6 +100,8 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if data_dir is not None and not Path(data_dir).expanduser().is_dir():
             raise FileNotFoundError(f"data_dir {data_dir} does not exist (or is not a folder)")
+        if tokenizer is None:
+            tokenizer = recorded_tokenizer(data_dir) if data_dir is not None else "byte"
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer, eos_token=eos_token)
         self.vocab_size: int = self.tokenizer.vocab_size

@@ -1,37 +1,50 @@
 """Tokenise local text files into litdata token chunks, one folder per split.
 
-Sources are ``.txt`` files (a file is one document), ``.jsonl`` files (a non-blank line is one document, its
-text in a configurable field) and ``.parquet`` files (a row is one document, needs ``pyarrow``), or folders
-searched recursively for them. Every document is followed by the tokeniser's EOS id.
+Sources are files or folders (see :mod:`mom_lit.data.sources` for how files are chosen and read): by default
+``.txt`` files (a file is one document), ``.jsonl`` files (a non-blank line is one document, its text in a
+configurable field) and ``.parquet`` files (a row is one document, needs ``pyarrow``); with ``include`` globs,
+the matching files of any suffix as plain-text documents (a corpus of source code, say). Binary and non-UTF-8
+files are skipped (or fail, ``on_bad_file``), identical files are kept once, and every count lands in the
+metadata. Every document is followed by the tokeniser's EOS id.
 
 Layout written under ``output_dir``::
 
+    tokenizer.json                                       (a Hugging Face tokeniser: trained or given)
     train/  index.json  chunk-*.bin  mom_lit_meta.json
     val/    ...                                          (when val_fraction > 0)
     test/   ...                                          (when test_fraction > 0)
 
-With several workers and source files, ``litdata.optimize`` tokenises in worker processes, one source file per
-task, each file's documents in order. With one worker (or one file) the same chunk writer runs in the calling
-process, which avoids the seconds it takes to start a worker.
+The tokeniser is ``"byte"``, a given ``tokenizer.json`` (copied into ``output_dir``), or a byte-level BPE
+trained here on (a seeded sample of) the train split's documents (``train_bpe``). Each split's metadata records
+the ``tokenizer.json`` by its path relative to ``output_dir``, its sha256 and vocabulary size, so a training run
+finds it from the data alone and another machine can rebuild the same data from the same files and tokeniser.
+
+Tokenisation runs in this process (Hugging Face tokenisers encode each batch of documents on all cores), or,
+with several workers, through ``litdata.optimize`` in worker processes, a group of consecutive files per task.
 
 Documents are assigned to splits by a seeded permutation over all documents, so the split is reproducible
-and exact (``round(fraction * N)`` documents, at least one when the fraction is positive).
+and exact (``round(fraction * N)`` documents, at least one when the fraction is positive); a text file is one
+document, so such files are split by file.
 
-Preparation is resumable at split granularity: a split whose ``mom_lit_meta.json`` records the same recipe
-(sources with their sizes and modification times, tokeniser, field, fractions, seed) is kept as is. Each split
-is written to a temporary folder and renamed into place when complete, under a file lock, so an interrupted
-or concurrent run never leaves a half-written split behind.
+Every input is read and checked before anything is written. Preparation is resumable at split granularity:
+a split whose ``mom_lit_meta.json`` records the same recipe (the discovered files with their sizes and
+modification times, the selection, the tokeniser, field, fractions, seed) is kept as is. Each split is written
+to a temporary folder and renamed into place when complete, under a file lock, so an interrupted or
+concurrent run never leaves a half-written split behind; a failed run removes what it wrote (the whole output
+folder if it created it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -41,110 +54,79 @@ from typing import Any
 import numpy as np
 import torch
 
-from mom_lit.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
+from mom_lit.data.sources import (
+    BAD_FILE_POLICIES,
+    SUPPORTED_SUFFIXES,
+    CorpusStats,
+    ScannedFile,
+    discover,
+    jsonl_texts,
+    parquet_texts,
+    python_library_dirs,
+    scan,
+)
+from mom_lit.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_byte_level_bpe
 
 __all__ = [
     "META_FILENAME",
     "SPLITS",
     "SUPPORTED_SUFFIXES",
-    "count_documents",
+    "TOKENIZER_FILENAME",
     "discover_sources",
     "iter_documents",
     "prepare_dataset",
     "read_meta",
+    "recorded_tokenizer",
+    "summarize",
 ]
 
 logger = logging.getLogger("mom_lit")
 
 META_FILENAME = "mom_lit_meta.json"
+TOKENIZER_FILENAME = "tokenizer.json"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
-FORMAT = "mom_lit.tokens/1"
+FORMAT = "mom_lit.tokens/2"
 _LOCK_NAME = ".mom_lit_prepare.lock"
 _TMP_PREFIX = ".tmp-"
-_ENCODE_BATCH = 256
+_ENCODE_BATCH = 256  # documents per encode_batch call
+_TASK_BYTES = 4 << 20  # text bytes per tokenising task: files are grouped up to this
+_TASK_FILES = 1024
+_KIND_BY_SUFFIX = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+# One tokenising task: consecutive (file, how to read it, which of its documents to keep (N,) bool).
+Task = list[tuple[Path, str, np.ndarray]]
 
 
 def discover_sources(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
     """Files to tokenise: the given files plus every supported file under the given folders, sorted per folder."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
-            if not inside:
-                raise ValueError(f"no {'/'.join(SUPPORTED_SUFFIXES)} files found under {path}")
-            found.extend(inside)
-        elif path.is_file():
-            if path.suffix not in SUPPORTED_SUFFIXES:
-                raise ValueError(f"unsupported source {path}: expected one of {SUPPORTED_SUFFIXES} or a folder")
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"source {path} does not exist")
-    if not found:
-        raise ValueError("no sources given")
-    return [p.resolve() for p in found]
+    return [source.path for source in discover(list(paths))]
 
 
-def _parquet_file(path: Path) -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
-    return pq.ParquetFile(path)
+def iter_documents(
+    path: Path, text_field: str = "text", keep: np.ndarray | None = None, kind: str | None = None
+) -> Iterator[str]:
+    """Texts of the documents of ``path`` in file order, restricted to those where ``keep`` (bool, (N,)) is set.
 
-
-def count_documents(path: Path) -> int:
-    """Number of documents in one source file (blank jsonl lines are not documents)."""
-    if path.suffix == ".txt":
-        return 1
-    if path.suffix == ".jsonl":
-        with path.open("rb") as handle:
-            return sum(1 for line in handle if line.strip())
-    if path.suffix == ".parquet":
-        return int(_parquet_file(path).metadata.num_rows)
-    raise ValueError(f"unsupported source {path}")
-
-
-def _document_text(value: Any, path: Path, where: str, text_field: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{path} {where}: field {text_field!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def iter_documents(path: Path, text_field: str = "text", keep: np.ndarray | None = None) -> Iterator[str]:
-    """Texts of the documents of ``path`` in file order, restricted to those where ``keep`` (bool, (N,)) is set."""
-    if path.suffix == ".txt":
-        if keep is None or keep[0]:
-            yield path.read_text(encoding="utf-8", errors="replace")
-        return
-    if path.suffix == ".jsonl":
-        row = 0
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                if keep is None or keep[row]:
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or text_field not in record:
-                        raise ValueError(f"{path} line {line_no}: no field {text_field!r} (set text_field)")
-                    yield _document_text(record[text_field], path, f"line {line_no}", text_field)
-                row += 1
-        return
-    if path.suffix == ".parquet":
-        parquet = _parquet_file(path)
-        if text_field not in parquet.schema_arrow.names:
-            raise ValueError(f"{path}: no column {text_field!r} among {parquet.schema_arrow.names} (set text_field)")
-        row = 0
-        for record_batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-            for value in record_batch.column(0).to_pylist():
-                if keep is None or keep[row]:
-                    yield _document_text(value, path, f"row {row}", text_field)
-                row += 1
-        return
-    raise ValueError(f"unsupported source {path}")
+    ``kind`` is ``"text"`` (the file is one document), ``"jsonl"`` or ``"parquet"``; by default it follows the
+    suffix. Files must be UTF-8: anything else fails naming the file (nothing is replaced silently).
+    """
+    path = Path(path)
+    kind = kind or _KIND_BY_SUFFIX.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"unsupported source {path}: expected one of {SUPPORTED_SUFFIXES}")
+    if kind == "parquet":
+        texts: Iterator[str] = iter(parquet_texts(path, text_field))
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 (invalid byte at offset {err.start})") from None
+        texts = iter([text]) if kind == "text" else (t for _, t in jsonl_texts(text, path, text_field))
+    for row, text in enumerate(texts):
+        if keep is None or keep[row]:
+            yield text
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:
@@ -153,15 +135,13 @@ def token_dtype(vocab_size: int) -> torch.dtype:
 
 
 class _TokenizeWork:
-    """The per-item function run by litdata workers: tokenise one source file's documents of one split.
+    """The per-item function run by litdata workers: tokenise one task (a group of files) of one split.
 
     ``item`` is an index into ``self.work``; passing indices (not paths) keeps litdata from treating the
     inputs as files to download.
     """
 
-    def __init__(
-        self, tokenizer: Tokenizer, work: list[tuple[Path, np.ndarray]], text_field: str, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, work: list[Task], text_field: str, dtype: torch.dtype) -> None:
         self.tokenizer = tokenizer
         self.work = work
         self.text_field = text_field
@@ -178,15 +158,15 @@ class _TokenizeWork:
             yield torch.tensor([*ids, eos], dtype=torch.int64).to(self.dtype)
 
     def __call__(self, item: int) -> Iterator[torch.Tensor]:
-        path, keep = self.work[item]
         texts: list[str] = []
-        for text in iter_documents(path, self.text_field, keep):
-            if not text:
-                continue  # an empty document would only add a lone EOS
-            texts.append(text)
-            if len(texts) == _ENCODE_BATCH:
-                yield from self._encode(texts)
-                texts = []
+        for path, kind, keep in self.work[item]:
+            for text in iter_documents(path, self.text_field, keep, kind):
+                if not text:
+                    continue  # an empty document would only add a lone EOS
+                texts.append(text)
+                if len(texts) == _ENCODE_BATCH:
+                    yield from self._encode(texts)
+                    texts = []
         if texts:
             yield from self._encode(texts)
 
@@ -197,6 +177,20 @@ def read_meta(split_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {split_dir} is not a split prepared by mom_lit")
     return json.loads(path.read_text())
+
+
+def recorded_tokenizer(data_dir: str | os.PathLike[str]) -> str:
+    """The tokeniser spec the data in ``data_dir`` were prepared with.
+
+    The ``tokenizer.json`` recorded in the first split's metadata, else ``"byte"`` (also for data prepared
+    before tokeniser files were recorded: loading then names the mismatch with the recorded fingerprint).
+    """
+    root = Path(data_dir).expanduser()
+    for split in SPLITS:
+        if (root / split / META_FILENAME).is_file():
+            record = read_meta(root / split).get("tokenizer_file")
+            return str((root / record["path"]).resolve()) if record else "byte"
+    return "byte"
 
 
 @contextlib.contextmanager
@@ -250,20 +244,89 @@ def _assign_splits(num_docs: int, val_fraction: float, test_fraction: float, see
     return split
 
 
-def _recipe(
-    sources: list[Path], tokenizer: Tokenizer, text_field: str, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, Any]:
+def _cap_files(kept: list[ScannedFile], max_files: int | None, seed: int, stats: CorpusStats) -> list[ScannedFile]:
+    """At most ``max_files`` files, a seeded choice that keeps their order."""
+    if max_files is None or len(kept) <= max_files:
+        return kept
+    chosen = set(np.random.default_rng([seed, 1]).choice(len(kept), max_files, replace=False).tolist())
+    for i, file in enumerate(kept):
+        if i not in chosen:
+            stats.add("capped", file.source.size)
+    return [file for i, file in enumerate(kept) if i in chosen]
+
+
+def _tasks(files: list[ScannedFile], keeps: list[np.ndarray]) -> tuple[list[Task], list[int]]:
+    """Consecutive files with kept documents grouped into tasks of about ``_TASK_BYTES`` text bytes; their bytes."""
+    tasks: list[Task] = []
+    sizes: list[int] = []
+    current: Task = []
+    size = 0
+    for file, keep in zip(files, keeps):
+        if not keep.any():
+            continue
+        current.append((file.source.path, file.source.kind, keep))
+        size += int(file.doc_bytes[keep].sum())
+        if size >= _TASK_BYTES or len(current) >= _TASK_FILES:
+            tasks.append(current)
+            sizes.append(size)
+            current, size = [], 0
+    if current:
+        tasks.append(current)
+        sizes.append(size)
+    return tasks, sizes
+
+
+def _bpe_sample(files: list[ScannedFile], keeps: list[np.ndarray], text_field: str, budget: float, seed: int):
+    """Train documents of a seeded order of the files until ``budget`` bytes are taken."""
+    taken = 0
+    for i in np.random.default_rng([seed, 2]).permutation(len(files)).tolist():
+        if not keeps[i].any():
+            continue
+        source = files[i].source
+        for text in iter_documents(source.path, text_field, keeps[i], source.kind):
+            yield text
+            taken += len(text.encode("utf-8"))
+            if taken >= budget:
+                return
+
+
+def _tokenizer_record(path: Path, root: Path, tok: HFTokenizer) -> dict[str, Any]:
     return {
-        "format": FORMAT,
-        "sources": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources],
-        "text_field": text_field,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "seed": seed,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "eos_id": tokenizer.eos_id,
-        "vocab_size": tokenizer.vocab_size,
+        "path": path.relative_to(root).as_posix(),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "vocab_size": tok.base_vocab_size,
     }
+
+
+def _install_tokenizer(tok: Tokenizer, out_dir: Path) -> tuple[Tokenizer, dict[str, Any] | None]:
+    """Put a file-based tokeniser into ``out_dir`` (atomically); (the tokeniser read from there, its record)."""
+    if not isinstance(tok, HFTokenizer):
+        return tok, None
+    final = out_dir / TOKENIZER_FILENAME
+    if not (final.is_file() and final.read_bytes() == tok.path.read_bytes()):
+        tmp = out_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex[:8]}-{TOKENIZER_FILENAME}"
+        shutil.copyfile(tok.path, tmp)
+        os.replace(tmp, final)
+    installed = HFTokenizer(final, eos_token=tok.eos_token)
+    return installed, _tokenizer_record(final, out_dir, installed)
+
+
+def _recipe(
+    files: Sequence[Any], tokenizer: Tokenizer | None, settings: dict[str, Any], train_bpe: int | None, bpe_mb: float
+) -> dict[str, Any]:
+    listing = json.dumps([[str(f.path), f.size, f.mtime_ns, f.kind] for f in files])
+    if tokenizer is not None:
+        tok = {"fingerprint": tokenizer.fingerprint, "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size}
+    else:
+        tok = {"train_bpe": train_bpe, "bpe_sample_mb": bpe_mb}
+    recipe = {
+        "format": FORMAT,
+        "sources_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "num_sources": len(files),
+        **settings,
+        "tokenizer": tok,
+    }
+    return json.loads(json.dumps(recipe))  # as read back from a file: tuples become lists
 
 
 def _write_in_process(tmp: Path, fn: _TokenizeWork, chunk_tokens: int, split: str, verbose: bool) -> None:
@@ -275,7 +338,7 @@ def _write_in_process(tmp: Path, fn: _TokenizeWork, chunk_tokens: int, split: st
     tmp.mkdir(parents=True)
     writer = BinaryWriter(str(tmp), chunk_size=chunk_tokens, item_loader=TokensLoader())
     written = 0
-    for item in tqdm(range(len(fn.work)), desc=f"tokenising {split}", unit="file", disable=not verbose):
+    for item in tqdm(range(len(fn.work)), desc=f"tokenising {split}", unit="task", disable=not verbose):
         for tokens in fn(item):
             writer[written] = tokens
             written += 1
@@ -286,8 +349,10 @@ def _write_in_process(tmp: Path, fn: _TokenizeWork, chunk_tokens: int, split: st
         (tmp / "index.json").write_text(json.dumps({"chunks": [], "config": None}))
 
 
-def _write_with_optimize(tmp: Path, fn: _TokenizeWork, chunk_tokens: int, workers: int, verbose: bool) -> None:
-    """The multi-process path: ``litdata.optimize`` with one source file per task."""
+def _write_with_optimize(
+    tmp: Path, fn: _TokenizeWork, weights: list[int], chunk_tokens: int, workers: int, verbose: bool
+) -> None:
+    """The multi-process path: ``litdata.optimize`` with one task (a group of files) per item."""
     from litdata import TokensLoader, optimize
 
     with _isolated_optimize(tmp.parent / f"{_TMP_PREFIX}litdata-{uuid.uuid4().hex[:8]}"):
@@ -295,12 +360,12 @@ def _write_with_optimize(tmp: Path, fn: _TokenizeWork, chunk_tokens: int, worker
             fn=fn,
             inputs=list(range(len(fn.work))),
             output_dir=str(tmp),
-            weights=[max(1, int(path.stat().st_size * keep.mean())) for path, keep in fn.work],
+            weights=weights,
             chunk_size=chunk_tokens,
             item_loader=TokensLoader(),
             num_workers=workers,
             reorder_files=False,
-            keep_data_ordered=True,  # a static assignment of files to workers: reproducible chunks
+            keep_data_ordered=True,  # a static assignment of tasks to workers: reproducible chunks
             start_method="spawn",
             verbose=verbose,
         )
@@ -309,23 +374,30 @@ def _write_with_optimize(tmp: Path, fn: _TokenizeWork, chunk_tokens: int, worker
 def _write_split(
     out_dir: Path,
     split: str,
-    work: list[tuple[Path, np.ndarray]],
+    files: list[ScannedFile],
+    keeps: list[np.ndarray],
     tokenizer: Tokenizer,
     text_field: str,
-    recipe: dict[str, Any],
+    extra_meta: dict[str, Any],
     num_workers: int,
     chunk_tokens: int,
     verbose: bool,
 ) -> dict[str, Any]:
     tmp = out_dir / f"{_TMP_PREFIX}{split}-{uuid.uuid4().hex[:8]}"
     dtype = token_dtype(tokenizer.vocab_size)
+    work, sizes = _tasks(files, keeps)
+    weights = [max(1, size) for size in sizes]
     fn = _TokenizeWork(tokenizer, work, text_field, dtype)
     workers = min(num_workers, len(work))
-    if workers <= 1:
-        _write_in_process(tmp, fn, chunk_tokens, split, verbose)
-    else:
-        _write_with_optimize(tmp, fn, chunk_tokens, workers, verbose)
-    index = json.loads((tmp / "index.json").read_text())
+    try:
+        if workers <= 1:
+            _write_in_process(tmp, fn, chunk_tokens, split, verbose)
+        else:
+            _write_with_optimize(tmp, fn, weights, chunk_tokens, workers, verbose)
+        index = json.loads((tmp / "index.json").read_text())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     num_tokens = sum(int(chunk["dim"] or 0) for chunk in index["chunks"])
     num_documents = sum(int(chunk["chunk_size"]) for chunk in index["chunks"])
     if num_tokens == 0:
@@ -334,6 +406,7 @@ def _write_split(
             f"no tokens were written for split {split!r} of {out_dir}: every selected document is empty, "
             "or the tokenising workers failed (see their errors above)"
         )
+    contributing = [(f, k) for f, k in zip(files, keeps) if k.any()]
     meta = {
         "format": FORMAT,
         "split": split,
@@ -344,8 +417,10 @@ def _write_split(
         "dtype": str(dtype).removeprefix("torch."),
         "num_tokens": num_tokens,
         "num_documents": num_documents,
-        "sources": [str(path) for path, keep in work if keep.any()],
-        "recipe": recipe,
+        "num_files": len(contributing),
+        "num_bytes": sum(int(f.doc_bytes[k].sum()) for f, k in contributing),
+        **extra_meta,
+        "sources": [str(f.source.path) for f, _ in contributing],
     }
     (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
     final = out_dir / split
@@ -355,10 +430,57 @@ def _write_split(
     return meta
 
 
+def _check_output_dir(out_dir: Path) -> None:
+    for path in (out_dir, *out_dir.parents):
+        if path.exists() and not path.is_dir():
+            what = "is" if path == out_dir else f"lies under {path}, which is"
+            raise FileExistsError(f"output_dir {out_dir} {what} an existing file, not a folder")
+
+
+def _existing_splits(
+    out_dir: Path, wanted: list[str], recipe: dict[str, Any], overwrite: bool, verbose: bool
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(metadata of the splits already prepared with ``recipe``, the splits still to write)."""
+    metas: dict[str, dict[str, Any]] = {}
+    todo = []
+    for split in wanted:
+        final = out_dir / split
+        if (final / META_FILENAME).is_file():
+            meta = read_meta(final)
+            if meta.get("recipe") == recipe:
+                metas[split] = meta
+                continue
+            if not overwrite:
+                changed = sorted(k for k in recipe if meta.get("recipe", {}).get(k) != recipe[k])
+                raise FileExistsError(
+                    f"{final} was prepared with a different recipe (differs in {changed}); "
+                    "pass overwrite=True (--overwrite) to replace it"
+                )
+        elif final.exists() and not overwrite:
+            raise FileExistsError(f"{final} exists but has no {META_FILENAME}; pass overwrite=True to replace it")
+        todo.append(split)
+    if verbose:
+        for split in metas:
+            logger.info("%s is up to date, skipped", out_dir / split)
+    return metas, todo
+
+
+def _recorded_tokenizer_if_intact(out_dir: Path, metas: dict[str, dict[str, Any]]) -> Tokenizer | None:
+    """The trained tokeniser of up-to-date splits, if its file is still the one they record."""
+    records = {json.dumps(meta.get("tokenizer_file"), sort_keys=True) for meta in metas.values()}
+    record = next(iter(metas.values())).get("tokenizer_file") if len(records) == 1 else None
+    if not record:
+        return None
+    path = out_dir / record["path"]
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+        return None
+    return HFTokenizer(path)
+
+
 def prepare_dataset(
     sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
-    tokenizer: str | Tokenizer = "byte",
+    tokenizer: str | Tokenizer | None = None,
     *,
     text_field: str = "text",
     val_fraction: float = 0.05,
@@ -369,23 +491,39 @@ def prepare_dataset(
     eos_token: str | None = None,
     overwrite: bool = False,
     verbose: bool = True,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    python_library: bool = False,
+    on_bad_file: str = "skip",
+    max_files: int | None = None,
+    train_bpe: int | None = None,
+    bpe_sample_mb: float = 64.0,
 ) -> dict[str, dict[str, Any]]:
     """Tokenise ``sources`` into litdata token chunks under ``output_dir/{train,val,test}``.
 
     Args:
-        sources: files (.txt, .jsonl, .parquet) and/or folders searched recursively for them.
-        output_dir: where the split folders go.
-        tokenizer: a spec for :func:`~mom_lit.data.tokenizers.load_tokenizer` or a tokeniser.
+        sources: files and/or folders searched recursively (see :mod:`mom_lit.data.sources`).
+        output_dir: where the split folders (and a ``tokenizer.json``) go.
+        tokenizer: a spec for :func:`~mom_lit.data.tokenizers.load_tokenizer` or a tokeniser; None is
+            ``"byte"``, or the tokeniser trained with ``train_bpe``.
         text_field: the field of jsonl records / column of parquet files holding the text.
         val_fraction: share of documents for the validation split (0 writes none).
         test_fraction: share of documents for the test split (0 writes none).
-        seed: seed of the document permutation that assigns splits.
-        num_workers: tokenising processes for ``litdata.optimize`` (a source file is the unit of work); with
-            0 or 1, or a single source file, tokenisation runs in this process (same output format).
+        seed: seed of the document permutation that assigns splits (and of ``max_files`` and the BPE sample).
+        num_workers: tokenising processes for ``litdata.optimize`` (a group of files is the unit of work); with
+            0 or 1, or a single group, tokenisation runs in this process (same output format).
         chunk_tokens: tokens per litdata chunk; each chunk's tail shorter than a training block is unused.
         eos_token: end-of-document token of a ``tokenizer.json`` without a standard one.
         overwrite: replace splits prepared with a different recipe instead of failing.
-        verbose: show litdata's progress bar and log what is skipped.
+        verbose: show progress bars and log what is skipped.
+        include: globs of files read as plain-text documents whatever their suffix; none reads
+            ``.txt``/``.jsonl``/``.parquet`` files by suffix.
+        exclude: globs of files never read.
+        python_library: add this interpreter's standard library and site-packages folders to ``sources``.
+        on_bad_file: ``"skip"`` (counted in the metadata) or ``"fail"`` on a binary or non-UTF-8 file.
+        max_files: keep at most this many files after deduplication (a seeded choice).
+        train_bpe: train a byte-level BPE tokeniser of this vocabulary size on the train split.
+        bpe_sample_mb: train the BPE on a seeded sample of at most this many MB (10^6 bytes) of train text.
 
     Returns:
         The metadata of every split, keyed by split name.
@@ -400,52 +538,115 @@ def prepare_dataset(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if not text_field:
         raise ValueError("text_field must be a non-empty string")
-    tok = load_tokenizer(tokenizer, eos_token=eos_token)
-    files = discover_sources(sources)
+    if on_bad_file not in BAD_FILE_POLICIES:
+        raise ValueError(f"on_bad_file must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}")
+    if max_files is not None and max_files < 1:
+        raise ValueError(f"max_files must be >= 1, got {max_files}")
+    if train_bpe is not None:
+        if tokenizer is not None:
+            raise ValueError(f"give either tokenizer ({tokenizer!r}) or train_bpe ({train_bpe}), not both")
+        if train_bpe < 257:
+            raise ValueError(f"train_bpe must be at least 257 (256 bytes and EOS), got {train_bpe}")
+        if not bpe_sample_mb > 0:
+            raise ValueError(f"bpe_sample_mb must be > 0, got {bpe_sample_mb}")
     out_dir = Path(output_dir).expanduser().resolve()
-    recipe = json.loads(json.dumps(_recipe(files, tok, text_field, val_fraction, test_fraction, seed)))
+    _check_output_dir(out_dir)
+    tok = None if train_bpe is not None else load_tokenizer(tokenizer or "byte", eos_token=eos_token)
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    all_sources = [*sources, *(python_library_dirs() if python_library else [])]
+    if not all_sources:
+        raise ValueError("no sources given (name files or folders, or use python_library)")
+
+    stats = CorpusStats()
+    files = discover(all_sources, include, exclude, stats)
+    settings = {
+        "include": list(include),
+        "exclude": list(exclude),
+        "on_bad_file": on_bad_file,
+        "max_files": max_files,
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+    }
+    recipe = _recipe(files, tok, settings, train_bpe, bpe_sample_mb)
     wanted = [name for name, frac in zip(SPLITS, (1.0, val_fraction, test_fraction)) if frac > 0]
+    metas, todo = _existing_splits(out_dir, wanted, recipe, overwrite, verbose)
+    if train_bpe is not None and todo and metas:
+        tok = _recorded_tokenizer_if_intact(out_dir, metas)  # an interrupted run: keep the splits it wrote
+        if tok is None:
+            metas, todo = {}, wanted
+    if not todo:
+        return {split: metas[split] for split in wanted}
 
-    metas: dict[str, dict[str, Any]] = {}
-    with file_lock(out_dir / _LOCK_NAME):
-        for stale in out_dir.glob(_TMP_PREFIX + "*"):  # left by an interrupted run; the lock says none is live
-            shutil.rmtree(stale, ignore_errors=True)
-        todo = []
-        for split in wanted:
-            final = out_dir / split
-            if (final / META_FILENAME).is_file():
-                meta = read_meta(final)
-                if meta.get("recipe") == recipe:
-                    if verbose:
-                        logger.info("%s is up to date, skipped", final)
-                    metas[split] = meta
-                    continue
-                if not overwrite:
-                    changed = sorted(k for k in recipe if meta.get("recipe", {}).get(k) != recipe[k])
-                    raise FileExistsError(
-                        f"{final} was prepared with a different recipe (differs in {changed}); "
-                        "pass overwrite=True (--overwrite) to replace it"
-                    )
-            elif final.exists() and not overwrite:
-                raise FileExistsError(f"{final} exists but has no {META_FILENAME}; pass overwrite=True to replace it")
-            todo.append(split)
-        if not todo:
-            return metas
+    # Read everything (nothing is written yet): bad files, duplicates, the split of every document.
+    kept = _cap_files(scan(files, text_field, on_bad_file, stats, verbose), max_files, seed, stats)
+    for file in kept:
+        stats.add("kept", file.source.size)
+    counts = [file.num_documents for file in kept]
+    total = sum(counts)
+    if total == 0:
+        raise ValueError(f"no documents found in {len(files)} files of {[str(s) for s in all_sources]}")
+    assignment = _assign_splits(total, val_fraction, test_fraction, seed)
+    offsets = np.cumsum([0, *counts])
+    keeps_by_split = {
+        split: [assignment[a:b] == SPLITS.index(split) for a, b in zip(offsets[:-1], offsets[1:])] for split in wanted
+    }
 
-        counts = [count_documents(path) for path in files]
-        total = sum(counts)
-        if total == 0:
-            raise ValueError(f"no documents found in {[str(p) for p in files]}")
-        assignment = _assign_splits(total, val_fraction, test_fraction, seed)
-        offsets = np.cumsum([0, *counts])
-        for split in todo:
-            index = SPLITS.index(split)
-            work = []
-            for path, start, stop in zip(files, offsets[:-1], offsets[1:]):
-                keep = assignment[start:stop] == index
-                if keep.any():
-                    work.append((path, keep))
-            metas[split] = _write_split(
-                out_dir, split, work, tok, text_field, recipe, num_workers, chunk_tokens, verbose
-            )
+    created = not out_dir.exists()
+    lock = out_dir / _LOCK_NAME
+    lock_existed = lock.exists()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mom_lit_bpe-") as scratch:
+            if tok is None:
+                assert train_bpe is not None
+                if verbose:
+                    logger.info("training a byte-level BPE of %d tokens on the train split", train_bpe)
+                texts = _bpe_sample(kept, keeps_by_split["train"], text_field, bpe_sample_mb * 1e6, seed)
+                tok = train_byte_level_bpe(texts, train_bpe, Path(scratch) / TOKENIZER_FILENAME, show_progress=verbose)
+            with file_lock(lock):
+                for stale in out_dir.glob(_TMP_PREFIX + "*"):  # left by an interrupted run; the lock says none is live
+                    if stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
+                tok, record = _install_tokenizer(tok, out_dir)
+                extra = {"tokenizer_file": record, "corpus": stats.as_dict(), "recipe": recipe}
+                for split in todo:
+                    metas[split] = _write_split(
+                        out_dir, split, kept, keeps_by_split[split], tok, text_field, extra,
+                        num_workers, chunk_tokens, verbose,
+                    )  # fmt: skip
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif not lock_existed:
+            lock.unlink(missing_ok=True)
+        raise
     return {split: metas[split] for split in wanted}
+
+
+def summarize(metas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A JSON-ready summary of a preparation: file counts, the tokeniser, and per split files/documents/tokens."""
+    first = next(iter(metas.values()))
+    corpus = first.get("corpus", {})
+    return {
+        "files": corpus.get("files"),
+        "bytes": corpus.get("bytes"),
+        "tokenizer": {
+            "name": first["tokenizer"],
+            "vocab_size": first["vocab_size"],
+            "eos_id": first["eos_id"],
+            "file": first.get("tokenizer_file"),
+        },
+        "splits": {
+            split: {
+                "files": meta.get("num_files"),
+                "documents": meta["num_documents"],
+                "bytes": meta.get("num_bytes"),
+                "tokens": meta["num_tokens"],
+            }
+            for split, meta in metas.items()
+        },
+    }

@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "VOCAB_MULTIPLE",
     "hf_hub_cache_dir",
     "load_tokenizer",
+    "train_byte_level_bpe",
 ]
 
 VOCAB_MULTIPLE = 64
@@ -116,6 +117,9 @@ class HFTokenizer(Tokenizer):
         self.path = Path(path)
         raw = self.path.read_bytes()
         self._tokenizer = _HFTokenizer.from_str(raw.decode("utf-8"))
+        # A special token's text inside a document ("<|endoftext|>" in a source file) is encoded as text:
+        # only the EOS appended between documents may carry the EOS id.
+        self._tokenizer.encode_special_tokens = True
         if name is None:
             name = self.path.parent.name if self.path.name == "tokenizer.json" else self.path.stem
         self.name = name
@@ -140,6 +144,7 @@ class HFTokenizer(Tokenizer):
         )
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens' texts inside it are encoded as ordinary text."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -215,3 +220,48 @@ def load_tokenizer(spec: str | Tokenizer, eos_token: str | None = None) -> Token
         + ". Pass 'byte', a tokenizer.json path, or download it first (e.g. `huggingface-cli download "
         + f"{spec} tokenizer.json`) while online."
     )
+
+
+def train_byte_level_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    path: str | os.PathLike[str],
+    *,
+    eos_token: str = EOS_CANDIDATES[0],
+    length: int | None = None,
+    show_progress: bool = False,
+) -> HFTokenizer:
+    """Train a byte-level BPE tokeniser on ``texts``, offline, and save it as the ``tokenizer.json`` ``path``.
+
+    Byte-level pre-tokenisation (the GPT-2 split of words, digits, punctuation and whitespace runs, over the 256
+    byte symbols) means every text is encodable and round-trips through ``decode``; ``eos_token`` is the only
+    special token (id 0). The vocabulary holds at most ``vocab_size`` entries (fewer when the texts run out of
+    pairs seen at least twice).
+
+    Args:
+        texts: the training documents.
+        vocab_size: the largest vocabulary, byte alphabet and ``eos_token`` included.
+        path: where the ``tokenizer.json`` is written.
+        eos_token: the end-of-document token.
+        length: the number of texts, for the progress bar only.
+        show_progress: show the trainer's progress bars.
+    """
+    from tokenizers import Tokenizer as _HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ValueError(f"vocab_size must be at least {len(alphabet) + 1} (256 bytes and EOS), got {vocab_size}")
+    tokenizer = _HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[eos_token],
+        initial_alphabet=alphabet,
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    tokenizer.save(str(path))
+    return HFTokenizer(path, eos_token=eos_token)
