@@ -84,7 +84,8 @@ def test_paper_recipe(names):
     assert (t.gradient_clip_val, t.precision, d.seq_len) == (1.0, "bf16-mixed", 2048)
     assert d.batch_size * t.accumulate_grad_batches * t.devices * t.num_nodes * d.seq_len == PAPER_TOKENS_PER_STEP
     mc = model_config(cfg, vocab_size=32000)
-    assert (mc.num_layers, mc.num_heads, mc.head_dim, mc.aux_loss_coef) == (24, 4, 256, 0.01)
+    assert (mc.num_layers, mc.num_heads, mc.head_dim, mc.aux_loss_coef, mc.aux_loss_type) == (24, 4, 256, 0.01,
+                                                                                              "per_layer")
 
 
 def test_mqar_baseline_override_has_the_same_state_size():
