@@ -1,5 +1,5 @@
-"""Auxiliary router losses (Switch-style load balancing: global, per layer, or per layer and sequence; router z-loss) and
-the chunked language-model cross entropy.
+"""Auxiliary router losses (Switch-style load balancing: global, per layer, or per layer and sequence; router
+z-loss) and the chunked language-model cross entropy.
 
 Load balance of one group of tokens (routed slots ``k`` per token, E memories):
     f_m = (slots routed to m) / (tokens * k),   P_m = mean router probability of m,   loss = E * sum_m f_m P_m

@@ -78,7 +78,7 @@ def test_run_summarize_plot_end_to_end(lm_compare, byte_data, tmp_path):
     summary = lm_compare.main(["run", "--variant", "mom", "--data", str(byte_data), "--tokens", "200", "--seed", "0",
                                "--out", str(out), "--length-factor", "4", "--length-docs", "4", "--", *TINY])
     # 200 tokens at 2 x 32 per step: 3.1 steps, rounded up to 2 validation intervals of 2 steps.
-    assert (summary["steps"], summary["tokens"]) == (4, 256)
+    assert (summary["steps_planned"], summary["steps"], summary["tokens"]) == (4, 4, 256)
     assert [tokens for tokens, _ in summary["val_loss"]] == [128, 256]
     assert len(summary["train_loss"]) == 4 and summary["train_loss"][-1][0] == 256
     assert summary["final_val_loss"] == summary["val_loss"][-1][1] < 6.0  # below uniform over 320 ids (5.77 + ...)

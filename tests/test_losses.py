@@ -65,7 +65,8 @@ def test_topk_counts_every_slot():
     torch.testing.assert_close(load_balancing_loss_global([r], 3), expected)
 
 
-@pytest.mark.parametrize("loss", [load_balancing_loss_global, load_balancing_loss_per_layer], ids=["global", "per_layer"])
+@pytest.mark.parametrize("loss", [load_balancing_loss_global, load_balancing_loss_per_layer],
+                         ids=["global", "per_layer"])
 def test_gradient_flows_through_probabilities_only(loss):
     torch.manual_seed(0)
     routers = [Router(hidden_size=4, num_memories=3, topk=1) for _ in range(2)]

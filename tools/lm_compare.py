@@ -106,7 +106,8 @@ def git_commit() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": dirty}
 
 
 def card_name() -> str:
@@ -240,8 +241,8 @@ def summarize(out: str | Path, json_path: str | Path | None = None, skip_steps: 
     # validation values of one step share its tokens seen.
     tokens_seen = dict(scalars.get("train/tokens_seen", []))
 
-    def seen(step: int) -> float:
-        return tokens_seen.get(step, (step + 1) * per_step)
+    def seen(step: int) -> int:
+        return int(tokens_seen.get(step, (step + 1) * per_step))
 
     train = [[seen(step), value] for step, value in scalars.get("train/lm_loss", [])]
     val = [[seen(step), value] for step, value in scalars.get("val/loss", [])]
@@ -257,8 +258,10 @@ def summarize(out: str | Path, json_path: str | Path | None = None, skip_steps: 
         "config": {k: v for k, v in config.to_dict().items()},
         "parameters": {"total": total, "active_per_token": active_parameters(config, total),
                        "embedding": config.vocab_size * config.hidden_size},
-        "seq_len": record["seq_len"], "tokens_per_step": per_step, "steps": record["steps"],
-        "tokens": record["steps"] * per_step,
+        # What the run did, which is less than planned when it was stopped early (e.g. trainer.max_time).
+        "seq_len": record["seq_len"], "tokens_per_step": per_step, "steps_planned": record["steps"],
+        "steps": (max(step for step, _ in scalars["train/lm_loss"]) + 1) if train else 0,
+        "tokens": train[-1][0] if train else 0,
         "val_loss": val, "final_val_loss": val[-1][1] if val else None,
         "train_loss": _subsample(train, TRAIN_POINTS),
         "tokens_per_sec": rates[len(rates) // 2] if rates else None,

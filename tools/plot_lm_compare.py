@@ -54,7 +54,8 @@ def _note(summaries: list[dict[str, Any]]) -> str:
     seeds = sorted({s["seed"] for s in summaries})
     commits = sorted({(s["git"]["commit"] or "?")[:8] for s in summaries})
     return ("; ".join(_describe(s) for s in summaries)
-            + f". Context {summaries[0]['seq_len']}, seed(s) {seeds}, {', '.join(devices)}, commit {', '.join(commits)}.")
+            + f". Context {summaries[0]['seq_len']}, seed(s) {seeds}, {', '.join(devices)}, "
+            f"commit {', '.join(commits)}.")
 
 
 def plot_loss(summaries: list[dict[str, Any]], path: Path) -> None:

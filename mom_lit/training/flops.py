@@ -19,7 +19,8 @@ def active_streams(config: MoMConfig) -> int:
 
 def memory_parameters(config: MoMConfig) -> int:
     """Parameters of one memory of one layer: its key, value, beta and decay-gate projections (and the low-rank
-    gate of the ``gla`` rule, with its bias). The query, output and gate projections and the short convolution are shared."""
+    gate of the ``gla`` rule, with its bias). The query, output and gate projections and the short convolution
+    are shared."""
     c = config
     width = c.key_dim + c.value_dim
     if c.update_rule in ("gated_delta", "delta"):
