@@ -73,8 +73,10 @@ class RoutingStatsCallback(L.Callback):
     layer ``l``: ``routing/layer{l}/load_mem{e}`` (share of routed slots of memory e; 1/E when balanced),
     ``routing/layer{l}/router_entropy`` (mean per-token entropy of the router distribution: low = confident),
     ``routing/layer{l}/load_entropy`` (entropy of the load shares: log E = balanced, 0 = one memory takes all),
-    ``routing/layer{l}/max_min_ratio`` and ``routing/layer{l}/starved`` (memories below the threshold); the
-    total ``routing/starved``. With TensorBoard also histograms of the shares and router entropies and a
+    ``routing/layer{l}/max_min_ratio`` (the busiest memory's share over the idlest one's: the layer's load
+    imbalance) and ``routing/layer{l}/starved`` (memories below the threshold); over all layers the total
+    ``routing/starved``, the most imbalanced layer's ratio ``routing/max_min_ratio_worst`` and its index
+    ``routing/worst_layer``. With TensorBoard also histograms of the shares and router entropies and a
     layer x memory heatmap ``routing/load_heatmap``. A warning is emitted when a memory stays starved for
     ``starved_patience`` consecutive logs. Reads the router statistics the training step returns (no extra
     forward); between logs it only adds tensors on the device. A model without a router logs nothing.
@@ -143,7 +145,11 @@ class RoutingStatsCallback(L.Callback):
                 f"routed slots (below {self.starved_threshold:g} x the uniform share {1 / load.shape[1]:.2%}) for "
                 f"{self.starved_patience} consecutive logs")
 
-        metrics: dict[str, float] = {"routing/starved": float(starved.sum())}
+        ratio = summary["max_min_ratio"]
+        worst = int(ratio.argmax())
+        metrics: dict[str, float] = {"routing/starved": float(starved.sum()),
+                                     "routing/max_min_ratio_worst": float(ratio[worst]),
+                                     "routing/worst_layer": float(worst)}
         for layer in range(load.shape[0]):
             prefix = f"routing/layer{layer}"
             metrics.update({f"{prefix}/load_mem{e}": float(share) for e, share in enumerate(load[layer])})

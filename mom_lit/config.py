@@ -8,7 +8,8 @@ from typing import Literal
 
 UpdateRule = Literal["gated_delta", "delta", "gla", "simple_gla", "linear"]
 UPDATE_RULES: tuple[str, ...] = ("gated_delta", "delta", "gla", "simple_gla", "linear")
-AuxLossType = Literal["global", "per_sequence"]
+AuxLossType = Literal["global", "per_layer", "per_sequence"]
+AUX_LOSS_TYPES: tuple[str, ...] = ("global", "per_layer", "per_sequence")
 Backend = Literal["auto", "triton", "compiled", "eager"]
 ActivationMemory = Literal["fast", "balanced", "lean"]
 
@@ -59,7 +60,10 @@ class MoMConfig:
     initializer_range: float = 0.02
     """Std of the normal init of embeddings and MLP/LM-head matrices."""
     aux_loss_type: AuxLossType = "global"
-    """Load balancing over all layers' tokens at once (global) or per layer and sequence (per_sequence)."""
+    """Which tokens one load-balancing group holds (each group scores ``E * sum_e f_e * P_e``, 1 when balanced).
+    ``global``: all layers' tokens of the batch pooled (Mixtral, fla); single layers may stay imbalanced while the
+    pooled load is even. ``per_layer``: one group per layer over the batch's tokens, the mean over layers (the MoM
+    paper's layer-wise loss). ``per_sequence``: one group per (layer, sequence), the mean over groups."""
     aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss in ``loss``."""
     router_z_loss_coef: float = 0.0
@@ -92,8 +96,8 @@ class MoMConfig:
             positive(name)
         if self.update_rule not in UPDATE_RULES:
             raise ValueError(f"MoMConfig.update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
-        if self.aux_loss_type not in ("global", "per_sequence"):
-            raise ValueError(f"MoMConfig.aux_loss_type must be 'global' or 'per_sequence', got {self.aux_loss_type!r}")
+        if self.aux_loss_type not in AUX_LOSS_TYPES:
+            raise ValueError(f"MoMConfig.aux_loss_type must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
         if self.backend not in ("auto", "triton", "compiled", "eager"):
             raise ValueError(f"MoMConfig.backend must be auto|triton|compiled|eager, got {self.backend!r}")
         if self.activation_memory not in ("fast", "balanced", "lean"):
@@ -167,7 +171,8 @@ class MoMConfig:
 
 
 _PAPER_340M = dict(hidden_size=1024, num_layers=24, num_heads=4, head_dim=256, expand_v=1.0, mlp_ratio=3.0,
-                   num_memories=4, topk=2, shared_memory=True, vocab_size=32000, tie_embeddings=True)
+                   num_memories=4, topk=2, shared_memory=True, vocab_size=32000, tie_embeddings=True,
+                   aux_loss_type="per_layer")
 
 PRESETS: dict[str, dict] = {
     # A few thousand parameters per layer: unit tests and smoke runs.
@@ -176,7 +181,8 @@ PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in minutes (byte-level vocabulary).
     "quickstart": dict(vocab_size=256, hidden_size=128, num_layers=4, num_heads=2, head_dim=32, num_memories=4,
                        topk=2, shared_memory=True),
-    # The paper's 340M/380M recipe (24 layers, hidden 1024, 4 heads x 256, E=4, top-2, shared memory).
+    # The paper's 340M/380M recipe (24 layers, hidden 1024, 4 heads x 256, E=4, top-2, shared memory, per-layer
+    # load balancing).
     "mom_340m": dict(_PAPER_340M),
     # The single-memory Gated DeltaNet baseline of the same shape.
     "gdn_340m": dict(_PAPER_340M, num_memories=1, topk=1, shared_memory=False),

@@ -1,5 +1,5 @@
-"""Auxiliary router losses (Switch-style load balancing, global or per layer and sequence, and router z-loss) and
-the chunked language-model cross entropy.
+"""Auxiliary router losses (Switch-style load balancing: global, per layer, or per layer and sequence; router
+z-loss) and the chunked language-model cross entropy.
 
 Load balance of one group of tokens (routed slots ``k`` per token, E memories):
     f_m = (slots routed to m) / (tokens * k),   P_m = mean router probability of m,   loss = E * sum_m f_m P_m
@@ -28,6 +28,12 @@ def load_balancing_loss_global(routings: list[Routing], num_memories: int) -> to
     probs = torch.cat([r.probs for r in routings], dim=0)  # (layers * N_tok, E)
     memory = torch.cat([r.memory for r in routings], dim=0)  # (layers * N_tok, k)
     return num_memories * (load_fraction(memory, num_memories) * probs.mean(0)).sum()
+
+
+def load_balancing_loss_per_layer(routings: list[Routing], num_memories: int) -> torch.Tensor:
+    """One group per layer (all of the batch's tokens of that layer); the mean over layers."""
+    losses = [(load_fraction(r.memory, num_memories) * r.probs.mean(0)).sum() for r in routings]
+    return num_memories * torch.stack(losses).mean()
 
 
 def load_balancing_loss_per_sequence(routings: list[Routing], seq_id: torch.Tensor, num_sequences: int,

@@ -12,8 +12,8 @@ from torch import nn
 from mom_lit.config import MoMConfig
 from mom_lit.layer import LayerState, MoMLayer
 from mom_lit.layout import sequence_ids
-from mom_lit.losses import (linear_cross_entropy, load_balancing_loss_global, load_balancing_loss_per_sequence,
-                            load_fraction, router_z_loss, routing_entropy)
+from mom_lit.losses import (linear_cross_entropy, load_balancing_loss_global, load_balancing_loss_per_layer,
+                            load_balancing_loss_per_sequence, load_fraction, router_z_loss, routing_entropy)
 from mom_lit.ops.fused import FusedRMSNorm, swiglu_mlp
 
 
@@ -198,6 +198,8 @@ class MoMForCausalLM(nn.Module):
                 out.router_entropy = torch.stack([routing_entropy(r) for r in routings])
             if cfg.aux_loss_type == "global":
                 out.aux_loss = load_balancing_loss_global(routings, cfg.num_memories)
+            elif cfg.aux_loss_type == "per_layer":
+                out.aux_loss = load_balancing_loss_per_layer(routings, cfg.num_memories)
             else:
                 out.aux_loss = load_balancing_loss_per_sequence(routings, seq_id, num_sequences, cfg.num_memories)
             if cfg.router_z_loss_coef > 0:

@@ -181,3 +181,20 @@ def test_skips_steps_between_logs_and_repeated_global_steps():
         trainer.global_step = step
         cb.on_train_batch_end(trainer, None, outputs, None, 0)
     assert [s for s, _ in routing_records(logger)] == [2, 5]
+
+
+def test_logs_each_layers_imbalance_and_the_worst_layer():
+    logger = RecordingLogger()
+    trainer = _fake_trainer(logger)
+    cb = RoutingStatsCallback(log_every_n_steps=2)
+    # Layer 1 is the most imbalanced (0.6 / 0.1 = 6); layer 0 is balanced and layer 2 is 0.4 / 0.2 = 2.
+    load = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.6, 0.1, 0.15, 0.15], [0.4, 0.2, 0.2, 0.2]])
+    outputs = {"router_load": load, "router_entropy": torch.ones(3)}
+    for step in (1, 2, 3):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None, outputs, None, 0)
+    (step, metrics), = routing_records(logger)  # only at the logging interval
+    assert step == 1
+    assert [metrics[f"routing/layer{layer}/max_min_ratio"] for layer in range(3)] == pytest.approx([1.0, 6.0, 2.0])
+    assert metrics["routing/max_min_ratio_worst"] == pytest.approx(6.0)
+    assert metrics["routing/worst_layer"] == 1

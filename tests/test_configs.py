@@ -15,7 +15,8 @@ from mom_lit.training.cli import MoMLightningCLI, cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Overlays change a few fields of a full config and are only meaningful on top of it.
-OVERLAYS = {"gdn_340m.yaml": "mom_340m.yaml", "ddp.yaml": "mom_340m.yaml", "fsdp.yaml": "mom_1.3b.yaml"}
+OVERLAYS = {"gdn_340m.yaml": "mom_340m.yaml", "ddp.yaml": "mom_340m.yaml", "fsdp.yaml": "mom_1.3b.yaml",
+            "code_100m_gdn.yaml": "code_100m.yaml"}
 PAPER_TOKENS_PER_STEP = 524_288  # ~0.5M: 256 rows of 2048 tokens
 
 
@@ -84,7 +85,20 @@ def test_paper_recipe(names):
     assert (t.gradient_clip_val, t.precision, d.seq_len) == (1.0, "bf16-mixed", 2048)
     assert d.batch_size * t.accumulate_grad_batches * t.devices * t.num_nodes * d.seq_len == PAPER_TOKENS_PER_STEP
     mc = model_config(cfg, vocab_size=32000)
-    assert (mc.num_layers, mc.num_heads, mc.head_dim, mc.aux_loss_coef) == (24, 4, 256, 0.01)
+    assert (mc.num_layers, mc.num_heads, mc.head_dim, mc.aux_loss_coef, mc.aux_loss_type) == (24, 4, 256, 0.01,
+                                                                                              "per_layer")
+
+
+def test_code_100m_pair_differs_only_in_the_memories():
+    mom = model_config(parse("code_100m.yaml"), vocab_size=16384)
+    gdn = model_config(parse("code_100m.yaml", "code_100m_gdn.yaml"), vocab_size=16384)
+    assert (mom.num_memories, mom.topk, mom.shared_memory, mom.aux_loss_type) == (4, 2, True, "per_layer")
+    assert (gdn.num_memories, gdn.topk, gdn.shared_memory, gdn.has_router) == (1, 1, False, False)
+    differing = {f.name for f in dataclasses.fields(MoMConfig) if getattr(mom, f.name) != getattr(gdn, f.name)}
+    assert differing == {"num_memories", "topk", "shared_memory"}
+    # Head dims the Triton scan runs in bf16 (powers of two from 64).
+    assert mom.head_dim in (64, 128, 256) and mom.head_v_dim == mom.head_dim
+    assert parse("code_100m.yaml").data.init_args.seq_len == 2048
 
 
 def test_mqar_baseline_override_has_the_same_state_size():

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from mom_lit import MoMConfig, MoMForCausalLM
 from mom_lit.training import MoMLightningModule, WarmupCosine, decay_plan, param_groups
-from mom_lit.training.flops import matmul_flops_per_token, scan_flops_per_token, training_flops_per_token
+from mom_lit.training.flops import (active_parameters, matmul_flops_per_token, scan_flops_per_token,
+                                   training_flops_per_token)
 from mom_lit.training.metrics import SliceAccuracy
 from mom_lit.training.throughput import TokenThroughput, compute_dtype
 
@@ -249,6 +250,20 @@ def test_flops_count_only_active_memories():
     assert matmul_flops_per_token(more_memories) - matmul_flops_per_token(base) == 2 * 2 * 32 * 4
     assert scan_flops_per_token(more_memories) == scan_flops_per_token(base)
     assert training_flops_per_token(base) == 3 * (matmul_flops_per_token(base) + scan_flops_per_token(base))
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "gla", "linear"])
+def test_active_parameters_leave_out_the_skipped_memories(rule):
+    """A token of an E=4, top-2 model passes through as many parameters as an E=2, top-2 model holds, less the
+    two extra router rows per layer."""
+    four = tiny_config(num_memories=4, topk=2, shared_memory=True, update_rule=rule, gla_gate_rank=4)
+    two = tiny_config(num_memories=2, topk=2, shared_memory=True, update_rule=rule, gla_gate_rank=4)
+    total_four, total_two = MoMForCausalLM(four).num_parameters(), MoMForCausalLM(two).num_parameters()
+    router_rows = four.num_layers * 2 * four.hidden_size
+    assert active_parameters(four, total_four) == total_two + router_rows < total_four
+    assert active_parameters(two, total_two) == total_two
+    single = tiny_config(num_memories=1, topk=1, shared_memory=False, update_rule=rule)
+    assert active_parameters(single, 1234) == 1234
 
 
 def test_token_throughput_window_and_mfu():

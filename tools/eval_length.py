@@ -7,9 +7,12 @@ over buckets of positions that double in width (``[0, 64)``, ``[64, 128)``, ``[1
 extrapolates keeps a flat or falling curve past its training length (the dashed line).
 
 Documents: ``--text`` files or folders (``.txt`` = one document, ``.jsonl`` / ``.parquet`` = one per record,
-``--text-field``); by default Shakespeare's plays from the embedded corpus, one play per document (84K to 171K
-bytes each), so every bucket averages the same 38 documents. Only documents at least ``--max-length + 1`` tokens
-long are used unless ``--allow-short``: then a bucket averages the documents that reach it.
+``--text-field``); or ``--split``, a split folder written by ``tools/prepare_data.py`` (e.g. ``data/pylib/val``:
+held-out documents, read as the token ids it stores, cut at its end-of-document token); by default Shakespeare's
+plays from the embedded corpus, one play per document (84K to 171K bytes each), so every bucket averages the same
+38 documents. Only documents at least ``--max-length + 1`` tokens long are used (so every bucket averages the same
+documents), or at least ``--min-length + 1`` tokens, or any with ``--allow-short``: then a bucket averages the
+documents that reach it.
 
 Usage::
 
@@ -48,12 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text", nargs="+", default=None,
                         help=".txt/.jsonl/.parquet files or folders (default: Shakespeare's plays)")
     parser.add_argument("--text-field", default="text", help="field of a .jsonl/.parquet record holding the text")
+    parser.add_argument("--split", default=None,
+                        help="a split folder prepared by tools/prepare_data.py (its token ids; instead of --text)")
     parser.add_argument("--max-length", type=int, default=8192, help="context length evaluated, in tokens")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward pass")
     parser.add_argument("--batch-size", type=int, default=8, help="documents per batch")
     parser.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
     parser.add_argument("--allow-short", action="store_true",
                         help="also use documents shorter than --max-length + 1 tokens")
+    parser.add_argument("--min-length", type=int, default=None,
+                        help="use documents of at least this many + 1 tokens (default: --max-length)")
     parser.add_argument("--first-bucket", type=int, default=64, help="width of the first bucket of positions")
     parser.add_argument("--train-length", type=int, default=None, help="training context length, marked on the plot")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -77,6 +84,27 @@ def _documents(args: argparse.Namespace) -> tuple[list[str], str]:
     for scene in play_scenes():
         plays.setdefault(scene.play, []).append(scene.text)
     return ["\n".join(scenes) for scenes in plays.values()], "Shakespeare's plays (one document each)"
+
+
+def split_documents(split_dir: str | Path, eos_id: int) -> list[list[int]]:
+    """The token ids of a prepared split's documents, in stored order, cut after each end-of-document token (the
+    EOS is kept, as in training). Stored tokens past the last full block of 1024 are not read."""
+    from litdata import StreamingDataset, TokensLoader
+
+    from mom_lit.data.prepare import read_meta
+
+    read_meta(split_dir)  # a clear error for a folder that is not a prepared split
+    dataset = StreamingDataset(input_dir=str(Path(split_dir).resolve()), item_loader=TokensLoader(block_size=1024),
+                               shuffle=False, drop_last=False)
+    stream = torch.cat([dataset[i] for i in range(len(dataset))]).tolist() if len(dataset) else []
+    docs, start = [], 0
+    for i, token in enumerate(stream):
+        if token == eos_id:
+            docs.append(stream[start:i + 1])
+            start = i + 1
+    if start < len(stream):
+        docs.append(stream[start:])
+    return docs
 
 
 def _plot(rows: list[dict], path: Path, title: str, train_length: int | None, note: str) -> None:
@@ -129,18 +157,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise SystemExit("--checkpoint is required (or --replot JSON)")
     if args.max_length < 2 or args.chunk_size < 1 or args.batch_size < 1 or args.first_bucket < 1:
         raise SystemExit("--max-length must be >= 2; --chunk-size, --batch-size, --first-bucket >= 1")
+    if args.min_length is not None and not 1 <= args.min_length <= args.max_length:
+        raise SystemExit(f"--min-length must lie in [1, --max-length={args.max_length}], got {args.min_length}")
     device = torch.device(args.device)
     loaded = load_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
     model = loaded.model.eval()
     model.config.backend = args.backend or ("auto" if device.type == "cuda" else "eager")
     tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer or "byte")
-    texts, source = _documents(args)
-    docs = [tokenizer.encode(t) for t in texts]
-    if not args.allow_short:
-        docs = [d for d in docs if len(d) > args.max_length]
+    if args.split is not None:
+        if args.text:
+            raise SystemExit("pass --text or --split, not both")
+        docs, source = split_documents(args.split, tokenizer.eos_id), f"prepared split {args.split}"
+    else:
+        texts, source = _documents(args)
+        docs = [tokenizer.encode(t) for t in texts]
+    min_length = 1 if args.allow_short else (args.max_length if args.min_length is None else args.min_length)
+    docs = [d for d in docs if len(d) > min_length]
     docs = docs[:args.max_docs] if args.max_docs is not None else docs
     if not docs:
-        raise SystemExit(f"no document has {args.max_length + 1} tokens: lower --max-length or pass --allow-short")
+        raise SystemExit(f"no document has {min_length + 1} tokens: lower --max-length / --min-length or pass "
+                         "--allow-short")
     top = max(max(d) for d in docs)
     if top >= loaded.config.vocab_size:
         raise SystemExit(f"tokenizer {tokenizer.name!r} gives id {top} beyond the model's vocab_size "
@@ -156,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows.append({"start": lo, "stop": hi, "loss": loss, "ppl": math.exp(loss), "tokens": tokens})
 
     meta = {"checkpoint": str(args.checkpoint), "max_length": args.max_length, "chunk_size": args.chunk_size,
-            "train_length": args.train_length, "documents": len(docs), "source": source, "tokenizer": tokenizer.name,
+            "train_length": args.train_length, "documents": len(docs), "min_length": min_length, "source": source,
+            "tokenizer": tokenizer.name,
             "device": device.type, "dtype": args.dtype, "tokens_scored": int(result.count.sum()), "seconds": seconds}
     print("| positions | loss (nats/token) | perplexity | tokens |\n|---|---:|---:|---:|")
     for r in rows:

@@ -17,6 +17,30 @@ def active_streams(config: MoMConfig) -> int:
     return routed + int(config.shared_memory)
 
 
+def memory_parameters(config: MoMConfig) -> int:
+    """Parameters of one memory of one layer: its key, value, beta and decay-gate projections (and the low-rank
+    gate of the ``gla`` rule, with its bias). The query, output and gate projections and the short convolution
+    are shared."""
+    c = config
+    width = c.key_dim + c.value_dim
+    if c.update_rule in ("gated_delta", "delta"):
+        width += c.num_heads  # beta
+    if c.update_rule in ("gated_delta", "simple_gla"):
+        width += c.num_heads  # scalar decay gate
+    params = c.hidden_size * width
+    if c.update_rule == "gla":
+        params += c.gla_gate_rank * (c.hidden_size + c.key_dim) + c.key_dim  # down, up, bias
+    return params
+
+
+def active_parameters(config: MoMConfig, total: int) -> int:
+    """Parameters a token passes through, out of a model's ``total``: the routed memories it skipped are left out
+    (``num_layers * (num_memories - topk)`` memories)."""
+    if not config.has_router:
+        return total
+    return total - config.num_layers * (config.num_memories - config.topk) * memory_parameters(config)
+
+
 def matmul_flops_per_token(config: MoMConfig) -> int:
     """Forward multiply-adds (x2) of every weight matrix a token passes through, LM head included."""
     c = config

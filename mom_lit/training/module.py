@@ -40,7 +40,8 @@ class MoMLightningModule(L.LightningModule):
     Logged: ``train/loss`` (what is optimised: LM loss + weighted auxiliary terms), ``train/lm_loss``,
     ``train/aux_loss`` (unweighted load balance, 1 = balanced), ``train/z_loss``, ``train/ppl`` (exp of the LM
     loss), ``train/tokens_seen`` (all ranks), ``throughput/tokens_per_sec`` (all ranks) and ``throughput/mfu``
-    where the device's peak is known; ``val/loss`` and ``val/ppl`` (token-weighted over the whole set), the same
+    where the device's peak is known, ``memory/peak_allocated_gib`` on CUDA (the most GiB held by tensors since the
+    process started); ``val/loss`` and ``val/ppl`` (token-weighted over the whole set), the same
     for ``test/``. The learning rate is logged by Lightning's ``LearningRateMonitor`` (in every config), per
     parameter group (``decay``/``no_decay``).
 
@@ -190,6 +191,10 @@ class MoMLightningModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        if self.device.type == "cuda":
+            # The caching allocator's counter: read on the host, no synchronisation.
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.log("memory/peak_allocated_gib", peak, on_step=True, on_epoch=False)
         if self._throughput is None:
             return
         self._throughput.update(self.tokens_seen)

@@ -1,0 +1,101 @@
+"""tools/lm_compare.py and tools/plot_lm_compare.py: the run plan from the configs, and run -> summarize -> plot
+end to end through the real command line on a tiny model and byte-level data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lm_compare():
+    return _tool("lm_compare")
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory) -> Path:
+    """A prepared byte-level corpus of 24 small documents (6 held out)."""
+    from mom_lit.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ["def", "return", "self", "value", "import", "class", "for", "in", "if", "x", "(", ")", ":"]
+    for i in range(24):
+        (root / "src").mkdir(exist_ok=True)
+        (root / "src" / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(100, 700))))
+    prepare_dataset([str(root / "src")], root / "data", "byte", val_fraction=0.25, seed=0, num_workers=0,
+                    verbose=False)
+    return root / "data"
+
+
+def test_plan_matches_the_code_100m_configs(lm_compare):
+    mom = lm_compare.parse_fit_config(["--config", str(REPO / "configs/code_100m.yaml")])
+    gdn = lm_compare.parse_fit_config(["--config", str(REPO / "configs/code_100m.yaml"),
+                                       "--config", str(REPO / "configs/code_100m_gdn.yaml")])
+    for cfg in (mom, gdn):
+        assert lm_compare.tokens_per_step(cfg) == 16 * 2048
+        # 60M tokens are 1831.05 steps: rounded up to whole validation intervals of 100 steps.
+        assert lm_compare.plan_steps(60e6, cfg) == (1900, 100)
+    assert gdn.model.config.num_memories == 1 and mom.model.config.num_memories == 4
+
+
+def test_run_refuses_bad_inputs_before_writing(lm_compare, byte_data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="no train/ split"):
+        lm_compare.main(["run", "--variant", "mom", "--data", str(tmp_path), "--tokens", "1e3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--tokens must be positive"):
+        lm_compare.main(["run", "--variant", "mom", "--data", str(byte_data), "--tokens", "0", "--out", str(out)])
+    assert not out.exists()
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        lm_compare.main(["run", "--variant", "gdn", "--data", str(byte_data), "--tokens", "1e3", "--out", str(out)])
+
+
+TINY = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.config.hidden_size=32",
+        "--model.config.num_layers=2", "--model.config.num_heads=2", "--model.config.head_dim=16",
+        "--model.config.backend=eager", "--data.init_args.seq_len=32", "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1", "--model.warmup_steps=1", "--trainer.enable_model_summary=false"]
+
+
+@pytest.mark.slow
+def test_run_summarize_plot_end_to_end(lm_compare, byte_data, tmp_path):
+    out = tmp_path / "mom"
+    summary = lm_compare.main(["run", "--variant", "mom", "--data", str(byte_data), "--tokens", "200", "--seed", "0",
+                               "--out", str(out), "--length-factor", "4", "--length-docs", "4", "--", *TINY])
+    # 200 tokens at 2 x 32 per step: 3.1 steps, rounded up to 2 validation intervals of 2 steps.
+    assert (summary["steps_planned"], summary["steps"], summary["tokens"]) == (4, 4, 256)
+    assert [tokens for tokens, _ in summary["val_loss"]] == [128, 256]
+    assert len(summary["train_loss"]) == 4 and summary["train_loss"][-1][0] == 256
+    assert summary["final_val_loss"] == summary["val_loss"][-1][1] < 6.0  # below uniform over 320 ids (5.77 + ...)
+    params = summary["parameters"]
+    assert params["active_per_token"] < params["total"]
+    assert summary["config"]["aux_loss_type"] == "per_layer" and summary["tokens_per_sec"] > 0
+    assert "--trainer.max_steps=4" in summary["command"] and summary["git"]["commit"]
+    buckets = summary["length"]["buckets"]
+    assert [b["stop"] for b in buckets] == [64, 128] and all(b["tokens"] > 0 for b in buckets)
+    assert summary["length"]["meta"]["source"].startswith("prepared split")
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    # summarize rewrites the same summary from the run's files.
+    again = lm_compare.main(["summarize", str(out), "--json", str(tmp_path / "again.json")])
+    assert again == summary
+
+    plots = _tool("plot_lm_compare").main([str(out / "summary.json"), str(tmp_path / "again.json"),
+                                           "--out", str(tmp_path / "docs" / "lm")])
+    assert [p.name for p in plots] == ["lm_loss.png", "lm_length.png"]
+    assert all(p.stat().st_size > 10_000 for p in plots)
