@@ -24,9 +24,11 @@ The summary JSON (``--out``) is rewritten after every run, so an interrupted swe
 every run (variant, E, top-k, shared, T, seed, lr, validation and test accuracy per K, state sizes, parameters,
 steps, wall time) including those not run. ``tools/plot_mqar.py`` draws it.
 
-Usage (GPU; see docs/mqar.md for the measured timings)::
+Usage on one GPU (docs/mqar.md gives the two side-by-side sweeps recommended for an ~8-minute budget, and how
+their time was estimated)::
 
-    python tools/mqar_sweep.py --out docs/mqar_sweep.json --workers 16 --steps 1000 --time_budget_s 420
+    python tools/mqar_sweep.py --out mqar.json --variants compare --seq_lens 256 512 --seeds 0 1 2 \
+        --lrs 3e-3 1e-2 --steps 600 --workers 8 --time_budget_s 400
 
 Tiny CPU smoke run::
 
@@ -170,6 +172,12 @@ def _init_worker(log_dir: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    try:  # torch.compile's default pool of compile processes per worker would oversubscribe the cores
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+    except (ImportError, AttributeError):
+        pass
     sys.argv = sys.argv[:1]  # each run's command line is its `args`; the sweep's own must not reach LightningCLI
     # Lightning and torch write to stdout/stderr: keep each worker's output in its own file, read on failure.
     log = os.open(Path(log_dir) / f"worker-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -259,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab_size", type=int, default=8192)
     p.add_argument("--val_examples", type=int, default=250, help="validation examples per K (lr choice)")
     p.add_argument("--test_examples", type=int, default=1000, help="test examples per K (reported accuracy)")
-    p.add_argument("--workers", type=int, default=12, help="runs trained at once (processes)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="runs trained at once (processes); default: CPU cores, at most 16")
     p.add_argument("--threads_per_worker", type=int, default=None, help="default: CPU cores / workers")
     p.add_argument("--precision", default="auto", help="Trainer precision; auto: bf16-mixed on CUDA, else 32-true")
     p.add_argument("--time_budget_s", type=float, default=None,
