@@ -164,3 +164,13 @@ def test_sweep_to_json_to_plot_end_to_end(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| mom | 4 | 2 | yes | 32 |" in proc.stdout and "| e1 | 1 | 1 | no | 32 |" in proc.stdout
     assert acc_png.stat().st_size > 0 and mem_png.stat().st_size > 0
+
+
+def test_a_failing_run_is_recorded_with_its_error(tmp_path) -> None:
+    """A run the model rejects (top-k above the number of memories) comes back as failed, naming the field."""
+    args = _args("--variants", "mom", "--seq_lens", "32", "--kv_pairs", "2", "--vocab_size", "64", "--steps", "2",
+                 "--batch_size", "4", "--set", "model.config.topk=8", "model.config.backend=eager")
+    settings = vars(args) | {"run_dir": str(tmp_path), "precision": "32-true"}
+    record = sweep.train_one(sweep.plan_runs(args)[0], settings, None)
+    assert record["status"] == "failed" and "topk=8 exceeds num_memories=4" in record["error"], record
+    assert "steps" not in record and record["wall_s"] >= 0
