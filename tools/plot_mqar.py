@@ -122,7 +122,11 @@ def _pyplot():
 def plot_acc_vs_k(best: dict[tuple[str, int], list[dict]], title: str, png: Path) -> None:
     plt = _pyplot()
     seq_lens = sorted({t for _, t in best})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5.2 * len(seq_lens), 4), sharey=True, squeeze=False)
+    rows = max(sum(t == seq_len for _, t in best) for seq_len in seq_lens)
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5.6 * len(seq_lens), 4 + 0.2 * rows), sharey=True,
+                             squeeze=False)
+    names = sorted({name for name, _ in best})
+    colors = {name: plt.get_cmap("tab10" if len(names) <= 10 else "tab20")(i) for i, name in enumerate(names)}
     for ax, seq_len in zip(axes[0], seq_lens):
         for (name, t), rs in sorted(best.items()):
             if t != seq_len:
@@ -134,12 +138,13 @@ def plot_acc_vs_k(best: dict[tuple[str, int], list[dict]], title: str, png: Path
             r0 = rs[0]
             label = (f"{name} (state {r0['state_per_layer']:,}, active {r0['active_state_per_layer']:,}; "
                      f"lr {r0['lr']:g}, {len(rs)} seeds)")
-            ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=label)
-        ax.set_xscale("log", base=2)
+            ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=label, color=colors[name])
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_title(f"T = {seq_len}")
         ax.set_xlabel("key-value pairs K")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     axes[0][0].set_ylabel("test accuracy (mean over seeds, bars: min-max)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -148,17 +153,18 @@ def plot_acc_vs_k(best: dict[tuple[str, int], list[dict]], title: str, png: Path
 
 
 def plot_memories(best: dict[tuple[str, int], list[dict]], title: str, png: Path) -> bool:
-    """Accuracy (mean over K) against E for the plain-width variants; False when none ran."""
+    """Accuracy (mean over K) against E for the plain-width variants; False when no T has two memory counts."""
     points: dict[tuple[int, bool], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for (_, seq_len), rs in best.items():
         for r in rs:
             if r["expand_v"] == 1.0 and r["topk"] == max(1, r["num_memories"] // 2):
                 points[(seq_len, r["shared_memory"])][r["num_memories"]].append(_mean_acc(r["test_acc"]))
-    if not points:
+    # A T with a single memory count (e.g. only `mom` ran there) has no curve to draw.
+    seq_lens = sorted({t for t, _ in points if len({e for (t2, _), per_e in points.items() if t2 == t for e in per_e}) > 1})
+    if not seq_lens:
         return False
     plt = _pyplot()
-    seq_lens = sorted({t for t, _ in points})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5 * len(seq_lens), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(max(7.0, 5 * len(seq_lens)), 4.4), sharey=True, squeeze=False)
     for ax, seq_len in zip(axes[0], seq_lens):
         for shared in (True, False):
             per_e = points.get((seq_len, shared))
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     s = summaries[0]["settings"]
     statuses = [r.get("status") for summary in summaries for r in summary["runs"]]
     devices = sorted({summary.get("device", "?") for summary in summaries})
-    title = (f"MQAR, vocab {s['vocab_size']}, {s['steps']} steps x batch {s['batch_size']}, {', '.join(devices)}; "
+    title = (f"MQAR, vocab {s['vocab_size']}, {s['steps']} steps x batch {s['batch_size']}, {', '.join(devices)}\n"
              f"{len(runs)} complete runs ({statuses.count('not_run')} not run, {statuses.count('failed')} failed)")
     best = best_runs(runs)
     print(table(best))
