@@ -103,7 +103,8 @@ def expand_variants(names: list[str]) -> list[str]:
         elif name in VARIANTS:
             out.append(name)
         else:
-            raise ValueError(f"--variants: unknown name {name!r}; variants: {sorted(VARIANTS)}, groups: {sorted(GROUPS)}")
+            raise ValueError(f"--variants: unknown name {name!r}; variants: {sorted(VARIANTS)}, "
+                             f"groups: {sorted(GROUPS)}")
     return list(dict.fromkeys(out))
 
 
@@ -375,8 +376,10 @@ def main(argv: list[str] | None = None) -> None:
                 per_run = statistics.mean(walls) if walls else 0.0
                 eta = math.ceil((len(pending) + len(in_flight)) / args.workers) * per_run
                 acc = " ".join(f"K{k}={a:.2f}" for k, a in record.get("test_acc", {}).items())
+                steps_done = sum(r.get("steps", 0) for r in records.values())
                 print(f"[{finished}/{len(runs)}] {run['run_id']}: {record['status']} {acc} "
-                      f"({record.get('wall_s', '?')} s); elapsed {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
+                      f"({record.get('wall_s', '?')} s); elapsed {elapsed:.0f} s, {steps_done / elapsed:.0f} steps/s "
+                      f"in all, ETA {eta:.0f} s", flush=True)
                 if record["status"] == "failed":
                     print(f"  {record['error'][:500]}  (log: {run_dir}/logs/{record.get('log', '')})", flush=True)
                 launch()

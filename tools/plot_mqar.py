@@ -160,7 +160,10 @@ def plot_memories(best: dict[tuple[str, int], list[dict]], title: str, png: Path
             if r["expand_v"] == 1.0 and r["topk"] == max(1, r["num_memories"] // 2):
                 points[(seq_len, r["shared_memory"])][r["num_memories"]].append(_mean_acc(r["test_acc"]))
     # A T with a single memory count (e.g. only `mom` ran there) has no curve to draw.
-    seq_lens = sorted({t for t, _ in points if len({e for (t2, _), per_e in points.items() if t2 == t for e in per_e}) > 1})
+    counts = defaultdict(set)  # T -> memory counts that ran there
+    for (seq_len, _), per_e in points.items():
+        counts[seq_len] |= set(per_e)
+    seq_lens = sorted(t for t, es in counts.items() if len(es) > 1)
     if not seq_lens:
         return False
     plt = _pyplot()
