@@ -157,3 +157,28 @@ def test_accuracy_helpers() -> None:
     assert by_slice[4].item() == pytest.approx(0.25) and by_slice[8].item() == 0.0
     with pytest.raises(ValueError, match="do not match"):
         mqar_accuracy(perfect[:, :5], labels)
+
+
+def test_validation_split_is_its_own_stream() -> None:
+    """With num_val_examples, validation draws from a stream of its own: disjoint from train and test,
+    reproducible, over the test slices; without it, validation is the test set."""
+    dm = _datamodule(num_val_examples=24)
+    dm.setup("fit")
+    val = dm._sets["val"]
+    assert val.inputs.shape == (2 * 24, 64)
+    assert torch.equal(val.slices.unique(), torch.tensor([4, 16], dtype=val.slices.dtype))
+    rows = {split: {row.tobytes() for row in dm._sets[split].inputs.numpy()} for split in ("train", "test")}
+    assert not any(row.tobytes() in rows["train"] | rows["test"] for row in val.inputs.numpy())
+    loaded = torch.cat([b["input_ids"] for b in dm.val_dataloader()])
+    assert torch.equal(loaded, val.inputs.long())
+    again = _datamodule(num_val_examples=24)
+    assert torch.equal(again.build("val").inputs, val.inputs)
+
+    plain = _datamodule()
+    plain.setup("fit")
+    assert "val" not in plain._sets
+    assert torch.equal(torch.cat([b["input_ids"] for b in plain.val_dataloader()]), plain._sets["test"].inputs.long())
+    with pytest.raises(ValueError, match="set num_val_examples > 0"):
+        plain.build("val")
+    with pytest.raises(ValueError, match="num_val_examples"):
+        _datamodule(num_val_examples=-1)

@@ -13,8 +13,9 @@ region), a power law that puts most queries close to the pairs, as repeated bigr
 The label of a query position is the value of its key, i.e. the model must emit the value right after
 reading the key again. Fillers are random tokens (or 0 with ``random_non_queries=False``).
 
-Train and test examples come from independent random streams seeded by ``(seed, split, K)`` with split 0
-for train and 1 for test, so no example seed is shared between them. Batches follow the training contract
+Train, test and (optional) validation examples come from independent random streams seeded by
+``(seed, split, K)`` with split 0 for train, 1 for test and 2 for validation, so no example seed is shared
+between them. Batches follow the training contract
 (``input_ids``/``labels`` (B, T) int64, no ``cu_seqlens``) plus ``slice`` (B,) int64 = K of each example,
 for per-slice accuracy.
 """
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = ["IGNORE_INDEX", "MQARDataModule", "mqar_accuracy", "mqar_accuracy_by_slice", "mqar_batch"]
 
 IGNORE_INDEX = -100
-_TRAIN, _TEST = 0, 1
+_TRAIN, _TEST, _VAL = 0, 1, 2
 
 
 def _check_task(vocab_size: int, seq_len: int, num_kv_pairs: int) -> None:
@@ -181,9 +182,11 @@ class MQARDataModule(L.LightningDataModule):
         vocab_size: V (the model's vocabulary).
         seq_len: T of every example.
         train_num_kv_pairs: K of each training slice.
-        test_num_kv_pairs: K of each test slice (validation uses the test set).
+        test_num_kv_pairs: K of each test (and validation) slice.
         num_train_examples: examples per training slice.
         num_test_examples: examples per test slice.
+        num_val_examples: examples per validation slice, drawn from a stream of their own. 0: validation
+            uses the test set (then choosing hyper-parameters by validation accuracy is choosing them on test).
         power_a: exponent parameter of the query-offset power law.
         random_non_queries: random filler tokens instead of 0.
         batch_size: examples per batch and per rank.
@@ -203,6 +206,7 @@ class MQARDataModule(L.LightningDataModule):
         test_num_kv_pairs: Sequence[int] = (4, 8, 16, 32, 64),
         num_train_examples: int = 20_000,
         num_test_examples: int = 1_000,
+        num_val_examples: int = 0,
         power_a: float = 0.01,
         random_non_queries: bool = True,
         batch_size: int = 64,
@@ -217,6 +221,7 @@ class MQARDataModule(L.LightningDataModule):
         for name, value, low in (
             ("num_train_examples", num_train_examples, 1),
             ("num_test_examples", num_test_examples, 1),
+            ("num_val_examples", num_val_examples, 0),
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
         ):
@@ -234,6 +239,7 @@ class MQARDataModule(L.LightningDataModule):
         self.test_num_kv_pairs = [int(k) for k in test_num_kv_pairs]
         self.num_train_examples = num_train_examples
         self.num_test_examples = num_test_examples
+        self.num_val_examples = num_val_examples
         self.power_a = power_a
         self.random_non_queries = random_non_queries
         self.batch_size = batch_size
@@ -242,14 +248,17 @@ class MQARDataModule(L.LightningDataModule):
         self._sets: dict[str, _Examples] = {}
 
     def build(self, split: str) -> _Examples:
-        """All examples of ``"train"`` or ``"test"``, slice after slice (deterministic in the seed)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        split_id, kvs, count = (
-            (_TRAIN, self.train_num_kv_pairs, self.num_train_examples)
-            if split == "train"
-            else (_TEST, self.test_num_kv_pairs, self.num_test_examples)
-        )
+        """All examples of ``"train"``, ``"val"`` or ``"test"``, slice after slice (deterministic in the seed)."""
+        splits = {
+            "train": (_TRAIN, self.train_num_kv_pairs, self.num_train_examples),
+            "val": (_VAL, self.test_num_kv_pairs, self.num_val_examples),
+            "test": (_TEST, self.test_num_kv_pairs, self.num_test_examples),
+        }
+        if split not in splits:
+            raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}")
+        split_id, kvs, count = splits[split]
+        if count == 0:
+            raise ValueError(f"the {split!r} split is empty: set num_val_examples > 0 to build one")
         # -100 and every id fit int16 for small vocabularies: a quarter of the int64 memory.
         store = torch.int16 if self.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
         inputs, labels, slices = [], [], []
@@ -267,6 +276,8 @@ class MQARDataModule(L.LightningDataModule):
             self._sets["train"] = self.build("train")
         if "test" not in self._sets:
             self._sets["test"] = self.build("test")
+        if stage in (None, "fit", "validate") and self.num_val_examples > 0 and "val" not in self._sets:
+            self._sets["val"] = self.build("val")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self._sets:
@@ -287,7 +298,7 @@ class MQARDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("val" if self.num_val_examples > 0 else "test", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
