@@ -81,6 +81,15 @@ def test_invalid_values_name_the_field(tmp_path, capsys, override, message):
     assert "Traceback" not in err
 
 
+def test_nan_from_a_config_file_is_refused_in_one_line(tmp_path, capsys):
+    # YAML's .nan passes the parser's float type; the model's config refuses it.
+    config = tmp_path / "override.yaml"
+    config.write_text("model:\n  config:\n    norm_eps: .nan\n")
+    err = assert_parser_error(tmp_path, capsys, "--config", str(config))
+    assert err.splitlines()[-1] == ("error: model.config: MoMConfig.norm_eps must be a finite number > 0, "
+                                    "got nan (float)")
+
+
 def test_config_files_are_found_on_the_command_line():
     assert config_files(["fit", "-c", "a.yaml", "--config=b.yaml", "--config", "c.yaml", "--x=1"]) == \
         ["a.yaml", "b.yaml", "c.yaml"]
