@@ -1,11 +1,16 @@
 """Golden-loss regression: a deterministic tiny training run must reproduce committed per-step losses.
 
-Each variant trains a tiny model from a fixed seed for ``STEPS`` optimizer steps through ``Trainer.fit`` of
+Each variant trains a tiny model for ``STEPS`` optimizer steps through ``Trainer.fit`` of
 ``MoMLightningModule`` (its AdamW groups, warm-up + cosine schedule, gradient clipping and non-finite check) on
 fixed batches, half of them packed documents with ``cu_seqlens``, and compares every step's ``loss``, ``lm_loss``
 and ``aux_loss`` with ``tests/data/golden_losses.json``. The run covers the whole MoM layer: routing, the
 per-memory slots and short convolution, the varlen scan over (row, document, memory) segments, the weighted mix
 with the shared memory, the gated norm, and the load-balancing and router z-loss terms.
+
+The initial weights are the project's own initialisation from a fixed seed, committed in
+``tests/data/golden_init.safetensors`` and loaded by parameter name: a change of the order in which parameters
+draw their random numbers (a module moved, a parameter created earlier) leaves the test valid, while a change of
+the checkpoint layout makes the strict load fail by name.
 
 The scan runs on the eager chunked reference (``backend="eager"``): the CPU default, ``auto``, is the same
 reference under ``torch.compile``, whose first compilation takes about half a minute, too long for every run of
@@ -16,7 +21,7 @@ yet above the rounding of a reordered sum; the float32 variants at ``FP32_TOL``,
 difference a reordered computation makes over the run (the compiled scan, and the float64 run, differ from the
 eager float32 run by at most 5e-7) and far below any change of the math.
 
-Regenerate the file (only after a deliberate change of the model's math, saying why in the commit):
+Regenerate both files (only after a deliberate change of the model's math, saying why in the commit):
 
     OMP_NUM_THREADS=1 python tests/test_golden_loss.py --regenerate
 """
@@ -31,12 +36,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from mom_lit import MoMConfig
 from mom_lit.training import MoMLightningModule
 
 GOLDEN = Path(__file__).parent / "data" / "golden_losses.json"
+GOLDEN_INIT = Path(__file__).parent / "data" / "golden_init.safetensors"
 STEPS = 24
 SEED = 1234
 BATCH, SEQ_LEN = 2, 23  # odd length: partial chunks of the chunk_size 8 scan
@@ -54,6 +61,7 @@ VARIANTS: dict[str, dict] = {
     "gdn": dict(BASE, num_memories=1, topk=1, shared_memory=False),
 }
 PRECISION = {"mom": "32-true", "mom_fp64": "64-true", "gdn": "32-true"}
+INIT_OF = {"mom": "mom", "mom_fp64": "mom", "gdn": "gdn"}  # the float64 run starts from the float32 weights
 MODULE_ARGS = dict(lr=3e-3, weight_decay=0.1, warmup_steps=4, min_lr_ratio=0.1)
 
 
@@ -95,22 +103,36 @@ class _RecordLosses(L.Callback):
         self.rows.append(row)
 
 
-def run_variant(name: str, backend: str | None = None) -> list[dict[str, float]]:
-    """Train variant ``name`` for ``STEPS`` steps on one CPU thread; per-step losses."""
+def seeded_module(name: str, backend: str | None = None) -> MoMLightningModule:
+    """The module of variant ``name``, initialised by the project's code from ``SEED``."""
     values = dict(VARIANTS[name])
     if backend is not None:
         values["backend"] = backend
+    L.seed_everything(SEED, workers=False, verbose=False)
+    return MoMLightningModule(MoMConfig(**values), **MODULE_ARGS)
+
+
+def initial_weights(name: str) -> dict[str, torch.Tensor]:
+    """The committed initial state dict of variant ``name`` (keys as in ``MoMForCausalLM.state_dict``)."""
+    prefix = INIT_OF[name] + "."
+    return {key[len(prefix):]: value for key, value in load_file(GOLDEN_INIT).items() if key.startswith(prefix)}
+
+
+def run_variant(name: str, backend: str | None = None) -> list[dict[str, float]]:
+    """Train variant ``name`` from its committed initial weights for ``STEPS`` steps on one CPU thread; per-step
+    losses."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     try:
-        L.seed_everything(SEED, workers=False, verbose=False)
-        module = MoMLightningModule(MoMConfig(**values), **MODULE_ARGS)
+        module = seeded_module(name, backend)
+        module.model.load_state_dict(initial_weights(name))  # strict: every parameter and buffer by name
         record = _RecordLosses()
         trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, precision=PRECISION[name],
                             deterministic=True, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             limit_val_batches=0, callbacks=[record])
-        trainer.fit(module, DataLoader(golden_batches(values["vocab_size"]), batch_size=None, shuffle=False))
+        batches = golden_batches(VARIANTS[name]["vocab_size"])
+        trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -155,16 +177,23 @@ def test_compiled_scan_follows_golden_losses():
 
 
 def regenerate() -> None:
+    assert all(VARIANTS[name] == VARIANTS[INIT_OF[name]] for name in VARIANTS), "variants sharing weights differ"
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for base in sorted(set(INIT_OF.values())):
+        state = seeded_module(base).model.state_dict()
+        # Copies: a tied embedding and LM head share storage, which safetensors refuses to write.
+        weights.update({f"{base}.{key}": value.detach().clone().contiguous() for key, value in state.items()})
+    save_file(weights, GOLDEN_INIT)
     variants = {name: {"config": VARIANTS[name], "precision": PRECISION[name], "steps": run_variant(name)}
                 for name in VARIANTS}
     payload = {"steps": STEPS, "seed": SEED, "module": MODULE_ARGS, "torch": torch.__version__,
                "variants": variants}
-    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {GOLDEN} ({', '.join(variants)})")
+    print(f"wrote {GOLDEN_INIT} and {GOLDEN} ({', '.join(variants)})")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--regenerate"]:
-        sys.exit(f"usage: {sys.argv[0]} --regenerate   (rewrites {GOLDEN})")
+        sys.exit(f"usage: {sys.argv[0]} --regenerate   (rewrites {GOLDEN_INIT.name} and {GOLDEN.name})")
     regenerate()
