@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -291,7 +292,7 @@ def check_sampling_args(max_new_tokens: int | None, temperature: float, top_k: i
                         prefix: str = "") -> None:
     """Refuse sampling arguments that cannot be honoured, naming the argument (``prefix`` + its name; ``"--"`` for a
     command line). ``max_new_tokens=None`` skips that argument (a single sampling step)."""
-    def refuse(name: str, requirement: str, value) -> None:
+    def refuse(name: str, requirement: str, value) -> NoReturn:
         raise ValueError(f"{prefix}{name} must be {requirement}, got {value!r} ({type(value).__name__})")
 
     def is_int(value) -> bool:
