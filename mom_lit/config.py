@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn, get_args, get_type_hints
 
 UpdateRule = Literal["gated_delta", "delta", "gla", "simple_gla", "linear"]
-UPDATE_RULES: tuple[str, ...] = ("gated_delta", "delta", "gla", "simple_gla", "linear")
+UPDATE_RULES: tuple[str, ...] = get_args(UpdateRule)
 AuxLossType = Literal["global", "per_layer", "per_sequence"]
-AUX_LOSS_TYPES: tuple[str, ...] = ("global", "per_layer", "per_sequence")
+AUX_LOSS_TYPES: tuple[str, ...] = get_args(AuxLossType)
 Backend = Literal["auto", "triton", "compiled", "eager"]
 ActivationMemory = Literal["fast", "balanced", "lean"]
+
+
+class ConfigError(ValueError):
+    """An invalid ``MoMConfig`` value; the message names the field and the value."""
 
 
 @dataclass
 class MoMConfig:
     """Shape and behaviour of a Mixture-of-Memories language model.
 
-    Every field is validated in ``__post_init__``; an invalid value raises ``ValueError`` naming the field.
+    Every field's type and range are validated in ``__post_init__``; an invalid value raises ``ConfigError`` (a
+    ``ValueError``) naming the field and the value.
     """
 
     vocab_size: int = 32000
@@ -86,42 +93,51 @@ class MoMConfig:
     (lean 10.6 GiB there, against 19.7 GiB, measured before fast took the grouped product too)."""
 
     def __post_init__(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MoMConfig.{name} must be a positive integer, got {value!r}")
-
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "num_memories", "topk",
                      "chunk_size", "gla_gate_rank"):
-            positive(name)
-        if self.update_rule not in UPDATE_RULES:
-            raise ValueError(f"MoMConfig.update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
-        if self.aux_loss_type not in AUX_LOSS_TYPES:
-            raise ValueError(f"MoMConfig.aux_loss_type must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
-        if self.backend not in ("auto", "triton", "compiled", "eager"):
-            raise ValueError(f"MoMConfig.backend must be auto|triton|compiled|eager, got {self.backend!r}")
-        if self.activation_memory not in ("fast", "balanced", "lean"):
-            raise ValueError("MoMConfig.activation_memory must be 'fast', 'balanced' or 'lean', "
-                             f"got {self.activation_memory!r}")
-        if self.topk > self.num_memories:
-            raise ValueError(f"MoMConfig.topk={self.topk} exceeds num_memories={self.num_memories}")
-        if self.expand_v <= 0 or float(self.head_dim * self.expand_v) != int(self.head_dim * self.expand_v):
-            raise ValueError(
-                f"MoMConfig.expand_v={self.expand_v!r} must be positive and make head_dim*expand_v an integer "
-                f"(head_dim={self.head_dim})")
-        if not isinstance(self.conv_size, int) or self.conv_size < 0:
-            raise ValueError(f"MoMConfig.conv_size must be a non-negative integer, got {self.conv_size!r}")
-        if self.intermediate_size is not None and self.intermediate_size < 1:
-            raise ValueError(f"MoMConfig.intermediate_size must be positive, got {self.intermediate_size!r}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"MoMConfig.mlp_ratio must be positive, got {self.mlp_ratio!r}")
+            self._check_int(name, minimum=1)
+        self._check_int("conv_size", minimum=0)
+        if self.intermediate_size is not None:
+            self._check_int("intermediate_size", minimum=1)
+        for name in ("shared_memory", "tie_embeddings", "use_output_gate"):
+            self._check_bool(name)
+        for name in ("expand_v", "mlp_ratio", "gla_gate_normalizer", "norm_eps", "initializer_range"):
+            self._check_real(name, positive=True)
         for name in ("aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MoMConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"MoMConfig.norm_eps must be positive, got {self.norm_eps!r}")
-        if self.gla_gate_normalizer <= 0:
-            raise ValueError(f"MoMConfig.gla_gate_normalizer must be positive, got {self.gla_gate_normalizer!r}")
+            self._check_real(name, positive=False)
+        for name in ("update_rule", "aux_loss_type", "backend", "activation_memory"):
+            self._check_choice(name)
+        if self.topk > self.num_memories:
+            raise ConfigError(f"MoMConfig.topk={self.topk} exceeds num_memories={self.num_memories}")
+        if float(self.head_dim * self.expand_v) != int(self.head_dim * self.expand_v):
+            raise ConfigError(f"MoMConfig.expand_v={self.expand_v!r} must make head_dim*expand_v an integer "
+                              f"(head_dim={self.head_dim})")
+
+    # Validation helpers: each names the field, the value and its type ------------------------------------------
+    def _refuse(self, name: str, requirement: str) -> NoReturn:
+        value = getattr(self, name)
+        raise ConfigError(f"MoMConfig.{name} must be {requirement}, got {value!r} ({type(value).__name__})")
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        # bool is an int subclass, and a float such as 2.0 would pass a comparison: both are refused.
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self._refuse(name, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+
+    def _check_bool(self, name: str) -> None:
+        if not isinstance(getattr(self, name), bool):  # a string such as 'false' would be truthy
+            self._refuse(name, "a boolean (true or false)")
+
+    def _check_real(self, name: str, positive: bool) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value <= 0 if positive else value < 0):
+            self._refuse(name, "a finite number > 0" if positive else "a finite number >= 0")
+
+    def _check_choice(self, name: str) -> None:
+        choices = get_args(_field_types()[name])
+        if getattr(self, name) not in choices:
+            self._refuse(name, "one of " + ", ".join(repr(c) for c in choices))
 
     # Derived sizes -----------------------------------------------------------------------------------------
     @property
@@ -160,14 +176,20 @@ class MoMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown MoMConfig fields: {unknown}")
+            raise ConfigError(f"unknown MoMConfig fields: {unknown}")
         return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MoMConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown MoMConfig preset {name!r}; known: {sorted(PRESETS)}")
+            raise ConfigError(f"unknown MoMConfig preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+@functools.cache
+def _field_types() -> dict[str, object]:
+    """The resolved annotation of every ``MoMConfig`` field (the choices of a ``Literal`` field come from it)."""
+    return get_type_hints(MoMConfig)
 
 
 _PAPER_340M = dict(hidden_size=1024, num_layers=24, num_heads=4, head_dim=256, expand_v=1.0, mlp_ratio=3.0,

@@ -31,7 +31,7 @@ import torch
 
 from mom_lit.cuda_graphs import capture_cuda_graph
 from mom_lit.data.tokenizers import Tokenizer, TokenizerNotFoundError, load_tokenizer
-from mom_lit.model import MoMForCausalLM, sample_next
+from mom_lit.model import MoMForCausalLM, check_sampling_args, sample_next
 
 __all__ = ["CapturedStep", "TextStream", "build_parser", "main", "sample_tokens"]
 
@@ -132,8 +132,13 @@ def sample_tokens(
     if given, receives ``prefill_s`` and ``decode_s`` (seconds, device-synchronised). ``cuda_graph`` (CUDA only)
     replays every step as one captured CUDA graph (:class:`CapturedStep`): the same tokens, fewer launches.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt must hold at least one token")
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompts[{empty[0]}] is empty: every prompt must hold at least one token (start a fresh "
+                         "document with the end-of-document token)")
     device = model.embed.weight.device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a model on a CUDA device, got {device}")
@@ -205,14 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top_p must lie in (0, 1], got {args.top_p}")
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, prefix="--")
 
 
 def _encode(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: int) -> list[list[int]]:

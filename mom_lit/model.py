@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,23 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
                              f"got {int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
         if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def _check_targets(name: str, values: torch.Tensor, vocab_size: int) -> None:
+    """Labels (or targets) are integer ids in [0, vocab_size) or -100 (ignored).
+
+    The values are read only on the CPU and outside ``torch.compile``: on a GPU reading them would stall the
+    device every step (the training data path checks its ids on the host before the batch is moved).
+    """
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {values.dtype}")
+    if values.device.type != "cpu" or torch.compiler.is_compiling() or values.numel() == 0:
+        return
+    bad = (values != -100) & ((values < 0) | (values >= vocab_size))
+    if bool(bad.any()):
+        wrong = values[bad]
+        raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}) or be -100 (ignored), got "
+                         f"{wrong.numel()} value(s) outside it (min {int(wrong.min())}, max {int(wrong.max())})")
 
 
 class MoMForCausalLM(nn.Module):
@@ -206,6 +224,8 @@ class MoMForCausalLM(nn.Module):
                 out.z_loss = router_z_loss(routings)
 
         if labels is not None or targets is not None:
+            _check_targets("labels" if labels is not None else "targets",
+                           labels if labels is not None else targets, cfg.vocab_size)
             if targets is None:
                 targets = self._shift_labels(labels, cu_seqlens)
             if targets.shape != input_ids.shape:
@@ -251,12 +271,10 @@ class MoMForCausalLM(nn.Module):
         The prompt is consumed in one chunked forward; every new token then costs one O(1) recurrent step.
         ``temperature=0`` is greedy. Rows that produced ``eos_token_id`` keep emitting it. Returns (B, T + new).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a (B, T) prompt of at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
         out = self(input_ids, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
         tokens = [input_ids]
@@ -272,9 +290,33 @@ class MoMForCausalLM(nn.Module):
         return torch.cat(tokens, dim=1)
 
 
+def check_sampling_args(max_new_tokens: int | None, temperature: float, top_k: int | None, top_p: float | None,
+                        prefix: str = "") -> None:
+    """Refuse sampling arguments that cannot be honoured, naming the argument (``prefix`` + its name; ``"--"`` for a
+    command line). ``max_new_tokens=None`` skips that argument (a single sampling step)."""
+    def refuse(name: str, requirement: str, value) -> NoReturn:
+        raise ValueError(f"{prefix}{name} must be {requirement}, got {value!r} ({type(value).__name__})")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_real(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if max_new_tokens is not None and not (is_int(max_new_tokens) and max_new_tokens >= 0):
+        refuse("max_new_tokens", "an integer >= 0", max_new_tokens)
+    if not (is_real(temperature) and temperature >= 0):
+        refuse("temperature", "a finite number >= 0 (0 is greedy)", temperature)
+    if top_k is not None and not (is_int(top_k) and top_k >= 1):
+        refuse("top_k", "an integer >= 1 (or None: no top-k cut)", top_k)
+    if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
+        refuse("top_p", "a number in (0, 1] (or None: no nucleus cut)", top_p)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) sampled ids (greedy when temperature is 0)."""
+    check_sampling_args(None, temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)

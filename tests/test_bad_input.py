@@ -69,9 +69,25 @@ def test_bad_config_keys_and_types_name_the_key(tmp_path, capsys, yaml_text, mes
     assert message in assert_parser_error(tmp_path, capsys, "--config", str(config))
 
 
-def test_invalid_values_name_the_field(tmp_path):
-    # Parsed fine, refused by the model's config when it is built, before the Trainer exists.
-    assert_fails_before_writing(tmp_path, ValueError, "topk", "--model.config.topk=9")
+@pytest.mark.parametrize("override,message", [
+    pytest.param("--model.config.topk=9", "MoMConfig.topk=9 exceeds num_memories=4", id="topk>E"),
+    pytest.param("--model.config.initializer_range=-1", "MoMConfig.initializer_range must be a finite number > 0",
+                 id="negative-std"),
+])
+def test_invalid_values_name_the_field(tmp_path, capsys, override, message):
+    # Parsed fine, refused by the model's config when it is built, before the Trainer exists: one line.
+    err = assert_parser_error(tmp_path, capsys, override)
+    assert f"error: model.config: {message}" in err.splitlines()[-1]
+    assert "Traceback" not in err
+
+
+def test_nan_from_a_config_file_is_refused_in_one_line(tmp_path, capsys):
+    # YAML's .nan passes the parser's float type; the model's config refuses it.
+    config = tmp_path / "override.yaml"
+    config.write_text("model:\n  config:\n    norm_eps: .nan\n")
+    err = assert_parser_error(tmp_path, capsys, "--config", str(config))
+    assert err.splitlines()[-1] == ("error: model.config: MoMConfig.norm_eps must be a finite number > 0, "
+                                    "got nan (float)")
 
 
 def test_config_files_are_found_on_the_command_line():

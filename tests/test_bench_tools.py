@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("triton", reason="the benchmark tools import triton (not installed)")
+
 ROOT = Path(__file__).parents[1]
 
 

@@ -21,6 +21,7 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CPU: runs in a fresh interpreter process (tests/test_triton_interpreter.py)", allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not installed")
 
 if not ON_GPU:  # kernels decorated before the interpreter was on would be compiled, not interpreted
     for _name in [m for m in sys.modules if m.startswith("mom_lit.ops.triton")]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="triton is not installed: there are no kernels to interpret")
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_triton_scan.py runs the kernels natively")
 def test_triton_kernels_under_the_interpreter():

@@ -28,6 +28,7 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     # that compiled earlier, interpreted kernels fail to resolve tl.* helpers. tests/test_triton_interpreter.py
     # runs this module in a fresh process with TRITON_INTERPRET=1.
     pytest.skip("CPU: runs in a fresh interpreter process (tests/test_triton_interpreter.py)", allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not installed")
 
 
 @contextlib.contextmanager

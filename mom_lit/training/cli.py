@@ -11,6 +11,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from mom_lit.config import ConfigError
 from mom_lit.training.faults import check_output_dirs, install_fault_tolerance, verify_checkpoint_file
 from mom_lit.training.module import MoMLightningModule
 
@@ -92,6 +93,9 @@ class MoMLightningCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except ConfigError as err:
+            # A field out of range is a usage error: one line, like a type error found while parsing.
+            self.parser.error(f"model.config: {err}")
         except ValueError as err:
             # jsonargparse reports an error raised while building `data` (a class chosen by class_path) inside a
             # list of every type it tried; the error of the data module itself is the one to show.
