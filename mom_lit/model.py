@@ -173,6 +173,9 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
         """
         from mom_lit.interop.hub import write_pretrained
 
+        if push_to_hub_kwargs and not push_to_hub:
+            raise TypeError(f"save_pretrained got {sorted(push_to_hub_kwargs)}, arguments of push_to_hub, "
+                            "without push_to_hub=True")
         directory = write_pretrained(self.config, self.state_dict(), save_directory, tokenizer=tokenizer, dtype=dtype)
         if push_to_hub:
             self.push_to_hub(repo_id or directory.name, tokenizer=tokenizer, dtype=dtype, **push_to_hub_kwargs)

@@ -152,3 +152,14 @@ def test_tokenizer_download_advice_is_a_command_of_the_hf_cli():
     proc = subprocess.run([sys.executable, "-m", "huggingface_hub.cli.hf", "download", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "REPO_ID" in proc.stdout, proc.stderr
+
+
+def test_exported_files_get_the_umask_permissions(tmp_path):
+    out = _random_model(_config()).save_pretrained(tmp_path / "m", tokenizer="byte")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as config.json and the card
+
+
+def test_save_pretrained_refuses_push_arguments_without_push(tmp_path):
+    with pytest.raises(TypeError, match="private"):
+        _random_model(_config()).save_pretrained(tmp_path / "m", private=True)
