@@ -188,13 +188,16 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
         """Save the model as :meth:`save_pretrained` does and upload the folder to the Hub repository ``repo_id``
         (created if missing) in one commit. ``api`` is the ``huggingface_hub.HfApi`` to use (default: one
         with ``token``). Returns the commit's URL."""
+        from mom_lit.interop.hub import write_pretrained
+
         if api is None:
             from huggingface_hub import HfApi
 
             api = HfApi(token=token)
         repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], tokenizer=tokenizer, dtype=dtype)
+            folder = write_pretrained(self.config, self.state_dict(), Path(tmp) / repo_id.split("/")[-1],
+                                      tokenizer=tokenizer, dtype=dtype, model_id=repo_id)
             return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
                                      commit_message=commit_message, revision=branch, create_pr=create_pr)
 

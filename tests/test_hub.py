@@ -137,7 +137,9 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path):
     assert upload_args["commit_message"] == "first"
     assert not Path(upload_args["folder_path"]).exists()  # a temporary folder, removed after the upload
     local = model.save_pretrained(tmp_path / "mom-tiny", tokenizer="byte")
-    assert api.uploaded == {p.name: p.read_bytes() for p in local.iterdir()}
+    card = api.uploaded.pop("README.md").decode()
+    assert 'from_pretrained("someone/mom-tiny")' in card  # the card names the repository
+    assert api.uploaded == {p.name: p.read_bytes() for p in local.iterdir() if p.name != "README.md"}
 
 
 def test_save_pretrained_can_push(tmp_path):

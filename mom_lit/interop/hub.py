@@ -83,10 +83,12 @@ def _tokenizer_source(tokenizer: str | None) -> tuple[str | None, Path | None]:
 
 
 def write_pretrained(config: MoMConfig, state: Mapping[str, torch.Tensor], directory: str | Path,
-                     tokenizer: str | None = None, dtype: torch.dtype | None = None) -> Path:
+                     tokenizer: str | None = None, dtype: torch.dtype | None = None,
+                     model_id: str | None = None) -> Path:
     """Write a model directory (see the module docstring); a file-based ``tokenizer`` is copied in.
 
-    ``state`` holds ``MoMForCausalLM`` names; ``dtype`` None keeps each tensor's own. Returns the directory.
+    ``state`` holds ``MoMForCausalLM`` names; ``dtype`` None keeps each tensor's own; ``model_id`` is the name the
+    model card loads it by (default: the directory's name). Returns the directory.
     """
     entry, tokenizer_file = _tokenizer_source(tokenizer)
     directory = Path(directory)
@@ -106,7 +108,8 @@ def write_pretrained(config: MoMConfig, state: Mapping[str, torch.Tensor], direc
     save_safetensors(state, directory / "model.safetensors")
     if not (directory / CARD_FILE).exists():  # a card edited by hand is kept
         num_parameters = sum(t.numel() for t in state.values())
-        render_model_card(config, num_parameters, entry, model_id=directory.name).save(directory / CARD_FILE)
+        card = render_model_card(config, num_parameters, entry, model_id=model_id or directory.name)
+        card.save(directory / CARD_FILE)
     return directory
 
 
