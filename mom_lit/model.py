@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
+from mom_lit import model_card
 from mom_lit.config import MoMConfig
 from mom_lit.layer import LayerState, MoMLayer
 from mom_lit.layout import sequence_ids
@@ -118,7 +122,14 @@ def _check_targets(name: str, values: torch.Tensor, vocab_size: int) -> None:
                          f"{wrong.numel()} value(s) outside it (min {int(wrong.min())}, max {int(wrong.max())})")
 
 
-class MoMForCausalLM(nn.Module):
+class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_NAME, license=model_card.LICENSE,
+                     pipeline_tag=model_card.PIPELINE_TAG, tags=list(model_card.TAGS)):
+    """The MoM causal language model.
+
+    ``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` follow Hugging Face conventions through
+    ``huggingface_hub``'s ``ModelHubMixin``; the directory layout is described in :mod:`mom_lit.interop.hub`.
+    """
+
     def __init__(self, config: MoMConfig):
         super().__init__()
         self.config = config
@@ -145,6 +156,71 @@ class MoMForCausalLM(nn.Module):
         if exclude_embeddings:
             n -= self.embed.weight.numel()
         return n
+
+    # Hugging Face Hub ---------------------------------------------------------------------------------------
+    # ModelHubMixin.from_pretrained tells a local folder from a Hub repository id (whose config.json it fetches)
+    # and calls _from_pretrained; saving and pushing take the tokenizer and dtype, which the mixin's do not.
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         config: dict | None = None, dtype: torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> MoMForCausalLM:
+        """Called by ``MoMForCausalLM.from_pretrained(model_id, dtype=None, device="cpu", revision=None,
+        local_files_only=False, ...)``: a folder written by :meth:`save_pretrained` (or its earlier nested
+        layout) or a Hub repository id. ``dtype`` None keeps the stored dtype. The model is in eval mode."""
+        from mom_lit.interop.hub import download_pretrained, read_pretrained
+
+        if config is not None and not isinstance(config, dict):
+            raise ValueError("from_pretrained reads the model's config from config.json; to change it, build "
+                             "MoMForCausalLM(config) and load the weights with load_state_dict")
+        folder = download_pretrained(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                     local_files_only=local_files_only, token=token)
+        model, _, _ = read_pretrained(folder, dtype, device)
+        return model
+
+    def save_pretrained(self, save_directory: str | Path, *, tokenizer: str | None = None,
+                        dtype: torch.dtype | None = None, push_to_hub: bool = False, repo_id: str | None = None,
+                        **push_to_hub_kwargs) -> Path:
+        """Write ``config.json`` (flat), ``model.safetensors``, the tokenizer and a model card to ``save_directory``.
+
+        Args:
+            tokenizer: ``"byte"``, a ``tokenizer.json`` (or a folder holding one; copied in) or a Hub name.
+            dtype: dtype of the written weights (default: as held).
+            push_to_hub: also upload to ``repo_id`` (default: the folder's name) with :meth:`push_to_hub`.
+        Returns the directory.
+        """
+        from mom_lit.interop.hub import write_pretrained
+
+        if push_to_hub_kwargs and not push_to_hub:
+            raise TypeError(f"save_pretrained got {sorted(push_to_hub_kwargs)}, arguments of push_to_hub, "
+                            "without push_to_hub=True")
+        directory = write_pretrained(self.config, self.state_dict(), save_directory, tokenizer=tokenizer, dtype=dtype)
+        if push_to_hub:
+            self.push_to_hub(repo_id or directory.name, tokenizer=tokenizer, dtype=dtype, **push_to_hub_kwargs)
+        return directory
+
+    def push_to_hub(self, repo_id: str, *, tokenizer: str | None = None, dtype: torch.dtype | None = None,
+                    commit_message: str = "Upload MoMForCausalLM", private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
+                    api=None) -> str:
+        """Save the model as :meth:`save_pretrained` does and upload the folder to the Hub repository ``repo_id``
+        (created if missing) in one commit. ``api`` is the ``huggingface_hub.HfApi`` to use (default: one
+        with ``token``). Returns the commit's URL."""
+        from mom_lit.interop.hub import write_pretrained
+
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_pretrained(self.config, self.state_dict(), Path(tmp) / repo_id.split("/")[-1],
+                                      tokenizer=tokenizer, dtype=dtype, model_id=repo_id)
+            return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
+                                     commit_message=commit_message, revision=branch, create_pr=create_pr)
+
+    def generate_model_card(self, tokenizer: str | None = None, model_id: str = "path/to/this/folder") -> ModelCard:
+        return model_card.render_model_card(self.config, self.num_parameters(), tokenizer, model_id)
 
     def empty_cache(self, num_sequences: int, device=None, dtype=torch.float32) -> MoMCache:
         device = device if device is not None else self.embed.weight.device

@@ -171,26 +171,35 @@ def test_hf_tokenizer_eos_resolution(tmp_path: Path) -> None:
         load_tokenizer(str(no_eos), eos_token="<missing>")
 
 
-def test_hf_tokenizer_from_local_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny-lm"
-    _word_level_tokenizer(repo / "snapshots" / "0123abcd")
+def _hub_cache_entry(cache: Path, repo_id: str, commit: str = "0123abcd") -> Path:
+    """The snapshot folder of ``repo_id`` in a Hugging Face cache laid out as ``huggingface_hub`` writes it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0123abcd")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    tok = load_tokenizer("acme/tiny-lm")
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_hf_tokenizer_from_local_hub_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    _word_level_tokenizer(_hub_cache_entry(cache, "acme/tiny-lm"))
+    tok = load_tokenizer("acme/tiny-lm", cache_dir=cache)
     assert tok.name == "acme/tiny-lm" and tok.eos_id == 1
+    byte_repo = _hub_cache_entry(cache, "acme/byte-lm")  # a model directory of the byte tokenizer
+    byte_repo.mkdir(parents=True)
+    (byte_repo / "tokenizer_config.json").write_text('{"tokenizer_class": "ByteTokenizer"}')
+    assert isinstance(load_tokenizer("acme/byte-lm", cache_dir=cache), ByteTokenizer)
+    assert isinstance(load_tokenizer(str(byte_repo)), ByteTokenizer)
 
 
 def test_missing_tokenizer_names_what_was_tried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TokenizerNotFoundError) as info:
-        load_tokenizer("acme/absent-model")
+        load_tokenizer("acme/absent-model", cache_dir=tmp_path / "hub")
     message = str(info.value)
     assert "acme/absent-model" in message
-    assert str(tmp_path / "hub" / "models--acme--absent-model") in message
+    assert f"the local Hugging Face cache {tmp_path / 'hub'}" in message
     assert "does not exist" in message
+    assert "`hf download acme/absent-model tokenizer.json`" in message  # a command of huggingface_hub's CLI
 
 
 # ------------------------------------------------------------------------------------------ packing

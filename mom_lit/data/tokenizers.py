@@ -1,8 +1,8 @@
 """Tokenisers behind one small interface: a built-in byte-level one and Hugging Face ``tokenizer.json`` files.
 
-Nothing here touches the network. A Hugging Face tokeniser is found either by a path (the ``tokenizer.json``
-file or a folder holding it) or by a repository name already present in the local Hugging Face hub cache
-(``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``).
+Nothing here touches the network. A tokeniser is found by a path (a ``tokenizer.json`` file, or a folder holding
+one or the byte tokeniser's ``tokenizer_config.json``, as model directories do) or by the name of a Hub repository
+already in the local Hugging Face cache, resolved by ``huggingface_hub`` itself (``HF_HUB_CACHE`` / ``HF_HOME``).
 
 Every tokeniser exposes ``vocab_size`` padded up to a multiple of :data:`VOCAB_MULTIPLE` so the embedding and
 LM-head matrices get tensor-core friendly shapes; the ids above the tokeniser's own vocabulary never occur in
@@ -12,6 +12,7 @@ prepared data and are dropped by ``decode``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from abc import ABC, abstractmethod
@@ -26,7 +27,6 @@ __all__ = [
     "Tokenizer",
     "TokenizerNotFoundError",
     "VOCAB_MULTIPLE",
-    "hf_hub_cache_dir",
     "load_tokenizer",
     "train_byte_level_bpe",
 ]
@@ -155,42 +155,56 @@ class HFTokenizer(Tokenizer):
         return self._tokenizer.decode(kept, skip_special_tokens=True)
 
 
-def hf_hub_cache_dir() -> Path:
-    """The local Hugging Face hub cache, resolved from the environment the way ``huggingface_hub`` does."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+"""Beside exported weights: the byte tokeniser is described by this file (``tokenizer_class`` ByteTokenizer)."""
 
 
-def _cached_tokenizer_json(repo_id: str) -> tuple[Path | None, Path]:
-    """(``tokenizer.json`` of the cached snapshot or None, the repository folder looked in)."""
-    repo_dir = hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo_dir / "snapshots"
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        candidate = snapshots / ref.read_text().strip() / "tokenizer.json"
-        if candidate.is_file():
-            return candidate, repo_dir
-    if snapshots.is_dir():
-        # Without a usable ref, the most recently written snapshot that has the file wins.
-        found = sorted(snapshots.glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            return found[0], repo_dir
-    return None, repo_dir
+def _is_byte_description(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("tokenizer_class") == ByteTokenizer.__name__
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
-def load_tokenizer(spec: str | Tokenizer, eos_token: str | None = None) -> Tokenizer:
+def _from_folder(folder: Path, name: str, eos_token: str | None) -> Tokenizer | None:
+    """The tokeniser a folder holds (``tokenizer.json``, or the byte tokeniser's description), or None."""
+    if (folder / TOKENIZER_FILE).is_file():
+        return HFTokenizer(folder / TOKENIZER_FILE, name=name, eos_token=eos_token)
+    if _is_byte_description(folder / TOKENIZER_CONFIG_FILE):
+        return ByteTokenizer()
+    return None
+
+
+def _from_hub_cache(repo_id: str, cache_dir: str | os.PathLike[str] | None,
+                    eos_token: str | None) -> tuple[Tokenizer | None, str]:
+    """(tokeniser of a cached Hub repository or None, where it was looked for), without network access."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    for filename in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        try:
+            path = Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError):
+            continue
+        found = _from_folder(path.parent, repo_id, eos_token)
+        if found is not None:
+            return found, ""
+    where = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    return None, f"the local Hugging Face cache {where}: no {repo_id} with a {TOKENIZER_FILE}"
+
+
+def load_tokenizer(spec: str | Tokenizer, eos_token: str | None = None,
+                   cache_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
     """Resolve a tokeniser spec, offline.
 
     Args:
-        spec: ``"byte"``; a path to a ``tokenizer.json`` or to a folder holding one; or a hub repository id
-            (``"gpt2"``, ``"org/name"``) whose ``tokenizer.json`` is in the local hub cache. A ``Tokenizer``
-            instance is returned unchanged.
+        spec: ``"byte"``; a path to a ``tokenizer.json`` or to a folder holding one (or the byte tokeniser's
+            ``tokenizer_config.json``: an exported model directory); or a Hub repository id (``"gpt2"``,
+            ``"org/name"``) already in the local Hugging Face cache. A ``Tokenizer`` instance is returned unchanged.
         eos_token: end-of-document token of a ``tokenizer.json`` (ignored for ``"byte"``).
+        cache_dir: the Hugging Face cache to look in (default: ``huggingface_hub``'s, from ``HF_HUB_CACHE`` /
+            ``HF_HOME``).
 
     Raises:
         TokenizerNotFoundError: nothing matched; the message lists every place that was tried.
@@ -206,19 +220,20 @@ def load_tokenizer(spec: str | Tokenizer, eos_token: str | None = None) -> Token
     if path.is_file():
         return HFTokenizer(path, eos_token=eos_token)
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            return HFTokenizer(path / "tokenizer.json", name=path.name, eos_token=eos_token)
-        tried[1] = f"a folder: {path.resolve()} has no tokenizer.json"
+        found = _from_folder(path, path.name, eos_token)
+        if found is not None:
+            return found
+        tried[1] = f"a folder: {path.resolve()} has no {TOKENIZER_FILE} or byte {TOKENIZER_CONFIG_FILE}"
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec):
-        cached, repo_dir = _cached_tokenizer_json(spec)
-        if cached is not None:
-            return HFTokenizer(cached, name=spec, eos_token=eos_token)
-        tried.append(f"the local hub cache: no {repo_dir}/snapshots/*/tokenizer.json")
+        found, where = _from_hub_cache(spec, cache_dir, eos_token)
+        if found is not None:
+            return found
+        tried.append(where)
     raise TokenizerNotFoundError(
         f"cannot find tokenizer {spec!r} offline; tried "
         + "; ".join(tried)
-        + ". Pass 'byte', a tokenizer.json path, or download it first (e.g. `huggingface-cli download "
-        + f"{spec} tokenizer.json`) while online."
+        + f". Pass 'byte', a tokenizer.json path, or download it first while online: `hf download {spec} "
+        + f"{TOKENIZER_FILE}`."
     )
 
 

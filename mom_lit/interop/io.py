@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,10 +59,26 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it where the system tells it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     # safetensors refuses tensors that share storage (views of one fused parameter): every entry is copied.
     save_file({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}, str(path),
               metadata={"format": "pt"})
+    # safetensors renames a private (0600) temporary file into place: give the weights the permissions of any
+    # other new file, as the umask says, so that an exported model is as readable as its config.json.
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def build_model(config: MoMConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None,

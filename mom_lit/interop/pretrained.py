@@ -1,11 +1,8 @@
 """mom_lit's own checkpoint directory, Lightning checkpoints, and one loader for every format.
 
-A *pretrained directory* holds ``config.json``::
-
-    {"model_type": "mom_lit", "config": {<MoMConfig fields>}, "tokenizer": "byte" | <spec> | null}
-
-and ``model.safetensors`` with ``MoMForCausalLM.state_dict()`` names (``lm_head.weight`` left out when it is tied
-to the embedding). A ``tokenizer.json`` beside them is what ``"tokenizer": "tokenizer.json"`` refers to.
+A *pretrained directory* is what ``MoMForCausalLM.save_pretrained`` writes: a flat ``config.json`` with
+``"model_type": "mom_lit"``, ``model.safetensors``, the tokenizer and a model card (layout in
+:mod:`mom_lit.interop.hub`, which also reads the earlier layout that nested the fields under ``"config"``).
 
 A Lightning checkpoint (``.ckpt`` of ``MoMLightningModule``) holds the model under ``state_dict`` with the prefix
 ``model.``, its :class:`MoMConfig` under ``hyper_parameters["config"]`` and, when the data module saved its
@@ -14,8 +11,6 @@ hyper-parameters (``TextDataModule`` does), the tokeniser under ``datamodule_hyp
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +19,14 @@ import torch
 
 from mom_lit.config import MoMConfig
 from mom_lit.interop.fla import FLA_MODEL_TYPES, load_fla
-from mom_lit.interop.io import build_model, read_json, read_safetensors_dir, require_directory, save_safetensors
+from mom_lit.interop.hub import MODEL_TYPE, read_pretrained, write_pretrained
+from mom_lit.interop.io import build_model, read_json, require_directory
 from mom_lit.model import MoMForCausalLM
 
 __all__ = ["LoadedModel", "PRETRAINED_MODEL_TYPE", "export_lightning_checkpoint", "load_checkpoint",
            "load_lightning_checkpoint", "load_pretrained", "read_lightning_checkpoint", "save_pretrained"]
 
-PRETRAINED_MODEL_TYPE = "mom_lit"
+PRETRAINED_MODEL_TYPE = MODEL_TYPE
 _TOKENIZER_FILE = "tokenizer.json"
 # Segments that wrappers (activation checkpointing, FSDP, torch.compile) may leave in parameter names.
 _WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
@@ -47,57 +43,20 @@ class LoadedModel:
 
 
 # Our own directory ----------------------------------------------------------------------------------------------
-def _tokenizer_entry(tokenizer: str | None, directory: Path) -> str | None:
-    """Copy a file-based tokeniser into ``directory`` so that the directory is self-contained."""
-    if tokenizer is None or tokenizer == "byte":
-        return tokenizer
-    path = Path(tokenizer).expanduser()
-    if path.is_dir() and (path / _TOKENIZER_FILE).is_file():
-        path = path / _TOKENIZER_FILE
-    if path.is_file():
-        if path.resolve() != (directory / _TOKENIZER_FILE).resolve():
-            shutil.copyfile(path, directory / _TOKENIZER_FILE)
-        return _TOKENIZER_FILE
-    return tokenizer  # a hub name, resolved from the local hub cache when used
-
-
 def save_pretrained(model: MoMForCausalLM, directory: str | Path, tokenizer: str | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a pretrained directory; a file-based ``tokenizer`` is copied in. Returns the directory."""
-    return _write_pretrained(model.config, model.state_dict(), directory, tokenizer, dtype)
+    return model.save_pretrained(directory, tokenizer=tokenizer, dtype=dtype)
 
 
 def _write_pretrained(config: MoMConfig, state: dict[str, torch.Tensor], directory: str | Path,
                       tokenizer: str | None, dtype: torch.dtype | None) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = dict(state)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    if dtype is not None:
-        state = {name: t.to(dtype) for name, t in state.items()}
-    meta = {"model_type": PRETRAINED_MODEL_TYPE, "config": config.to_dict(),
-            "tokenizer": _tokenizer_entry(tokenizer, directory)}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    save_safetensors(state, directory / "model.safetensors")
-    return directory
+    return write_pretrained(config, state, directory, tokenizer, dtype)
 
 
 def _read_pretrained(directory: Path, dtype: torch.dtype | None, device) -> LoadedModel:
-    meta = read_json(directory / "config.json")
-    if meta.get("model_type") != PRETRAINED_MODEL_TYPE or not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{directory / 'config.json'} is not a mom_lit config (model_type "
-                         f"{meta.get('model_type')!r}, expected {PRETRAINED_MODEL_TYPE!r} and a 'config' dict)")
-    config = MoMConfig.from_dict(meta["config"])
-    state = read_safetensors_dir(directory)
-    if config.tie_embeddings:
-        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed.weight"]):
-            raise ValueError(f"{directory}: tie_embeddings is set but lm_head.weight differs from embed.weight")
-        state["lm_head.weight"] = state["embed.weight"]
-    tokenizer = meta.get("tokenizer")
-    if tokenizer == _TOKENIZER_FILE:
-        tokenizer = str(directory / _TOKENIZER_FILE)
-    return LoadedModel(build_model(config, state, dtype, device), config, tokenizer, "pretrained")
+    model, config, tokenizer = read_pretrained(directory, dtype, device)
+    return LoadedModel(model, config, tokenizer, "pretrained")
 
 
 def load_pretrained(directory: str | Path, dtype: torch.dtype | None = torch.float32,

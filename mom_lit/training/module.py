@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from mom_lit.config import MoMConfig
+from mom_lit.interop.init_weights import load_init_weights
 from mom_lit.layer import MoMLayer
 from mom_lit.model import MoMBlock, MoMForCausalLM, MoMOutput
 from mom_lit.training.faults import NONFINITE_POLICIES, NonFiniteStepError, describe_nonfinite, step_is_finite
@@ -66,6 +67,12 @@ class MoMLightningModule(L.LightningModule):
             non-finite, the first non-finite parameters and gradients, and the first layer whose router or
             memory went non-finite in a re-run of the step's forward pass. The check costs one host
             synchronisation per optimizer step.
+        init_weights: start a NEW run from these weights: an exported model directory (``save_pretrained``,
+            ``tools/convert.py``), an fla directory or a ``.ckpt`` file, whose architecture must be
+            ``config``'s (the differing fields are named otherwise). Only the parameters are taken: optimizer,
+            step, schedule and data position start afresh, unlike resuming with ``--ckpt_path`` (whose weights
+            replace these). Loaded here, before the Trainer runs or writes anything; recorded in checkpoints
+            under ``init_weights``, not among the hyper-parameters (rebuilding from a checkpoint needs only it).
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class MoMLightningModule(L.LightningModule):
         activation_checkpointing: bool = False,
         throughput_window: int = 20,
         nonfinite: str = "skip",
+        init_weights: str | None = None,
     ):
         super().__init__()
         if isinstance(config, dict):  # hyper-parameters read back from a checkpoint
@@ -106,6 +114,9 @@ class MoMLightningModule(L.LightningModule):
                                    "throughput_window": throughput_window, "nonfinite": nonfinite})
         self.config = config
         self.model = MoMForCausalLM(config)
+        if init_weights is not None:
+            self.model.load_state_dict(load_init_weights(init_weights, config))
+        self.init_weights = init_weights
         self._decay_plan = decay_plan(self.model)
         self._model_prepared = False
         self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in _EVAL_STAGES})
@@ -209,10 +220,12 @@ class MoMLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["init_weights"] = self.init_weights
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self.init_weights = checkpoint.get("init_weights", self.init_weights)
 
     # Evaluation -----------------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
