@@ -20,6 +20,8 @@ from mom_lit.data.datamodule import TextDataModule
 from mom_lit.data.prepare import META_FILENAME, read_meta
 from mom_lit.data.sources import python_library_dirs
 from mom_lit.data.tokenizers import load_tokenizer
+from mom_lit.training.cli import cli_main
+from test_training import TINY_QUICKSTART
 
 ROOT = Path(__file__).parents[1]
 TOOL = ROOT / "tools" / "prepare_data.py"
@@ -203,7 +205,9 @@ def test_non_utf8_txt_is_never_replaced(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 # ------------------------------------------------------------------------------------------ BPE
-def test_trained_bpe_is_recorded_reused_and_loaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_trained_bpe_is_recorded_reused_and_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = _write_code_corpus(tmp_path, extra_files=12)
     first = tmp_path / "first"
     code, summary, err = _run(capsys, *_code_args(src, first, "--train_bpe", "300", "--val_fraction", "0.2"))
@@ -235,6 +239,14 @@ def test_trained_bpe_is_recorded_reused_and_loaded(tmp_path: Path, capsys: pytes
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert int(batch["input_ids"].max()) < tok.base_vocab_size
+
+    # Through the command line: the model's vocabulary follows, the resolved tokenizer is what checkpoints keep.
+    monkeypatch.setattr(sys, "argv", ["mom_lit"])
+    cli = cli_main([*TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+                    f"--data.init_args.data_dir={first}", "--data.init_args.tokenizer=null",
+                    "--data.init_args.seq_len=8", "--data.init_args.batch_size=2"], run=False)  # fmt: skip
+    assert cli.model.config.vocab_size == tok.vocab_size
+    assert cli.datamodule.hparams["tokenizer"] == str(tok_file.resolve())
 
 
 def test_rerun_is_skipped_and_an_interrupted_bpe_run_keeps_its_tokenizer(
