@@ -48,6 +48,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -147,17 +148,8 @@ class _TokenizeWork:
         self.text_field = text_field
         self.dtype = dtype
 
-    def _encode(self, texts: list[str]) -> Iterator[torch.Tensor]:
-        eos = self.tokenizer.eos_id
-        if isinstance(self.tokenizer, ByteTokenizer):
-            for text in texts:
-                data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-                yield torch.from_numpy(np.append(data.astype(np.int32), eos)).to(self.dtype)
-            return
-        for ids in self.tokenizer.encode_batch(texts):
-            yield torch.tensor([*ids, eos], dtype=torch.int64).to(self.dtype)
-
-    def __call__(self, item: int) -> Iterator[torch.Tensor]:
+    def _batches(self, item: int) -> Iterator[list[str]]:
+        """The task's non-empty documents in order, in lists of ``_ENCODE_BATCH``."""
         texts: list[str] = []
         for path, kind, keep in self.work[item]:
             for text in iter_documents(path, self.text_field, keep, kind):
@@ -165,10 +157,35 @@ class _TokenizeWork:
                     continue  # an empty document would only add a lone EOS
                 texts.append(text)
                 if len(texts) == _ENCODE_BATCH:
-                    yield from self._encode(texts)
+                    yield texts
                     texts = []
         if texts:
-            yield from self._encode(texts)
+            yield texts
+
+    def _tensors(self, batch: list[list[int]]) -> Iterator[torch.Tensor]:
+        np_dtype = np.uint16 if self.dtype == torch.uint16 else np.int32
+        for ids in batch:
+            ids.append(self.tokenizer.eos_id)
+            yield torch.from_numpy(np.array(ids, dtype=np_dtype))  # numpy converts a list of ints ~4x faster
+
+    def __call__(self, item: int) -> Iterator[torch.Tensor]:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            for texts in self._batches(item):
+                for text in texts:
+                    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+                    yield torch.from_numpy(np.append(data.astype(np.int32), self.tokenizer.eos_id)).to(self.dtype)
+            return
+        # A Hugging Face tokeniser encodes a batch on all cores without the GIL: the next batch is encoded in
+        # the background while this thread reads files and hands the previous one to the writer.
+        with ThreadPoolExecutor(1) as pool:
+            pending: Future[list[list[int]]] | None = None
+            for texts in self._batches(item):
+                submitted = pool.submit(self.tokenizer.encode_batch, texts)
+                if pending is not None:
+                    yield from self._tensors(pending.result())
+                pending = submitted
+            if pending is not None:
+                yield from self._tensors(pending.result())
 
 
 def read_meta(split_dir: str | os.PathLike[str]) -> dict[str, Any]:
