@@ -1,4 +1,4 @@
-"""``tools/prepare_data.py`` on folders of files: selection, bad files, deduplication, splits, a trained BPE, failures."""
+"""``tools/prepare_data.py`` on folders of files: selection, bad files, duplicates, splits, a trained BPE, failures."""
 
 from __future__ import annotations
 
@@ -272,6 +272,24 @@ def _left_behind(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir()) if out.exists() else []
 
 
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_jsonl_is_streamed_and_checked_line_by_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "crlf.jsonl").write_bytes(b'{"text": "one"}\r\n\r\n{"text": "two \\u2028 lines"}\r\n')
+    (src / "latin.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    out = tmp_path / "out"
+    code, summary, err = _run(capsys, str(src), "-o", str(out), "--val_fraction", "0", "--on_bad_file", policy)
+    if policy == "fail":
+        assert code == 1 and f"{src / 'latin.jsonl'}: not UTF-8 (line 2, byte 14)" in err and not out.exists()
+        return
+    assert code == 0, err
+    assert summary["files"]["non_utf8"] == 1 and summary["splits"]["train"]["documents"] == 2
+    assert _documents(out / "train", load_tokenizer("byte")) == ["one", "two \u2028 lines"]
+
+
 def test_broken_jsonl_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "docs.jsonl"
     src.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "thr\n')
@@ -281,7 +299,7 @@ def test_broken_jsonl_names_file_and_line(tmp_path: Path, capsys: pytest.Capture
     assert not out.exists()
 
 
-def test_broken_parquet_is_named_without_a_pyarrow_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_broken_parquet_is_named_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "table.parquet"
     src.write_bytes(b"PAR1 this is not a parquet file")
     out = tmp_path / "out"

@@ -60,6 +60,7 @@ from mom_lit.data.sources import (
     SUPPORTED_SUFFIXES,
     CorpusStats,
     ScannedFile,
+    decode_text,
     discover,
     jsonl_texts,
     parquet_texts,
@@ -119,12 +120,10 @@ def iter_documents(
         raise ValueError(f"unsupported source {path}: expected one of {SUPPORTED_SUFFIXES}")
     if kind == "parquet":
         texts: Iterator[str] = iter(parquet_texts(path, text_field))
+    elif kind == "jsonl":
+        texts = (text for _, text in jsonl_texts(path, text_field))
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 (invalid byte at offset {err.start})") from None
-        texts = iter([text]) if kind == "text" else (t for _, t in jsonl_texts(text, path, text_field))
+        texts = iter([decode_text(path.read_bytes(), path)])
     for row, text in enumerate(texts):
         if keep is None or keep[row]:
             yield text

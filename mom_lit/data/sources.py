@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +196,8 @@ class BadFileError(ValueError):
         self.kind = kind
 
 
-def _decode(data: bytes, path: Path) -> str:
+def decode_text(data: bytes, path: Path) -> str:
+    """``data`` as UTF-8 text; a NUL byte or an invalid byte raises :class:`BadFileError` naming the file."""
     nul = data.find(b"\0")
     if nul >= 0:
         raise BadFileError(path, "binary", f"binary file (NUL byte at offset {nul})")
@@ -214,18 +214,31 @@ def text_field_value(value: Any, path: Path, where: str, text_field: str) -> str
     return value
 
 
-def jsonl_texts(text: str, path: Path, text_field: str) -> Iterable[tuple[int, str]]:
-    """(line number, document text) of every non-blank line; malformed lines fail naming file and line."""
-    for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise ValueError(f"{path} line {line_no}: no field {text_field!r} (set text_field)")
-        yield line_no, text_field_value(record[text_field], path, f"line {line_no}", text_field)
+def jsonl_texts(path: Path, text_field: str, digest: Any = None) -> Iterator[tuple[int, str]]:
+    """(line number, document text) of every non-blank line, read line by line.
+
+    A line with a NUL byte or one that is not UTF-8 raises :class:`BadFileError`; a malformed record fails
+    naming file and line. ``digest`` (a ``hashlib`` object), if given, is fed every byte of the file.
+    """
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if digest is not None:
+                digest.update(raw)
+            if b"\0" in raw:
+                raise BadFileError(path, "binary", f"binary file (NUL byte on line {line_no})")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BadFileError(path, "non_utf8", f"not UTF-8 (line {line_no}, byte {err.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{path} line {line_no}: no field {text_field!r} (set text_field)")
+            yield line_no, text_field_value(record[text_field], path, f"line {line_no}", text_field)
 
 
 def open_parquet(path: Path, text_field: str) -> Any:
@@ -261,23 +274,35 @@ def parquet_texts(path: Path, text_field: str) -> Iterable[str]:
             row += 1
 
 
+def _file_sha256(path: Path) -> Any:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest
+
+
 def _scan_one(source: SourceFile, text_field: str) -> tuple[str, np.ndarray]:
-    """(sha256 of the bytes, UTF-8 size of each document); raises BadFileError for binary/non-UTF-8 files."""
+    """(sha256 of the bytes, UTF-8 size of each document); raises BadFileError for binary/non-UTF-8 files.
+
+    A text file is read whole (it is one document); jsonl and parquet files are streamed.
+    """
     path = source.path
     try:
-        data = path.read_bytes()
+        if source.kind == "jsonl":
+            digest = hashlib.sha256()
+            sizes = [len(t.encode("utf-8")) for _, t in jsonl_texts(path, text_field, digest)]
+        elif source.kind == "parquet":
+            digest = _file_sha256(path)
+            sizes = [len(t.encode("utf-8")) for t in parquet_texts(path, text_field)]
+        else:
+            data = path.read_bytes()
+            digest = hashlib.sha256(data)
+            decode_text(data, path)
+            sizes = [len(data)] if data else []
     except OSError as err:
         raise OSError(f"cannot read {path}: {err.strerror or err}") from err
-    digest = hashlib.sha256(data).hexdigest()
-    if source.kind == "parquet":
-        sizes = [len(t.encode("utf-8")) for t in parquet_texts(path, text_field)]
-    else:
-        text = _decode(data, path)
-        if source.kind == "text":
-            sizes = [len(data)] if data else []
-        else:
-            sizes = [len(t.encode("utf-8")) for _, t in jsonl_texts(text, path, text_field)]
-    return digest, np.asarray(sizes, dtype=np.int64)
+    return digest.hexdigest(), np.asarray(sizes, dtype=np.int64)
 
 
 def scan(
