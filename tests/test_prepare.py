@@ -144,6 +144,26 @@ def test_code_corpus_counts_and_documents(tmp_path: Path, capsys: pytest.Capture
     assert splits["train"]["tokens"] + splits["val"]["tokens"] == summary["bytes"]["kept"] + 4
 
 
+def test_python_library_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--python_library alone is a source; the stdlib's json package stands in for the whole library."""
+    out = tmp_path / "out"
+    code, summary, err = _run(capsys, "--python_library", "--include", "json/*.py", "-o", str(out), "--val_fraction", "0")
+    assert code == 0, err
+    sources = read_meta(out / "train")["sources"]
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    assert str(stdlib / "json" / "decoder.py") in sources and summary["files"]["kept"] == len(sources)
+    assert not any("__pycache__" in s for s in sources)
+
+
+def test_nested_sources_read_each_file_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _write_code_corpus(tmp_path)
+    code, summary, err = _run(capsys, *_code_args(src, tmp_path / "a", "--val_fraction", "0"))
+    assert code == 0, err
+    code, nested, err = _run(capsys, str(src / "pkg"), *_code_args(src, tmp_path / "b", "--val_fraction", "0"))
+    assert code == 0, err
+    assert nested["files"] == summary["files"]
+
+
 def test_without_include_unsupported_files_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +55,7 @@ _SCAN_THREADS = 8  # file reads and hashing release the GIL
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A file to read: its resolved path, the path shown in messages and matched by globs, how to read it."""
+    """A file to read: its absolute path, its path relative to its source folder (for globs), how to read it."""
 
     path: Path
     rel: str
@@ -104,28 +106,33 @@ def python_library_dirs() -> list[Path]:
     return found
 
 
-def _matches(globs: Sequence[str], name: str, rel: str) -> bool:
-    return any(fnmatch.fnmatch(name, g) or fnmatch.fnmatch(rel, g) for g in globs)
+def _compile(globs: Sequence[str]) -> list[re.Pattern[str]]:
+    return [re.compile(fnmatch.translate(g)) for g in globs]
 
 
-def _walk(folder: Path) -> Iterable[tuple[Path, str]]:
-    """(file, its posix path relative to ``folder``), sorted by relative path; ``__pycache__`` is not entered."""
+def _matches(patterns: Sequence[re.Pattern[str]], name: str, rel: str) -> bool:
+    return any(p.match(name) or p.match(rel) for p in patterns)
+
+
+def _walk(folder: str) -> list[tuple[os.DirEntry[str], str]]:
+    """(entry, its posix path relative to ``folder``) of every non-folder below ``folder``, sorted by relative
+    path. ``__pycache__`` folders and links to folders are not entered (as ``os.walk`` does)."""
     found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
-        base = Path(root)
-        for name in files:
-            full = base / name
-            found.append((full, full.relative_to(folder).as_posix()))
+    stack = [(folder, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as err:
+            raise OSError(f"cannot list {directory}: {err.strerror or err}") from err
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in _SKIPPED_DIRS:
+                    stack.append((entry.path, f"{prefix}{entry.name}/"))
+            elif not (entry.is_symlink() and entry.is_dir()):
+                found.append((entry, prefix + entry.name))
     found.sort(key=lambda item: item[1].split("/"))
     return found
-
-
-def _stat(path: Path) -> os.stat_result:
-    try:
-        return path.stat()
-    except OSError as err:
-        raise OSError(f"cannot read {path}: {err.strerror or err}") from err
 
 
 def discover(
@@ -140,44 +147,51 @@ def discover(
     unsupported suffix) is an error. Inside folders such files are counted in ``stats`` as unmatched.
     """
     stats = stats if stats is not None else CorpusStats()
+    includes, excludes = _compile(include), _compile(exclude)
     found: list[SourceFile] = []
-    seen: set[Path] = set()
+    seen: set[tuple[int, int]] = set()
 
-    def classify(path: Path, rel: str, explicit: bool) -> None:
-        if not path.is_file():  # a broken link, a socket, ...: nothing to read
+    def classify(path: str, name: str, rel: str, st: os.stat_result | None, explicit: bool) -> None:
+        if st is None or not stat.S_ISREG(st.st_mode):  # a broken link, a socket, ...: nothing to read
             stats.add("seen", 0)
             stats.add("unmatched", 0)
             return
-        resolved = path.resolve()
-        if resolved in seen:  # the same file through a nested or repeated source
+        if (st.st_dev, st.st_ino) in seen:  # the same file through a nested or repeated source
             return
-        seen.add(resolved)
-        st = _stat(path)
+        seen.add((st.st_dev, st.st_ino))
         stats.add("seen", st.st_size)
-        if _matches(exclude, path.name, rel):
+        if _matches(excludes, name, rel):
             stats.add("excluded", st.st_size)
             return
         if include:
-            kind = "text" if _matches(include, path.name, rel) else None
+            kind = "text" if _matches(includes, name, rel) else None
         else:
-            kind = _KIND_BY_SUFFIX.get(path.suffix)
+            kind = _KIND_BY_SUFFIX.get(os.path.splitext(name)[1])
         if kind is None:
             if explicit:
                 wanted = f"no --include glob of {list(include)}" if include else f"none of {SUPPORTED_SUFFIXES}"
                 raise ValueError(f"unsupported source {path}: it matches {wanted}")
             stats.add("unmatched", st.st_size)
             return
-        found.append(SourceFile(resolved, rel, kind, st.st_size, st.st_mtime_ns))
+        found.append(SourceFile(Path(path), rel, kind, st.st_size, st.st_mtime_ns))
+
+    def stat_of(entry: os.DirEntry[str] | Path) -> os.stat_result | None:
+        try:
+            return entry.stat()
+        except FileNotFoundError:  # a broken link
+            return None
+        except OSError as err:
+            raise OSError(f"cannot read {entry}: {err.strerror or err}") from err
 
     for raw in sources:
-        path = Path(raw).expanduser()
+        path = Path(raw).expanduser().resolve()
         if path.is_dir():
-            for file, rel in _walk(path):
-                classify(file, rel, explicit=False)
+            for entry, rel in _walk(str(path)):
+                classify(entry.path, entry.name, rel, stat_of(entry), explicit=False)
         elif path.exists():
-            classify(path, path.name, explicit=True)
+            classify(str(path), path.name, path.name, stat_of(path), explicit=True)
         else:
-            raise FileNotFoundError(f"source {path} does not exist")
+            raise FileNotFoundError(f"source {Path(raw).expanduser()} does not exist")
     if not found:
         what = f"matching {list(include)}" if include else f"of type {'/'.join(SUPPORTED_SUFFIXES)}"
         counts = stats.as_dict()["files"]
