@@ -189,6 +189,17 @@ def test_split_by_file_is_seeded_and_reproducible(tmp_path: Path, capsys: pytest
     assert not val_sets["a"] & set(read_meta(tmp_path / "a" / "train")["sources"]), "a file lies in one split"
 
 
+@pytest.mark.slow
+def test_worker_processes_write_the_same_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """litdata's worker processes (a group of files per task) and the in-process writer agree token for token."""
+    src = _write_code_corpus(tmp_path, extra_files=16)
+    for name, workers in (("one", "0"), ("two", "2")):
+        code, _, err = _run(capsys, *_code_args(src, tmp_path / name, "--val_fraction", "0", "--num_workers", workers))
+        assert code == 0, err
+    assert len(json.loads((tmp_path / "two" / "train" / "index.json").read_text())["chunks"]) == 2, "two workers ran"
+    assert torch.equal(_stream(tmp_path / "one" / "train"), _stream(tmp_path / "two" / "train"))
+
+
 def test_max_files_caps_the_kept_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _write_code_corpus(tmp_path, extra_files=16)
     code, summary, err = _run(capsys, *_code_args(src, tmp_path / "out", "--max_files", "7", "--val_fraction", "0.2"))

@@ -271,8 +271,13 @@ def _cap_files(kept: list[ScannedFile], max_files: int | None, seed: int, stats:
     return [file for i, file in enumerate(kept) if i in chosen]
 
 
-def _tasks(files: list[ScannedFile], keeps: list[np.ndarray]) -> tuple[list[Task], list[int]]:
-    """Consecutive files with kept documents grouped into tasks of about ``_TASK_BYTES`` text bytes; their bytes."""
+def _tasks(files: list[ScannedFile], keeps: list[np.ndarray], workers: int) -> tuple[list[Task], list[int]]:
+    """Consecutive files with kept documents grouped into tasks; their text bytes.
+
+    A task holds about ``_TASK_BYTES``, less when that would leave fewer than four tasks per worker.
+    """
+    total = sum(int(f.doc_bytes[k].sum()) for f, k in zip(files, keeps))
+    target = max(1, min(_TASK_BYTES, total // (4 * max(1, workers))))
     tasks: list[Task] = []
     sizes: list[int] = []
     current: Task = []
@@ -282,7 +287,7 @@ def _tasks(files: list[ScannedFile], keeps: list[np.ndarray]) -> tuple[list[Task
             continue
         current.append((file.source.path, file.source.kind, keep))
         size += int(file.doc_bytes[keep].sum())
-        if size >= _TASK_BYTES or len(current) >= _TASK_FILES:
+        if size >= target or len(current) >= _TASK_FILES:
             tasks.append(current)
             sizes.append(size)
             current, size = [], 0
@@ -401,7 +406,7 @@ def _write_split(
 ) -> dict[str, Any]:
     tmp = out_dir / f"{_TMP_PREFIX}{split}-{uuid.uuid4().hex[:8]}"
     dtype = token_dtype(tokenizer.vocab_size)
-    work, sizes = _tasks(files, keeps)
+    work, sizes = _tasks(files, keeps, num_workers)
     weights = [max(1, size) for size in sizes]
     fn = _TokenizeWork(tokenizer, work, text_field, dtype)
     workers = min(num_workers, len(work))
