@@ -627,6 +627,10 @@ def prepare_dataset(
                 texts = _bpe_sample(kept, keeps_by_split["train"], text_field, bpe_sample_mb * 1e6, seed)
                 tok = train_byte_level_bpe(texts, train_bpe, Path(scratch) / TOKENIZER_FILENAME, show_progress=verbose)
             with file_lock(lock):
+                done, _ = _existing_splits(out_dir, todo, recipe, overwrite=True, verbose=False)
+                if len(done) == len(todo):  # written by a concurrent run while this one waited for the lock
+                    metas.update(done)
+                    return {split: metas[split] for split in wanted}
                 for stale in out_dir.glob(_TMP_PREFIX + "*"):  # left by an interrupted run; the lock says none is live
                     if stale.is_dir():
                         shutil.rmtree(stale, ignore_errors=True)
