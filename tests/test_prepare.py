@@ -1,4 +1,4 @@
-"""``tools/prepare_data.py`` on folders of files: selection, bad files, deduplication, splits, a trained BPE, failures."""
+"""``tools/prepare_data.py`` on folders of files: selection, bad files, duplicates, splits, a trained BPE, failures."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from mom_lit.data.datamodule import TextDataModule
 from mom_lit.data.prepare import META_FILENAME, read_meta
 from mom_lit.data.sources import python_library_dirs
 from mom_lit.data.tokenizers import load_tokenizer
+from mom_lit.training.cli import cli_main
+from test_training import TINY_QUICKSTART
 
 ROOT = Path(__file__).parents[1]
 TOOL = ROOT / "tools" / "prepare_data.py"
@@ -142,6 +144,26 @@ def test_code_corpus_counts_and_documents(tmp_path: Path, capsys: pytest.Capture
     assert splits["train"]["tokens"] + splits["val"]["tokens"] == summary["bytes"]["kept"] + 4
 
 
+def test_python_library_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--python_library alone is a source; the stdlib's json package stands in for the whole library."""
+    out = tmp_path / "out"
+    code, summary, err = _run(capsys, "--python_library", "--include", "json/*.py", "-o", str(out), "--val_fraction", "0")
+    assert code == 0, err
+    sources = read_meta(out / "train")["sources"]
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    assert str(stdlib / "json" / "decoder.py") in sources and summary["files"]["kept"] == len(sources)
+    assert not any("__pycache__" in s for s in sources)
+
+
+def test_nested_sources_read_each_file_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _write_code_corpus(tmp_path)
+    code, summary, err = _run(capsys, *_code_args(src, tmp_path / "a", "--val_fraction", "0"))
+    assert code == 0, err
+    code, nested, err = _run(capsys, str(src / "pkg"), *_code_args(src, tmp_path / "b", "--val_fraction", "0"))
+    assert code == 0, err
+    assert nested["files"] == summary["files"]
+
+
 def test_without_include_unsupported_files_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -165,6 +187,17 @@ def test_split_by_file_is_seeded_and_reproducible(tmp_path: Path, capsys: pytest
         assert torch.equal(_stream(tmp_path / "a" / split), _stream(tmp_path / "b" / split))
     assert val_sets["a"] == val_sets["b"] and val_sets["a"] != val_sets["c"]
     assert not val_sets["a"] & set(read_meta(tmp_path / "a" / "train")["sources"]), "a file lies in one split"
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """litdata's worker processes (a group of files per task) and the in-process writer agree token for token."""
+    src = _write_code_corpus(tmp_path, extra_files=16)
+    for name, workers in (("one", "0"), ("two", "2")):
+        code, _, err = _run(capsys, *_code_args(src, tmp_path / name, "--val_fraction", "0", "--num_workers", workers))
+        assert code == 0, err
+    assert len(json.loads((tmp_path / "two" / "train" / "index.json").read_text())["chunks"]) == 2, "two workers ran"
+    assert torch.equal(_stream(tmp_path / "one" / "train"), _stream(tmp_path / "two" / "train"))
 
 
 def test_max_files_caps_the_kept_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,7 +236,9 @@ def test_non_utf8_txt_is_never_replaced(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 # ------------------------------------------------------------------------------------------ BPE
-def test_trained_bpe_is_recorded_reused_and_loaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_trained_bpe_is_recorded_reused_and_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = _write_code_corpus(tmp_path, extra_files=12)
     first = tmp_path / "first"
     code, summary, err = _run(capsys, *_code_args(src, first, "--train_bpe", "300", "--val_fraction", "0.2"))
@@ -236,6 +271,14 @@ def test_trained_bpe_is_recorded_reused_and_loaded(tmp_path: Path, capsys: pytes
     batch = next(iter(dm.train_dataloader()))
     assert int(batch["input_ids"].max()) < tok.base_vocab_size
 
+    # Through the command line: the model's vocabulary follows, the resolved tokenizer is what checkpoints keep.
+    monkeypatch.setattr(sys, "argv", ["mom_lit"])
+    cli = cli_main([*TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+                    f"--data.init_args.data_dir={first}", "--data.init_args.tokenizer=null",
+                    "--data.init_args.seq_len=8", "--data.init_args.batch_size=2"], run=False)  # fmt: skip
+    assert cli.model.config.vocab_size == tok.vocab_size
+    assert cli.datamodule.hparams["tokenizer"] == str(tok_file.resolve())
+
 
 def test_rerun_is_skipped_and_an_interrupted_bpe_run_keeps_its_tokenizer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -260,6 +303,24 @@ def _left_behind(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir()) if out.exists() else []
 
 
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_jsonl_is_streamed_and_checked_line_by_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "crlf.jsonl").write_bytes(b'{"text": "one"}\r\n\r\n{"text": "two \\u2028 lines"}\r\n')
+    (src / "latin.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    out = tmp_path / "out"
+    code, summary, err = _run(capsys, str(src), "-o", str(out), "--val_fraction", "0", "--on_bad_file", policy)
+    if policy == "fail":
+        assert code == 1 and f"{src / 'latin.jsonl'}: not UTF-8 (line 2, byte 14)" in err and not out.exists()
+        return
+    assert code == 0, err
+    assert summary["files"]["non_utf8"] == 1 and summary["splits"]["train"]["documents"] == 2
+    assert _documents(out / "train", load_tokenizer("byte")) == ["one", "two \u2028 lines"]
+
+
 def test_broken_jsonl_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "docs.jsonl"
     src.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "thr\n')
@@ -269,7 +330,7 @@ def test_broken_jsonl_names_file_and_line(tmp_path: Path, capsys: pytest.Capture
     assert not out.exists()
 
 
-def test_broken_parquet_is_named_without_a_pyarrow_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_broken_parquet_is_named_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "table.parquet"
     src.write_bytes(b"PAR1 this is not a parquet file")
     out = tmp_path / "out"

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="binary or non-UTF-8 files: skip them (counted in the summary; the default) or fail naming the file",
     )
     parser.add_argument("--max_files", type=int, default=None, help="keep at most N files after dedup (seeded)")
-    parser.add_argument("--tokenizer", default=None, help="'byte' (default), a tokenizer.json path or a cached hub name")
+    parser.add_argument(
+        "--tokenizer", default=None, help="'byte' (default), a tokenizer.json path or a cached hub name"
+    )
     parser.add_argument(
         "--train_bpe", type=int, default=None, metavar="V", help="train a byte-level BPE of vocabulary V on train"
     )

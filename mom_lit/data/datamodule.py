@@ -103,6 +103,7 @@ class TextDataModule(L.LightningDataModule):
         if tokenizer is None:
             tokenizer = recorded_tokenizer(data_dir) if data_dir is not None else "byte"
         self.save_hyperparameters()
+        self.hparams["tokenizer"] = tokenizer  # the command line saves its given arguments: record the resolved one
         self.tokenizer = load_tokenizer(tokenizer, eos_token=eos_token)
         self.vocab_size: int = self.tokenizer.vocab_size
         self.eos_id: int = self.tokenizer.eos_id

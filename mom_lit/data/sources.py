@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 import os
+import re
+import stat
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ _SCAN_THREADS = 8  # file reads and hashing release the GIL
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A file to read: its resolved path, the path shown in messages and matched by globs, how to read it."""
+    """A file to read: its absolute path, its path relative to its source folder (for globs), how to read it."""
 
     path: Path
     rel: str
@@ -105,28 +106,33 @@ def python_library_dirs() -> list[Path]:
     return found
 
 
-def _matches(globs: Sequence[str], name: str, rel: str) -> bool:
-    return any(fnmatch.fnmatch(name, g) or fnmatch.fnmatch(rel, g) for g in globs)
+def _compile(globs: Sequence[str]) -> list[re.Pattern[str]]:
+    return [re.compile(fnmatch.translate(g)) for g in globs]
 
 
-def _walk(folder: Path) -> Iterable[tuple[Path, str]]:
-    """(file, its posix path relative to ``folder``), sorted by relative path; ``__pycache__`` is not entered."""
+def _matches(patterns: Sequence[re.Pattern[str]], name: str, rel: str) -> bool:
+    return any(p.match(name) or p.match(rel) for p in patterns)
+
+
+def _walk(folder: str) -> list[tuple[os.DirEntry[str], str]]:
+    """(entry, its posix path relative to ``folder``) of every non-folder below ``folder``, sorted by relative
+    path. ``__pycache__`` folders and links to folders are not entered (as ``os.walk`` does)."""
     found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
-        base = Path(root)
-        for name in files:
-            full = base / name
-            found.append((full, full.relative_to(folder).as_posix()))
+    stack = [(folder, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as err:
+            raise OSError(f"cannot list {directory}: {err.strerror or err}") from err
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in _SKIPPED_DIRS:
+                    stack.append((entry.path, f"{prefix}{entry.name}/"))
+            elif not (entry.is_symlink() and entry.is_dir()):
+                found.append((entry, prefix + entry.name))
     found.sort(key=lambda item: item[1].split("/"))
     return found
-
-
-def _stat(path: Path) -> os.stat_result:
-    try:
-        return path.stat()
-    except OSError as err:
-        raise OSError(f"cannot read {path}: {err.strerror or err}") from err
 
 
 def discover(
@@ -141,44 +147,51 @@ def discover(
     unsupported suffix) is an error. Inside folders such files are counted in ``stats`` as unmatched.
     """
     stats = stats if stats is not None else CorpusStats()
+    includes, excludes = _compile(include), _compile(exclude)
     found: list[SourceFile] = []
-    seen: set[Path] = set()
+    seen: set[tuple[int, int]] = set()
 
-    def classify(path: Path, rel: str, explicit: bool) -> None:
-        if not path.is_file():  # a broken link, a socket, ...: nothing to read
+    def classify(path: str, name: str, rel: str, st: os.stat_result | None, explicit: bool) -> None:
+        if st is None or not stat.S_ISREG(st.st_mode):  # a broken link, a socket, ...: nothing to read
             stats.add("seen", 0)
             stats.add("unmatched", 0)
             return
-        resolved = path.resolve()
-        if resolved in seen:  # the same file through a nested or repeated source
+        if (st.st_dev, st.st_ino) in seen:  # the same file through a nested or repeated source
             return
-        seen.add(resolved)
-        st = _stat(path)
+        seen.add((st.st_dev, st.st_ino))
         stats.add("seen", st.st_size)
-        if _matches(exclude, path.name, rel):
+        if _matches(excludes, name, rel):
             stats.add("excluded", st.st_size)
             return
         if include:
-            kind = "text" if _matches(include, path.name, rel) else None
+            kind = "text" if _matches(includes, name, rel) else None
         else:
-            kind = _KIND_BY_SUFFIX.get(path.suffix)
+            kind = _KIND_BY_SUFFIX.get(os.path.splitext(name)[1])
         if kind is None:
             if explicit:
                 wanted = f"no --include glob of {list(include)}" if include else f"none of {SUPPORTED_SUFFIXES}"
                 raise ValueError(f"unsupported source {path}: it matches {wanted}")
             stats.add("unmatched", st.st_size)
             return
-        found.append(SourceFile(resolved, rel, kind, st.st_size, st.st_mtime_ns))
+        found.append(SourceFile(Path(path), rel, kind, st.st_size, st.st_mtime_ns))
+
+    def stat_of(entry: os.DirEntry[str] | Path) -> os.stat_result | None:
+        try:
+            return entry.stat()
+        except FileNotFoundError:  # a broken link
+            return None
+        except OSError as err:
+            raise OSError(f"cannot read {entry}: {err.strerror or err}") from err
 
     for raw in sources:
-        path = Path(raw).expanduser()
+        path = Path(raw).expanduser().resolve()
         if path.is_dir():
-            for file, rel in _walk(path):
-                classify(file, rel, explicit=False)
+            for entry, rel in _walk(str(path)):
+                classify(entry.path, entry.name, rel, stat_of(entry), explicit=False)
         elif path.exists():
-            classify(path, path.name, explicit=True)
+            classify(str(path), path.name, path.name, stat_of(path), explicit=True)
         else:
-            raise FileNotFoundError(f"source {path} does not exist")
+            raise FileNotFoundError(f"source {Path(raw).expanduser()} does not exist")
     if not found:
         what = f"matching {list(include)}" if include else f"of type {'/'.join(SUPPORTED_SUFFIXES)}"
         counts = stats.as_dict()["files"]
@@ -197,7 +210,8 @@ class BadFileError(ValueError):
         self.kind = kind
 
 
-def _decode(data: bytes, path: Path) -> str:
+def decode_text(data: bytes, path: Path) -> str:
+    """``data`` as UTF-8 text; a NUL byte or an invalid byte raises :class:`BadFileError` naming the file."""
     nul = data.find(b"\0")
     if nul >= 0:
         raise BadFileError(path, "binary", f"binary file (NUL byte at offset {nul})")
@@ -214,18 +228,31 @@ def text_field_value(value: Any, path: Path, where: str, text_field: str) -> str
     return value
 
 
-def jsonl_texts(text: str, path: Path, text_field: str) -> Iterable[tuple[int, str]]:
-    """(line number, document text) of every non-blank line; malformed lines fail naming file and line."""
-    for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise ValueError(f"{path} line {line_no}: no field {text_field!r} (set text_field)")
-        yield line_no, text_field_value(record[text_field], path, f"line {line_no}", text_field)
+def jsonl_texts(path: Path, text_field: str, digest: Any = None) -> Iterator[tuple[int, str]]:
+    """(line number, document text) of every non-blank line, read line by line.
+
+    A line with a NUL byte or one that is not UTF-8 raises :class:`BadFileError`; a malformed record fails
+    naming file and line. ``digest`` (a ``hashlib`` object), if given, is fed every byte of the file.
+    """
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if digest is not None:
+                digest.update(raw)
+            if b"\0" in raw:
+                raise BadFileError(path, "binary", f"binary file (NUL byte on line {line_no})")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BadFileError(path, "non_utf8", f"not UTF-8 (line {line_no}, byte {err.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{path} line {line_no}: no field {text_field!r} (set text_field)")
+            yield line_no, text_field_value(record[text_field], path, f"line {line_no}", text_field)
 
 
 def open_parquet(path: Path, text_field: str) -> Any:
@@ -261,23 +288,35 @@ def parquet_texts(path: Path, text_field: str) -> Iterable[str]:
             row += 1
 
 
+def _file_sha256(path: Path) -> Any:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest
+
+
 def _scan_one(source: SourceFile, text_field: str) -> tuple[str, np.ndarray]:
-    """(sha256 of the bytes, UTF-8 size of each document); raises BadFileError for binary/non-UTF-8 files."""
+    """(sha256 of the bytes, UTF-8 size of each document); raises BadFileError for binary/non-UTF-8 files.
+
+    A text file is read whole (it is one document); jsonl and parquet files are streamed.
+    """
     path = source.path
     try:
-        data = path.read_bytes()
+        if source.kind == "jsonl":
+            digest = hashlib.sha256()
+            sizes = [len(t.encode("utf-8")) for _, t in jsonl_texts(path, text_field, digest)]
+        elif source.kind == "parquet":
+            digest = _file_sha256(path)
+            sizes = [len(t.encode("utf-8")) for t in parquet_texts(path, text_field)]
+        else:
+            data = path.read_bytes()
+            digest = hashlib.sha256(data)
+            decode_text(data, path)
+            sizes = [len(data)] if data else []
     except OSError as err:
         raise OSError(f"cannot read {path}: {err.strerror or err}") from err
-    digest = hashlib.sha256(data).hexdigest()
-    if source.kind == "parquet":
-        sizes = [len(t.encode("utf-8")) for t in parquet_texts(path, text_field)]
-    else:
-        text = _decode(data, path)
-        if source.kind == "text":
-            sizes = [len(data)] if data else []
-        else:
-            sizes = [len(t.encode("utf-8")) for _, t in jsonl_texts(text, path, text_field)]
-    return digest, np.asarray(sizes, dtype=np.int64)
+    return digest.hexdigest(), np.asarray(sizes, dtype=np.int64)
 
 
 def scan(
