@@ -33,12 +33,17 @@ logger = logging.getLogger("mom_lit")
 
 
 class _ResumableLoader(StreamingDataLoader):
-    """A StreamingDataLoader that applies a given state once.
+    """A StreamingDataLoader whose loaded state applies to the next epoch only, and once.
 
-    Lightning restores a stateful train loader from its fit-loop state in addition to the datamodule hook.
+    litdata resumes from a loaded state while its ``restore`` flag is set, and clears the flag only when an
+    epoch's generator runs to its end (https://github.com/Lightning-AI/litData/pull/851 is about the same flag).
+    Lightning ends an epoch of a sized loader after ``len()`` batches without asking for the next one, so a
+    resumed epoch never clears it and the next epoch would replay the resumed one from the loaded position.
+    Here an epoch begun without a state loaded since the previous one began is always a fresh epoch.
+
+    Lightning also restores a stateful train loader from its fit-loop state in addition to the datamodule hook.
     Each litdata restore advances the loader's cycle over worker ids, so a second restore of the same state
-    leaves the worker position it records wrong: the run itself continues correctly, but the next checkpoint
-    would resume on the wrong worker. A repeated restore before iteration is therefore ignored.
+    leaves the worker position it records wrong. A repeated restore before iteration is therefore ignored.
     """
 
     _restored_state: dict[str, Any] | None = None
@@ -50,6 +55,8 @@ class _ResumableLoader(StreamingDataLoader):
         self._restored_state = copy.deepcopy(obj)
 
     def __iter__(self) -> Any:
+        if self._restored_state is None:
+            self.restore = False  # no state was loaded for this epoch: litdata starts it afresh
         self._restored_state = None
         yield from super().__iter__()
 
@@ -237,6 +244,16 @@ class TextDataModule(L.LightningDataModule):
         state = state_dict.get("train_loader")
         if state is None:
             return
+        dataset_state = state.get("dataset", {})
+        saved_workers = dataset_state.get("num_workers")
+        if saved_workers is not None and max(saved_workers, 1) != max(self.num_workers, 1) \
+                and dataset_state.get("sample_in_epoch", 0) > 0:
+            logger.warning(
+                "resuming mid-epoch with num_workers=%d, the checkpoint was written with %d: litdata deals the "
+                "epoch's remaining blocks over the new workers and each drops its last partial batch, so up to "
+                "%d blocks of this epoch may be skipped (later epochs are whole); resume with num_workers=%d "
+                "to continue exactly", self.num_workers, saved_workers,
+                max(self.num_workers, 1) * (self.batch_size - 1), saved_workers)
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state)
         else:
