@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import signal
 from collections import Counter
 from itertools import islice
@@ -14,26 +14,11 @@ import pytest
 import torch
 
 from mom_lit.data import TextDataModule
-from mom_lit.data.prepare import prepare_dataset
 from mom_lit.training import MoMLightningModule
 from mom_lit.training.faults import PreemptionCheckpoint
+from conftest import BATCH_SIZE, BATCHES_PER_EPOCH, SEQ_LEN
 from test_faults import SignalAtStep
 from test_training import tiny_config
-
-SEQ_LEN, BATCH_SIZE = 32, 4
-BATCHES_PER_EPOCH = 4
-
-
-@pytest.fixture(scope="session")
-def four_batch_epochs(tmp_path_factory) -> Path:
-    """Byte-level data whose train split holds 17 blocks of ``SEQ_LEN + 1`` tokens (4 batches of 4 per epoch,
-    one block dropped) and whose val split holds one batch."""
-    root = tmp_path_factory.mktemp("epochs")
-    source = root / "docs.jsonl"
-    source.write_text("".join(json.dumps({"text": f"document {i}: " + "tiny words " * 4}) + "\n" for i in range(13)))
-    meta = prepare_dataset(source, root / "prepared", val_fraction=0.25, seed=0, verbose=False)
-    assert meta["train"]["num_tokens"] // (SEQ_LEN + 1) == 17 and meta["val"]["num_tokens"] // (SEQ_LEN + 1) == 5
-    return root / "prepared"
 
 
 def text_data(data_dir: Path, num_workers: int) -> TextDataModule:
@@ -107,32 +92,49 @@ class RecordBatches(L.Callback):
         self.steps.append((trainer.global_step, trainer.current_epoch, block_rows(batch).clone()))
 
 
+class SignalDuringValidation(L.Callback):
+    """Sends ``signum`` to this process from inside the validation run that follows step ``step``."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGUSR1)):
+        self.step, self.signum = step, signum
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            os.kill(os.getpid(), self.signum)
+
+
 def fit_text(tmp_path: Path, data_dir: Path, num_workers: int, max_steps: int, callbacks: list[L.Callback],
              ckpt_path: Path | None = None) -> tuple[L.Trainer, MoMLightningModule]:
     torch.manual_seed(0)
     module = MoMLightningModule(tiny_config(vocab_size=320), warmup_steps=1)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks)
+                        val_check_interval=2, limit_val_batches=1, default_root_dir=tmp_path, callbacks=callbacks)
     trainer.fit(module, text_data(data_dir, num_workers), ckpt_path=ckpt_path)
     return trainer, module
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers_before,workers_after", [(0, 0), (1, 1), (2, 1)])
+@pytest.mark.parametrize("workers_before,workers_after,during", [
+    pytest.param(0, 0, "step", id="0-0-workers"),
+    pytest.param(1, 1, "validation", id="1-1-workers-during-validation"),
+    pytest.param(2, 1, "step", id="2-1-workers"),
+])
 def test_preempted_fit_resumes_exactly_across_epochs(tmp_path, four_batch_epochs, workers_before, workers_after,
-                                                     one_thread):
-    """Preempted (SIGUSR1) in the second step of epoch 0, resumed through epochs 1 and 2: every batch's token ids
-    and the final weights equal an uninterrupted run's; with another number of loader workers, each epoch
-    still holds every block exactly once and the steps before the stop are the same."""
+                                                     during, one_thread):
+    """Preempted (SIGUSR1) in the second step of epoch 0, or in the validation run after it, and resumed through
+    epochs 1 and 2: every batch's token ids and the final weights equal an uninterrupted run's; with another
+    number of loader workers, each whole epoch holds the same blocks and the steps before the stop are the same."""
     max_steps = 2 * BATCHES_PER_EPOCH + 2
     whole = RecordBatches()
     _, reference = fit_text(tmp_path / "whole", four_batch_epochs, workers_before, max_steps, [whole])
 
     first, second = RecordBatches(), RecordBatches()
+    signal_at = SignalAtStep(1, int(signal.SIGUSR1)) if during == "step" else SignalDuringValidation(2)
     trainer, _ = fit_text(tmp_path / "parts", four_batch_epochs, workers_before, max_steps,
-                          [first, SignalAtStep(1, int(signal.SIGUSR1)), PreemptionCheckpoint()])
-    assert trainer.global_step == 2
+                          [first, signal_at, PreemptionCheckpoint()])
+    stopped = 2 if during == "step" else 3  # a signal during validation is acted on at the end of the next step
+    assert trainer.global_step == stopped
     last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
     trainer, module = fit_text(tmp_path / "parts", four_batch_epochs, workers_after, max_steps, [second],
                                ckpt_path=last)
@@ -150,7 +152,7 @@ def test_preempted_fit_resumes_exactly_across_epochs(tmp_path, four_batch_epochs
         return
     # Another number of workers interleaves their blocks differently: the steps before the stop are the same
     # and each whole epoch holds the same blocks (here every worker's share of the rest is whole batches).
-    for (step, _, rows), (_, _, reference_rows) in zip(kept[:2], whole.steps[:2], strict=True):
+    for (step, _, rows), (_, _, reference_rows) in zip(kept[:stopped], whole.steps[:stopped], strict=True):
         assert torch.equal(rows, reference_rows), f"step {step}"
 
     def blocks_per_epoch(steps):
