@@ -14,11 +14,13 @@ the batches it had not seen.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
@@ -172,15 +174,46 @@ class TextDataModule(L.LightningDataModule):
 
     def check(self, stage: str | None = "fit") -> None:
         """Raises the errors of :meth:`setup` that need no dataset: a split of the stage missing, prepared with
-        another tokenizer, or too small for one batch even on a single rank. Reads only metadata; the command
-        line calls it before the run writes anything. The embedded corpus (prepared on first use) is skipped."""
+        another tokenizer, too small for one batch even on a single rank, or holding token ids outside the
+        vocabulary. Reads the metadata and one pass over the tokens; the command line calls it before the run
+        writes anything. The embedded corpus (prepared on first use) is skipped."""
         if self.data_dir is None:
             return
         for split in self._STAGE_SPLITS.get(stage or "fit", ()):
-            meta = self._check_meta(self._split_dir(split))
+            split_dir = self._split_dir(split)
+            meta = self._check_meta(split_dir)
             rows = int(meta["num_tokens"]) // (self.seq_len + 1)
             if rows < self.batch_size:
                 raise self._too_small(split, meta["num_tokens"], rows, "")
+            self._check_token_range(split_dir, meta)
+
+    def _check_token_range(self, split_dir: Path, meta: dict[str, Any]) -> None:
+        """Raises naming the chunk file when a stored token id lies outside ``[0, vocab_size)``. Reads every
+        token of the split once, memory-mapped (litdata's token chunk: a uint32 item count, ``count + 1``
+        uint32 offsets, then the tokens); a layout it does not know is left to the collate's check."""
+        index = json.loads((split_dir / "index.json").read_text())
+        config = index.get("config") or {}
+        if config.get("compression") or "dtype" not in meta:
+            return
+        dtype = np.dtype(meta["dtype"])
+        step = 1 << 24  # tokens per read
+        for chunk in index.get("chunks", []):
+            path, count = split_dir / chunk["filename"], chunk.get("dim")
+            header = (int(chunk["chunk_size"]) + 2) * 4
+            if count is None or not path.is_file() or path.stat().st_size != header + int(count) * dtype.itemsize:
+                continue
+            if int(count) == 0:
+                continue
+            tokens = np.memmap(path, dtype=dtype, mode="r", offset=header, shape=(int(count),))
+            for start in range(0, int(count), step):
+                part = tokens[start:start + step]
+                low, high = int(part.min()), int(part.max())
+                if low < 0 or high >= self.vocab_size:
+                    raise ValueError(
+                        f"{path} holds token ids outside the vocabulary [0, {self.vocab_size}) of tokenizer "
+                        f"{self.tokenizer.name!r} (min {low}, max {high} among tokens {start}..{start + len(part) - 1}); "
+                        "prepare the data again with this tokenizer"
+                    )
 
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
         split_dir = self._split_dir(split)

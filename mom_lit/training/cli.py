@@ -11,6 +11,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from mom_lit.config import MoMConfig
 from mom_lit.training.faults import check_output_dirs, install_fault_tolerance, verify_checkpoint_file
 from mom_lit.training.module import MoMLightningModule
 
@@ -44,11 +45,42 @@ def config_files(argv: list[str] | tuple[str, ...]) -> list[str]:
     return files
 
 
+def given_vocab_size(config: Any, files: list[str]) -> int | None:
+    """``model.config.vocab_size`` as set in a config file (the command line refuses it: it is linked from the
+    data module), or None when it was left unset: a value other than the field's default, or the key found in
+    one of the ``--config`` ``files``."""
+    value = getattr(getattr(getattr(config, "model", None), "config", None), "vocab_size", None)
+    if value is None:
+        return None
+    if value != MoMConfig.__dataclass_fields__["vocab_size"].default:
+        return value
+    for path in files:
+        try:
+            with open(path) as stream:
+                data = yaml.safe_load(stream)
+        except (OSError, yaml.YAMLError):
+            continue
+        model = data.get("model") if isinstance(data, dict) else None
+        model_config = model.get("config") if isinstance(model, dict) else None
+        if isinstance(model_config, dict) and "vocab_size" in model_config:
+            return value
+    return None
+
+
+def check_vocab_size(given: int | None, datamodule: Any) -> None:
+    """Refuses a ``model.config.vocab_size`` that differs from the data module's, which the run would use."""
+    data_vocab = getattr(datamodule, "vocab_size", None)
+    if given is not None and data_vocab is not None and given != data_vocab:
+        raise ValueError(f"model.config.vocab_size={given} conflicts with the data module's vocab_size={data_vocab} "
+                         "(the model's vocabulary comes from the tokenizer): remove model.config.vocab_size or set "
+                         f"it to {data_vocab}")
+
+
 class MoMLightningCLI(LightningCLI):
     """LightningCLI for :class:`MoMLightningModule` and any data module given by ``data.class_path``.
 
     ``model.config.vocab_size`` is not set by hand: it is linked from the instantiated data module's
-    ``vocab_size`` (so it cannot appear in a config file either).
+    ``vocab_size``. The command line refuses it; a config file may only repeat the data module's value.
 
     ``--ckpt_path last`` resumes the newest run of the configured logger (``save_dir/name/version_N``) from
     its ``checkpoints/last.ckpt`` and keeps logging into that run's folder; Lightning on its own would look
@@ -60,6 +92,8 @@ class MoMLightningCLI(LightningCLI):
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
+        self._config_files: list[str] = []
+        self._given_vocab_size: int | None = None
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(MoMLightningModule, LightningDataModule, subclass_mode_data=True, args=args, run=run,
                          **kwargs)
@@ -70,7 +104,8 @@ class MoMLightningCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         # jsonargparse reports a YAML syntax error without the file it came from.
         argv = sys.argv[1:] if args is None else args
-        for path in config_files(argv) if isinstance(argv, (list, tuple)) else ():
+        self._config_files = config_files(argv) if isinstance(argv, (list, tuple)) else []
+        for path in self._config_files:
             try:
                 with open(path) as stream:  # the stream's name puts the file into the error's positions
                     yaml.safe_load(stream)
@@ -92,6 +127,7 @@ class MoMLightningCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            check_vocab_size(self._given_vocab_size, self.datamodule)
         except ValueError as err:
             # jsonargparse reports an error raised while building `data` (a class chosen by class_path) inside a
             # list of every type it tried; the error of the data module itself is the one to show.
@@ -124,12 +160,15 @@ class MoMLightningCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        self._given_vocab_size = given_vocab_size(config, self._config_files)
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is None or config.get("ckpt_path") != "last":
             return
         found = latest_run_checkpoint(config.trainer.logger)
         if found is not None:
             version, path = found
+            verify_checkpoint_file(path)  # before the run's folder receives a config file or event files
             config.trainer.logger.init_args.version = version
             config.ckpt_path = str(path)
 

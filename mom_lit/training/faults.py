@@ -199,6 +199,27 @@ def unwritable_reason(folder: _PATH) -> str | None:
     return None
 
 
+def creation_failure(folder: _PATH) -> str | None:
+    """Why ``folder`` cannot be created, found by creating it and removing again what was created (a folder
+    that passes :func:`unwritable_reason`, e.g. under ``/proc``, may still refuse); None when it can be."""
+    path = Path(folder).expanduser().absolute()
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    created = []
+    try:
+        for folder_path in reversed(missing):
+            folder_path.mkdir()
+            created.append(folder_path)
+    except OSError as err:
+        return f"creating {err.filename or missing[0]} failed ({err.strerror or err})"
+    finally:
+        for folder_path in reversed(created):
+            folder_path.rmdir()
+    return None
+
+
 def check_output_dirs(trainer: L.Trainer) -> None:
     """Raises :class:`OutputDirError` naming the folder and setting, before anything is trained or written,
     when a folder the run writes to (logger ``save_dir``, else ``default_root_dir``, and checkpoint
@@ -212,7 +233,7 @@ def check_output_dirs(trainer: L.Trainer) -> None:
     for setting, folder in folders:
         if "://" in str(folder):
             continue
-        reason = unwritable_reason(folder)
+        reason = unwritable_reason(folder) or creation_failure(folder)
         if reason is not None:
             raise OutputDirError(f"cannot write the run's output to {setting} {str(folder)!r}: {reason}; "
                                  "choose another folder")
