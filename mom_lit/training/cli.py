@@ -12,6 +12,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from mom_lit.config import MoMConfig
+from mom_lit.safe_load import safe_checkpoint_types
 from mom_lit.training.faults import check_output_dirs, install_fault_tolerance, verify_checkpoint_file
 from mom_lit.training.module import MoMLightningModule
 
@@ -123,6 +124,12 @@ class MoMLightningCLI(LightningCLI):
                 parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
             if Path(ckpt_path).is_file():  # a folder is a sharded checkpoint, read by its strategy
                 verify_checkpoint_file(ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of a given checkpoint with weights_only=True: mom_lit's own
+        # types are allowed there too (parse_arguments already refused a file holding anything else).
+        with safe_checkpoint_types():
+            super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         try:
