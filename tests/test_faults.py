@@ -287,8 +287,9 @@ Step = tuple[int, int, float, tuple[tuple[int, ...], ...]]
 
 def read_steps(path: Path) -> list[Step]:
     """``(global_step, epoch, loss, token blocks)`` per line of a :class:`RecordSteps` file."""
-    return [(int(step), int(epoch), float(loss), tuple(tuple(int(i) for i in row.split(",")) for row in rows.split(";")))
-            for step, epoch, loss, rows in (line.split() for line in path.read_text().splitlines())]
+    lines = (line.split() for line in path.read_text().splitlines())
+    return [(int(step), int(epoch), float(loss), tuple(tuple(map(int, row.split(","))) for row in rows.split(";")))
+            for step, epoch, loss, rows in lines]
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def planted(tmp_path) -> tuple[Path, Path]:
     return path, marker
 
 
-def test_planted_pickle_is_refused_by_every_entry_point(tmp_path, planted, monkeypatch):
+def test_planted_pickle_is_refused_by_every_entry_point(tmp_path, planted):
     path, marker = planted
     refused = f"refusing to load checkpoint {path}: .*could run code .*Unsupported global: GLOBAL io.open"
     for load in (load_checkpoint, load_lightning_checkpoint, load_checkpoint_file, verify_checkpoint_file,
@@ -122,9 +122,9 @@ def test_project_lightning_checkpoints_load_under_the_allowlist(tmp_path, four_b
     torch.manual_seed(0)
     module = MoMLightningModule(tiny_config(vocab_size=vocab_size), warmup_steps=1)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/loss", save_last=True)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1,
-                        precision="bf16-mixed", gradient_clip_val=1.0,
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        val_check_interval=2, limit_val_batches=1, precision="bf16-mixed", gradient_clip_val=1.0,
                         callbacks=[checkpoint, LearningRateMonitor(), RoutingStatsCallback(log_every_n_steps=1),
                                    PreemptionCheckpoint()])
     trainer.fit(module, datamodule)

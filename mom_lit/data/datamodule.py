@@ -8,7 +8,8 @@ of ``seq_len + 1`` consecutive tokens (``input_ids`` = the first ``seq_len``, ``
 litdata shards the blocks over ranks, nodes and loader workers from the distributed environment and drops
 the remainder so every rank gets the same number of full batches. The train loader's position is part of
 the datamodule's ``state_dict`` and so of every Lightning checkpoint: a resumed run continues mid-epoch with
-the batches it had not seen.
+the batches it had not seen, and every later epoch is the one an uninterrupted run would have seen (with the
+same ``num_workers``; see :meth:`TextDataModule.load_state_dict` for another number).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ class TextDataModule(L.LightningDataModule):
                 if low < 0 or high >= self.vocab_size:
                     raise ValueError(
                         f"{path} holds token ids outside the vocabulary [0, {self.vocab_size}) of tokenizer "
-                        f"{self.tokenizer.name!r} (min {low}, max {high} among tokens {start}..{start + len(part) - 1}); "
+                        f"{self.tokenizer.name!r} (min {low}, max {high} among its tokens {start}.."
+                        f"{start + len(part) - 1}); "
                         "prepare the data again with this tokenizer"
                     )
 
@@ -273,7 +275,11 @@ class TextDataModule(L.LightningDataModule):
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the train loader's position; applied when ``train_dataloader`` builds the loader."""
+        """Remember the train loader's position; applied when ``train_dataloader`` builds the loader.
+
+        With another ``num_workers`` than the checkpoint's, litdata deals the epoch's remaining blocks over the
+        new workers and each drops its last partial batch: a warning says how many blocks may be skipped.
+        """
         state = state_dict.get("train_loader")
         if state is None:
             return

@@ -89,7 +89,8 @@ class MoMLightningCLI(LightningCLI):
 
     Every Trainer it builds writes checkpoints atomically and saves ``last.ckpt`` and stops on SIGTERM/SIGUSR1
     (see :func:`~mom_lit.training.faults.install_fault_tolerance`); its output folders are checked for
-    writability before anything runs.
+    writability before anything runs. A checkpoint to resume from (given, or found by ``last``) is checked for
+    damage and for content whose loading would run code before anything is written.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
