@@ -214,23 +214,20 @@ def unwritable_reason(folder: _PATH) -> str | None:
 
 
 def creation_failure(folder: _PATH) -> str | None:
-    """Why ``folder`` cannot be created, found by creating it and removing again what was created (a folder
-    that passes :func:`unwritable_reason`, e.g. under ``/proc``, may still refuse); None when it can be."""
+    """Why no folder can be created on the way to ``folder``, found by creating (and removing) a uniquely named
+    one in its nearest existing ancestor: a folder that passes :func:`unwritable_reason`, e.g. under ``/proc``,
+    may still refuse. None when it can be created. The unique name keeps ranks that check at once apart."""
     path = Path(folder).expanduser().absolute()
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    created = []
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if existing == path:
+        return None
     try:
-        for folder_path in reversed(missing):
-            folder_path.mkdir()
-            created.append(folder_path)
+        probe = tempfile.mkdtemp(prefix=".mom_lit-probe-", dir=existing)
     except OSError as err:
-        return f"creating {err.filename or missing[0]} failed ({err.strerror or err})"
-    finally:
-        for folder_path in reversed(created):
-            folder_path.rmdir()
+        return f"no folder can be created in {existing} ({err.strerror or err}, creating {path})"
+    os.rmdir(probe)
     return None
 
 
