@@ -170,8 +170,7 @@ class MoMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         self._given_vocab_size = given_vocab_size(config, self._config_files)
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None or config.get("ckpt_path") != "last":
+        if not self.subcommand or config is None or config.get("ckpt_path") != "last":
             return
         found = latest_run_checkpoint(config.trainer.logger)
         if found is not None:
