@@ -7,6 +7,7 @@ with, any other error the exception it would die of.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mom_lit.data.packing import TokenBlockCollate
 from mom_lit.data.prepare import prepare_dataset
 from mom_lit.data.tokenizers import TokenizerNotFoundError
 from mom_lit.training.cli import cli_main, config_files
-from mom_lit.training.faults import OutputDirError, unwritable_reason
+from mom_lit.training.faults import OutputDirError, creation_failure, unwritable_reason
 from test_data import _word_level_tokenizer
 from test_training import TINY_QUICKSTART
 
@@ -104,6 +105,17 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path):
     assert blocker.read_text().startswith("a file")
 
 
+def test_output_folder_that_cannot_be_created_is_refused(tmp_path):
+    """/proc passes os.access for root, yet no folder can be made in it: found by trying, nothing left behind."""
+    target = Path("/proc") / "mom_lit_runs"
+    refused = f"save_dir '{target}': no folder can be created in /proc .*creating {target}"
+    with pytest.raises(OutputDirError, match=refused):
+        cli_main(["fit", *TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={target}"])
+    # A creatable folder is found by creating a probe beside it, then removed.
+    assert creation_failure(tmp_path / "new" / "deeper") is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_reason(tmp_path, monkeypatch):
     assert unwritable_reason(tmp_path / "new" / "deeper") is None  # creatable: nothing is created to find out
     assert not (tmp_path / "new").exists()
@@ -132,6 +144,40 @@ def test_damaged_checkpoint_is_named_before_anything_runs(tmp_path, damage):
     path.write_bytes(bytes(data))
     assert_fails_before_writing(tmp_path, RuntimeError, f"cannot read checkpoint {path}: the file is corrupt",
                                 "--ckpt_path", str(path))
+
+
+def test_damaged_last_checkpoint_is_named_before_its_run_folder_is_written(tmp_path):
+    """``--ckpt_path last`` finds a damaged last.ckpt: the run folder receives no config.yaml, no event file."""
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.randn(4096)}}, last)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(RuntimeError, match=f"cannot read checkpoint {last}: the file is corrupt"):
+        cli_main(fit_args(tmp_path, "--ckpt_path", "last"))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("value", [None, 320])
+def test_vocab_size_in_a_config_file_equal_to_the_data_modules_is_accepted(tmp_path, value):
+    config = tmp_path / "vocab.yaml"
+    config.write_text("model:\n  config:\n    hidden_size: 32\n" + (f"    vocab_size: {value}\n" if value else ""))
+    cli = cli_main([*fit_args(tmp_path, "--config", str(config))[1:]], run=False)
+    assert cli.model.config.vocab_size == cli.datamodule.vocab_size == 320
+
+
+@pytest.mark.parametrize("value", [999, 32000])  # 32000: the field's default, given explicitly
+def test_vocab_size_in_a_config_file_that_conflicts_with_the_data_module_is_refused(tmp_path, value):
+    config = tmp_path / "vocab.yaml"
+    config.write_text(f"model:\n  config:\n    vocab_size: {value}\n")
+    with pytest.raises(ValueError) as info:
+        cli_main(fit_args(tmp_path, "--config", str(config)))
+    message = str(info.value)
+    assert message == (f"model.config.vocab_size={value} conflicts with the data module's vocab_size=320 (the model's "
+                       "vocabulary comes from the tokenizer): remove model.config.vocab_size or set it to 320")
+    assert "\n" not in message
+    assert not (tmp_path / "runs").exists()
 
 
 # Data -------------------------------------------------------------------------------------------------------------
@@ -166,6 +212,18 @@ def test_dataset_shorter_than_a_batch_is_refused(tmp_path, tiny_prepared):
 def test_missing_data_folder_is_named(tmp_path):
     assert_fails_before_writing(tmp_path, FileNotFoundError, f"data_dir {tmp_path / 'absent'} does not exist",
                                 f"--data.init_args.data_dir={tmp_path / 'absent'}")
+
+
+def test_prepared_ids_outside_the_vocabulary_are_refused_before_the_run_folder_exists(tmp_path, tiny_prepared):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_prepared, data)
+    chunk = next((data / "train").glob("chunk-*.bin"))
+    raw = bytearray(chunk.read_bytes())
+    raw[-4:-2] = np.array([400], dtype=np.uint16).tobytes()  # one id of the last token block: byte vocab is 320
+    chunk.write_bytes(bytes(raw))
+    assert_fails_before_writing(tmp_path, ValueError,
+                                f"{chunk} holds token ids outside the vocabulary \\[0, 320\\).*max 400",
+                                f"--data.init_args.data_dir={data}", "--data.init_args.batch_size=2")
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_by_the_collate():

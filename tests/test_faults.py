@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import zlib
-from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -260,31 +258,50 @@ class KillDuringCheckpointWrite(L.Callback):
 
 
 class RecordSteps(L.Callback):
-    """Appends ``global_step loss ids`` to ``path`` after every training step: the exact float repr of the loss
-    and one id per row of the batch (CRC-32 of its ``seq_len + 1`` tokens), so that a test can count samples."""
+    """Appends ``global_step epoch loss blocks`` to ``path`` after every training step: the exact float repr of
+    the loss and the token ids of every row of the batch (its ``seq_len + 1`` tokens, rows separated by ``;``)."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         rows = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], 1)  # (B, T+1): each row's token block
-        ids = ",".join(str(zlib.crc32(row.numpy().tobytes())) for row in rows.cpu())
+        blocks = ";".join(",".join(map(str, row)) for row in rows.cpu().tolist())
         with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step} {float(outputs['loss'])!r} {ids}\n")
+            f.write(f"{trainer.global_step} {trainer.current_epoch} {float(outputs['loss'])!r} {blocks}\n")
 
 
-def read_steps(path: Path) -> list[tuple[int, float, tuple[int, ...]]]:
-    """``(global_step, loss, sample ids)`` per line of a :class:`RecordSteps` file."""
-    return [(int(step), float(loss), tuple(int(i) for i in ids.split(",")))
-            for step, loss, ids in (line.split() for line in path.read_text().splitlines())]
+class KillDuringValidation(L.Callback):
+    """SIGKILLs this process inside the validation run that follows step ``step``, before its checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+Step = tuple[int, int, float, tuple[tuple[int, ...], ...]]
+
+
+def read_steps(path: Path) -> list[Step]:
+    """``(global_step, epoch, loss, token blocks)`` per line of a :class:`RecordSteps` file."""
+    lines = (line.split() for line in path.read_text().splitlines())
+    return [(int(step), int(epoch), float(loss), tuple(tuple(map(int, row.split(","))) for row in rows.split(";")))
+            for step, epoch, loss, rows in lines]
 
 
 @pytest.mark.slow
-def test_interrupted_runs_resume_exactly_without_losing_or_repeating_samples(tmp_path):
-    """One run is preempted (SIGTERM) in step 1, then SIGKILLed half-way through writing last.ckpt after step 4,
-    then SIGKILLed inside step 6; each time ``--ckpt_path last`` resumes it. Against an uninterrupted run: the
-    same loss at every step, the same samples in the same order (none repeated or skipped), the same weights."""
-    short = [*TINY_QUICKSTART, "--trainer.max_steps=8", "--trainer.val_check_interval=2",  # last.ckpt at 2, 4, 6, 8
+def test_interrupted_runs_resume_exactly_across_epochs(tmp_path, four_batch_epochs):
+    """A run over epochs of 4 steps (last.ckpt every 2) is preempted (SIGTERM) in step 1, SIGKILLed half-way
+    through writing last.ckpt at the end of epoch 0, SIGKILLed in the validation run after step 6 and SIGKILLed
+    inside step 9; each time ``--ckpt_path last`` resumes it, three times across an epoch boundary. Against an
+    uninterrupted run: every step's loss and every batch's token ids are the same, no sample is repeated or
+    skipped in any epoch, and the final weights are equal."""
+    steps, per_epoch = 10, 4
+    short = [*TINY_QUICKSTART, f"--data.init_args.data_dir={four_batch_epochs}", f"--trainer.max_steps={steps}",
+             "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",  # last.ckpt at 2, 4, 6, 8, 10
              "--trainer.callbacks+=test_faults.RecordSteps"]
 
     def record(name: str) -> list[str]:
@@ -306,41 +323,49 @@ def test_interrupted_runs_resume_exactly_without_losing_or_repeating_samples(tmp
                 "--trainer.callbacks.step=0", f"--trainer.callbacks.signum={int(signal.SIGTERM)}")
     assert proc.returncode == 99, proc.stderr[-4000:]
     assert load_checkpoint(last)["global_step"] == 1
-    # Killed while writing last.ckpt after step 4: the one of step 2 stays whole, a torn temporary file is left.
+    # Killed while writing last.ckpt at the end of epoch 0: the one of step 2 stays whole, a torn temporary file
+    # is left.
     proc = _cli(tmp_path, *interrupted, *record("b"), "--ckpt_path", "last",
                 "--trainer.callbacks+=test_faults.KillDuringCheckpointWrite", "--trainer.callbacks.step=4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
     assert len(list(ckpt_dir.glob(".last.ckpt.*.tmp"))) == 1
     assert load_checkpoint(last)["global_step"] == 2
-    # Killed inside step 6, after last.ckpt of step 4 replaced the one of step 2 and the torn file was removed.
+    # Resumed mid-epoch 0 and through its end; killed while validating after step 6, before its checkpoint.
     proc = _cli(tmp_path, *interrupted, *record("c"), "--ckpt_path", "last",
-                "--trainer.callbacks+=test_faults.KillAtStep", "--trainer.callbacks.step=5")
+                "--trainer.callbacks+=test_faults.KillDuringValidation", "--trainer.callbacks.step=6")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
     assert load_checkpoint(last)["global_step"] == 4
     assert not list(ckpt_dir.glob(".last.ckpt.*.tmp"))
-    _run_ok(tmp_path, *interrupted, *record("d"), "--ckpt_path", "last")
+    # Resumed from the end of epoch 0; killed inside step 9, after the checkpoint at the end of epoch 1.
+    proc = _cli(tmp_path, *interrupted, *record("d"), "--ckpt_path", "last",
+                "--trainer.callbacks+=test_faults.KillAtStep", "--trainer.callbacks.step=8")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    assert load_checkpoint(last)["global_step"] == 8
+    _run_ok(tmp_path, *interrupted, *record("e"), "--ckpt_path", "last")
     assert not (parts / "quickstart" / "version_1").exists()  # every resume wrote into the same run
 
     assert whole.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-4000:]
     expected = read_steps(tmp_path / "whole.txt")
-    assert [step for step, _, _ in expected] == list(range(1, 9))
-    pieces = {name: read_steps(tmp_path / f"{name}.txt") for name in "abcd"}
-    assert [[step for step, _, _ in steps] for steps in pieces.values()] == [[1], [2, 3, 4], [3, 4, 5], [5, 6, 7, 8]]
+    assert [(step, epoch) for step, epoch, _, _ in expected] == [(s, (s - 1) // per_epoch) for s in range(1, steps + 1)]
+    pieces = {name: read_steps(tmp_path / f"{name}.txt") for name in "abcde"}
+    assert [[step for step, *_ in piece] for piece in pieces.values()] == \
+        [[1], [2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8], [9, 10]]
     # Every step ran, lost or not, exactly as in the uninterrupted run (float losses compared exactly).
-    by_step = dict((step, (loss, ids)) for step, loss, ids in expected)
-    for steps in pieces.values():
-        for step, loss, ids in steps:
-            assert (loss, ids) == by_step[step], step
+    by_step = {step: rest for step, *rest in expected}
+    for piece in pieces.values():
+        for step, *rest in piece:
+            assert rest == by_step[step], step
     # What each piece kept (its steps up to the checkpoint the next one resumed from) is the uninterrupted run.
     kept = [s for s in pieces["a"] if s[0] <= 1] + [s for s in pieces["b"] if s[0] <= 2] \
-        + [s for s in pieces["c"] if s[0] <= 4] + pieces["d"]
+        + [s for s in pieces["c"] if s[0] <= 4] + [s for s in pieces["d"] if s[0] <= 8] + pieces["e"]
     assert kept == expected
-    samples = [i for _, _, ids in expected for i in ids]
-    assert len(samples) == 8 * 4 and len(set(samples)) == len(samples)  # one epoch: every block at most once
-    assert Counter(i for _, _, ids in kept for i in ids) == Counter(samples)
+    for epoch in range(steps // per_epoch):  # a whole epoch: every block once
+        blocks = [row for _, e, _, rows in expected if e == epoch for row in rows]
+        assert len(blocks) == per_epoch * 4 and len(set(blocks)) == len(blocks)
 
     final, reference = load_checkpoint(last), load_checkpoint(whole_dir / "quickstart" / "version_0" / "checkpoints"
                                                               / "last.ckpt")
-    assert final["global_step"] == reference["global_step"] == 8
+    assert final["global_step"] == reference["global_step"] == steps
     for name, value in reference["state_dict"].items():
         assert torch.equal(final["state_dict"][name], value), name
+

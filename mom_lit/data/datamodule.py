@@ -8,17 +8,20 @@ of ``seq_len + 1`` consecutive tokens (``input_ids`` = the first ``seq_len``, ``
 litdata shards the blocks over ranks, nodes and loader workers from the distributed environment and drops
 the remainder so every rank gets the same number of full batches. The train loader's position is part of
 the datamodule's ``state_dict`` and so of every Lightning checkpoint: a resumed run continues mid-epoch with
-the batches it had not seen.
+the batches it had not seen, and every later epoch is the one an uninterrupted run would have seen (with the
+same ``num_workers``; see :meth:`TextDataModule.load_state_dict` for another number).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
@@ -33,12 +36,17 @@ logger = logging.getLogger("mom_lit")
 
 
 class _ResumableLoader(StreamingDataLoader):
-    """A StreamingDataLoader that applies a given state once.
+    """A StreamingDataLoader whose loaded state applies to the next epoch only, and once.
 
-    Lightning restores a stateful train loader from its fit-loop state in addition to the datamodule hook.
+    litdata resumes from a loaded state while its ``restore`` flag is set, and clears the flag only when an
+    epoch's generator runs to its end (https://github.com/Lightning-AI/litData/pull/851 is about the same flag).
+    Lightning ends an epoch of a sized loader after ``len()`` batches without asking for the next one, so a
+    resumed epoch never clears it and the next epoch would replay the resumed one from the loaded position.
+    Here an epoch begun without a state loaded since the previous one began is always a fresh epoch.
+
+    Lightning also restores a stateful train loader from its fit-loop state in addition to the datamodule hook.
     Each litdata restore advances the loader's cycle over worker ids, so a second restore of the same state
-    leaves the worker position it records wrong: the run itself continues correctly, but the next checkpoint
-    would resume on the wrong worker. A repeated restore before iteration is therefore ignored.
+    leaves the worker position it records wrong. A repeated restore before iteration is therefore ignored.
     """
 
     _restored_state: dict[str, Any] | None = None
@@ -50,6 +58,8 @@ class _ResumableLoader(StreamingDataLoader):
         self._restored_state = copy.deepcopy(obj)
 
     def __iter__(self) -> Any:
+        if self._restored_state is None:
+            self.restore = False  # no state was loaded for this epoch: litdata starts it afresh
         self._restored_state = None
         yield from super().__iter__()
 
@@ -169,15 +179,47 @@ class TextDataModule(L.LightningDataModule):
 
     def check(self, stage: str | None = "fit") -> None:
         """Raises the errors of :meth:`setup` that need no dataset: a split of the stage missing, prepared with
-        another tokenizer, or too small for one batch even on a single rank. Reads only metadata; the command
-        line calls it before the run writes anything. The embedded corpus (prepared on first use) is skipped."""
+        another tokenizer, too small for one batch even on a single rank, or holding token ids outside the
+        vocabulary. Reads the metadata and one pass over the tokens; the command line calls it before the run
+        writes anything. The embedded corpus (prepared on first use) is skipped."""
         if self.data_dir is None:
             return
         for split in self._STAGE_SPLITS.get(stage or "fit", ()):
-            meta = self._check_meta(self._split_dir(split))
+            split_dir = self._split_dir(split)
+            meta = self._check_meta(split_dir)
             rows = int(meta["num_tokens"]) // (self.seq_len + 1)
             if rows < self.batch_size:
                 raise self._too_small(split, meta["num_tokens"], rows, "")
+            self._check_token_range(split_dir, meta)
+
+    def _check_token_range(self, split_dir: Path, meta: dict[str, Any]) -> None:
+        """Raises naming the chunk file when a stored token id lies outside ``[0, vocab_size)``. Reads every
+        token of the split once, memory-mapped (litdata's token chunk: a uint32 item count, ``count + 1``
+        uint32 offsets, then the tokens); a layout it does not know is left to the collate's check."""
+        index = json.loads((split_dir / "index.json").read_text())
+        config = index.get("config") or {}
+        if config.get("compression") or "dtype" not in meta:
+            return
+        dtype = np.dtype(meta["dtype"])
+        step = 1 << 24  # tokens per read
+        for chunk in index.get("chunks", []):
+            path, count = split_dir / chunk["filename"], chunk.get("dim")
+            header = (int(chunk["chunk_size"]) + 2) * 4
+            if count is None or not path.is_file() or path.stat().st_size != header + int(count) * dtype.itemsize:
+                continue
+            if int(count) == 0:
+                continue
+            tokens = np.memmap(path, dtype=dtype, mode="r", offset=header, shape=(int(count),))
+            for start in range(0, int(count), step):
+                part = tokens[start:start + step]
+                low, high = int(part.min()), int(part.max())
+                if low < 0 or high >= self.vocab_size:
+                    raise ValueError(
+                        f"{path} holds token ids outside the vocabulary [0, {self.vocab_size}) of tokenizer "
+                        f"{self.tokenizer.name!r} (min {low}, max {high} among its tokens {start}.."
+                        f"{start + len(part) - 1}); "
+                        "prepare the data again with this tokenizer"
+                    )
 
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
         split_dir = self._split_dir(split)
@@ -237,10 +279,24 @@ class TextDataModule(L.LightningDataModule):
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the train loader's position; applied when ``train_dataloader`` builds the loader."""
+        """Remember the train loader's position; applied when ``train_dataloader`` builds the loader.
+
+        With another ``num_workers`` than the checkpoint's, litdata deals the epoch's remaining blocks over the
+        new workers and each drops its last partial batch: a warning says how many blocks may be skipped.
+        """
         state = state_dict.get("train_loader")
         if state is None:
             return
+        dataset_state = state.get("dataset", {})
+        saved_workers = dataset_state.get("num_workers")
+        if saved_workers is not None and max(saved_workers, 1) != max(self.num_workers, 1) \
+                and dataset_state.get("sample_in_epoch", 0) > 0:
+            logger.warning(
+                "resuming mid-epoch with num_workers=%d, the checkpoint was written with %d: litdata deals the "
+                "epoch's remaining blocks over the new workers and each drops its last partial batch, so up to "
+                "%d blocks of this epoch may be skipped (later epochs are whole); resume with num_workers=%d "
+                "to continue exactly", self.num_workers, saved_workers,
+                max(self.num_workers, 1) * (self.batch_size - 1), saved_workers)
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state)
         else:

@@ -22,6 +22,7 @@ from mom_lit.interop.fla import FLA_MODEL_TYPES, load_fla
 from mom_lit.interop.hub import MODEL_TYPE, read_pretrained, write_pretrained
 from mom_lit.interop.io import build_model, read_json, require_directory
 from mom_lit.model import MoMForCausalLM
+from mom_lit.safe_load import load_checkpoint_file
 
 __all__ = ["LoadedModel", "PRETRAINED_MODEL_TYPE", "export_lightning_checkpoint", "load_checkpoint",
            "load_lightning_checkpoint", "load_pretrained", "read_lightning_checkpoint", "save_pretrained"]
@@ -79,7 +80,8 @@ def _canonical(name: str) -> str:
 def read_lightning_checkpoint(path: str | Path) -> tuple[MoMConfig, dict[str, torch.Tensor], str | None]:
     """(config, model parameters with ``MoMForCausalLM`` names, tokeniser spec or None) of a ``.ckpt`` file.
 
-    The file is a pickle: load only checkpoints you trust.
+    Loaded without running code (:func:`~mom_lit.safe_load.load_checkpoint_file`): a file holding anything but
+    tensors, plain values and mom_lit's own types is refused with ``UnsafeCheckpointError``.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -87,7 +89,7 @@ def read_lightning_checkpoint(path: str | Path) -> tuple[MoMConfig, dict[str, to
     if path.is_dir():
         raise ValueError(f"{path} is a directory: a sharded (distributed) Lightning checkpoint. Consolidate it "
                          f"into one file first: python -m lightning.pytorch.utilities.consolidate_checkpoint {path}")
-    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt: dict[str, Any] = load_checkpoint_file(path, map_location="cpu")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     hparams = ckpt.get("hyper_parameters") or {}

@@ -11,7 +11,8 @@ import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from mom_lit.config import ConfigError
+from mom_lit.config import ConfigError, MoMConfig
+from mom_lit.safe_load import safe_checkpoint_types
 from mom_lit.training.faults import check_output_dirs, install_fault_tolerance, verify_checkpoint_file
 from mom_lit.training.module import MoMLightningModule
 
@@ -45,11 +46,42 @@ def config_files(argv: list[str] | tuple[str, ...]) -> list[str]:
     return files
 
 
+def given_vocab_size(config: Any, files: list[str]) -> int | None:
+    """``model.config.vocab_size`` as set in a config file (the command line refuses it: it is linked from the
+    data module), or None when it was left unset: a value other than the field's default, or the key found in
+    one of the ``--config`` ``files``."""
+    value = getattr(getattr(getattr(config, "model", None), "config", None), "vocab_size", None)
+    if value is None:
+        return None
+    if value != MoMConfig.__dataclass_fields__["vocab_size"].default:
+        return value
+    for path in files:
+        try:
+            with open(path) as stream:
+                data = yaml.safe_load(stream)
+        except (OSError, yaml.YAMLError):
+            continue
+        model = data.get("model") if isinstance(data, dict) else None
+        model_config = model.get("config") if isinstance(model, dict) else None
+        if isinstance(model_config, dict) and "vocab_size" in model_config:
+            return value
+    return None
+
+
+def check_vocab_size(given: int | None, datamodule: Any) -> None:
+    """Refuses a ``model.config.vocab_size`` that differs from the data module's, which the run would use."""
+    data_vocab = getattr(datamodule, "vocab_size", None)
+    if given is not None and data_vocab is not None and given != data_vocab:
+        raise ValueError(f"model.config.vocab_size={given} conflicts with the data module's vocab_size={data_vocab} "
+                         "(the model's vocabulary comes from the tokenizer): remove model.config.vocab_size or set "
+                         f"it to {data_vocab}")
+
+
 class MoMLightningCLI(LightningCLI):
     """LightningCLI for :class:`MoMLightningModule` and any data module given by ``data.class_path``.
 
     ``model.config.vocab_size`` is not set by hand: it is linked from the instantiated data module's
-    ``vocab_size`` (so it cannot appear in a config file either).
+    ``vocab_size``. The command line refuses it; a config file may only repeat the data module's value.
 
     ``--ckpt_path last`` resumes the newest run of the configured logger (``save_dir/name/version_N``) from
     its ``checkpoints/last.ckpt`` and keeps logging into that run's folder; Lightning on its own would look
@@ -57,10 +89,13 @@ class MoMLightningCLI(LightningCLI):
 
     Every Trainer it builds writes checkpoints atomically and saves ``last.ckpt`` and stops on SIGTERM/SIGUSR1
     (see :func:`~mom_lit.training.faults.install_fault_tolerance`); its output folders are checked for
-    writability before anything runs.
+    writability before anything runs. A checkpoint to resume from (given, or found by ``last``) is checked for
+    damage and for content whose loading would run code before anything is written.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
+        self._config_files: list[str] = []
+        self._given_vocab_size: int | None = None
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(MoMLightningModule, LightningDataModule, subclass_mode_data=True, args=args, run=run,
                          **kwargs)
@@ -71,7 +106,8 @@ class MoMLightningCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         # jsonargparse reports a YAML syntax error without the file it came from.
         argv = sys.argv[1:] if args is None else args
-        for path in config_files(argv) if isinstance(argv, (list, tuple)) else ():
+        self._config_files = config_files(argv) if isinstance(argv, (list, tuple)) else []
+        for path in self._config_files:
             try:
                 with open(path) as stream:  # the stream's name puts the file into the error's positions
                     yaml.safe_load(stream)
@@ -90,9 +126,16 @@ class MoMLightningCLI(LightningCLI):
             if Path(ckpt_path).is_file():  # a folder is a sharded checkpoint, read by its strategy
                 verify_checkpoint_file(ckpt_path)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of a given checkpoint with weights_only=True: mom_lit's own
+        # types are allowed there too (parse_arguments already refused a file holding anything else).
+        with safe_checkpoint_types():
+            super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            check_vocab_size(self._given_vocab_size, self.datamodule)
         except ConfigError as err:
             # A field out of range is a usage error: one line, like a type error found while parsing.
             self.parser.error(f"model.config: {err}")
@@ -128,12 +171,14 @@ class MoMLightningCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None or config.get("ckpt_path") != "last":
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        self._given_vocab_size = given_vocab_size(config, self._config_files)
+        if not self.subcommand or config is None or config.get("ckpt_path") != "last":
             return
         found = latest_run_checkpoint(config.trainer.logger)
         if found is not None:
             version, path = found
+            verify_checkpoint_file(path)  # before the run's folder receives a config file or event files
             config.trainer.logger.init_args.version = version
             config.ckpt_path = str(path)
 

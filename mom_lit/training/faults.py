@@ -19,6 +19,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from mom_lit.safe_load import UnsafeCheckpointError, load_checkpoint_file
+
 NONFINITE_POLICIES = ("skip", "stop")
 
 
@@ -154,19 +156,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        verify_checkpoint_file(path)
+        """Loads ``path`` without running code whatever ``weights_only`` asks (see :mod:`mom_lit.safe_load`)."""
+        verify_checkpoint_file(path, content=False)
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            return load_checkpoint_file(path, map_location=map_location)
+        except UnsafeCheckpointError:
+            raise
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({err})") from err
 
 
-def verify_checkpoint_file(path: _PATH) -> None:
-    """Raises an error naming ``path`` unless it is a complete, undamaged ``torch.save`` archive.
+def verify_checkpoint_file(path: _PATH, content: bool = True) -> None:
+    """Raises an error naming ``path`` unless it is a complete, undamaged ``torch.save`` archive and, with
+    ``content``, holds nothing whose loading would run code (:class:`~mom_lit.safe_load.UnsafeCheckpointError`).
 
     A truncated file lacks the archive's central directory (at its very end); damage inside it fails the
     CRC-32 that ``torch.save`` stores for every record. ``torch.load`` checks neither: a flipped byte in a
-    tensor would load silently. Costs one read of the file.
+    tensor would load silently. Costs one read of the file; the content check unpickles it with its tensors
+    memory-mapped.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -177,6 +184,13 @@ def verify_checkpoint_file(path: _PATH) -> None:
         raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({err})") from err
     if damaged is not None:
         raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt (CRC mismatch in record {damaged!r})")
+    if content:
+        try:
+            load_checkpoint_file(path, mmap=True)
+        except UnsafeCheckpointError:
+            raise
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({err})") from err
 
 
 # Output folders ---------------------------------------------------------------------------------------------------
@@ -199,6 +213,24 @@ def unwritable_reason(folder: _PATH) -> str | None:
     return None
 
 
+def creation_failure(folder: _PATH) -> str | None:
+    """Why no folder can be created on the way to ``folder``, found by creating (and removing) a uniquely named
+    one in its nearest existing ancestor: a folder that passes :func:`unwritable_reason`, e.g. under ``/proc``,
+    may still refuse. None when it can be created. The unique name keeps ranks that check at once apart."""
+    path = Path(folder).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if existing == path:
+        return None
+    try:
+        probe = tempfile.mkdtemp(prefix=".mom_lit-probe-", dir=existing)
+    except OSError as err:
+        return f"no folder can be created in {existing} ({err.strerror or err}, creating {path})"
+    os.rmdir(probe)
+    return None
+
+
 def check_output_dirs(trainer: L.Trainer) -> None:
     """Raises :class:`OutputDirError` naming the folder and setting, before anything is trained or written,
     when a folder the run writes to (logger ``save_dir``, else ``default_root_dir``, and checkpoint
@@ -212,7 +244,7 @@ def check_output_dirs(trainer: L.Trainer) -> None:
     for setting, folder in folders:
         if "://" in str(folder):
             continue
-        reason = unwritable_reason(folder)
+        reason = unwritable_reason(folder) or creation_failure(folder)
         if reason is not None:
             raise OutputDirError(f"cannot write the run's output to {setting} {str(folder)!r}: {reason}; "
                                  "choose another folder")
