@@ -1,11 +1,11 @@
-"""Sample text from a trained MoM model, streaming it to the terminal.
+"""``mom-lit generate``: sample text from a trained MoM model, streaming it to the terminal.
 
 ::
 
-    python -m mom_lit.generate --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt \\
+    mom-lit generate --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt \\
         --prompt "ROMEO:" --max_new_tokens 200 --temperature 0.8 --top_k 50 --seed 0
 
-``--checkpoint`` is a Lightning ``.ckpt`` of the training module, a directory written by ``tools/convert.py``
+``--checkpoint`` is a Lightning ``.ckpt`` of the training module, a directory written by ``mom-lit convert``
 (mom_lit format) or an fla ``MomForCausalLM`` / ``GatedDeltaNetForCausalLM`` directory. The tokenizer is the one
 recorded with the checkpoint (the data module's ``tokenizer`` in a Lightning checkpoint, the ``tokenizer`` entry
 of a mom_lit directory, a ``tokenizer.json`` beside fla weights), else ``"byte"``; ``--tokenizer`` overrides it.
@@ -181,11 +181,14 @@ def sample_tokens(
 
 
 # Command line ---------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mom_lit.generate", description=__doc__,
+PROG = "mom-lit generate"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="Lightning .ckpt, mom_lit directory (tools/convert.py) or fla checkpoint directory")
+                        help="Lightning .ckpt, mom_lit directory (mom-lit convert) or fla checkpoint directory")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text to continue; repeat for several prompts (default: one empty prompt)")
     parser.add_argument("--tokenizer", default=None,
@@ -264,13 +267,13 @@ def _run(model: MoMForCausalLM, tokenizer: Tokenizer, texts: Sequence[str], prom
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None,
-         on_piece: Callable[[int, str], None] | None = None) -> int:
+         on_piece: Callable[[int, str], None] | None = None, prog: str = PROG) -> int:
     """Run the command; ``on_piece(prompt_index, text)`` sees every streamed piece (used by tests)."""
     from mom_lit.interop import load_checkpoint
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         _check_args(args)
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -287,7 +290,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         texts = args.prompt if args.prompt else [""]
         prompts = _encode(tokenizer, texts, loaded.config.vocab_size)
     except (FileNotFoundError, NotADirectoryError, TokenizerNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=err)
+        print(f"{prog}: error: {error}", file=err)
         return 2
 
     generator = None
@@ -314,4 +317,4 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m mom_lit.generate"))

@@ -1,9 +1,8 @@
-"""``tools/prepare_data.py`` on folders of files: selection, bad files, duplicates, splits, a trained BPE, failures."""
+"""``mom-lit prepare`` on folders of files: selection, bad files, duplicates, splits, a trained BPE, failures."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mom_lit.data import prepare_cli as tool
 from mom_lit.data.datamodule import TextDataModule
 from mom_lit.data.prepare import META_FILENAME, read_meta
 from mom_lit.data.sources import python_library_dirs
@@ -24,18 +24,6 @@ from mom_lit.training.cli import cli_main
 from test_training import TINY_QUICKSTART
 
 ROOT = Path(__file__).parents[1]
-TOOL = ROOT / "tools" / "prepare_data.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("prepare_data_tool", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict | None, str]:
@@ -371,9 +359,9 @@ def test_failure_exit_code_through_a_subprocess(tmp_path: Path) -> None:
     src.write_text('{"text": "one"}\n{"body": "two"}\n')
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(TOOL), str(src), "-o", str(out), "--quiet"],
+        [sys.executable, "-m", "mom_lit", "prepare", str(src), "-o", str(out), "--quiet"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.strip() == f"prepare_data: error: {src} line 2: no field 'text' (set text_field)"
+    assert result.stderr.strip() == f"mom-lit prepare: error: {src} line 2: no field 'text' (set text_field)"
     assert not out.exists()

@@ -1,13 +1,12 @@
-#!/usr/bin/env python
-"""Tokenise local files into litdata token chunks for ``TextDataModule``.
+"""``mom-lit prepare``: tokenise local files into litdata token chunks for ``TextDataModule``.
 
 Examples::
 
     # .txt / .jsonl / .parquet files, byte tokenizer
-    python tools/prepare_data.py data/raw/ --output_dir data/prepared --tokenizer byte --val_fraction 0.01
+    mom-lit prepare data/raw/ --output_dir data/prepared --tokenizer byte --val_fraction 0.01
 
     # this Python's standard library and site-packages as a code corpus, with a 16K BPE trained on it
-    python tools/prepare_data.py --python_library --include '*.py' --include '*.md' --include '*.rst' \\
+    mom-lit prepare --python_library --include '*.py' --include '*.md' --include '*.rst' \\
         --train_bpe 16384 -o data/code --val_fraction 0.005 --seed 0
 
 writes ``OUT/{train,val}/`` (chunks, ``index.json``, ``mom_lit_meta.json``) and, for a Hugging Face tokenizer,
@@ -31,8 +30,12 @@ from mom_lit.data.prepare import SUPPORTED_SUFFIXES, prepare_dataset, summarize
 from mom_lit.data.sources import BAD_FILE_POLICIES
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "mom-lit prepare"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "sources", nargs="*", help=f"files ({', '.join(SUPPORTED_SUFFIXES)}, or matching --include) or folders"
     )
@@ -86,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Run the command on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not args.sources and not args.python_library:
         parser.error("name files or folders to read, or pass --python_library")
@@ -116,14 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, OSError, ImportError) as err:
         message = " ".join(str(err).split())  # one line, whatever the message holds
-        print(f"prepare_data: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("prepare_data: interrupted; nothing was left behind", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing was left behind", file=sys.stderr)
         return 130
     print(json.dumps({"output_dir": os.path.abspath(args.output_dir), **summarize(metas)}, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,16 @@
-#!/usr/bin/env python
-"""Convert MoM checkpoints between a Lightning ``.ckpt``, a mom_lit directory and flash-linear-attention (fla).
+"""``mom-lit convert``: convert MoM checkpoints between a Lightning ``.ckpt``, a mom_lit directory and
+flash-linear-attention (fla).
 
 Examples::
 
     # Lightning checkpoint -> mom_lit directory (config.json + model.safetensors), the input of generation
-    python tools/convert.py runs/quickstart/version_0/checkpoints/last.ckpt exported/quickstart
+    mom-lit convert runs/quickstart/version_0/checkpoints/last.ckpt exported/quickstart
 
     # fla MomForCausalLM / GatedDeltaNetForCausalLM directory -> mom_lit directory
-    python tools/convert.py path/to/fla_model exported/fla_model
+    mom-lit convert path/to/fla_model exported/fla_model
 
     # any of them -> an fla directory that fla's AutoModelForCausalLM.from_pretrained loads
-    python tools/convert.py exported/quickstart fla/quickstart --to fla --dtype bfloat16
+    mom-lit convert exported/quickstart fla/quickstart --to fla --dtype bfloat16
 
 The source kind is detected: a file is a Lightning checkpoint, a directory is told apart by its config.json
 (``model_type`` "mom_lit", "mom" or "gated_deltanet"). ``--to fla`` writes fla's "gated_deltanet" for a
@@ -34,8 +34,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TARGETS = ("mom_lit", "fla", FLA_MOM, FLA_GDN)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "mom-lit convert"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a Lightning .ckpt file, a mom_lit directory or an fla directory")
     parser.add_argument("output_dir", help="directory to write (created; existing files are overwritten)")
     parser.add_argument("--to", choices=TARGETS, default="mom_lit",
@@ -72,16 +76,14 @@ def convert(source: str | Path, output_dir: str | Path, to: str = "mom_lit", dty
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Run the command on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser(prog).parse_args(argv)
     try:
         out = convert(args.source, args.output_dir, args.to, DTYPES.get(args.dtype), args.tokenizer)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     print(out)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
