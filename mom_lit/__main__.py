@@ -7,6 +7,7 @@
     mom-lit generate --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt --prompt "ROMEO:"
     mom-lit convert runs/quickstart/version_0/checkpoints/last.ckpt exported/quickstart
     mom-lit evaluate --model mom_lit --model_args checkpoint=exported/quickstart --tasks lambada_openai
+    mom-lit evaluate length --checkpoint exported/quickstart --max-length 32768 --train-length 256
 
 ``fit``, ``validate`` and ``test`` are LightningCLI's (``--config`` takes a path or a shipped config's name);
 the others are small argparse programs. Each verb's module is imported only when the verb runs.
@@ -38,7 +39,8 @@ VERBS: dict[str, Verb] = {
     "prepare": Verb("mom_lit.data.prepare_cli", "tokenise .txt/.jsonl/.parquet files into the chunks fit reads"),
     "generate": Verb("mom_lit.generate", "sample text from a checkpoint, streamed to the terminal"),
     "convert": Verb("mom_lit.interop.convert_cli", "convert between a Lightning .ckpt, a mom_lit and an fla directory"),
-    "evaluate": Verb("mom_lit.eval.__main__", "lm-evaluation-harness tasks on a checkpoint (needs mom_lit[eval])"),
+    "evaluate": Verb("mom_lit.eval.__main__", "lm-evaluation-harness tasks (needs mom_lit[eval]); `evaluate length`: "
+                     "loss against position in the context"),
 }
 # LightningCLI's predict has nothing to predict for a language model: sampling is `generate`.
 NOT_OFFERED = {"predict": "use `mom-lit generate` to sample text, `mom-lit validate`/`test` for losses"}

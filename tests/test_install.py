@@ -1,5 +1,6 @@
 """A built wheel, installed into a fresh virtual environment, runs every verb of ``mom-lit`` from a folder outside
-the repository: prepare a tiny text folder, fit the quickstart config by name, generate, convert, evaluate.
+the repository: prepare a tiny text folder, fit the quickstart config by name, generate, convert, evaluate (the
+loss against context length, and lm_eval's tasks where lm_eval is installed).
 
 The venv sees the system's site-packages (torch and the other dependencies are reused; nothing is downloaded) but
 imports mom_lit from the wheel, which ``mom-lit --version`` shows.
@@ -101,9 +102,15 @@ def test_installed_wheel_runs_every_verb_outside_the_repository(venv, tmp_path):
     assert mom_lit("convert", str(checkpoint), "exported").stdout.strip() == "exported"
     assert (work / "exported" / "model.safetensors").is_file()
 
+    table = mom_lit("evaluate", "length", "--checkpoint", "exported", "--text", "texts", "--max-length", "64",
+                    "--chunk-size", "32", "--first-bucket", "32").stdout
+    assert table.splitlines()[2:] and [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        "0-32", "32-64"], table
+
     if importlib.util.find_spec("lm_eval") is None:
         refused = mom_lit("evaluate", "--tasks", "x", ok=False)
         assert "mom-lit evaluate needs lm-evaluation-harness: pip install 'mom_lit[eval]'" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
         return
     data = REPO / "tests" / "data" / "lm_eval_tiny.jsonl"
     (work / "tasks").mkdir()

@@ -3,6 +3,7 @@ checked in ``test_install.py``)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
+        if not isinstance(stop.code, int) and stop.code is not None:
+            print(stop.code, file=sys.stderr)  # as the interpreter does on exit
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -110,3 +113,7 @@ def test_each_verb_reaches_its_program(capsys, tmp_path):
     assert code == 1 and err.startswith("mom-lit prepare: error:") and not (tmp_path / "data").exists()
     code, out, _ = run(capsys, "convert", "--help")
     assert code == 0 and out.startswith("usage: mom-lit convert")
+    code, _, err = run(capsys, "evaluate", "length", "--max-length", "64")
+    assert code == 1 and err == "--checkpoint is required (or --replot JSON)\n"
+    code, out, _ = run(capsys, "evaluate", "length", "--help")
+    assert code == 0 and out.startswith("usage: mom-lit evaluate length")
