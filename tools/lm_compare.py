@@ -10,7 +10,7 @@ plus any overrides after ``--``) with the CLI's own parser, derives ``trainer.ma
 the tokens per optimizer step (rounded up to a whole number of validation intervals, so the run ends with a
 validation and its checkpoint), prints them, and runs ``python -m mom_lit fit`` with its output teed to
 ``OUT/fit.log``. Both variants read the same data in the same order (``--seed`` seeds the model and the data
-order). Then ``tools/eval_length.py`` scores the final checkpoint against position up to ``--length-factor`` x
+order). Then ``mom-lit evaluate length`` scores the final checkpoint against position up to ``--length-factor`` x
 the training context on held-out documents of the data's ``val`` split (``OUT/length.json``), and ``summarize``
 writes ``OUT/summary.json``.
 
@@ -96,7 +96,7 @@ def data_tokenizer(data_dir: Path) -> str:
 
     for split in ("train", "val"):
         if not (data_dir / split).is_dir():
-            raise SystemExit(f"--data {data_dir} has no {split}/ split: prepare it with tools/prepare_data.py")
+            raise SystemExit(f"--data {data_dir} has no {split}/ split: prepare it with mom-lit prepare")
     if (data_dir / "tokenizer.json").is_file():
         return str(data_dir / "tokenizer.json")
     return read_meta(data_dir / "train")["tokenizer"]
@@ -187,11 +187,11 @@ def final_checkpoint(out: Path) -> Path:
 
 
 def evaluate_length(out: Path, data: Path, tokenizer: str, seq_len: int, args: argparse.Namespace) -> None:
-    """tools/eval_length.py on the final checkpoint, on the held-out documents longer than the training context."""
+    """``mom-lit evaluate length`` on the final checkpoint, on the held-out documents longer than the training
+    context."""
     import torch
 
-    sys.path.insert(0, str(TOOLS))
-    import eval_length
+    from mom_lit.eval.length_cli import main as length_main
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     length_args = ["--checkpoint", str(final_checkpoint(out)), "--tokenizer", tokenizer, "--split", str(data / "val"),
@@ -199,9 +199,9 @@ def evaluate_length(out: Path, data: Path, tokenizer: str, seq_len: int, args: a
                    "--chunk-size", str(seq_len), "--batch-size", str(args.length_batch), "--max-docs",
                    str(args.length_docs), "--train-length", str(seq_len), "--device", device, "--out",
                    str(out / "length"), "--title", f"{args.label}: loss against position"]
-    print("[lm_compare] python tools/eval_length.py " + shlex.join(length_args), flush=True)
+    print("[lm_compare] mom-lit evaluate length " + shlex.join(length_args), flush=True)
     start = time.perf_counter()
-    eval_length.main(length_args)
+    length_main(length_args)
     print(f"[lm_compare] length evaluation took {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train one variant, evaluate it against position, summarise it")
     r.add_argument("--variant", choices=VARIANTS, required=True, help="mom (the config) or gdn (plus its overlay)")
-    r.add_argument("--data", required=True, help="folder prepared by tools/prepare_data.py (train/, val/)")
+    r.add_argument("--data", required=True, help="folder prepared by mom-lit prepare (train/, val/)")
     r.add_argument("--tokens", type=float, required=True, help="training tokens (e.g. 60e6)")
     r.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and of the data order")
     r.add_argument("--out", required=True, help="the run's folder (must not hold a run yet)")

@@ -2,7 +2,7 @@
 
 * ``STEM_loss.png``: loss against training tokens, one colour per run: validation loss (markers, solid) and the
   training loss (thin, lighter).
-* ``STEM_length.png``: loss against position in the context (buckets of ``tools/eval_length.py``), one line per
+* ``STEM_length.png``: loss against position in the context (buckets of ``mom-lit evaluate length``), one line per
   run that has a length evaluation, with the training context marked.
 
 Usage::

@@ -1,6 +1,6 @@
-"""Evaluation: token scoring of packed or chunked sequences, loss against context length, and the
-lm-evaluation-harness model ``mom_lit`` (:mod:`mom_lit.eval.lm_eval_adapter`, needs ``pip install lm_eval``;
-``python -m mom_lit.eval`` runs lm_eval's command line with it registered)."""
+"""Evaluation: token scoring of packed or chunked sequences, loss against context length (``mom-lit evaluate
+length``), and the lm-evaluation-harness model ``mom_lit`` (:mod:`mom_lit.eval.lm_eval_adapter`, needs
+``pip install lm_eval``; ``mom-lit evaluate`` runs lm_eval's command line with it registered)."""
 
 from mom_lit.eval.length import PositionLoss, bucket_edges, position_loss
 from mom_lit.eval.scoring import TokenScores, pack_batches, score_continuations

@@ -1,9 +1,9 @@
 """lm-evaluation-harness model ``mom_lit``: evaluate a MoM checkpoint on any lm_eval task.
 
 Importing this module registers the model name with lm_eval (``pip install "mom_lit[eval]"``). The command line
-is ``python -m mom_lit.eval``, which takes lm_eval's own arguments::
+is ``mom-lit evaluate`` (also ``python -m mom_lit.eval``), which takes lm_eval's own arguments::
 
-    python -m mom_lit.eval --model mom_lit \\
+    mom-lit evaluate --model mom_lit \\
         --model_args checkpoint=runs/quickstart/version_0/checkpoints/last.ckpt \\
         --tasks lambada_openai,hellaswag --batch_size auto --output_path results/
 

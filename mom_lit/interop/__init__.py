@@ -1,6 +1,6 @@
 """Checkpoint formats: flash-linear-attention (fla) directories, Lightning ``.ckpt`` files, mom_lit directories.
 
-``python tools/convert.py --help`` converts between them from the command line.
+``mom-lit convert --help`` converts between them from the command line.
 """
 
 from mom_lit.interop.fla import (FLA_GDN, FLA_MODEL_TYPES, FLA_MOM, config_from_fla, config_to_fla,

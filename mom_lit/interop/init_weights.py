@@ -34,7 +34,7 @@ def architecture_differences(run: MoMConfig, weights: MoMConfig) -> list[str]:
 def load_init_weights(source: str | Path, config: MoMConfig) -> dict[str, torch.Tensor]:
     """The parameters (``MoMForCausalLM`` names, as stored) of the model in ``source`` for a run of ``config``.
 
-    ``source`` is a directory written by ``MoMForCausalLM.save_pretrained`` / ``tools/convert.py`` (either
+    ``source`` is a directory written by ``MoMForCausalLM.save_pretrained`` / ``mom-lit convert`` (either
     ``config.json`` layout), an fla ``MomForCausalLM`` / ``GatedDeltaNetForCausalLM`` directory, or a
     ``MoMLightningModule`` checkpoint file, of which only the model's parameters are taken.
 

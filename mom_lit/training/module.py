@@ -68,7 +68,7 @@ class MoMLightningModule(L.LightningModule):
             memory went non-finite in a re-run of the step's forward pass. The check costs one host
             synchronisation per optimizer step.
         init_weights: start a NEW run from these weights: an exported model directory (``save_pretrained``,
-            ``tools/convert.py``), an fla directory or a ``.ckpt`` file, whose architecture must be
+            ``mom-lit convert``), an fla directory or a ``.ckpt`` file, whose architecture must be
             ``config``'s (the differing fields are named otherwise). Only the parameters are taken: optimizer,
             step, schedule and data position start afresh, unlike resuming with ``--ckpt_path`` (whose weights
             replace these). Loaded here, before the Trainer runs or writes anything; recorded in checkpoints
