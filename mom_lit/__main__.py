@@ -24,18 +24,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 PROG = "mom-lit"
-LIGHTNING_VERBS = ("fit", "validate", "test")
 
 
 class Verb(NamedTuple):
-    module: str  # its `main(argv, prog)` runs the verb (LightningCLI's verbs: see `_run_lightning`)
+    module: str | None  # its `main(argv, prog)` runs the verb; None: a LightningCLI subcommand
     help: str
 
 
 VERBS: dict[str, Verb] = {
-    "fit": Verb("mom_lit.training.cli", "train a model (LightningCLI); --ckpt_path last resumes the newest run"),
-    "validate": Verb("mom_lit.training.cli", "the validation loss of a checkpoint (--ckpt_path) on the val split"),
-    "test": Verb("mom_lit.training.cli", "the loss of a checkpoint (--ckpt_path) on the test split"),
+    "fit": Verb(None, "train a model (LightningCLI); --ckpt_path last resumes the newest run"),
+    "validate": Verb(None, "the validation loss of a checkpoint (--ckpt_path) on the val split"),
+    "test": Verb(None, "the loss of a checkpoint (--ckpt_path) on the test split"),
     "prepare": Verb("mom_lit.data.prepare_cli", "tokenise .txt/.jsonl/.parquet files into the chunks fit reads"),
     "generate": Verb("mom_lit.generate", "sample text from a checkpoint, streamed to the terminal"),
     "convert": Verb("mom_lit.interop.convert_cli", "convert between a Lightning .ckpt, a mom_lit and an fla directory"),
@@ -105,10 +104,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         close = difflib.get_close_matches(name, VERBS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         _fail(f"{name!r} is not a verb{hint}; the verbs: {', '.join(VERBS)} (`{PROG} --help` describes them)")
-    if name in LIGHTNING_VERBS:
+    module = VERBS[name].module
+    if module is None:
         _run_lightning(name, rest, from_command_line)
         return
-    code = importlib.import_module(VERBS[name].module).main(rest, prog=f"{PROG} {name}")
+    code = importlib.import_module(module).main(rest, prog=f"{PROG} {name}")
     if code:
         sys.exit(code)
 
