@@ -138,3 +138,27 @@ def test_installed_wheel_runs_every_verb_outside_the_repository(venv, tmp_path):
     (result,) = (work / "results").rglob("results_*.json")
     accuracy = json.loads(result.read_text())["results"]["tiny_mc"]["acc,none"]
     assert accuracy * 5 == pytest.approx(round(accuracy * 5))  # a share of the file's 5 questions
+
+
+@pytest.mark.slow
+def test_editable_install_finds_the_shipped_configs_in_the_checkout(tmp_path):
+    """``pip install -e .`` maps the package onto the checkout: the configs are read from its ``configs/``."""
+    reason = _missing_build_backend()
+    if reason is not None:
+        pytest.skip(reason)
+    _copy_sources(tmp_path / "src")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(tmp_path / "venv")],
+                   check=True, capture_output=True)
+    bin_dir = tmp_path / "venv" / "bin"
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "--disable-pip-version-check", "install", "--no-deps",
+                    "--no-index", "--no-build-isolation", "-q", "-e", str(tmp_path / "src")], check=True,
+                   capture_output=True, env=_env(bin_dir))
+    # A mark only this checkout's copy of the config carries: the command must read it from there.
+    config = tmp_path / "src" / "configs" / "quickstart.yaml"
+    assert "\nseed_everything: 1234\n" in config.read_text()
+    config.write_text(config.read_text().replace("\nseed_everything: 1234\n", "\nseed_everything: 4321\n"))
+    (tmp_path / "work").mkdir()
+    proc = subprocess.run([str(bin_dir / "mom-lit"), "fit", "--config", "quickstart", "--print_config"],
+                          cwd=tmp_path / "work", env=_env(bin_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "\nseed_everything: 4321\n" in proc.stdout
