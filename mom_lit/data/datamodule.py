@@ -1,6 +1,6 @@
 """``TextDataModule``: streams prepared token chunks into batches of the training contract.
 
-Data come from a folder written by :func:`mom_lit.data.prepare.prepare_dataset` (``tools/prepare_data.py``)
+Data come from a folder written by :func:`mom_lit.data.prepare.prepare_dataset` (``mom-lit prepare``)
 or, by default, from the embedded Shakespeare corpus, prepared on first use. Rows are non-overlapping blocks
 of ``seq_len + 1`` consecutive tokens (``input_ids`` = the first ``seq_len``, ``labels`` = the last
 ``seq_len``); see :mod:`mom_lit.data.packing` for the batch contract and the document-boundary convention.
@@ -166,7 +166,7 @@ class TextDataModule(L.LightningDataModule):
         if not split_dir.is_dir():
             raise FileNotFoundError(
                 f"{self.root} has no {split!r} split (found {[s for s in SPLITS if (self.root / s).is_dir()]}); "
-                f"prepare it (tools/prepare_data.py, --val_fraction/--test_fraction) or disable that stage"
+                f"prepare it (mom-lit prepare, --val_fraction/--test_fraction) or disable that stage"
             )
         return split_dir
 
