@@ -127,4 +127,3 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return 130
     print(json.dumps({"output_dir": os.path.abspath(args.output_dir), **summarize(metas)}, indent=2))
     return 0
-

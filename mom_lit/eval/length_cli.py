@@ -207,4 +207,3 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> list[dict]:
     if args.out is not None:
         _write(rows, meta, Path(args.out), args.title)
     return rows
-

@@ -86,4 +86,3 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return 2
     print(out)
     return 0
-
