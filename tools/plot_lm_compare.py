@@ -17,25 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import textwrap
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _figure(**kwargs):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise SystemExit(f"the plots need matplotlib (pip install matplotlib): {error}")
-    return Figure(**kwargs)
-
-
-def _footnote(fig, note: str) -> None:
-    lines = textwrap.wrap(note, width=int(fig.get_figwidth() * 19)) if note else []
-    for i, line in enumerate(lines):
-        fig.text(0.01, 0.01 + 0.03 * (len(lines) - 1 - i), line, fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.01 + 0.03 * len(lines), 1, 1))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tool's figure helpers
+from plot_training import add_footnote, new_figure  # noqa: E402
 
 
 def _millions(n: float) -> str:
@@ -59,7 +47,7 @@ def _note(summaries: list[dict[str, Any]]) -> str:
 
 
 def plot_loss(summaries: list[dict[str, Any]], path: Path) -> None:
-    fig = _figure(figsize=(7.5, 4.6), dpi=120)
+    fig = new_figure(figsize=(7.5, 4.6), dpi=120)
     ax = fig.add_subplot()
     for i, s in enumerate(summaries):
         colour = f"C{i}"
@@ -77,7 +65,7 @@ def plot_loss(summaries: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Language-model loss at matched training tokens", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    _footnote(fig, _note(summaries))
+    add_footnote(fig, _note(summaries))
     fig.savefig(path)
 
 
@@ -85,7 +73,7 @@ def plot_length(summaries: list[dict[str, Any]], path: Path) -> bool:
     runs = [s for s in summaries if s.get("length")]
     if not runs:
         return False
-    fig = _figure(figsize=(7.5, 4.6), dpi=120)
+    fig = new_figure(figsize=(7.5, 4.6), dpi=120)
     ax = fig.add_subplot()
     for i, s in enumerate(summaries):
         if not s.get("length"):
@@ -106,7 +94,7 @@ def plot_length(summaries: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     meta = runs[0]["length"]["meta"]
-    _footnote(fig, f"{meta['documents']} held-out documents of at least {meta.get('min_length', '?')} + 1 tokens "
+    add_footnote(fig, f"{meta['documents']} held-out documents of at least {meta.get('min_length', '?')} + 1 tokens "
                    f"from {meta['source']}, chunks of {meta['chunk_size']} on the recurrent cache; a bucket averages "
                    "the documents that reach it.")
     fig.savefig(path)

@@ -58,7 +58,7 @@ def routing_series(scalars: dict[str, Series]) -> tuple[dict[int, dict[int, Seri
     return dict(sorted(layers.items())), memories
 
 
-def _figure(**kwargs):
+def new_figure(**kwargs):
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
@@ -66,7 +66,7 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def _footnote(fig, note: str) -> None:
+def add_footnote(fig, note: str) -> None:
     """``note`` in small grey lines under the axes, wrapped to the figure's width; leaves room for it."""
     lines = textwrap.wrap(note, width=int(fig.get_figwidth() * 19)) if note else []
     for i, line in enumerate(lines):
@@ -78,7 +78,7 @@ def plot_loss(scalars: dict[str, Series], path: Path, title: str, note: str) -> 
     train = scalars.get("train/lm_loss") or scalars.get("train/loss")
     if not train:
         raise ValueError("the run has no train/lm_loss or train/loss scalars")
-    fig = _figure(figsize=(7, 4.2), dpi=120)
+    fig = new_figure(figsize=(7, 4.2), dpi=120)
     ax = fig.add_subplot()
     ax.plot(*zip(*train), label="train (each logged step)", linewidth=1.2)
     val = scalars.get("val/loss")
@@ -92,7 +92,7 @@ def plot_loss(scalars: dict[str, Series], path: Path, title: str, note: str) -> 
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    _footnote(fig, note)
+    add_footnote(fig, note)
     fig.savefig(path)
 
 
@@ -101,7 +101,7 @@ def plot_routing(scalars: dict[str, Series], path: Path, title: str, note: str) 
     if not layers:
         raise ValueError("the run has no routing/layer*/load_mem* scalars (RoutingStatsCallback was not used)")
     n = len(layers)
-    fig = _figure(figsize=(3.0 * n, 5.6), dpi=120)
+    fig = new_figure(figsize=(3.0 * n, 5.6), dpi=120)
     axes = fig.subplots(2, n, sharex=True, squeeze=False)
     for col, (layer, loads) in enumerate(layers.items()):
         ax = axes[0][col]
@@ -125,7 +125,7 @@ def plot_routing(scalars: dict[str, Series], path: Path, title: str, note: str) 
     axes[0][-1].legend(fontsize=7)
     axes[1][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    _footnote(fig, note)
+    add_footnote(fig, note)
     fig.savefig(path)
 
 
