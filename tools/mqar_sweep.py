@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
+import io
 import json
 import math
 import multiprocessing
@@ -186,6 +188,24 @@ def _init_worker(log_dir: str, threads: int) -> None:
     os.dup2(log, 2)
 
 
+class _Tee(io.TextIOBase):
+    """Writes through to ``stream`` and keeps what was written, so a refused command line's message is recorded."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.kept.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def last_line(self) -> str:
+        lines = [line for line in self.kept.getvalue().splitlines() if line.strip()]
+        return lines[-1].strip() if lines else ""
+
+
 def train_one(run: dict, settings: dict, max_time_s: float | None) -> dict:
     """Train and evaluate one run in this process; returns the run's record (status done, truncated or failed)."""
     import gc
@@ -198,8 +218,10 @@ def train_one(run: dict, settings: dict, max_time_s: float | None) -> dict:
     print(f"=== {run['run_id']}", flush=True)
     record = dict(run, log=f"worker-{os.getpid()}.log")
     start = time.perf_counter()
+    stderr = _Tee(sys.stderr)
     try:
-        cli = cli_main(args=cli_args(run, settings, max_time_s))
+        with contextlib.redirect_stderr(stderr):
+            cli = cli_main(args=cli_args(run, settings, max_time_s))
         trainer, model = cli.trainer, cli.model
         fit_s = time.perf_counter() - start
         val = _slice_metrics(trainer.callback_metrics, "val/acc_slice")
@@ -221,6 +243,8 @@ def train_one(run: dict, settings: dict, max_time_s: float | None) -> dict:
         del cli, trainer, model
     except (Exception, SystemExit) as error:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
         traceback.print_exc()
+        if isinstance(error, SystemExit) and stderr.last_line():  # the parser's one-line message, not "2"
+            error = SystemExit(stderr.last_line())
         record.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
                       traceback=traceback.format_exc()[-4000:])
     record["wall_s"] = round(time.perf_counter() - start, 1)
