@@ -7,9 +7,9 @@ metadata is checked here instead, with one message naming the setting and the fi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from mom_lit.data import remote
 from mom_lit.data.prepare import read_meta
 
 __all__ = ["train_batches_bound", "check_val_check_interval"]
@@ -24,8 +24,8 @@ def train_batches_bound(datamodule: Any, world_size: int) -> int | None:
     such attributes, no prepared metadata yet).
     """
     try:
-        root, seq_len, batch_size = Path(datamodule.root), int(datamodule.seq_len), int(datamodule.batch_size)
-        meta = read_meta(root / "train")
+        root, seq_len, batch_size = datamodule.root, int(datamodule.seq_len), int(datamodule.batch_size)
+        meta = read_meta(remote.join(root, "train"))  # root may be a URL
     except (AttributeError, TypeError, ValueError, OSError):
         return None
     rows = int(meta["num_tokens"]) // (seq_len + 1)
