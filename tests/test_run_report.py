@@ -67,6 +67,23 @@ def test_fit_reports_and_later_commands_keep_the_runs_config_and_events(tmp_path
     assert "val/loss" in event_tags(validate_dir)["scalars"]
 
 
+@pytest.mark.slow
+def test_resume_that_would_never_validate_is_refused_before_writing(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    global_count = ("--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=4")
+    run("fit", runs, "--trainer.max_steps=4", *global_count)  # validates (and saves last.ckpt) at step 4
+    config_files = sorted((runs / "quickstart" / "version_0").glob("config*.yaml"))
+    with pytest.raises(SystemExit):  # steps 5 to 7 hold no multiple of 4
+        run("fit", runs, "--trainer.max_steps=7", *global_count, "--ckpt_path", "last")
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == ("error: resumed at step 4, the run would reach trainer.max_steps=7 without validating "
+                   "(trainer.val_check_interval=4 training batches, counted from the start of the run): lower "
+                   "val_check_interval or raise max_steps")
+    assert sorted((runs / "quickstart" / "version_0").glob("config*.yaml")) == config_files
+    cli = run("fit", runs, "--trainer.max_steps=8", *global_count, "--ckpt_path", "last")  # validates at step 8
+    assert cli.trainer.global_step == 8 and "val/loss" in cli.trainer.callback_metrics
+
+
 def test_summary_before_any_validation_or_checkpoint(tmp_path):
     cli = cli_main([*TINY_QUICKSTART, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"], run=False)
     lines = run_summary(cli.trainer, None).splitlines()

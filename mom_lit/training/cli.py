@@ -13,10 +13,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from mom_lit.config import ConfigError, MoMConfig
-from mom_lit.safe_load import safe_checkpoint_types
+from mom_lit.safe_load import load_checkpoint_file, safe_checkpoint_types
 from mom_lit.training.faults import check_output_dirs, install_fault_tolerance, verify_checkpoint_file
 from mom_lit.training.module import MoMLightningModule
-from mom_lit.training.preflight import check_val_check_interval
+from mom_lit.training.preflight import check_val_check_interval, check_validation_after_resume
 from mom_lit.training.run_report import (RunConfigRecord, quiet_vendor_tips, run_summary, show_progress_messages,
                                          utc_stamp)
 
@@ -97,6 +97,15 @@ def given_vocab_size(config: Any, files: list[str]) -> int | None:
     return None
 
 
+def resumed_step(ckpt_path: str | None) -> int | None:
+    """The optimizer step a local checkpoint file was saved at (read with its tensors memory-mapped), or None
+    (no checkpoint, a URL, a sharded folder, ``last`` left unresolved: nothing to resume here)."""
+    if not ckpt_path or "://" in ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    step = load_checkpoint_file(ckpt_path, mmap=True).get("global_step")
+    return int(step) if step is not None else None
+
+
 def check_vocab_size(given: int | None, datamodule: Any) -> None:
     """Refuses a ``model.config.vocab_size`` that differs from the data module's, which the run would use."""
     data_vocab = getattr(datamodule, "vocab_size", None)
@@ -112,7 +121,8 @@ class MoMLightningCLI(LightningCLI):
     Options are matched by their full names only (``--model.config.num_layer`` is refused, not taken for
     ``num_layers``). There is no ``--optimizer``/``--lr_scheduler``: the module's own arguments set its AdamW
     and schedule. Inputs are checked before the run's folder is written, and refused in one line: a data folder
-    or tokenizer that is missing or does not fit, a ``trainer.val_check_interval`` longer than an epoch.
+    or tokenizer that is missing or does not fit, a ``trainer.val_check_interval`` longer than an epoch, a
+    resumed ``fit`` that would end without validating (see :mod:`mom_lit.training.preflight`).
 
     The run folder's ``config.yaml`` is written by the command that created the folder; a resumed ``fit`` or a
     ``validate``/``test`` of the run records its config beside it (``config.<resume|validate|test>.<time>.yaml``,
@@ -214,6 +224,9 @@ class MoMLightningCLI(LightningCLI):
                 check(stage)
             if stage == "fit":
                 check_val_check_interval(self.trainer, self.datamodule)
+                step = resumed_step(self.config["fit"].get("ckpt_path"))
+                if step is not None:
+                    check_validation_after_resume(self.trainer, step)
         except (ValueError, OSError) as err:
             self.parser.error(str(err))
 

@@ -12,7 +12,7 @@ from typing import Any
 from mom_lit.data import remote
 from mom_lit.data.prepare import read_meta
 
-__all__ = ["train_batches_bound", "check_val_check_interval"]
+__all__ = ["train_batches_bound", "check_val_check_interval", "check_validation_after_resume"]
 
 
 def train_batches_bound(datamodule: Any, world_size: int) -> int | None:
@@ -52,3 +52,21 @@ def check_val_check_interval(trainer: Any, datamodule: Any) -> None:
             f"trainer.val_check_interval={interval} exceeds the {bound} training batches of one epoch "
             f"(batch_size={datamodule.batch_size}, seq_len={datamodule.seq_len}, {trainer.world_size} rank(s)): "
             f"set it to at most {bound}, or set trainer.check_val_every_n_epoch=null to count it across epochs")
+
+
+def check_validation_after_resume(trainer: Any, resumed_step: int) -> None:
+    """Raises ``ValueError`` when a ``fit`` resumed at optimizer step ``resumed_step`` would reach
+    ``trainer.max_steps`` without validating once, validation being counted over the whole run
+    (``check_val_every_n_epoch=null``, integer ``val_check_interval`` in training batches): the run would
+    end with no validation loss and no checkpoint chosen by it, and say nothing."""
+    interval, max_steps = trainer.val_check_interval, trainer.max_steps
+    if (trainer.check_val_every_n_epoch is not None or not isinstance(interval, int) or isinstance(interval, bool)
+            or max_steps is None or max_steps < 0 or resumed_step >= max_steps or trainer.limit_val_batches == 0):
+        return
+    batches = int(trainer.accumulate_grad_batches)  # training batches per optimizer step
+    if (max_steps * batches) // interval > (resumed_step * batches) // interval:
+        return
+    raise ValueError(
+        f"resumed at step {resumed_step}, the run would reach trainer.max_steps={max_steps} without validating "
+        f"(trainer.val_check_interval={interval} training batches, counted from the start of the run): lower "
+        "val_check_interval or raise max_steps")
