@@ -147,6 +147,7 @@ class MoMLightningCLI(LightningCLI):
         self._config_files: list[str] = []
         self._given_vocab_size: int | None = None
         self._argv: list[str] | None = None
+        self._stamp: str | None = None  # the command's UTC time, set once its subcommand is known
         kwargs.setdefault("save_config_callback", RunConfigRecord)
         kwargs.setdefault("auto_configure_optimizers", False)
         no_abbrev = {"allow_abbrev": False}
@@ -244,8 +245,9 @@ class MoMLightningCLI(LightningCLI):
         self._check_inputs("test")
 
     def _resume_argv(self) -> list[str] | None:
-        """This command's arguments with the checkpoint to resume from: ``last`` where the logger's version
-        auto-increments (the run is found again), else the path of its ``last.ckpt``; None without one."""
+        """This command's arguments with the checkpoint to resume from: ``last`` where that finds this run again
+        (it was given, or this run is the newest of its logger), else the path of its ``last.ckpt``; None
+        without a ``last.ckpt`` or when the arguments are not known (given as a dict)."""
         if self._argv is None:
             return None
         checkpoint = next((cb for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)

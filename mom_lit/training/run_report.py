@@ -33,11 +33,15 @@ def utc_stamp() -> str:
 
 def run_dir(trainer: Any) -> str | None:
     """The run's folder: the Trainer's log folder without its logger's ``sub_dir`` (where a ``validate`` of a
-    training run writes its event files)."""
-    log_dir = trainer.log_dir  # broadcast from rank 0: every rank must ask
+    training run writes its event files). As seen by this process: unlike ``Trainer.log_dir`` it broadcasts
+    nothing, so rank 0 alone may ask."""
+    logger = trainer.logger
+    log_dir = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) if logger is not None
+               else trainer.default_root_dir)
     if log_dir is None:
         return None
-    sub_dir = getattr(trainer.logger, "sub_dir", None)
+    log_dir = os.fspath(log_dir)
+    sub_dir = getattr(logger, "sub_dir", None)
     return os.path.dirname(os.path.normpath(log_dir)) if sub_dir else log_dir
 
 
@@ -57,8 +61,8 @@ class RunConfigRecord(SaveConfigCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.already_saved:
             return
-        folder = run_dir(trainer)
-        if trainer.is_global_zero and folder is not None:
+        folder = run_dir(trainer) if trainer.is_global_zero else None
+        if folder is not None:
             fs = get_filesystem(folder)
             fs.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, self.config_filename)
