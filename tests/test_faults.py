@@ -205,6 +205,35 @@ def test_checkpoint_url_is_written_through_its_file_system(tmp_path, monkeypatch
     fs.rm(f"/ckpts-{tmp_path.name}", recursive=True)
 
 
+@pytest.mark.slow
+def test_cli_saves_to_and_evaluates_from_a_checkpoint_url(tmp_path, monkeypatch, capsys):
+    import fsspec
+
+    from mom_lit.training.cli import cli_main
+    from test_training import TINY_QUICKSTART
+
+    monkeypatch.setattr(sys, "argv", ["mom_lit"])
+    bucket = f"ckpt-cli-{tmp_path.name}"
+    override = tmp_path / "remote.yaml"
+    override.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                        f"      init_args:\n        dirpath: memory://{bucket}/run\n        save_last: true\n")
+    args = [*[a for a in TINY_QUICKSTART if a != "--trainer.callbacks.log_every_n_steps=1"], "--config", str(override),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    fs = fsspec.filesystem("memory")
+    try:
+        cli_main(["fit", *args, "--trainer.max_steps=3"])
+        assert sorted(posixpath.basename(p) for p in fs.ls(f"/{bucket}/run", detail=False)) == \
+            ["epoch=0-step=3.ckpt", "last.ckpt"]
+        cli = cli_main(["validate", *args, "--ckpt_path", f"memory://{bucket}/run/last.ckpt"])
+        assert "val/loss" in cli.trainer.callback_metrics
+        with pytest.raises(SystemExit):
+            cli_main(["validate", *args, "--ckpt_path", f"memory://{bucket}/run/absent.ckpt"])
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"error: --ckpt_path memory://{bucket}/run/absent.ckpt: no such checkpoint file"
+    finally:
+        fs.rm(f"/{bucket}", recursive=True)
+
+
 def test_file_url_checkpoint_is_the_local_file(tmp_path):
     io = AtomicCheckpointIO()
     io.save_checkpoint({"step": 7}, f"file://{tmp_path}/run/last.ckpt")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -14,7 +15,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from mom_lit.config import ConfigError, MoMConfig
 from mom_lit.safe_load import load_checkpoint_file, safe_checkpoint_types
-from mom_lit.training.faults import check_output_dirs, install_fault_tolerance, verify_checkpoint_file
+from mom_lit.training.faults import (check_output_dirs, install_fault_tolerance, local_path, url_filesystem,
+                                     verify_checkpoint_file)
 from mom_lit.training.module import MoMLightningModule
 from mom_lit.training.preflight import check_val_check_interval, check_validation_after_resume
 from mom_lit.training.run_report import (RunConfigRecord, quiet_vendor_tips, run_summary, show_progress_messages,
@@ -99,10 +101,10 @@ def given_vocab_size(config: Any, files: list[str]) -> int | None:
 
 def resumed_step(ckpt_path: str | None) -> int | None:
     """The optimizer step a local checkpoint file was saved at (read with its tensors memory-mapped), or None
-    (no checkpoint, a URL, a sharded folder, ``last`` left unresolved: nothing to resume here)."""
-    if not ckpt_path or "://" in ckpt_path or not Path(ckpt_path).is_file():
+    (no checkpoint, a sharded folder, ``last`` left unresolved; a remote file is not read twice)."""
+    if not ckpt_path or url_filesystem(ckpt_path) is not None or not local_path(ckpt_path).is_file():
         return None
-    step = load_checkpoint_file(ckpt_path, mmap=True).get("global_step")
+    step = load_checkpoint_file(local_path(ckpt_path), mmap=True).get("global_step")
     return int(step) if step is not None else None
 
 
@@ -182,10 +184,12 @@ class MoMLightningCLI(LightningCLI):
         # would fail there with torch's message, which does not name it.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path.split(":")[0] not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
-            if not Path(ckpt_path).exists():
+        if ckpt_path and ckpt_path.split(":")[0] not in ("last", "best", "hpc", "registry"):
+            remote = url_filesystem(ckpt_path)
+            fs, inner = remote if remote is not None else (fsspec.filesystem("file"), str(local_path(ckpt_path)))
+            if not fs.exists(inner):
                 parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-            if Path(ckpt_path).is_file():  # a folder is a sharded checkpoint, read by its strategy
+            if fs.isfile(inner):  # a folder is a sharded checkpoint, read by its strategy
                 verify_checkpoint_file(ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
