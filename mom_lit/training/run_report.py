@@ -22,6 +22,7 @@ from typing import Any
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 __all__ = ["RunConfigRecord", "run_dir", "run_summary", "quiet_vendor_tips", "show_progress_messages", "utc_stamp"]
 
@@ -107,7 +108,7 @@ def run_summary(trainer: Any, resume_argv: list[str] | None, monitor: str = "val
     if resume_argv is not None:
         lines.append(f"  resume: {shlex.join([Path(sys.executable).name, '-m', 'mom_lit', *resume_argv])}")
     save_dir = getattr(trainer.logger, "save_dir", None)
-    if save_dir is not None and type(trainer.logger).__name__ == "TensorBoardLogger":
+    if save_dir is not None and isinstance(trainer.logger, TensorBoardLogger):
         lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(save_dir))}")
     return "\n".join(lines)
 
