@@ -36,8 +36,8 @@ def test_fit_reports_and_later_commands_keep_the_runs_config_and_events(tmp_path
     cli = run("fit", runs, "--trainer.max_steps=3")
     assert "val/loss" in cli.trainer.progress_bar_metrics
     summary = capsys.readouterr().err.split("Run finished at step 3", 1)[1].splitlines()
-    best = cli.trainer.checkpoint_callback.best_model_score
-    assert summary[1] == f"  val/loss: best {float(best):.4f}, last {float(cli.trainer.callback_metrics['val/loss']):.4f}"
+    best, last = cli.trainer.checkpoint_callback.best_model_score, cli.trainer.callback_metrics["val/loss"]
+    assert summary[1] == f"  val/loss: best {float(best):.4f}, last {float(last):.4f}"
     assert f"  last checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}" in summary
     assert f"  logs and config: {run_dir}" in summary
     resume = next(line for line in summary if line.startswith("  resume: "))

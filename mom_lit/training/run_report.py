@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shlex
 import sys
 import time
@@ -43,7 +44,7 @@ def run_dir(trainer: Any) -> str | None:
         return None
     log_dir = os.fspath(log_dir)
     sub_dir = getattr(logger, "sub_dir", None)
-    return os.path.dirname(os.path.normpath(log_dir)) if sub_dir else log_dir
+    return posixpath.dirname(log_dir.rstrip("/")) if sub_dir else log_dir  # keeps a URL's "//"
 
 
 class RunConfigRecord(SaveConfigCallback):
@@ -51,7 +52,8 @@ class RunConfigRecord(SaveConfigCallback):
 
     ``config.yaml`` when the folder has none, else ``config.<label>.<UTC time>.yaml``: ``label`` names the
     command (the CLI passes ``resume`` for a ``fit`` from a checkpoint, else the subcommand); None takes the
-    Trainer's stage. ``stamp`` is the command's time (default: when the config is written). The other arguments are :class:`~lightning.pytorch.cli.SaveConfigCallback`'s.
+    Trainer's stage. ``stamp`` is the command's time (default: when the config is written). The other
+    arguments are :class:`~lightning.pytorch.cli.SaveConfigCallback`'s.
     """
 
     def __init__(self, *args: Any, label: str | None = None, stamp: str | None = None, **kwargs: Any) -> None:
