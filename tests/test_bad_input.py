@@ -7,6 +7,7 @@ with, any other error the exception it would die of.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ import torch
 
 from mom_lit.data.packing import TokenBlockCollate
 from mom_lit.data.prepare import prepare_dataset
-from mom_lit.data.tokenizers import TokenizerNotFoundError
 from mom_lit.training.cli import cli_main, config_files
+from mom_lit.training.preflight import check_val_check_interval, train_batches_bound
 from mom_lit.training.faults import OutputDirError, creation_failure, unwritable_reason
 from test_data import _word_level_tokenizer
 from test_training import TINY_QUICKSTART
@@ -47,6 +48,13 @@ def assert_fails_before_writing(tmp_path: Path, error: type[BaseException], matc
     with pytest.raises(error, match=match):
         cli_main(fit_args(tmp_path, *extra))
     assert not (tmp_path / "runs").exists()
+
+
+def assert_one_line_error(tmp_path: Path, capsys, match: str, *extra: str) -> None:
+    """The command is refused by a one-line parser error matching ``match``; nothing was written."""
+    err = assert_parser_error(tmp_path, capsys, *extra)
+    assert "Traceback" not in err
+    assert re.search(match, err.splitlines()[-1]), err
 
 
 # Configs ----------------------------------------------------------------------------------------------------------
@@ -168,24 +176,21 @@ def test_vocab_size_in_a_config_file_equal_to_the_data_modules_is_accepted(tmp_p
 
 
 @pytest.mark.parametrize("value", [999, 32000])  # 32000: the field's default, given explicitly
-def test_vocab_size_in_a_config_file_that_conflicts_with_the_data_module_is_refused(tmp_path, value):
+def test_vocab_size_in_a_config_file_that_conflicts_with_the_data_module_is_refused(tmp_path, capsys, value):
     config = tmp_path / "vocab.yaml"
     config.write_text(f"model:\n  config:\n    vocab_size: {value}\n")
-    with pytest.raises(ValueError) as info:
-        cli_main(fit_args(tmp_path, "--config", str(config)))
-    message = str(info.value)
-    assert message == (f"model.config.vocab_size={value} conflicts with the data module's vocab_size=320 (the model's "
-                       "vocabulary comes from the tokenizer): remove model.config.vocab_size or set it to 320")
-    assert "\n" not in message
+    err = assert_parser_error(tmp_path, capsys, "--config", str(config))
+    assert err.splitlines()[-1] == (f"error: model.config.vocab_size={value} conflicts with the data module's "
+                                    "vocab_size=320 (the model's vocabulary comes from the tokenizer): remove "
+                                    "model.config.vocab_size or set it to 320")
     assert not (tmp_path / "runs").exists()
 
 
 # Data -------------------------------------------------------------------------------------------------------------
-def test_tokenizer_missing_offline_is_named(tmp_path, monkeypatch):
+def test_tokenizer_missing_offline_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert_fails_before_writing(tmp_path, TokenizerNotFoundError, "acme/absent-model",
-                                "--data.init_args.tokenizer=acme/absent-model")
+    assert_one_line_error(tmp_path, capsys, "acme/absent-model", "--data.init_args.tokenizer=acme/absent-model")
 
 
 @pytest.fixture(scope="module")
@@ -198,32 +203,31 @@ def tiny_prepared(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
-def test_dataset_of_another_tokenizer_is_refused(tmp_path, tiny_prepared):
+def test_dataset_of_another_tokenizer_is_refused(tmp_path, capsys, tiny_prepared):
     tokenizer = _word_level_tokenizer(tmp_path / "tok")
-    assert_fails_before_writing(tmp_path, ValueError, "prepared with tokenizer 'byte'",
-                                f"--data.init_args.data_dir={tiny_prepared}", f"--data.init_args.tokenizer={tokenizer}")
+    assert_one_line_error(tmp_path, capsys, "prepared with tokenizer 'byte'",
+                          f"--data.init_args.data_dir={tiny_prepared}", f"--data.init_args.tokenizer={tokenizer}")
 
 
-def test_dataset_shorter_than_a_batch_is_refused(tmp_path, tiny_prepared):
-    assert_fails_before_writing(tmp_path, ValueError, "too small.*fewer than batch_size=64",
-                                f"--data.init_args.data_dir={tiny_prepared}", "--data.init_args.batch_size=64")
+def test_dataset_shorter_than_a_batch_is_refused(tmp_path, capsys, tiny_prepared):
+    assert_one_line_error(tmp_path, capsys, "too small.*fewer than batch_size=64",
+                          f"--data.init_args.data_dir={tiny_prepared}", "--data.init_args.batch_size=64")
 
 
-def test_missing_data_folder_is_named(tmp_path):
-    assert_fails_before_writing(tmp_path, FileNotFoundError, f"data_dir {tmp_path / 'absent'} does not exist",
-                                f"--data.init_args.data_dir={tmp_path / 'absent'}")
+def test_missing_data_folder_is_named(tmp_path, capsys):
+    assert_one_line_error(tmp_path, capsys, f"error: data_dir {tmp_path / 'absent'} does not exist",
+                          f"--data.init_args.data_dir={tmp_path / 'absent'}")
 
 
-def test_prepared_ids_outside_the_vocabulary_are_refused_before_the_run_folder_exists(tmp_path, tiny_prepared):
+def test_prepared_ids_outside_the_vocabulary_are_refused_before_the_run_folder_exists(tmp_path, capsys, tiny_prepared):
     data = tmp_path / "data"
     shutil.copytree(tiny_prepared, data)
     chunk = next((data / "train").glob("chunk-*.bin"))
     raw = bytearray(chunk.read_bytes())
     raw[-4:-2] = np.array([400], dtype=np.uint16).tobytes()  # one id of the last token block: byte vocab is 320
     chunk.write_bytes(bytes(raw))
-    assert_fails_before_writing(tmp_path, ValueError,
-                                f"{chunk} holds token ids outside the vocabulary \\[0, 320\\).*max 400",
-                                f"--data.init_args.data_dir={data}", "--data.init_args.batch_size=2")
+    assert_one_line_error(tmp_path, capsys, f"{chunk} holds token ids outside the vocabulary \\[0, 320\\).*max 400",
+                          f"--data.init_args.data_dir={data}", "--data.init_args.batch_size=2")
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_by_the_collate():
@@ -232,3 +236,39 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_the_collate():
     assert collate([np.arange(6, dtype=np.uint16), np.arange(4, 10, dtype=np.uint16)])["input_ids"].max() == 8
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 10\): min 0, max 12"):
         collate([np.arange(6, dtype=np.uint16), np.array([1, 2, 3, 12, 4, 5], dtype=np.uint16)])
+
+
+def test_val_check_interval_longer_than_an_epoch_is_refused_in_one_line(tmp_path, capsys, tiny_prepared):
+    # A few batches per epoch; Lightning would refuse it only after writing the run folder.
+    assert_one_line_error(tmp_path, capsys,
+                          r"trainer\.val_check_interval=50 exceeds the \d training batches of one epoch.*"
+                          r"check_val_every_n_epoch=null",
+                          f"--data.init_args.data_dir={tiny_prepared}", "--data.init_args.batch_size=2",
+                          "--trainer.val_check_interval=50")
+
+
+@pytest.mark.parametrize("override", ["--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=2"])
+def test_val_check_interval_within_an_epoch_or_across_epochs_is_accepted(tmp_path, tiny_prepared, override):
+    cli = cli_main(fit_args(tmp_path, f"--data.init_args.data_dir={tiny_prepared}", "--data.init_args.batch_size=2",
+                            "--trainer.val_check_interval=50", override)[1:], run=False)
+    assert 2 <= train_batches_bound(cli.datamodule, world_size=1) < 50
+    check_val_check_interval(cli.trainer, cli.datamodule)  # does not raise
+
+
+# Options ----------------------------------------------------------------------------------------------------------
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    err = assert_parser_error(tmp_path, capsys, "--model.config.num_layer=3")
+    assert "unrecognized arguments: --model.config.num_layer=3" in err
+
+
+@pytest.mark.parametrize("where", ["command-line", "config-file"])
+def test_optimizer_options_are_refused_with_the_modules_settings_named(tmp_path, capsys, where):
+    if where == "command-line":
+        extra = ("--optimizer", "Adam")
+    else:
+        config = tmp_path / "optimizer.yaml"
+        config.write_text("optimizer:\n  class_path: torch.optim.Adam\n")
+        extra = ("--config", str(config))
+    err = assert_parser_error(tmp_path, capsys, *extra)
+    assert "not an option here" in err.splitlines()[-1]
+    assert "--model.lr" in err and "--model.weight_decay" in err

@@ -381,6 +381,42 @@ def test_datamodule_rejects_missing_and_too_small_data(tmp_path: Path) -> None:
         TextDataModule(str(tmp_path / "tiny"), seq_len=0)
 
 
+def test_datamodule_checks_a_url_data_dir_through_fsspec(corpus: tuple[Path, Path, list[str]]) -> None:
+    """A remote ``data_dir`` (here fsspec's in-memory file system) is accepted and its metadata checked; the
+    splits themselves are litdata's to stream."""
+    import fsspec
+
+    _, prepared, _ = corpus
+    fs = fsspec.filesystem("memory")
+    fs.put(str(prepared), "/remote-corpus/prepared", recursive=True)
+    url = "memory://remote-corpus/prepared"
+    try:
+        dm = TextDataModule(url, seq_len=16, batch_size=4)
+        assert dm.root == url and dm.hparams["tokenizer"] == "byte"
+        dm.check("fit")
+        dm.check("test")
+        with pytest.raises(ValueError, match=f"split 'train' of {url} is too small"):
+            TextDataModule(url, seq_len=16, batch_size=10**6).check("fit")
+        fs.rm("/remote-corpus/prepared/test", recursive=True)
+        with pytest.raises(FileNotFoundError, match=f"{url} has no 'test' split"):
+            dm.check("test")
+        with pytest.raises(FileNotFoundError, match="data_dir memory://remote-corpus/absent does not exist"):
+            TextDataModule("memory://remote-corpus/absent")
+    finally:
+        fs.rm("/remote-corpus", recursive=True)
+
+
+def test_datamodule_reads_a_file_url_as_its_folder(corpus: tuple[Path, Path, list[str]]) -> None:
+    _, prepared, _ = corpus
+    by_url = TextDataModule(f"file://{prepared}", seq_len=16, batch_size=4, shuffle=False)
+    by_path = TextDataModule(str(prepared), seq_len=16, batch_size=4, shuffle=False)
+    assert by_url.root == by_path.root == prepared.resolve()
+    by_url.setup("fit")
+    by_path.setup("fit")
+    first, expected = next(iter(by_url.train_dataloader())), next(iter(by_path.train_dataloader()))
+    assert torch.equal(first["input_ids"], expected["input_ids"])
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_datamodule_state_dict_resumes_mid_epoch(corpus: tuple[Path, Path, list[str]], num_workers: int) -> None:
     _, prepared, _ = corpus

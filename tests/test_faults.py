@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -165,6 +166,80 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     assert not torch.equal(torch.load(flipped)["w"], torch.load(whole)["w"])
     with pytest.raises(RuntimeError, match=f"cannot read checkpoint {flipped}: the file is corrupt .CRC mismatch"):
         io.load_checkpoint(flipped)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_permissions_follow_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.arange(3.0)}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode
+
+
+def test_checkpoint_url_is_written_through_its_file_system(tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)  # a path taken for a local one would appear here, under "memory:"
+    fs = fsspec.filesystem("memory")
+    url = f"memory://ckpts-{tmp_path.name}/run/last.ckpt"
+    io = AtomicCheckpointIO()
+    for step in (1, 2):  # the second save replaces the first
+        io.save_checkpoint({"step": step, "w": torch.arange(4.0) * step}, url)
+    assert list(tmp_path.iterdir()) == []
+    assert [posixpath.basename(p) for p in fs.ls(f"/ckpts-{tmp_path.name}/run", detail=False)] == ["last.ckpt"]
+    verify_checkpoint_file(url)
+    restored = io.load_checkpoint(url)
+    assert restored["step"] == 2 and torch.equal(restored["w"], torch.arange(4.0) * 2)
+
+    with fs.open(f"/ckpts-{tmp_path.name}/run/last.ckpt", "rb") as f:
+        data = f.read()
+    with fs.open(f"/ckpts-{tmp_path.name}/run/broken.ckpt", "wb") as f:
+        f.write(data[: len(data) // 2])
+    broken = url.replace("last.ckpt", "broken.ckpt")
+    with pytest.raises(RuntimeError, match=f"cannot read checkpoint {broken}.*corrupt or truncated"):
+        io.load_checkpoint(broken)
+    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+        io.load_checkpoint(url.replace("last.ckpt", "absent.ckpt"))
+    fs.rm(f"/ckpts-{tmp_path.name}", recursive=True)
+
+
+@pytest.mark.slow
+def test_cli_saves_to_and_evaluates_from_a_checkpoint_url(tmp_path, monkeypatch, capsys):
+    import fsspec
+
+    from mom_lit.training.cli import cli_main
+    from test_training import TINY_QUICKSTART
+
+    monkeypatch.setattr(sys, "argv", ["mom_lit"])
+    bucket = f"ckpt-cli-{tmp_path.name}"
+    override = tmp_path / "remote.yaml"
+    override.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                        f"      init_args:\n        dirpath: memory://{bucket}/run\n        save_last: true\n")
+    args = [*[a for a in TINY_QUICKSTART if a != "--trainer.callbacks.log_every_n_steps=1"], "--config", str(override),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    fs = fsspec.filesystem("memory")
+    try:
+        cli_main(["fit", *args, "--trainer.max_steps=3"])
+        assert sorted(posixpath.basename(p) for p in fs.ls(f"/{bucket}/run", detail=False)) == \
+            ["epoch=0-step=3.ckpt", "last.ckpt"]
+        cli = cli_main(["validate", *args, "--ckpt_path", f"memory://{bucket}/run/last.ckpt"])
+        assert "val/loss" in cli.trainer.callback_metrics
+        with pytest.raises(SystemExit):
+            cli_main(["validate", *args, "--ckpt_path", f"memory://{bucket}/run/absent.ckpt"])
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"error: --ckpt_path memory://{bucket}/run/absent.ckpt: no such checkpoint file"
+    finally:
+        fs.rm(f"/{bucket}", recursive=True)
+
+
+def test_file_url_checkpoint_is_the_local_file(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 7}, f"file://{tmp_path}/run/last.ckpt")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["last.ckpt"]
+    assert io.load_checkpoint(tmp_path / "run" / "last.ckpt")["step"] == 7
+    assert io.load_checkpoint(f"file://{tmp_path}/run/last.ckpt")["step"] == 7
 
 
 def _env() -> dict[str, str]:

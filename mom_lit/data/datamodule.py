@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
+from mom_lit.data import remote
 from mom_lit.data.packing import TokenBlockCollate
 from mom_lit.data.prepare import SPLITS, read_meta, recorded_tokenizer
 from mom_lit.data.shakespeare import ensure_shakespeare, shakespeare_dir
@@ -68,8 +69,9 @@ class TextDataModule(L.LightningDataModule):
     """Token batches from litdata chunks: ``input_ids``, ``labels`` (B, T) int64, optionally ``cu_seqlens``.
 
     Args:
-        data_dir: folder with ``train/`` and ``val/`` (and optionally ``test/``) prepared splits; None uses the
-            embedded Shakespeare corpus, prepared on first use into ``cache_dir``.
+        data_dir: folder with ``train/`` and ``val/`` (and optionally ``test/``) prepared splits, or the URL of
+            one that litdata streams (``s3://``, ``gs://`` ...; its metadata is checked through fsspec); None uses
+            the embedded Shakespeare corpus, prepared on first use into ``cache_dir``.
         tokenizer: ``"byte"``, a ``tokenizer.json`` path or a locally cached hub name; must match the tokenizer
             the data were prepared with. None takes the ``tokenizer.json`` recorded in ``data_dir``'s metadata
             (``"byte"`` if none is); the resolved spec is what the hyper-parameters (and checkpoints) record.
@@ -108,7 +110,9 @@ class TextDataModule(L.LightningDataModule):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        if isinstance(data_dir, str) and data_dir.startswith("file://"):
+            data_dir = data_dir[len("file://"):]  # a local folder: litdata reads it as one
+        if data_dir is not None and not remote.isdir(data_dir):
             raise FileNotFoundError(f"data_dir {data_dir} does not exist (or is not a folder)")
         if tokenizer is None:
             tokenizer = recorded_tokenizer(data_dir) if data_dir is not None else "byte"
@@ -117,7 +121,9 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer, eos_token=eos_token)
         self.vocab_size: int = self.tokenizer.vocab_size
         self.eos_id: int = self.tokenizer.eos_id
-        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
+        self.data_dir: Path | str | None = None  # a URL stays a string
+        if data_dir is not None:
+            self.data_dir = data_dir if remote.is_url(data_dir) else Path(data_dir).expanduser().resolve()
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -134,8 +140,8 @@ class TextDataModule(L.LightningDataModule):
     _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
     @property
-    def root(self) -> Path:
-        """The folder holding the split folders."""
+    def root(self) -> Path | str:
+        """The folder (or URL) holding the split folders."""
         if self.data_dir is not None:
             return self.data_dir
         return shakespeare_dir(self.tokenizer, self.cache_dir)
@@ -145,7 +151,7 @@ class TextDataModule(L.LightningDataModule):
         if self.data_dir is None:
             ensure_shakespeare(self.tokenizer, self.cache_dir)
 
-    def _check_meta(self, split_dir: Path) -> dict[str, Any]:
+    def _check_meta(self, split_dir: Path | str) -> dict[str, Any]:
         meta = read_meta(split_dir)
         expected = {
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
@@ -161,11 +167,12 @@ class TextDataModule(L.LightningDataModule):
             )
         return meta
 
-    def _split_dir(self, split: str) -> Path:
-        split_dir = self.root / split
-        if not split_dir.is_dir():
+    def _split_dir(self, split: str) -> Path | str:
+        split_dir = remote.join(self.root, split)
+        if not remote.isdir(split_dir):
             raise FileNotFoundError(
-                f"{self.root} has no {split!r} split (found {[s for s in SPLITS if (self.root / s).is_dir()]}); "
+                f"{self.root} has no {split!r} split (found "
+                f"{[s for s in SPLITS if remote.isdir(remote.join(self.root, s))]}); "
                 f"prepare it (mom-lit prepare, --val_fraction/--test_fraction) or disable that stage"
             )
         return split_dir
@@ -192,10 +199,13 @@ class TextDataModule(L.LightningDataModule):
                 raise self._too_small(split, meta["num_tokens"], rows, "")
             self._check_token_range(split_dir, meta)
 
-    def _check_token_range(self, split_dir: Path, meta: dict[str, Any]) -> None:
+    def _check_token_range(self, split_dir: Path | str, meta: dict[str, Any]) -> None:
         """Raises naming the chunk file when a stored token id lies outside ``[0, vocab_size)``. Reads every
         token of the split once, memory-mapped (litdata's token chunk: a uint32 item count, ``count + 1``
-        uint32 offsets, then the tokens); a layout it does not know is left to the collate's check."""
+        uint32 offsets, then the tokens); a layout it does not know, and a split behind a URL (the check would
+        download it whole), are left to the collate's check."""
+        if remote.is_url(split_dir):
+            return
         index = json.loads((split_dir / "index.json").read_text())
         config = index.get("config") or {}
         if config.get("compression") or "dtype" not in meta:

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mom_lit.data import remote
 from mom_lit.data.sources import (
     BAD_FILE_POLICIES,
     SUPPORTED_SUFFIXES,
@@ -188,23 +189,26 @@ class _TokenizeWork:
 
 
 def read_meta(split_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``mom_lit_meta.json`` of a prepared split folder."""
-    path = Path(split_dir) / META_FILENAME
-    if not path.is_file():
+    """The ``mom_lit_meta.json`` of a prepared split folder (a local path or a URL)."""
+    path = remote.join(split_dir, META_FILENAME)  # split_dir may be a URL
+    if not remote.isfile(path):
         raise FileNotFoundError(f"{path} not found: {split_dir} is not a split prepared by mom_lit")
-    return json.loads(path.read_text())
+    return json.loads(remote.read_text(path))
 
 
 def recorded_tokenizer(data_dir: str | os.PathLike[str]) -> str:
-    """The tokeniser spec the data in ``data_dir`` were prepared with.
+    """The tokeniser spec the data in ``data_dir`` (a folder or a URL) were prepared with.
 
     The ``tokenizer.json`` recorded in the first split's metadata, else ``"byte"`` (also for data prepared
     before tokeniser files were recorded: loading then names the mismatch with the recorded fingerprint).
     """
-    root = Path(data_dir).expanduser()
+    root = data_dir if remote.is_url(data_dir) else Path(data_dir).expanduser()
     for split in SPLITS:
-        if (root / split / META_FILENAME).is_file():
-            record = read_meta(root / split).get("tokenizer_file")
+        if remote.isfile(remote.join(root, split, META_FILENAME)):
+            record = read_meta(remote.join(root, split)).get("tokenizer_file")
+            if record and remote.is_url(root):
+                raise ValueError(f"data_dir {data_dir} records the tokenizer file {record['path']!r}, which is not "
+                                 "read from a URL: pass the tokenizer (a local tokenizer.json or a hub name)")
             return str((root / record["path"]).resolve()) if record else "byte"
     return "byte"
 

@@ -67,6 +67,9 @@ def _batch_dynamic(compiled: Callable) -> Callable:
 def _get_compiled_kernels() -> ChunkKernels:
     global _compiled_kernels
     if _compiled_kernels is None:
+        # Compilation happens on the first call and takes a while on CPU, with nothing else to show for it.
+        logger.info("compiling the memory scan kernels with torch.compile: the first training or evaluation "
+                    "step takes about a minute on CPU")
         _compiled_kernels = ChunkKernels(_batch_dynamic(torch.compile(intra_chunk, dynamic=False)),
                                          _batch_dynamic(torch.compile(assemble_output, dynamic=False)))
     return _compiled_kernels

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import posixpath
+import secrets
 import signal
 import tempfile
 import threading
@@ -13,8 +15,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import lightning as L
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -121,27 +125,73 @@ class NonFiniteStepError(FloatingPointError):
 
 
 # Atomic checkpoint files ------------------------------------------------------------------------------------------
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder, fsyncs it and renames it into place.
+def url_filesystem(path: _PATH) -> tuple[Any, str] | None:
+    """``(fsspec file system, path within it)`` for a URL of a non-local file system (``s3://``, ``memory://``),
+    None for a local path or a ``file://`` URL."""
+    text = os.fspath(path)
+    if "://" not in text:
+        return None
+    fs, inner = fsspec.core.url_to_fs(text)
+    return None if isinstance(fs, LocalFileSystem) else (fs, inner)
 
-    ``os.replace`` within one file system is atomic: a crash while saving leaves the previous ``last.ckpt``
-    intact instead of a truncated one. Loading a file that cannot be read raises an error naming it.
+
+def local_path(path: _PATH) -> Path:
+    """``path`` as a local path (a ``file://`` URL without its scheme)."""
+    text = os.fspath(path)
+    return Path(fsspec.core.url_to_fs(text)[1]) if text.startswith("file://") else Path(text)
+
+
+def _temporary_name(name: str) -> str:
+    return f".{name}.{secrets.token_hex(8)}.tmp"
+
+
+def _check_archive(stream: Any, path: str, size: int, expected: int) -> None:
+    """Raises naming ``path`` unless ``size`` is the ``expected`` byte count and ``stream`` opens as a zip
+    archive (its central directory, written last, is present)."""
+    if size != expected:
+        raise OSError(f"checkpoint {path} was not written completely: {size} of {expected} bytes stored")
+    try:
+        zipfile.ZipFile(stream).close()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise OSError(f"checkpoint {path} was not written completely ({err})") from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, verifies it and renames it into place.
+
+    Local paths (and ``file://`` URLs): the temporary file is fsynced, checked (its size and its zip
+    directory, written last) and moved with ``os.replace``, which is atomic within one file system: a crash
+    while saving leaves the previous ``last.ckpt`` intact instead of a truncated one. Other URLs (``s3://``,
+    ``gs://``, ``memory://`` ...) go through their fsspec file system: the temporary object is written and
+    checked the same way, then moved with the file system's ``mv`` (a rename where the file system has one, a
+    server-side copy on object stores, where an object appears only once complete), and the final object is
+    checked again. New files get the permissions the user's umask gives any new file. Loading a file that
+    cannot be read raises an error naming it.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = Path(path)
+        remote = url_filesystem(path)
+        if remote is not None:
+            self._save_remote(checkpoint, *remote, url=os.fspath(path))
+            return
+        path = local_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = path.parent / _temporary_name(path.name)
+        # 0o666 less the umask, as for any file the user creates (mkstemp would make it private to its owner).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+                written = f.tell()
+            with open(tmp, "rb") as f:
+                _check_archive(f, str(tmp), os.fstat(f.fileno()).st_size, written)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         # The rename itself is durable only once the folder's entry is on disk.
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -154,12 +204,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             stale.unlink(missing_ok=True)
 
+    @staticmethod
+    def _save_remote(checkpoint: dict[str, Any], fs: Any, path: str, url: str) -> None:
+        parent, name = posixpath.split(path.rstrip("/"))
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, _temporary_name(name))
+        try:
+            with fs.open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                written = f.tell()
+            with fs.open(tmp, "rb") as f:
+                _check_archive(f, url, fs.size(tmp), written)
+            fs.mv(tmp, path)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
+        with fs.open(path, "rb") as f:
+            _check_archive(f, url, fs.size(path), written)
+        for stale in fs.glob(posixpath.join(parent, f".{glob.escape(name)}.*.tmp")):
+            fs.rm(stale)
+
     def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Loads ``path`` without running code whatever ``weights_only`` asks (see :mod:`mom_lit.safe_load`)."""
         verify_checkpoint_file(path, content=False)
+        remote = url_filesystem(path)
         try:
-            return load_checkpoint_file(path, map_location=map_location)
+            if remote is None:
+                return load_checkpoint_file(local_path(path), map_location=map_location)
+            fs, inner = remote
+            with fs.open(inner, "rb") as f:
+                return load_checkpoint_file(f, map_location=map_location)
         except UnsafeCheckpointError:
             raise
         except (RuntimeError, EOFError, OSError, ValueError) as err:
@@ -173,12 +249,14 @@ def verify_checkpoint_file(path: _PATH, content: bool = True) -> None:
     A truncated file lacks the archive's central directory (at its very end); damage inside it fails the
     CRC-32 that ``torch.save`` stores for every record. ``torch.load`` checks neither: a flipped byte in a
     tensor would load silently. Costs one read of the file; the content check unpickles it with its tensors
-    memory-mapped.
+    memory-mapped (read whole from a URL, which ``path`` may be: see :class:`AtomicCheckpointIO`).
     """
-    if not Path(path).is_file():
+    remote = url_filesystem(path)
+    fs, inner = remote if remote is not None else (fsspec.filesystem("file"), str(local_path(path)))
+    if not fs.isfile(inner):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with fs.open(inner, "rb") as f, zipfile.ZipFile(f) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({err})") from err
@@ -186,7 +264,11 @@ def verify_checkpoint_file(path: _PATH, content: bool = True) -> None:
         raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt (CRC mismatch in record {damaged!r})")
     if content:
         try:
-            load_checkpoint_file(path, mmap=True)
+            if remote is None:
+                load_checkpoint_file(inner, mmap=True)
+            else:
+                with fs.open(inner, "rb") as f:  # a stream cannot be memory-mapped
+                    load_checkpoint_file(f)
         except UnsafeCheckpointError:
             raise
         except (RuntimeError, EOFError, OSError, ValueError) as err:

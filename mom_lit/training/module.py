@@ -240,7 +240,9 @@ class MoMLightningModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         loss = self.eval_loss[stage].compute()  # synchronised across ranks by torchmetrics
         self.eval_loss[stage].reset()
-        metrics = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}
+        # The loss is also shown in the progress bar; the rest goes to the loggers only.
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        metrics = {f"{stage}/ppl": loss.exp()}
         accuracy = self.slice_accuracy[stage]
         if accuracy.update_called:
             per_slice = accuracy.compute()
