@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import lightning as L
 from lightning.pytorch.strategies import DDPStrategy
 
 GRADIENT_REDUCTIONS = ("fp32", "bf16")
@@ -16,6 +17,10 @@ class MoMDDPStrategy(DDPStrategy):
     wherever DDP runs (also over gloo on CPUs, where the tests check it). Every other argument is
     ``DDPStrategy``'s, and through it ``torch.nn.parallel.DistributedDataParallel``'s (``bucket_cap_mb``,
     ``gradient_as_bucket_view``, ``static_graph``, ``find_unused_parameters``).
+
+    ``static_graph=True`` is refused with ``trainer.accumulate_grad_batches > 1``: Lightning runs the first
+    micro-batch under DDP's ``no_sync``, and a static-graph DDP whose first backward pass does not reduce fails
+    inside torch (an internal assertion of its reducer).
 
     Args:
         gradient_reduction: ``"fp32"`` reduces the gradients as they are; ``"bf16"`` casts each bucket to bf16
@@ -39,3 +44,11 @@ class MoMDDPStrategy(DDPStrategy):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
         self.model.register_comm_hook(state=None, hook=bf16_compress_hook)  # None: the default process group
+
+    def setup(self, trainer: L.Trainer) -> None:
+        if self._ddp_kwargs.get("static_graph") and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"static_graph=True (trainer.strategy) needs trainer.accumulate_grad_batches=1, got "
+                f"{trainer.accumulate_grad_batches}: DDP's static graph cannot start under no_sync, which "
+                "gradient accumulation uses; set static_graph: false or accumulate_grad_batches: 1")
+        super().setup(trainer)
