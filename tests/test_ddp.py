@@ -88,12 +88,13 @@ def test_two_process_cpu_ddp(tmp_path):
 
 
 class _RankRows(torch.utils.data.IterableDataset):
-    def __init__(self, tokens: torch.Tensor, rank: int, world_size: int, batch_size: int):
+    def __init__(self, tokens: torch.Tensor, rank: int, world_size: int, batch_size: int, first_row: int):
         self.tokens, self.rank, self.world_size, self.batch_size = tokens, rank, world_size, batch_size
+        self.first_row = first_row
 
     def __iter__(self):
         span = self.world_size * self.batch_size  # rows per micro-step over all ranks
-        for start in range(0, len(self.tokens) - span + 1, span):
+        for start in range(self.first_row, len(self.tokens) - span + 1, span):
             for t in self.tokens[start + self.rank * self.batch_size:start + (self.rank + 1) * self.batch_size]:
                 yield {"input_ids": t[:-1], "labels": t[1:]}
 
@@ -102,7 +103,8 @@ class IndexedRows(L.LightningDataModule):
     """Fixed random token rows dealt in index order: micro-step s of rank r of W takes rows
     ``(s W + r) B .. (s W + r + 1) B - 1``. The rows of an optimizer step are then the same set for any number
     of ranks and micro-batches making the same global batch, so the runs below differ only in how the gradient
-    is reduced. (An iterable dataset: Lightning leaves its order alone.)"""
+    is reduced. (An iterable dataset: Lightning leaves its order alone.) A resumed run starts at the rows of
+    the step it resumes at."""
 
     def __init__(self, vocab_size: int = 64, seq_len: int = 16, batch_size: int = 4, rows: int = 256):
         super().__init__()
@@ -111,7 +113,9 @@ class IndexedRows(L.LightningDataModule):
         self.tokens = torch.randint(0, vocab_size, (rows, seq_len + 1), generator=torch.Generator().manual_seed(0))
 
     def train_dataloader(self):
-        rows = _RankRows(self.tokens, self.trainer.global_rank, self.trainer.world_size, self.batch_size)
+        trainer = self.trainer
+        done = trainer.global_step * self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        rows = _RankRows(self.tokens, trainer.global_rank, trainer.world_size, self.batch_size, done)
         return torch.utils.data.DataLoader(rows, batch_size=self.batch_size)
 
 
@@ -121,7 +125,8 @@ def _fit_step_losses(out: Path, devices: int, batch: int, accumulate: int, steps
     whole global batch, as tools/scale_runs.py's probe records it."""
     args = [
         sys.executable, "-m", "mom_lit", "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
-        *[w for name in overlays for w in ("--config", str(REPO / "configs" / name))], "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.num_nodes=1",
+        *[w for name in overlays for w in ("--config", str(REPO / "configs" / name))],
+        "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.num_nodes=1",
         f"--trainer.accumulate_grad_batches={accumulate}", f"--trainer.max_steps={steps}",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false", f"--trainer.logger.init_args.save_dir={out / 'runs'}",
@@ -144,9 +149,10 @@ def _fit_step_losses(out: Path, devices: int, batch: int, accumulate: int, steps
 
 @pytest.mark.slow
 def test_ddp_overlay_matches_one_process_at_the_same_global_batch(tmp_path):
-    """configs/ddp.yaml (gradients as bucket views, no unused-parameter search) on 2 gloo ranks of 4 rows against 1 process
-    accumulating 2 micro-batches of 4 rows: the same 8 rows per step, so the losses of every step agree to fp32
-    reduction-order noise; so do they with ``static_graph`` (valid without accumulation). With the bf16 gradient-reduction hook they agree to a stated, looser tolerance."""
+    """configs/ddp.yaml (gradients as bucket views, no unused-parameter search) on 2 gloo ranks of 4 rows
+    against 1 process accumulating 2 micro-batches of 4 rows: the same 8 rows per step, so the losses of every
+    step agree to fp32 reduction-order noise; so do they with ``static_graph`` (valid without accumulation).
+    With the bf16 gradient reduction they agree to a stated, looser tolerance."""
     steps, ddp = 4, ("ddp.yaml",)
     one = _fit_step_losses(tmp_path / "one", 1, 4, 2, steps)
     two = _fit_step_losses(tmp_path / "two", 2, 4, 1, steps, overlays=ddp)
@@ -166,7 +172,7 @@ def test_ddp_overlay_matches_one_process_at_the_same_global_batch(tmp_path):
 
 @pytest.mark.parametrize("rule", ["gated_delta", "delta", "gla", "simple_gla", "linear"])
 def test_every_parameter_gets_a_gradient_when_memories_go_unselected(rule):
-    """What makes configs/ddp.yaml's ``static_graph: true, find_unused_parameters: false`` valid for MoM: with
+    """What makes ``find_unused_parameters: false`` (configs/ddp.yaml) and ``static_graph: true`` valid for MoM: with
     one token routed to one of four memories (three unselected in every layer), no load-balancing loss and no
     shared memory, every parameter still takes part in the backward pass. The memories' projections are
     stacked (E, out, in) tensors, so an unselected memory's slice gets a zero gradient, never none."""
