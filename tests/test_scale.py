@@ -99,6 +99,7 @@ def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, cap
     assert len(endpoints) == 1  # both agents meet at one rendezvous
     assert any(w.endswith("configs/fsdp.yaml") for w in runs["fsdp"][0])
     assert any(w.endswith("configs/mom_340m.yaml") for w in runs["1gpu"][0])
+    assert "--trainer.strategy=auto" in runs["1gpu"][0]  # the 1-GPU baseline is not a DDP run of one rank
     assert [int(dict(w[2:].split("=", 1) for w in runs[n][0] if w.startswith("--trainer."))["trainer.devices"])
             for n in ("1gpu", "ddp", "ddp4", "ddp8")] == [1, 2, 4, 8]
     # FSDP2's data-parallel mesh spans both ranks (Lightning refuses one that does not cover the world)

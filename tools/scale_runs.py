@@ -5,7 +5,7 @@ Runs, each through the command line (``python -m mom_lit fit``) and with the sam
 ``--global_batch`` rows (the config's ``data.batch_size`` rows per GPU and micro-batch, gradient accumulation
 making up the rest):
 
-* ``1gpu``: one process, ``trainer.devices=1``;
+* ``1gpu``: one process, ``trainer.devices=1``, ``trainer.strategy=auto`` (no DDP wrapper);
 * ``ddp``, ``ddp4``, ``ddp8``: ``--config configs/ddp.yaml`` (static graph, gradients as bucket views) with
   ``trainer.devices`` 2, 4, 8; Lightning starts the other processes;
 * ``fsdp``: ``--config configs/fsdp.yaml`` (FSDP1, full sharding, every block recomputed) under
@@ -282,6 +282,9 @@ def run_commands(run: Run, args: argparse.Namespace, base: dict[str, Any], out: 
         "--trainer.callbacks+=scale_runs.ScaleProbe", f"--trainer.callbacks.out_dir={out / run.name}",
         f"--trainer.callbacks.warmup_steps={args.warmup_steps}",
     ]
+    if run.world_size == 1 and run.overlay is None:
+        # One device without a DDP wrapper (the paper configs name ddp): the baseline pays no reducer hooks.
+        fit += ["--trainer.strategy=auto"]
     if run.overlay == "configs/fsdp2.yaml":  # the data-parallel mesh spans every rank
         fit += [f"--trainer.strategy.init_args.data_parallel_size={run.world_size}"]
     if args.cpu:
