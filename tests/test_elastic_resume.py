@@ -41,7 +41,7 @@ def rank_batches(data_dir: Path, world_size: int, steps: int, monkeypatch, state
         epochs = [[{tuple(r) for r in block_rows(next(batches)).tolist()} for _ in range(steps)]]
         if rank == 0:
             saved = data.state_dict()
-        for _ in batches:  # what Lightning does not do, but ends litdata's epoch the same way
+        for _ in batches:  # the rest of this epoch, so that the next pass over the loader is the next epoch
             pass
         epochs += [[{tuple(r) for r in block_rows(b).tolist()} for b in loader] for _ in range(epochs_after)]
         per_rank.append(epochs)
