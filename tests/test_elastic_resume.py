@@ -22,7 +22,7 @@ GLOBAL_BATCH = 4  # rows per optimizer step; four_batch_epochs' 17 blocks make 4
 
 
 def rank_batches(data_dir: Path, world_size: int, steps: int, monkeypatch, state: dict | None = None,
-                 epochs_after: int = 0) -> tuple[list[list[set]], dict]:
+                 epochs_after: int = 0, num_workers: int = 0) -> tuple[list[list[set]], dict]:
     """The rows of ``steps`` micro-batches of each of ``world_size`` ranks of ``GLOBAL_BATCH / world_size`` rows
     (litdata reads the rank layout from ``WORLD_SIZE``/``GLOBAL_RANK``, as under a launcher), resumed from
     ``state`` if given; then ``epochs_after`` whole further epochs. Returns, per epoch, the set of rows of each
@@ -32,7 +32,8 @@ def rank_batches(data_dir: Path, world_size: int, steps: int, monkeypatch, state
     for rank in range(world_size):
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
         monkeypatch.setenv("GLOBAL_RANK", str(rank))
-        data = TextDataModule(data_dir=str(data_dir), seq_len=SEQ_LEN, batch_size=GLOBAL_BATCH // world_size)
+        data = TextDataModule(data_dir=str(data_dir), seq_len=SEQ_LEN, batch_size=GLOBAL_BATCH // world_size,
+                              num_workers=num_workers)
         data.setup("fit")
         if state is not None:
             data.load_state_dict(copy.deepcopy(state))  # each rank reads its own copy of the checkpoint
@@ -50,17 +51,24 @@ def rank_batches(data_dir: Path, world_size: int, steps: int, monkeypatch, state
     return steps_per_epoch, saved
 
 
-@pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2), (4, 2)])
-def test_rest_of_the_epoch_is_what_the_uninterrupted_run_sees(four_batch_epochs, monkeypatch, saved_on, resumed_on):
-    uninterrupted, _ = rank_batches(four_batch_epochs, saved_on, 4, monkeypatch, epochs_after=1)
+@pytest.mark.parametrize("saved_on,resumed_on,workers_saved,workers_resumed", [
+    pytest.param(2, 1, 0, 0, id="2-to-1"), pytest.param(1, 2, 0, 0, id="1-to-2"), pytest.param(4, 2, 0, 0, id="4-to-2"),
+    pytest.param(2, 1, 2, 2, id="2-to-1-2-workers"), pytest.param(2, 1, 2, 0, id="2-to-1-2-workers-to-0"),
+])
+def test_rest_of_the_epoch_is_what_the_uninterrupted_run_sees(four_batch_epochs, monkeypatch, saved_on, resumed_on,
+                                                              workers_saved, workers_resumed):
+    uninterrupted, _ = rank_batches(four_batch_epochs, saved_on, 4, monkeypatch, epochs_after=1,
+                                    num_workers=workers_saved)
     assert all(len(step) == GLOBAL_BATCH for step in uninterrupted[0])
     assert len(set().union(*uninterrupted[0])) == 4 * GLOBAL_BATCH  # each row once per epoch
-    _, state = rank_batches(four_batch_epochs, saved_on, 2, monkeypatch)
-    resumed, _ = rank_batches(four_batch_epochs, resumed_on, 2, monkeypatch, state=state, epochs_after=1)
+    _, state = rank_batches(four_batch_epochs, saved_on, 2, monkeypatch, num_workers=workers_saved)
+    resumed, _ = rank_batches(four_batch_epochs, resumed_on, 2, monkeypatch, state=state, epochs_after=1,
+                              num_workers=workers_resumed)
     assert resumed[0] == uninterrupted[0][2:]
     # Later epochs: every row once, dealt as a run on resumed_on ranks from the start would deal it. litdata
     # deals a fresh epoch by the ranks of the run, so its global batches differ from saved_on ranks'.
-    fresh, _ = rank_batches(four_batch_epochs, resumed_on, 4, monkeypatch, epochs_after=1)
+    fresh, _ = rank_batches(four_batch_epochs, resumed_on, 4, monkeypatch, epochs_after=1,
+                            num_workers=workers_resumed)
     assert resumed[1] == fresh[1] and len(set().union(*resumed[1])) == 4 * GLOBAL_BATCH
 
 
@@ -106,3 +114,4 @@ def test_saved_on_two_gloo_processes_resumed_on_one(tmp_path, four_batch_epochs,
     steps = [micro[i] | micro[i + 1] for i in range(0, len(micro), 2)]  # 2 micro-batches per optimizer step
     uninterrupted, _ = rank_batches(four_batch_epochs, 2, 4, monkeypatch)
     assert steps == [{block[:-1] for block in step} for step in uninterrupted[0][2:]]
+
