@@ -16,7 +16,7 @@ from mom_lit.training.cli import MoMLightningCLI, cli_main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Overlays change a few fields of a full config and are only meaningful on top of it.
 OVERLAYS = {"gdn_340m.yaml": "mom_340m.yaml", "ddp.yaml": "mom_340m.yaml", "fsdp.yaml": "mom_1.3b.yaml",
-            "code_100m_gdn.yaml": "code_100m.yaml"}
+            "fsdp2.yaml": "mom_1.3b.yaml", "code_100m_gdn.yaml": "code_100m.yaml"}
 PAPER_TOKENS_PER_STEP = 524_288  # ~0.5M: 256 rows of 2048 tokens
 
 
@@ -75,7 +75,7 @@ def test_configs_match_their_presets(names, preset):
 
 @pytest.mark.parametrize("names", [
     ("mom_340m.yaml",), ("mom_340m.yaml", "gdn_340m.yaml"), ("mom_1.3b.yaml",), ("mom_340m.yaml", "ddp.yaml"),
-    ("mom_1.3b.yaml", "fsdp.yaml"),
+    ("mom_1.3b.yaml", "fsdp.yaml"), ("mom_1.3b.yaml", "fsdp2.yaml"),
 ], ids=lambda n: "+".join(n))
 def test_paper_recipe(names):
     cfg = parse(*names)
@@ -84,6 +84,9 @@ def test_paper_recipe(names):
                                                                                         1024, 0.1)
     assert (t.gradient_clip_val, t.precision, d.seq_len) == (1.0, "bf16-mixed", 2048)
     assert d.batch_size * t.accumulate_grad_batches * t.devices * t.num_nodes * d.seq_len == PAPER_TOKENS_PER_STEP
+    if "fsdp2.yaml" in names:  # Lightning refuses a mesh that does not cover every rank
+        strategy = t.strategy.init_args
+        assert strategy.data_parallel_size * strategy.tensor_parallel_size == t.devices * t.num_nodes
     mc = model_config(cfg, vocab_size=32000)
     assert (mc.num_layers, mc.num_heads, mc.head_dim, mc.aux_loss_coef, mc.aux_loss_type) == (24, 4, 256, 0.01,
                                                                                               "per_layer")

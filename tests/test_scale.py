@@ -63,14 +63,18 @@ def test_two_nodes_of_one_process_each_on_cpu(tmp_path):
 
     probe = json.loads((tmp_path / scale_runs.PROBE_FILE).read_text())
     assert (probe["num_nodes"], probe["devices_per_node"], probe["world_size"]) == (2, 1, 2)
-    assert probe["strategy"] == "DDPStrategy" and len(probe["step_losses"]) == steps
+    assert probe["strategy"] == "MoMDDPStrategy" and len(probe["step_losses"]) == steps
     assert all(t == (steps - 1) * batch * seq_len for t in probe["timed_tokens_per_rank"])  # after 1 warm-up step
+    # The step-time breakdown: data wait and DDP's exposed all-reduce time are parts of the step time.
+    for step, data, comm in zip(probe["step_seconds_per_rank"], probe["data_wait_seconds_per_step_per_rank"],
+                                probe["exposed_communication_seconds_per_step_per_rank"]):
+        assert 0 <= data < step and 0 <= comm < step
     assert probe["val_loss"] is not None
 
 
 def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert scale_runs.main(["--dry_run", "--out", str(tmp_path), "--global_batch", "32"]) == 0
+    assert scale_runs.main(["--dry_run", "--out", str(tmp_path), "--runs", ",".join(scale_runs.RUNS)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     runs: dict[str, list[list[str]]] = {}
     for line in lines:
@@ -82,7 +86,7 @@ def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, cap
             opts = dict(w[2:].split("=", 1) for w in words if w.startswith("--trainer.") or w.startswith("--data."))
             rows = (int(opts["data.init_args.batch_size"]) * int(opts["trainer.accumulate_grad_batches"])
                     * int(opts["trainer.devices"]) * int(opts["trainer.num_nodes"]))
-            assert rows == 32, name
+            assert rows == 64, name  # the default: the paper's 8 rows per GPU on 8 GPUs
             # validation once, at the last optimizer step
             assert int(opts["trainer.val_check_interval"]) == (int(opts["trainer.max_steps"])
                                                                * int(opts["trainer.accumulate_grad_batches"]))
@@ -94,6 +98,12 @@ def test_scale_runs_keep_the_global_batch_and_launch_as_documented(tmp_path, cap
     endpoints = {w for a in agents for w in a if w.startswith("--rdzv-endpoint=")}
     assert len(endpoints) == 1  # both agents meet at one rendezvous
     assert any(w.endswith("configs/fsdp.yaml") for w in runs["fsdp"][0])
+    assert any(w.endswith("configs/mom_340m.yaml") for w in runs["1gpu"][0])
+    assert "--trainer.strategy=auto" in runs["1gpu"][0]  # the 1-GPU baseline is not a DDP run of one rank
+    assert [int(dict(w[2:].split("=", 1) for w in runs[n][0] if w.startswith("--trainer."))["trainer.devices"])
+            for n in ("1gpu", "ddp", "ddp4", "ddp8")] == [1, 2, 4, 8]
+    # FSDP2's data-parallel mesh spans both ranks (Lightning refuses one that does not cover the world)
+    assert "--trainer.strategy.init_args.data_parallel_size=2" in runs["fsdp2"][0]
 
 
 def test_scale_runs_use_the_gpus_they_are_given(tmp_path, capsys, monkeypatch):
@@ -167,3 +177,27 @@ def test_optimizer_on_cuda_lets_lightning_clip_under_mixed_precision():
     lm._trainer = SimpleNamespace(estimated_stepping_batches=10)
     optimizer = lm.configure_optimizers()["optimizer"]
     assert not _optimizer_handles_unscaling(optimizer)
+
+
+def test_scale_runs_table_splits_the_step_and_compares_to_the_first_run(tmp_path):
+    """The results table from two runs' probes: tokens/s per GPU as a share of the first run's, the step split
+    into data, communication not overlapped and compute (the rest), and the loss at a fixed step."""
+    rows = []
+    for name, tokens, comm in (("1gpu", 1000.0, float("nan")), ("ddp", 900.0, 0.010)):
+        (tmp_path / name).mkdir()
+        probe = {"step_losses": [3.0, 2.5, 2.0 if name == "1gpu" else 2.25], "tokens_per_sec_per_rank": [tokens],
+                 "peak_allocated_gib_per_rank": [1.0], "step_seconds_per_rank": [0.100],
+                 "data_wait_seconds_per_step_per_rank": [0.005],
+                 "exposed_communication_seconds_per_step_per_rank": [comm], "steps": 3,
+                 "accumulate_grad_batches": 1, "val_loss": None}
+        (tmp_path / name / scale_runs.PROBE_FILE).write_text(json.dumps(probe))
+        rows.append(scale_runs.summarise(name, scale_runs.RUNS[name], {"exit_codes": [0], "wall_s": 1.0}, tmp_path,
+                                         tail=2, global_batch=8, seq_len=16, compare_step=3))
+    assert rows[0]["compute_ms"] == pytest.approx(95.0) and rows[1]["compute_ms"] == pytest.approx(85.0)
+    table = scale_runs.write_results(rows, tmp_path, "header")
+    ddp = next(line for line in table.splitlines() if line.startswith("| ddp "))
+    cells = [c.strip() for c in ddp.strip("|").split("|")]
+    assert cells[9:13] == ["2.2500 (step 3)", "+0.25000", "900", "90.0%"]
+    assert cells[14:18] == ["100.0 ms", "5.0 ms", "10.0 ms", "85.0 ms"]
+    one = next(line for line in table.splitlines() if line.startswith("| 1gpu "))
+    assert [c.strip() for c in one.strip("|").split("|")][16] == "-"  # no DDP timers on one process

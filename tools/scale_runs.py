@@ -1,38 +1,61 @@
 #!/usr/bin/env python
-"""Train one config on 1 GPU and on 2 (DDP, FSDP, two single-GPU "nodes") with the same global batch; tabulate.
+"""Train one config on 1, 2, 4 and 8 GPUs (DDP), and with FSDP or two single-GPU "nodes", at one global batch.
 
 Runs, each through the command line (``python -m mom_lit fit``) and with the same global batch of
 ``--global_batch`` rows (the config's ``data.batch_size`` rows per GPU and micro-batch, gradient accumulation
 making up the rest):
 
-* ``1gpu``: one process, ``trainer.devices=1``;
-* ``ddp``: ``--config configs/ddp.yaml`` with ``trainer.devices=2``; Lightning starts the second process;
-* ``fsdp``: ``--config configs/fsdp.yaml`` (full sharding, every block recomputed) under
+* ``1gpu``: one process, ``trainer.devices=1``, ``trainer.strategy=auto`` (no DDP wrapper);
+* ``ddp``, ``ddp4``, ``ddp8``: ``--config configs/ddp.yaml`` (static graph, gradients as bucket views) with
+  ``trainer.devices`` 2, 4, 8; Lightning starts the other processes;
+* ``fsdp``: ``--config configs/fsdp.yaml`` (FSDP1, full sharding, every block recomputed) under
   ``torchrun --standalone --nproc-per-node 2``;
+* ``fsdp2``: ``--config configs/fsdp2.yaml`` (``fully_shard`` per block, every block recomputed) on 2 GPUs;
 * ``2node``: ``--config configs/ddp.yaml`` with ``trainer.num_nodes=2 trainer.devices=1``, launched as two
   ``torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint localhost:PORT`` agents on this
   host, one GPU each (``CUDA_VISIBLE_DEVICES`` 0 and 1).
+
+The default is the paper's 340M recipe at its per-GPU batch (``configs/mom_340m.yaml``: 8 rows of 2048 tokens
+per GPU, 64 rows per step over 1, 2, 4 and 8 GPUs, the 1-GPU run accumulating 8 micro-batches). A run that
+needs more GPUs than are visible stops the script before anything is launched.
 
 The runs take the GPUs of this script's ``CUDA_VISIBLE_DEVICES`` in order (all of the host's when it is unset), so
 two 1-GPU runs can share a host: ``CUDA_VISIBLE_DEVICES=1 python tools/scale_runs.py --runs 1gpu ...``.
 
 Each run's process logs go to ``<out>/<run>.log`` and its CSV metrics to ``<out>/<run>/``. A :class:`ScaleProbe`
-callback measures, on every rank, the tokens/s of that rank after ``--warmup_steps`` optimizer steps (compilation
-excluded; synchronised at both ends), the peak CUDA memory allocated, and the loss of every optimizer step over
-the whole global batch (the micro-batch losses summed over accumulation and averaged over ranks, so runs of
-different layouts compare step by step). The table goes to ``<out>/results.md`` (and ``results.json``,
-``step_losses.csv``): final train loss (mean of the last ``--tail`` steps, with the standard error of that mean),
-validation loss over the whole split, tokens/s per GPU, peak memory, and the differences to the first run.
+callback measures, on every rank, after ``--warmup_steps`` optimizer steps (compilation excluded; synchronised at
+both ends): the tokens/s of that rank, the step time and its breakdown, the peak CUDA memory allocated; and the
+loss of every optimizer step over the whole global batch (the micro-batch losses summed over accumulation and
+averaged over ranks, so runs of different layouts compare step by step). The breakdown of an optimizer step:
 
-Typical use (2 GPUs, repository root)::
+* data: host time between the end of one micro-batch and the start of the next (the loader's ``next`` and the
+  copy to the device), summed over the step's micro-batches; the loader is no bottleneck when it is small;
+* communication not overlapped (DDP only): DDP's own timers, sampled by torch on some iterations: all-reduce
+  time minus the part overlapped with the backward computation, once per optimizer step (accumulating
+  micro-batches do not reduce);
+* compute: the rest of the step time.
 
-    python tools/scale_runs.py --out runs/scale
+The rows of an optimizer step are the same set for every layout only within an epoch resumed on another
+number of GPUs: litdata deals a fresh epoch by rank, so runs of different GPU counts train on differently
+composed global batches, and (with a load-balancing loss computed per rank) their losses agree only to the
+noise of that composition; runs of the same GPU count (``ddp``, ``fsdp2``) see the same rows.
 
-Plumbing check on a CPU (2 gloo processes per multi-process run, a tiny model)::
+The table goes to ``<out>/results.md`` (and ``results.json``, ``step_losses.csv``): final train loss (mean of the
+last ``--tail`` steps, with the standard error of that mean), the loss at ``--compare_step``, validation loss,
+tokens/s per GPU and its ratio to the first run's, the breakdown, peak memory, and the differences to the first
+run.
 
-    python tools/scale_runs.py --cpu --runs 1gpu,ddp,2node --steps 4 --warmup_steps 1 --out /tmp/scale \\
-        --set model.config.hidden_size=32 --set model.config.num_layers=2 --set model.config.head_dim=8 \\
-        --set data.init_args.seq_len=32 --set data.init_args.num_workers=0
+Typical use (8 GPUs, data prepared as configs/mom_340m.yaml says, repository root)::
+
+    python tools/scale_runs.py --out runs/scale --steps 200 --warmup_steps 50
+
+Plumbing check on a CPU (gloo processes, a tiny model on the embedded corpus)::
+
+    python tools/scale_runs.py --cpu --runs 1gpu,ddp,fsdp2 --steps 4 --warmup_steps 1 --global_batch 8 \\
+        --tail 2 --out /tmp/scale --set model.config.hidden_size=32 --set model.config.num_layers=2 \\
+        --set model.config.head_dim=8 --set model.config.backend=eager --set model.warmup_steps=1 \\
+        --set data.init_args.seq_len=32 --set data.init_args.num_workers=0 --set data.init_args.batch_size=2 \\
+        --set data.init_args.data_dir=null --set data.init_args.tokenizer=byte --set trainer.limit_val_batches=2
 
 ``--dry_run`` prints the commands without running them.
 """
@@ -62,8 +85,8 @@ PROBE_FILE = "probe.json"
 
 
 class ScaleProbe(L.Callback):
-    """Per-rank tokens/s and peak memory, and the loss of each optimizer step over all ranks; rank 0 writes
-    ``<out_dir>/probe.json`` at the end of training.
+    """Per-rank tokens/s, step-time breakdown and peak memory, and the loss of each optimizer step over all ranks;
+    rank 0 writes ``<out_dir>/probe.json`` at the end of training.
 
     Args:
         out_dir: where ``probe.json`` goes.
@@ -79,12 +102,21 @@ class ScaleProbe(L.Callback):
         self._start: float | None = None
         self._end: float | None = None
         self._tokens = 0  # this rank's tokens after the start mark
+        self._batch_end: float | None = None  # host clock at the end of the previous micro-batch
+        self._data_wait = 0.0  # host seconds between micro-batches after the start mark
+        self._timed_batches = 0
 
     @staticmethod
     def _now(device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._start is not None and self._end is None and self._batch_end is not None:
+            # The loader's next() and the copy to the device since the last micro-batch ended (host time).
+            self._data_wait += time.perf_counter() - self._batch_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -95,8 +127,11 @@ class ScaleProbe(L.Callback):
         if self._start is None:
             if trainer.global_step >= self.warmup_steps:
                 self._start = self._now(pl_module.device)
+                self._batch_end = time.perf_counter()
             return
         self._tokens += batch["input_ids"].numel()
+        self._timed_batches += 1
+        self._batch_end = time.perf_counter()
         step = trainer.global_step
         if trainer.is_global_zero and step % 50 == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             # A sign of life in the log, also for a run that is stopped before it ends.
@@ -117,9 +152,14 @@ class ScaleProbe(L.Callback):
         elapsed = (self._end - self._start) if self._start is not None and self._end is not None else float("nan")
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
+        timed_steps = self._timed_batches / accumulate
+        comm = ddp_exposed_communication_s(trainer.strategy.model)
         mine = torch.tensor([self._tokens / elapsed if elapsed > 0 else float("nan"), peak / 2**30,
-                             reserved / 2**30, float(self._tokens)], device=device, dtype=torch.float64)
-        ranks = trainer.strategy.all_gather(mine).view(-1, mine.numel()).cpu()  # (world, 4)
+                             reserved / 2**30, float(self._tokens),
+                             elapsed / timed_steps if timed_steps else float("nan"),
+                             self._data_wait / timed_steps if timed_steps else float("nan"), comm],
+                            device=device, dtype=torch.float64)
+        ranks = trainer.strategy.all_gather(mine).view(-1, mine.numel()).cpu()  # (world, 7)
         # Sharded (FSDP): each rank holds a part of every parameter; replicated (DDP): each holds them all.
         local = torch.tensor(float(sum(p.numel() for p in pl_module.model.parameters())), device=device)
         sharded = "FSDP" in type(trainer.strategy).__name__
@@ -134,11 +174,27 @@ class ScaleProbe(L.Callback):
             "steps": steps, "warmup_steps": self.warmup_steps, "timed_seconds": elapsed,
             "tokens_per_sec_per_rank": ranks[:, 0].tolist(), "peak_allocated_gib_per_rank": ranks[:, 1].tolist(),
             "peak_reserved_gib_per_rank": ranks[:, 2].tolist(), "timed_tokens_per_rank": ranks[:, 3].tolist(),
+            "step_seconds_per_rank": ranks[:, 4].tolist(), "data_wait_seconds_per_step_per_rank": ranks[:, 5].tolist(),
+            "exposed_communication_seconds_per_step_per_rank": ranks[:, 6].tolist(),
             "val_loss": float(val) if val is not None else None,
             "step_losses": step_losses.float().cpu().tolist(), "parameters": parameters,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / PROBE_FILE).write_text(json.dumps(probe, indent=1))
+
+
+def ddp_exposed_communication_s(model: Any) -> float:
+    """Seconds per synchronising backward pass that DDP's gradient all-reduce was not hidden under the backward
+    computation: DDP's timers (averaged over the iterations torch samples), all-reduce time minus its overlap
+    with the backward computation. NaN for a model DDP does not wrap (one process, FSDP)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return float("nan")
+    timings = model._get_ddp_logging_data()
+    if "avg_backward_comm_time" not in timings:  # no iteration sampled yet
+        return float("nan")
+    return max(0, timings["avg_backward_comm_time"] - timings["avg_backward_compute_comm_overlap_time"]) / 1e9
 
 
 @dataclass(frozen=True)
@@ -158,7 +214,10 @@ class Run:
 RUNS = {
     "1gpu": Run("1gpu", 1, 1, None, "lightning", "1 GPU"),
     "ddp": Run("ddp", 1, 2, "configs/ddp.yaml", "lightning", "DDP, 1 node x 2 GPUs"),
+    "ddp4": Run("ddp4", 1, 4, "configs/ddp.yaml", "lightning", "DDP, 1 node x 4 GPUs"),
+    "ddp8": Run("ddp8", 1, 8, "configs/ddp.yaml", "lightning", "DDP, 1 node x 8 GPUs"),
     "fsdp": Run("fsdp", 1, 2, "configs/fsdp.yaml", "torchrun", "FSDP, 1 node x 2 GPUs (torchrun)"),
+    "fsdp2": Run("fsdp2", 1, 2, "configs/fsdp2.yaml", "lightning", "FSDP2 (fully_shard), 1 node x 2 GPUs"),
     "2node": Run("2node", 2, 1, "configs/ddp.yaml", "torchrun-nodes",
                  "DDP, 2 nodes x 1 GPU (2 torchrun agents, c10d rendezvous)"),
 }
@@ -172,13 +231,15 @@ def free_port() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/scale_100m.yaml", help="base config (relative to the repository)")
-    p.add_argument("--runs", default="1gpu,ddp,fsdp,2node", help=f"comma-separated, of {list(RUNS)}")
+    p.add_argument("--config", default="configs/mom_340m.yaml", help="base config (relative to the repository)")
+    p.add_argument("--runs", default="1gpu,ddp,ddp4,ddp8", help=f"comma-separated, of {list(RUNS)}")
     p.add_argument("--out", default="runs/scale", help="folder for logs, metrics and the results table")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's max_steps)")
-    p.add_argument("--global_batch", type=int, default=16, help="rows per optimizer step, over all GPUs")
+    p.add_argument("--global_batch", type=int, default=64, help="rows per optimizer step, over all GPUs")
     p.add_argument("--warmup_steps", type=int, default=20, help="steps left out of the tokens/s")
     p.add_argument("--tail", type=int, default=50, help="last steps averaged into the final train loss")
+    p.add_argument("--compare_step", type=int, default=None,
+                   help="optimizer step whose global-batch loss is compared between runs (default: the last)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is killed")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for all runs together; a run that would start later is skipped")
@@ -193,10 +254,17 @@ def load_base(config: Path) -> dict[str, Any]:
     return yaml.safe_load(config.read_text())
 
 
+def setting(args: argparse.Namespace, base: dict[str, Any], key: str) -> Any:
+    """``data.init_args.<key>`` as the runs see it: a ``--set`` override, else the base config's value."""
+    prefix = f"data.init_args.{key}="
+    given = [kv[len(prefix):] for kv in args.set if kv.startswith(prefix)]
+    return yaml.safe_load(given[-1]) if given else base["data"]["init_args"][key]
+
+
 def run_commands(run: Run, args: argparse.Namespace, base: dict[str, Any], out: Path, port: int,
                  ) -> list[tuple[list[str], dict[str, str]]]:
     """The command(s) and extra environment of one run (two for two torchrun agents)."""
-    micro = int(base["data"]["init_args"]["batch_size"])
+    micro = int(setting(args, base, "batch_size"))
     steps = args.steps if args.steps is not None else int(base["trainer"]["max_steps"])
     if args.global_batch % (micro * run.world_size):
         raise ValueError(f"--global_batch {args.global_batch} is not a multiple of batch_size {micro} x "
@@ -214,6 +282,11 @@ def run_commands(run: Run, args: argparse.Namespace, base: dict[str, Any], out: 
         "--trainer.callbacks+=scale_runs.ScaleProbe", f"--trainer.callbacks.out_dir={out / run.name}",
         f"--trainer.callbacks.warmup_steps={args.warmup_steps}",
     ]
+    if run.world_size == 1 and run.overlay is None:
+        # One device without a DDP wrapper (the paper configs name ddp): the baseline pays no reducer hooks.
+        fit += ["--trainer.strategy=auto"]
+    if run.overlay == "configs/fsdp2.yaml":  # the data-parallel mesh spans every rank
+        fit += [f"--trainer.strategy.init_args.data_parallel_size={run.world_size}"]
     if args.cpu:
         fit += ["--trainer.accelerator=cpu", "--trainer.precision=32-true"]
     fit += [f"--{kv}" for kv in args.set]
@@ -294,7 +367,13 @@ def execute(run: Run, commands: list[tuple[list[str], dict[str, str]]], out: Pat
     return {"exit_codes": codes, "wall_s": time.perf_counter() - start}
 
 
-def summarise(name: str, run: Run, outcome: dict, out: Path, tail: int, global_batch: int, seq_len: int) -> dict:
+def finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def summarise(name: str, run: Run, outcome: dict, out: Path, tail: int, global_batch: int, seq_len: int,
+              compare_step: int | None) -> dict:
     row: dict[str, Any] = {"run": name, "description": run.description, "gpus": run.world_size, **outcome}
     probe_path = out / name / PROBE_FILE
     if not probe_path.is_file():
@@ -306,6 +385,15 @@ def summarise(name: str, run: Run, outcome: dict, out: Path, tail: int, global_b
     mean = sum(last) / len(last)
     sd = math.sqrt(sum((x - mean) ** 2 for x in last) / max(len(last) - 1, 1))
     per_rank = probe["tokens_per_sec_per_rank"]
+    step = compare_step if compare_step is not None else len(losses)
+    step_s = finite_mean(probe.get("step_seconds_per_rank", []))
+    data_s = finite_mean(probe.get("data_wait_seconds_per_step_per_rank", []))
+    comm_s = finite_mean(probe.get("exposed_communication_seconds_per_step_per_rank", []))
+    row.update(
+        compare_step=step, compare_loss=losses[step - 1] if 0 < step <= len(losses) else None,
+        step_ms=1e3 * step_s, data_ms=1e3 * data_s, comm_ms=1e3 * comm_s,
+        compute_ms=1e3 * (step_s - data_s - (0.0 if math.isnan(comm_s) else comm_s)),
+    )
     row.update(
         ok=all(c == 0 for c in outcome["exit_codes"]), probe=probe, steps=probe["steps"],
         accumulate=probe["accumulate_grad_batches"], tokens_per_step=global_batch * seq_len,
@@ -317,29 +405,40 @@ def summarise(name: str, run: Run, outcome: dict, out: Path, tail: int, global_b
 
 
 def fmt(x: Any, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    """``x`` in ``spec`` (a format spec, then optionally a space and a unit); ``-`` for a missing value."""
+    spec, _, unit = spec.partition(" ")
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec) + (f" {unit}" if unit else "")
 
 
 def write_results(rows: list[dict], out: Path, header: str) -> str:
     base = next((r for r in rows if r.get("train_loss") is not None), None)
     lines = [header, "",
              "| run | launch | GPUs | accumulate | steps | train loss (last steps) | val loss | d train | d val "
-             "| tokens/s per GPU | tokens/s total | peak memory | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| loss at step | d loss at step | tokens/s per GPU | of first run | tokens/s total | step | data "
+             "| comm. not overlapped | compute | peak memory | wall |",
+             "|" + "---|" * 20]
     for r in rows:
         if r.get("train_loss") is None:
             lines.append(f"| {r['run']} | {r['description']} | {r['gpus']} | - | - | FAILED (exit {r['exit_codes']}) "
-                         f"| - | - | - | - | - | - | {r['wall_s']:.0f} s |")
+                         + "| - " * 13 + f"| {r['wall_s']:.0f} s |")
             continue
         d_train = r["train_loss"] - base["train_loss"] if r is not base else None
         d_val = (r["val_loss"] - base["val_loss"]) if r is not base and None not in (r["val_loss"],
                                                                                     base["val_loss"]) else None
+        same_step = r is not base and r["compare_step"] == base["compare_step"] and None not in (
+            r["compare_loss"], base["compare_loss"])
+        d_step = r["compare_loss"] - base["compare_loss"] if same_step else None
+        ratio = r["tokens_per_sec_per_gpu"] / base["tokens_per_sec_per_gpu"] if r is not base else None
         lines.append(
             f"| {r['run']} | {r['description']} | {r['gpus']} | {r['accumulate']} | {r['steps']} "
             f"| {r['train_loss']:.4f} +- {r['train_loss_se']:.4f} | {fmt(r['val_loss'], '.4f')} "
-            f"| {fmt(d_train, '+.4f')} | {fmt(d_val, '+.4f')} | {fmt(r['tokens_per_sec_per_gpu'], ',.0f')} "
-            f"| {fmt(r['tokens_per_sec_total'], ',.0f')} | {r['peak_gib']:.2f} GiB | {r['wall_s']:.0f} s |"
-            + ("" if r["ok"] else " (non-zero exit)"))
+            f"| {fmt(d_train, '+.4f')} | {fmt(d_val, '+.4f')} | {fmt(r['compare_loss'], '.4f')} (step "
+            f"{r['compare_step']}) | {fmt(d_step, '+.5f')} | {fmt(r['tokens_per_sec_per_gpu'], ',.0f')} "
+            f"| {fmt(ratio, '.1%')} | {fmt(r['tokens_per_sec_total'], ',.0f')} | {fmt(r['step_ms'], '.1f ms')} "
+            f"| {fmt(r['data_ms'], '.1f ms')} | {fmt(r['comm_ms'], '.1f ms')} | {fmt(r['compute_ms'], '.1f ms')} "
+            f"| {r['peak_gib']:.2f} GiB | {r['wall_s']:.0f} s |" + ("" if r["ok"] else " (non-zero exit)"))
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
@@ -378,8 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         from mom_lit.data.shakespeare import ensure_shakespeare
 
         ensure_shakespeare(base["data"]["init_args"].get("tokenizer", "byte"))
-    seq_len = int(next((kv.split("=", 1)[1] for kv in args.set if kv.startswith("data.init_args.seq_len=")),
-                       base["data"]["init_args"]["seq_len"]))
+    seq_len = int(setting(args, base, "seq_len"))
     device = "CPU" if args.cpu else (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
     header = (f"config {args.config}{' + ' + ' '.join(args.set) if args.set else ''}; global batch "
               f"{args.global_batch} x {seq_len} tokens; {device}; torch {torch.__version__}, lightning "
@@ -396,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{name}] {RUNS[name].description} ...", flush=True)
         outcome = execute(RUNS[name], commands, out, left)
-        row = summarise(name, RUNS[name], outcome, out, args.tail, args.global_batch, seq_len)
+        row = summarise(name, RUNS[name], outcome, out, args.tail, args.global_batch, seq_len, args.compare_step)
         rows.append(row)
         print(f"[{name}] exit {outcome['exit_codes']} in {outcome['wall_s']:.0f} s; train loss "
               f"{fmt(row.get('train_loss'), '.4f')}, val loss {fmt(row.get('val_loss'), '.4f')}, tokens/s per GPU "

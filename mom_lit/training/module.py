@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -29,6 +29,22 @@ def _is_fsdp(module: nn.Module | None) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return isinstance(module, FullyShardedDataParallel)
+
+
+def shard_blocks(model: MoMForCausalLM, mesh: Any) -> None:
+    """FSDP2 plan: ``fully_shard`` each block (with its checkpoint wrapper, if any), then the root, which keeps
+    the embedding, the final norm and the (tied) head. Each block's parameters are gathered just before its
+    forward and backward and freed after; the root's stay gathered through the step.
+
+    ``mesh`` is the 1-D data-parallel mesh the parameters are sharded over (Lightning's
+    ``ModelParallelStrategy`` builds it; ``configs/fsdp2.yaml``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for index, block in enumerate(model.blocks):
+        # Every block but the last reshards after the forward; the last one's backward starts right away.
+        fully_shard(block, mesh=mesh, reshard_after_forward=index < len(model.blocks) - 1)
+    fully_shard(model, mesh=mesh)
 
 
 class MoMLightningModule(L.LightningModule):
@@ -58,7 +74,8 @@ class MoMLightningModule(L.LightningModule):
             the Trainer's estimate from ``max_epochs``).
         compile: ``torch.compile`` the model (in place: checkpoints keep the plain parameter names).
         activation_checkpointing: recompute each block in the backward pass instead of storing its
-            activations. Under FSDP prefer the strategy's ``activation_checkpointing_policy``.
+            activations. Under FSDP prefer the strategy's ``activation_checkpointing_policy``; under
+            ``ModelParallelStrategy`` (FSDP2, ``configs/fsdp2.yaml``) this is the switch, applied before sharding.
         throughput_window: training batches over which tokens/s and MFU are averaged.
         nonfinite: what a step with a non-finite loss or gradient does. ``"skip"``: the optimizer step is
             skipped (gradients dropped, so AdamW's moments and weight decay are untouched; the LR schedule
@@ -137,10 +154,13 @@ class MoMLightningModule(L.LightningModule):
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, MoMBlock))
-        if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
             for layer in self.model.modules():
                 if isinstance(layer, MoMLayer):
                     layer.compile_stages = False
+        if isinstance(strategy, ModelParallelStrategy):
+            shard_blocks(self.model, strategy.device_mesh["data_parallel"])
         if self.hparams.compile:
             self.model.compile()
 
