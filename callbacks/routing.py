@@ -12,12 +12,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-# Diverging colour scale of the heatmap: starved (blue) -> uniform share (light grey) -> overloaded (red).
-_COLD = torch.tensor([59.0, 76.0, 192.0])
-_NEUTRAL = torch.tensor([221.0, 221.0, 221.0])
-_HOT = torch.tensor([180.0, 4.0, 38.0])
-
-
 def routing_summary(load: torch.Tensor, starved_threshold: float) -> dict[str, torch.Tensor]:
     """Per-layer statistics of a (num_layers, E) load matrix whose rows are fractions of routed slots.
 
@@ -33,28 +27,14 @@ def routing_summary(load: torch.Tensor, starved_threshold: float) -> dict[str, t
     return {"load_entropy": load_entropy, "max_min_ratio": max_min_ratio, "starved": starved}
 
 
-def load_heatmap(load: torch.Tensor, cell: int = 16) -> torch.Tensor:
-    """(L*cell, E*cell, 3) uint8 image of a (L, E) load matrix: one row per layer, one column per memory.
-
-    Colour encodes the share relative to the uniform one: blue at 0, grey at 1/E, red at 2/E and above.
-    """
-    num_memories = load.shape[-1]
-    x = (load.float().cpu() * num_memories / 2).clamp(0, 1).unsqueeze(-1)  # (L, E, 1), 0.5 = uniform
-    low = _COLD + (_NEUTRAL - _COLD) * (2 * x)
-    high = _NEUTRAL + (_HOT - _NEUTRAL) * (2 * x - 1)
-    rgb = torch.where(x <= 0.5, low, high).round().to(torch.uint8)  # (L, E, 3)
-    return rgb.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
-
-
-def _heatmap_figure(load: torch.Tensor):
-    """A labelled matplotlib heatmap, or None when matplotlib is not installed.
+def load_heatmap(load: torch.Tensor):
+    """A labelled matplotlib figure of a (L, E) load matrix: one row per layer, one column per memory, the colour
+    the share relative to the uniform one (blue at 0, neutral at 1/E, red at 2/E and above).
 
     Built on ``matplotlib.figure.Figure`` rather than pyplot so that the process's plotting backend is left alone.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
+    from matplotlib.figure import Figure
+
     relative = load.float().cpu().numpy() * load.shape[-1]
     fig = Figure(figsize=(2.5 + 0.6 * load.shape[1], 1.2 + 0.3 * load.shape[0]))
     ax = fig.subplots()
@@ -163,12 +143,7 @@ class RoutingStatsCallback(L.Callback):
                 experiment = logger.experiment
                 experiment.add_histogram("routing/load_share", load.reshape(-1), global_step=step)
                 experiment.add_histogram("routing/router_entropy", entropy, global_step=step)
-                figure = _heatmap_figure(load)
-                if figure is not None:
-                    experiment.add_figure("routing/load_heatmap", figure, global_step=step, close=True)
-                else:
-                    experiment.add_image("routing/load_heatmap", load_heatmap(load), global_step=step,
-                                         dataformats="HWC")
+                experiment.add_figure("routing/load_heatmap", load_heatmap(load), global_step=step, close=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_logged_step": self._last_logged_step, "starved_streak": self._starved_streak}

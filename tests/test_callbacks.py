@@ -93,14 +93,15 @@ def test_routing_summary_balanced_and_skewed():
     assert s["starved"].tolist() == [[False] * 4, [False, False, False, True], [False, False, True, True]]
 
 
-def test_heatmap_colours():
-    load = torch.tensor([[0.25, 0.25, 0.0, 0.5]])  # uniform, uniform, starved, doubled
-    img = load_heatmap(load, cell=3)
-    assert img.shape == (3, 12, 3) and img.dtype == torch.uint8
-    assert img[0, 0].tolist() == [221, 221, 221]
-    assert img[2, 7].tolist() == [59, 76, 192]
-    assert img[1, 11].tolist() == [180, 4, 38]
-    assert (img[:, :3] == img[0, 0]).all()  # one colour per cell
+def test_heatmap_is_labelled_layers_by_memories():
+    load = torch.tensor([[0.25, 0.25, 0.0, 0.5], [0.4, 0.2, 0.2, 0.2]])  # (L=2, E=4)
+    fig = load_heatmap(load)
+    heat, bar = fig.axes
+    assert (heat.get_xlabel(), heat.get_ylabel()) == ("memory", "layer")
+    assert bar.get_ylabel() == "load / uniform share"
+    shown = heat.images[0].get_array()
+    assert shown.shape == (2, 4)
+    torch.testing.assert_close(torch.as_tensor(shown.data), load * 4)  # relative to the uniform share 1/E
 
 
 # Cadence and values -----------------------------------------------------------------------------------------
