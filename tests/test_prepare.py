@@ -365,3 +365,17 @@ def test_failure_exit_code_through_a_subprocess(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == f"mom-lit prepare: error: {src} line 2: no field 'text' (set text_field)"
     assert not out.exists()
+
+
+def test_litdata_account_advertisement_is_dropped(tmp_path, capsys):
+    """Worker processes write through litdata.optimize: its account advertisement is dropped, the rest is kept."""
+    from mom_lit.data.prepare_cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    assert main([str(src), "-o", str(tmp_path / "out"), "--num_workers", "2", "--val_fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "lightning.ai" not in out
+    assert '"splits"' in out  # the summary still reaches stdout

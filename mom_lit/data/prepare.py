@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import uuid
@@ -223,6 +225,34 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
 
 
+class _DropVendorLines(io.TextIOBase):
+    """A stdout that forwards every line but litdata's account advertisement (printed by every ``optimize``
+    outside Lightning's hosted studios, with no option to turn it off)."""
+
+    PREFIX = "Create an account on https://lightning.ai/"
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not line.startswith(self.PREFIX):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        # A partial line is held until its newline (or the end), so the advertisement is never split in two.
+        self.stream.flush()
+
+    def close_out(self) -> None:
+        if self.pending and not self.pending.startswith(self.PREFIX):
+            self.stream.write(self.pending)
+        self.pending = ""
+        self.stream.flush()
+
+
 @contextlib.contextmanager
 def _isolated_optimize(cache_root: Path) -> Iterator[None]:
     """Undo what ``litdata.optimize`` changes in the calling process.
@@ -237,9 +267,12 @@ def _isolated_optimize(cache_root: Path) -> Iterator[None]:
     saved_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(cache_root / "chunks")
     os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(cache_root / "data")
+    stdout = _DropVendorLines(sys.stdout)
     try:
-        yield
+        with contextlib.redirect_stdout(stdout):
+            yield
     finally:
+        stdout.close_out()
         for key in [k for k in os.environ if k.startswith("DATA_OPTIMIZER_")]:
             del os.environ[key]
         os.environ.update(saved_env)
