@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 UpdateRule = Literal["gated_delta", "delta", "gla", "simple_gla", "linear"]
 UPDATE_RULES: tuple[str, ...] = ("gated_delta", "delta", "gla", "simple_gla", "linear")
 AuxLossType = Literal["global", "per_sequence"]
 Backend = Literal["auto", "triton", "compiled", "eager"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+Stages = Literal["auto", "triton", "reference"]
+Projections = Literal["auto", "dense"]
 ActivationMemory = Literal["fast", "balanced", "lean"]
 
 
@@ -81,6 +84,22 @@ class MoMConfig:
     under bf16-mixed autocast the projections run in bf16 from one cast of the layer input, so the same applies
     (lean 10.6 GiB there, against 19.7 GiB, measured before fast took the grouped product too)."""
 
+    stages: Stages = "auto"
+    """The stages around the scan (slot inputs: gather, short convolution, norms, gates; mix: weighted sum of the
+    slots, gated norm). ``auto``: Triton kernels next to the Triton scan on CUDA (run once on a few tokens first; a
+    Triton that cannot build them leaves the reference stages, with one warning), the reference elsewhere.
+    ``triton``: the Triton kernels with any scan backend and device, without that trial run (on CPU under
+    ``TRITON_INTERPRET=1``). ``reference``: the plain-torch stages (``torch.compile``d on CUDA)."""
+    projections: Projections = "auto"
+    """How the slot kernels project each slot's k, v and gates. ``auto``: only the streams each token selected, by
+    one grouped product over the memory-sorted slots, wherever that applies (bf16 on sm90 / sm100 GPUs with torch's
+    grouped kernels, fp32 or bf16 on CPU; a token skipping some stream; no per-key gate). ``dense``: every stream
+    for every token in one matrix product (for measurements)."""
+    compile_stages: bool = True
+    """Run the reference slot stage through ``torch.compile`` on CUDA next to the Triton scan (a forward with a
+    conv cache, or ``stages="reference"``). The training module turns it off under FSDP, whose flat parameters
+    dynamo cannot trace."""
+
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
             value = getattr(self, name)
@@ -94,8 +113,13 @@ class MoMConfig:
             raise ValueError(f"MoMConfig.update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
         if self.aux_loss_type not in ("global", "per_sequence"):
             raise ValueError(f"MoMConfig.aux_loss_type must be 'global' or 'per_sequence', got {self.aux_loss_type!r}")
-        if self.backend not in ("auto", "triton", "compiled", "eager"):
-            raise ValueError(f"MoMConfig.backend must be auto|triton|compiled|eager, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"MoMConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name, allowed in (("stages", get_args(Stages)), ("projections", get_args(Projections))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MoMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.compile_stages, bool):
+            raise ValueError(f"MoMConfig.compile_stages must be a bool, got {self.compile_stages!r}")
         if self.activation_memory not in ("fast", "balanced", "lean"):
             raise ValueError("MoMConfig.activation_memory must be 'fast', 'balanced' or 'lean', "
                              f"got {self.activation_memory!r}")

@@ -18,9 +18,7 @@ plain-torch stages remain the reference (CPU, float64, prefill with a conv cache
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -34,8 +32,8 @@ from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
 from mom_lit.ops import scan
 from mom_lit.ops.conv import (SlotSourceShare, projected_slot_conv, rebuild_projected_qkv, slot_conv, slot_qkv,
                               varlen_short_conv)
-from mom_lit.ops.grouped import grouped_mm_available
 from mom_lit.ops.decode import decode_step
+from mom_lit.plan import ExecutionPlan, PlanCache, compute_dtype
 from mom_lit.router import Router, Routing
 
 
@@ -55,33 +53,9 @@ class LayerAux:
     state: LayerState | None
 
 
-_FUSION = {"disabled": False}
-# The Triton slot and mix stages (``mom_lit.ops.layer_triton``) run on CUDA next to the Triton scan: on an H100
-# they passed the layer-against-reference tests (fp32 and bf16, all gradients) and cut the layer's fwd+bwd at
-# 8x2048 from 15.7 to 11.6 ms and its peak memory from 4.1 to 2.8 GiB (BENCHMARKS.md). ``MOM_LIT_SLOT_KERNELS=0``
-# falls back to the compiled reference stages. ``allow_cpu`` lets tests run them on CPU under TRITON_INTERPRET=1.
-_SLOT_KERNELS = {"disabled": os.environ.get("MOM_LIT_SLOT_KERNELS", "1") == "0", "allow_cpu": False}
-_SLOT_KERNELS_PROBED: set[tuple] = set()
-PROJECTIONS = "auto"
-"""How the Triton path projects the per-stream k, v and gates: ``"auto"`` only the streams each token selected (a
-grouped product over the memory-sorted slots, J per token) wherever that applies (bf16 on a GPU with torch's
-grouped kernels, sm90 / sm100; a token skipping some stream; no per-key gate: see
-``MoMLayer._grouped_projection_applies``), ``"dense"`` every stream for every token (one matrix product, S streams
-per token; for measurements)."""
-_PROJECTIONS = ("auto", "dense")
-logger = logging.getLogger("mom_lit")
-
-
 def _projection_input(x: torch.Tensor) -> torch.Tensor:
     """x in the dtype that its matrix products run in: autocast's where autocast is on for x's device, else x's."""
-    kind = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(kind):
-        return x.to(torch.get_autocast_dtype(kind))
-    return x
-
-
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+    return x.to(compute_dtype(x)) if x.is_floating_point() else x
 
 
 def _uses_beta(rule: str) -> bool:
@@ -129,12 +103,14 @@ class MoMLayer(nn.Module):
         self.g_proj = nn.Linear(hidden, c.value_dim, bias=False) if c.use_output_gate else None
         self.o_norm = GatedRMSNorm(c.head_v_dim, eps=c.norm_eps)
         self.o_proj = nn.Linear(c.value_dim, hidden, bias=False)
-        # Whether the elementwise stages around the scan may run as a torch.compile'd function on CUDA. Off under
-        # FSDP, whose parameters are views of a flat parameter that dynamo cannot trace (also while checkpointed
-        # blocks are recomputed in the backward); MoMLightningModule turns it off for its FSDP strategy, code that
-        # wraps the model in FSDP itself must do the same.
-        self.compile_stages = True
+        # The plans of a layer run on its own (a model hands its plan to every layer).
+        self.plans = PlanCache(config)
         self.reset_parameters()
+
+    def configure_paths(self, **overrides) -> None:
+        """Paths of this layer run on its own other than its config chooses (as
+        :meth:`mom_lit.model.MoMForCausalLM.configure_paths`)."""
+        self.plans = PlanCache(self.config, **overrides)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -241,115 +217,61 @@ class MoMLayer(nn.Module):
         num_sequences: int,
         state: LayerState | None = None,
         use_cache: bool = False,
+        plan: ExecutionPlan | None = None,
     ) -> tuple[torch.Tensor, LayerAux]:
-        """x: (B, T, D); seq_id: (B*T,) independent-sequence id of each token (rows or packed documents)."""
+        """x: (B, T, D); seq_id: (B*T,) independent-sequence id of each token (rows or packed documents).
+        ``plan``: the implementation of every stage (default: this layer's plan for x's device and dtype)."""
+        plan = plan if plan is not None else self.plans.for_input(x)
         batch, seq_len, hidden = x.shape
         H, V = self.num_heads, self.head_v_dim
         x_flat = x.reshape(batch * seq_len, hidden)  # (N_tok, D)
         routing, memory, weight = self._route(x_flat)
         gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
-        mixed = None
         if seq_len == 1 and state is not None and num_sequences == batch and use_cache:  # in-place step
-            o, new_state = self._decode_step(x_flat, memory, state)
+            o, new_state = self._decode_step(x_flat, memory, state, plan)
+            mixed = self._mix_reference(o, weight, gate)
         else:
-            o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache)
-            if self._mix_kernel_applies(o):
-                mixed = mix_gated_rms_norm(o, layout.rank, weight, gate, self.o_norm.weight, self.o_norm.eps)
+            o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache, plan)
+            if plan.mix == "triton":
+                mixed = mix_gated_rms_norm(o, layout.rank, weight, gate, self.o_norm.weight, self.o_norm.eps,
+                                           launch=plan.stage_launch)
             else:
-                o = unsort(o, layout).view(x_flat.shape[0], -1, H, V)  # (N_tok, J, H, V)
-        if mixed is None:
-            o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, J, H, V) -> (N_tok, H, V)
-            mixed = self.o_norm(o, gate)
+                mixed = self._mix_reference(unsort(o, layout).view(x_flat.shape[0], -1, H, V), weight, gate)
         out = self.o_proj(mixed.reshape(batch, seq_len, H * V))
         return out, LayerAux(routing=routing, state=new_state if use_cache else None)
 
-    def _mix_kernel_applies(self, o: torch.Tensor) -> bool:
-        """The Triton mix stage (weighted sum of the slots, gated RMSNorm) runs next to the Triton scan."""
-        return ((o.is_cuda or _SLOT_KERNELS["allow_cpu"])
-                and self.config.backend in ("auto", "triton") and o.dtype != torch.float64
-                and self._layer_kernels_build(o.device, o.dtype))
+    def _mix_reference(self, o: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """(N_tok, J, H, V) slot outputs -> (N_tok, H, V): routing-weighted sum, then the gated RMSNorm."""
+        o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, J, H, V) -> (N_tok, H, V)
+        return self.o_norm(o, gate)
 
-    def _layer_kernels_build(self, device, dtype) -> bool:
-        """Run the slot and mix kernels once, forward and backward, on a few tokens of this layer's dims. A Triton
-        installation that cannot build them turns both stages off with one warning (the reference path stays).
-        The choice is logged once (per device, dtype and dims when the kernels run)."""
-        H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
-        width = self.conv_weight.shape[1] if self.conv_weight is not None else 0
-        key = (str(device), dtype, H, K, V, S, width, self.g_proj is not None)
-        if _SLOT_KERNELS["disabled"]:
-            if not _SLOT_KERNELS.get("logged"):
-                _SLOT_KERNELS["logged"] = True
-                logger.info("MoM layer stages around the scan: the reference stages (Triton slot/mix kernels off)")
-            return False
-        if key in _SLOT_KERNELS_PROBED:
-            return True
-        _SLOT_KERNELS_PROBED.add(key)
-        try:
-            from mom_lit.ops.layer_triton import scalar_gates
-
-            # Identity saved-tensor hooks shadow any outer ones: when the first forward runs inside an activation
-            # checkpoint, the probe's tensors must not be recorded as the block's, or the recompute (which skips
-            # the probe) would not match the original forward.
-            with torch.inference_mode(False), torch.enable_grad(), \
-                    torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-                gen = torch.Generator(device).manual_seed(0)  # leaves the global random streams alone
-
-                def rand(*shape):
-                    return torch.randn(*shape, generator=gen, device=device).to(dtype).requires_grad_()
-
-                num_tokens = 5
-                memory = torch.arange(num_tokens, device=device).remainder(S).unsqueeze(1)  # (N_tok, 1)
-                seq_id = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-                layout = build_layout(memory, seq_id, 1, S)
-                outs = []
-                if width:
-                    inputs = [rand(num_tokens, H * K), rand(num_tokens * S, H * (K + V + 1)),
-                              rand(H * (2 * K + V), width)]
-                    outs += slot_conv(*inputs, layout.token, layout.token * S + layout.memory, layout.position,
-                                      layout.rank, H, K, V, H)
-                    decay, has_beta = self.a_proj is not None, self.b_proj is not None
-                    # the probe's own gate parameters, not the layer's
-                    gates = scalar_gates(rand(num_tokens * S, (decay + has_beta) * H), rand(H) if decay else None,
-                                         rand(H) if decay else None, H, has_beta)
-                    outs += [t for t in gates if t is not None]
-                o = rand(num_tokens, H, V)
-                gate = rand(num_tokens, H, V) if self.g_proj is not None else None
-                outs.append(mix_gated_rms_norm(o, layout.rank, torch.ones(num_tokens, 1, device=device), gate,
-                                               torch.ones(V, device=device, dtype=dtype), 1e-5))
-                torch.autograd.backward([t.float().sum() for t in outs])
-        except Exception as error:  # noqa: BLE001 - any build or launch failure keeps the reference path
-            _SLOT_KERNELS["disabled"] = True
-            warnings.warn(f"the Triton slot/mix kernels of the MoM layer failed to run ({type(error).__name__}: "
-                          f"{error}); using the reference stages", RuntimeWarning, stacklevel=3)
-            return False
-        logger.info("MoM layer stages around the scan: Triton slot/mix kernels (%s, %s, %d heads x %d/%d)",
-                    device, str(dtype).removeprefix("torch."), H, K, V)
-        return True
-
-    def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
+    def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache, plan=None):
         """All (memory, sequence) segments through one varlen scan. Returns (N_tok, J, H, V) slot outputs."""
-        o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache)
+        plan = plan if plan is not None else self.plans.for_input(x_flat)
+        o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache, plan)
         return unsort(o, layout).view(x_flat.shape[0], -1, self.num_heads, self.head_v_dim), new_state
 
-    def _scan_sorted(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
+    def _scan_sorted(self, x_flat, memory, seq_id, num_sequences, state, use_cache, plan: ExecutionPlan):
         """The scan of :meth:`_scan_segments`; returns the segment-sorted (L, H, V) slot outputs and the layout."""
-        c = self.config
         H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
         layout = build_layout(memory, seq_id, num_sequences, S)
         conv_init = None
         if state is not None and state.conv is not None:
             conv_init = state.conv.transpose(0, 1).reshape(S * num_sequences, *state.conv.shape[2:])
         rebuild_qkv = None
-        if self._slot_kernels_apply(x_flat, conv_init, use_cache):
-            q, k, v, g, gk, beta, rebuild_qkv = self._prepare_slots_triton(x_flat, layout)
+        slots = plan.slots if conv_init is None and not use_cache else plan.cached_slots
+        if slots in ("grouped", "gathered"):
+            q, k, v, g, gk, beta, rebuild_qkv = self._prepare_slots_triton(x_flat, layout, slots == "grouped", plan)
             conv_final = None
         else:
-            fused = self._fused_stages(x_flat)
-            prepare = fused if fused is not None else self._prepare_slots
+            prepare = self._compiled_prepare_slots() if slots == "compiled" else self._prepare_slots
             q, k, v, g, gk, beta, conv_final = prepare(x_flat, layout.token, layout.memory, layout.segment,
                                                        layout.position, layout.cu_seqlens, conv_init, use_cache,
-                                                       fused is not None)
+                                                       slots == "compiled")
         initial = state.memory.transpose(0, 1).reshape(S * num_sequences, H, K, V) if state is not None else None
+        triton = {}
+        if plan.scan == "triton":
+            triton = dict(rebuild_qkv=rebuild_qkv, recompute=plan.scan_recompute, launch=plan.scan_launch)
         o, final = scan(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
             g=None if g is None else g.unsqueeze(0),
@@ -359,10 +281,9 @@ class MoMLayer(nn.Module):
             initial_state=initial,
             cu_seqlens=layout.cu_seqlens,
             output_final_state=use_cache,
-            backend=c.backend,
-            chunk_size=c.chunk_size,
-            rebuild_qkv=rebuild_qkv,
-            recompute="wy" if c.activation_memory in ("lean", "balanced") else None,
+            backend=plan.scan_backend,
+            chunk_size=plan.chunk_size,
+            **triton,
         )
         new_state = None
         if use_cache:
@@ -384,23 +305,28 @@ class MoMLayer(nn.Module):
         q, k, v = self._split_qkv(qkv)
         return q, k, v, g, gk, beta, conv_final
 
-    def _slot_kernels_apply(self, x_flat, conv_init, use_cache) -> bool:
-        """The Triton slot stage covers a training-style forward: a short convolution, no cached conv state in or
-        out, next to the Triton scan."""
-        return ((x_flat.is_cuda or _SLOT_KERNELS["allow_cpu"])
-                and self.config.backend in ("auto", "triton") and self.conv_weight is not None
-                and conv_init is None and not use_cache and x_flat.dtype != torch.float64
-                and self._layer_kernels_build(x_flat.device, x_flat.dtype))
+    def _compiled_prepare_slots(self):
+        """:meth:`_prepare_slots` as one ``torch.compile``d function (CUDA, next to the Triton scan): a few fused
+        kernels instead of dozens of passes over the (slots x channels) activations. Compiled once per layer; where
+        compilation is unavailable, the eager function with one warning."""
+        if "prepare" not in self.__dict__:
+            try:
+                self.__dict__["prepare"] = torch.compile(self._prepare_slots)
+            except Exception as error:  # pragma: no cover - depends on the installation
+                warnings.warn(f"torch.compile is unavailable ({error}); the MoM layer runs its elementwise stages "
+                              "eagerly", RuntimeWarning, stacklevel=2)
+                self.__dict__["prepare"] = self._prepare_slots
+        return self.__dict__["prepare"]
 
-    def _prepare_slots_triton(self, x_flat, layout):
+    def _prepare_slots_triton(self, x_flat, layout, grouped: bool, plan: ExecutionPlan):
         """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
         backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``). Also
-        returns the scan's ``rebuild_qkv`` (None with ``activation_memory="fast"``). Where the grouped product
-        applies, each slot is projected for its own memory only (``ops.conv.projected_slot_conv``); with ``lean``
-        the backward recomputes those projections instead of keeping them, with ``balanced`` the scan rebuilds q, k,
-        v from the kept ones."""
+        returns the scan's ``rebuild_qkv`` (None with ``activation_memory="fast"``). ``grouped``: each slot is
+        projected for its own memory only (``ops.conv.projected_slot_conv``); with ``lean`` the backward recomputes
+        those projections instead of keeping them, with ``balanced`` the scan rebuilds q, k, v from the kept ones."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
+        launch = plan.stage_launch
         # The projections' operands in autocast's dtype, cast once: autocast would keep a copy of x per product, and
         # the grouped product (bf16 only, not covered by autocast) then applies under mixed precision too.
         x_flat = _projection_input(x_flat)
@@ -408,12 +334,11 @@ class MoMLayer(nn.Module):
         # vectorised (rows of 2 K + 2 heads elements are not; 4 x 256 dims: 2056 -> 2064).
         w_stream = self._stream_weights(align=16).to(x_flat.dtype)  # (S, P, D)
         gk = None
-        slots = layout.rank.numel() // max(num_tokens, 1)  # J per token
         extra = (self.b_proj is not None) + (self.a_proj is not None)
         weight = self.conv_weight.to(x_flat.dtype).contiguous()
-        dims = dict(heads=H, key_dim=K, value_dim=self.head_v_dim)
-        activation_memory = self.config.activation_memory
-        if self._grouped_projection_applies(x_flat, w_stream.shape[1], slots):
+        dims = dict(heads=H, key_dim=K, value_dim=self.head_v_dim, launch=launch)
+        activation_memory = plan.activation_memory
+        if grouped:
             ends = layout.cu_seqlens[layout.num_sequences::layout.num_sequences].to(torch.int32)  # (S,) group ends
             q_weight = self.q_proj.weight.to(x_flat.dtype)
             sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
@@ -422,7 +347,7 @@ class MoMLayer(nn.Module):
             lean, balanced = activation_memory == "lean", activation_memory == "balanced"
             share = SlotSourceShare() if lean else None
             q, k, v, rest, *kept = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H,
-                                                       keep=not lean, expose=balanced)
+                                                       keep=not lean, expose=balanced, launch=launch)
             rebuild_qkv = None
             if lean:
                 rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
@@ -437,7 +362,7 @@ class MoMLayer(nn.Module):
         kv_rows = layout.token * S + layout.memory
         q_src = self.q_proj(x_flat)
         q, k, v, rest = slot_conv(q_src, kv_src, weight, layout.token, kv_rows, layout.position, layout.rank, H, K,
-                                  self.head_v_dim, extra * H)
+                                  self.head_v_dim, extra * H, launch=launch)
         g, beta = self._gates_fused(rest)
         rebuild_qkv = None
         if activation_memory != "fast":  # slot_conv keeps these for its own backward anyway
@@ -445,35 +370,7 @@ class MoMLayer(nn.Module):
                            (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
         return q, k, v, g, gk, beta, rebuild_qkv
 
-    def _grouped_projection_applies(self, x_flat, out_features: int, slots: int) -> bool:
-        """Project the sorted slots by one grouped product (J per token) rather than every stream for every token
-        (S per token) wherever a token skips some stream (S > J). At E = 4, top-2 + shared (S / J = 5 / 3) on an
-        H200 it took the 12-layer bf16 step from 116.7 to 114.5 ms (graphed) and its memory from 18.4 to 16.9 GiB,
-        the layer from 8.13 to 7.92 ms (BENCHMARKS.md). With ``activation_memory="lean"`` the backward recomputes
-        these J projections instead of keeping them. ``PROJECTIONS="dense"`` turns it off."""
-        if PROJECTIONS not in _PROJECTIONS:
-            raise ValueError(f"mom_lit.layer.PROJECTIONS must be one of {_PROJECTIONS}, got {PROJECTIONS!r}")
-        return (PROJECTIONS == "auto" and self.gk_down is None and self.num_streams > slots
-                and grouped_mm_available(x_flat, out_features))
-
-    def _fused_stages(self, x_flat):
-        """On CUDA next to the Triton scan, the elementwise work around it (gathers, convolution, norms, gates)
-        runs as a ``torch.compile``d function, so that it costs a few fused kernels instead of dozens of passes
-        over the (slots x channels) activations. None where that does not apply or compilation is unavailable."""
-        if (not x_flat.is_cuda or not self.compile_stages or self.config.backend not in ("auto", "triton")
-                or _FUSION["disabled"]):
-            return None
-        if "prepare" not in self.__dict__:
-            try:
-                self.__dict__["prepare"] = torch.compile(self._prepare_slots)
-            except Exception as error:  # pragma: no cover - depends on the installation
-                _FUSION["disabled"] = True
-                warnings.warn(f"torch.compile is unavailable ({error}); the MoM layer runs its elementwise stages "
-                              "eagerly", RuntimeWarning, stacklevel=2)
-                return None
-        return self.__dict__["prepare"]
-
-    def _decode_step(self, x_flat, memory, state: LayerState):
+    def _decode_step(self, x_flat, memory, state: LayerState, plan: ExecutionPlan):
         """One token per sequence: update only the selected memories (and the shared one), IN PLACE in ``state``.
 
         x_flat: (B, D); memory: (B, J). Returns (B, J, H, V) slot outputs and ``state`` (its tensors updated).
@@ -498,7 +395,7 @@ class MoMLayer(nn.Module):
         o = decode_step(self.q_proj(x_flat), per_stream(self.k_proj), per_stream(self.v_proj), memory,
                         state.memory, state.conv, conv_weight, a=per_stream(self.a_proj),
                         b=per_stream(self.b_proj), gk=gk, a_log=self.A_log, dt_bias=self.dt_bias,
-                        scale=self.head_dim ** -0.5, backend=c.backend)
+                        scale=self.head_dim ** -0.5, backend="triton" if plan.decode == "triton" else "eager")
         return o, state
 
     def empty_state(self, num_sequences: int, device, dtype=torch.float32) -> LayerState:

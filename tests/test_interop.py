@@ -47,7 +47,7 @@ def _random_model(config: MoMConfig, seed: int = SEED) -> MoMForCausalLM:
 
 def _logits(model: MoMForCausalLM, seed: int = SEED) -> torch.Tensor:
     # One scan setting for every model compared: fla's config has none (a loaded one says auto, chunks of 64).
-    model.config.backend, model.config.chunk_size = "eager", 8
+    model.configure_paths(backend="eager", chunk_size=8)
     ids = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(ids).logits

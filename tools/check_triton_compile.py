@@ -202,12 +202,11 @@ def run_layer_stages(rec: Recorder, quick: bool):
     from mom_lit.ops.conv import slot_conv
 
     shapes = [(4, 256, 256), (2, 128, 128), (2, 64, 64)] + ([] if quick else [(2, 128, 96)])
-    library_launch = layer_triton.LAUNCH
     for (H, K, V), dtype, width, gated, tokens, dx_kernel in itertools.product(
             shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128), ("taps", "tiles")):
         rec.case = (f"layer H{H} K{K} V{V} {str(dtype)[6:]} W={width} gate={int(gated)} N={tokens} "
                     f"dx_kernel={dx_kernel}")
-        layer_triton.LAUNCH = dataclasses.replace(library_launch, dx_kernel=dx_kernel)
+        launch = dataclasses.replace(layer_triton.DEFAULT_LAUNCH, dx_kernel=dx_kernel)
         S, J = 5, 3
 
         def rand(*shape):
@@ -218,14 +217,14 @@ def run_layer_stages(rec: Recorder, quick: bool):
         q_src, kv_src = rand(tokens, H * K), rand(tokens * S, H * (K + V + 2))
         weight = rand(H * (2 * K + V), width)
         outs = list(slot_conv(q_src, kv_src, weight, layout.token, layout.token * S + layout.memory,
-                              layout.position, layout.rank, H, K, V, 2 * H))
+                              layout.position, layout.rank, H, K, V, 2 * H, launch=launch))
         o = rand(layout.token.numel(), H, V)
         gate = rand(tokens, H, V) if gated else None
         routing = torch.rand(tokens, J).to(dtype).requires_grad_()
-        outs.append(mix_gated_rms_norm(o, layout.rank, routing, gate, torch.ones(V, dtype=dtype), 1e-5))
+        outs.append(mix_gated_rms_norm(o, layout.rank, routing, gate, torch.ones(V, dtype=dtype), 1e-5,
+                                       launch=launch))
         outs += layer_triton.scalar_gates(outs[3], rand(H), rand(H), H, True)  # the gate columns of each slot
         torch.autograd.backward([t.float().sum() for t in outs])
-    layer_triton.LAUNCH = library_launch
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
     return y
 
 
-def _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, dims, dq, dk, dv, dgates, dkv, dkv_rows):
+def _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, dims, dq, dk, dv, dgates, dkv, dkv_rows,
+                      launch):
     """Backward of the slot stage: returns d q_src (N_tok, HK) and the filter gradient; writes d kv_src into
     ``dkv``, slot i's row at ``dkv_rows[i]`` (row i when None). Columns of dkv it does not write keep their values.
     ``kv_rows`` None: kv_src is in slot order."""
@@ -124,9 +125,9 @@ def _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, dims, d
         return t.contiguous() if t is not None else q_src.new_zeros(length, heads, dim)
 
     dw_k = kern.conv_bwd(kv_src[:, :HK], kv_rows, position, w[HK:2 * HK], grad(dk, key_dim), heads, key_dim,
-                         True, dkv[:, :HK], dkv_rows)
+                         True, dkv[:, :HK], dkv_rows, launch=launch)
     dw_v = kern.conv_bwd(kv_src[:, HK:HK + HV], kv_rows, position, w[2 * HK:], grad(dv, value_dim), heads,
-                         value_dim, False, dkv[:, HK:HK + HV], dkv_rows)
+                         value_dim, False, dkv[:, HK:HK + HV], dkv_rows, launch=launch)
     if dgates is not None and extra:
         gate_cols = slice(HK + HV, HK + HV + extra)
         if dkv_rows is None:
@@ -134,9 +135,10 @@ def _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, dims, d
         else:  # one slot per (token, stream): no collision
             dkv[dkv_rows, gate_cols] = dgates.to(dkv.dtype)
     dq_slot = torch.empty(length, HK, device=q_src.device, dtype=q_src.dtype)
-    dw_q = kern.conv_bwd(q_src, q_rows, position, w[:HK], grad(dq, key_dim), heads, key_dim, True, dq_slot, None)
+    dw_q = kern.conv_bwd(q_src, q_rows, position, w[:HK], grad(dq, key_dim), heads, key_dim, True, dq_slot, None,
+                         launch=launch)
     # Each token owns exactly J slots: read them through the inverse permutation and add (no scatter-add).
-    dq_src = kern.slot_sum(dq_slot, rank, q_src.shape[0])  # (L, HK) -> (N_tok, HK)
+    dq_src = kern.slot_sum(dq_slot, rank, q_src.shape[0], launch)  # (L, HK) -> (N_tok, HK)
     return dq_src, torch.cat([dw_q, dw_k, dw_v]).to(weight_dtype)
 
 
@@ -144,14 +146,16 @@ class _SlotConv(torch.autograd.Function):
     """Triton slot stage: q, k, v of every sorted slot straight from the projections (see ``layer_triton``)."""
 
     @staticmethod
-    def forward(ctx, q_src, kv_src, weight, q_rows, kv_rows, position, rank, heads, key_dim, value_dim, extra):
+    def forward(ctx, q_src, kv_src, weight, q_rows, kv_rows, position, rank, heads, key_dim, value_dim, extra,
+                launch):
         HK, HV = heads * key_dim, heads * value_dim
         w = weight.contiguous()
         q, k, v = slot_qkv(q_src, kv_src, w, q_rows, kv_rows, position, heads=heads, key_dim=key_dim,
-                           value_dim=value_dim)
+                           value_dim=value_dim, launch=launch)
         gates = kv_src[kv_rows, HK + HV:HK + HV + extra]  # (L, extra) pre-activation gate logits
         ctx.save_for_backward(q_src, kv_src, w, q_rows, kv_rows, position, rank)
         ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
+        ctx.launch = launch
         return q, k, v, gates
 
     @staticmethod
@@ -159,8 +163,8 @@ class _SlotConv(torch.autograd.Function):
         q_src, kv_src, w, q_rows, kv_rows, position, rank = ctx.saved_tensors
         dkv = torch.zeros_like(kv_src)  # streams a token did not select get no gradient
         dq_src, dweight = _slot_stage_grads(q_src, kv_src, w, q_rows, kv_rows, position, rank, ctx.dims, dq, dk, dv,
-                                            dgates, dkv, kv_rows)
-        return dq_src, dkv, dweight, None, None, None, None, None, None, None, None
+                                            dgates, dkv, kv_rows, ctx.launch)
+        return dq_src, dkv, dweight, None, None, None, None, None, None, None, None, None
 
 
 class SlotSourceShare:
@@ -183,9 +187,10 @@ def _project_sources(x, q_weight, kv_weight, token, ends):
     return x @ q_weight.t(), project_slots(x, kv_weight, token, ends)
 
 
-def _projected_qkv(q_src, kv_src, weight, token, position, heads, key_dim, value_dim):
+def _projected_qkv(q_src, kv_src, weight, token, position, heads, key_dim, value_dim, launch):
     """q, k, v of the slot stage from the query projections and the slot-ordered projections (row i = slot i)."""
-    return slot_qkv(q_src, kv_src, weight, token, None, position, heads=heads, key_dim=key_dim, value_dim=value_dim)
+    return slot_qkv(q_src, kv_src, weight, token, None, position, heads=heads, key_dim=key_dim, value_dim=value_dim,
+                    launch=launch)
 
 
 class _ProjectedSlotConv(torch.autograd.Function):
@@ -195,16 +200,16 @@ class _ProjectedSlotConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, expose, heads, key_dim,
-                value_dim, extra):
+                value_dim, extra, launch):
         HK, HV = heads * key_dim, heads * value_dim
         q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
         w = weight.contiguous()
-        q, k, v = _projected_qkv(q_src, kv_src, w, token, position, heads, key_dim, value_dim)
+        q, k, v = _projected_qkv(q_src, kv_src, w, token, position, heads, key_dim, value_dim, launch)
         gates = kv_src[:, HK + HV:HK + HV + extra].clone()  # a copy: a view would keep kv_src alive
         kept = (q_src, kv_src) if keep else ()
         ctx.save_for_backward(x, q_weight, kv_weight, w, token, ends, position, rank, *kept)
         ctx.dims = (heads, key_dim, value_dim, extra, weight.dtype)
-        ctx.share = share
+        ctx.share, ctx.launch = share, launch
         if expose:
             ctx.mark_non_differentiable(q_src, kv_src)
             return q, k, v, gates, q_src, kv_src
@@ -221,19 +226,19 @@ class _ProjectedSlotConv(torch.autograd.Function):
         dkv = torch.empty_like(kv_src)  # every row is a slot: only the columns past k and v need zeros
         dkv[:, HK + HV:].zero_()  # gate columns without a gradient and the zero padding rows' columns
         dq_src, dweight = _slot_stage_grads(q_src, kv_src, w, token, None, position, rank, ctx.dims, dq, dk, dv,
-                                            dgates, dkv, None)
+                                            dgates, dkv, None, ctx.launch)
         del q_src, kv_src, kept, sources
-        dx, dkv_weight = project_slots_backward(dkv, x, kv_weight, token, rank, ends)
+        dx, dkv_weight = project_slots_backward(dkv, x, kv_weight, token, rank, ends, ctx.launch)
         dx = dx.addmm_(dq_src, q_weight)  # both products' input gradients in one buffer
         dq_weight = dq_src.t() @ x
         return (dx, dq_weight, dkv_weight, dweight, None, None, None, None, None, None, None, None, None, None,
-                None)
+                None, None)
 
 
 def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
                         token: torch.Tensor, ends: torch.Tensor, position: torch.Tensor, rank: torch.Tensor,
                         share: SlotSourceShare | None, heads: int, key_dim: int, value_dim: int, extra: int,
-                        keep: bool = False, expose: bool = False):
+                        keep: bool = False, expose: bool = False, launch=None):
     """:func:`slot_conv` of ``q_src = x @ q_weight^T`` and of the grouped projections of the sorted slots
     (``mom_lit.ops.grouped.project_slots``): each slot projected for its own memory only. ``keep=False``: the
     backward recomputes the projections from x instead of keeping them (per layer N_tok x HK + L x P elements less
@@ -253,39 +258,40 @@ def projected_slot_conv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torc
     if expose and not keep:
         raise ValueError("projected_slot_conv: expose needs keep (only kept projections can be handed out)")
     return _ProjectedSlotConv.apply(x, q_weight, kv_weight, weight, token, ends, position, rank, share, keep, expose,
-                                    heads, key_dim, value_dim, extra)
+                                    heads, key_dim, value_dim, extra, launch)
 
 
 def rebuild_projected_qkv(x: torch.Tensor, q_weight: torch.Tensor, kv_weight: torch.Tensor, weight: torch.Tensor,
                           token: torch.Tensor, ends: torch.Tensor, position: torch.Tensor, *,
                           share: SlotSourceShare | None, heads: int, key_dim: int,
-                          value_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          value_dim: int, launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The q, k, v of :func:`projected_slot_conv` rebuilt from its inputs (for ``triton_scan(rebuild_qkv=...)``);
     the projections are left in ``share`` for the slot stage's backward."""
     q_src, kv_src = _project_sources(x, q_weight, kv_weight, token, ends)
     if share is not None:
         share.sources = (q_src, kv_src)
-    return _projected_qkv(q_src, kv_src, weight.contiguous(), token, position, heads, key_dim, value_dim)
+    return _projected_qkv(q_src, kv_src, weight.contiguous(), token, position, heads, key_dim, value_dim, launch)
 
 
 def slot_qkv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,
              kv_rows: torch.Tensor | None, position: torch.Tensor, *, heads: int, key_dim: int,
-             value_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             value_dim: int, launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The q, k (L, H, K) and v (L, H, V) of :func:`slot_conv` by its forward kernels, without autograd (weight
     contiguous; ``kv_rows`` None: kv_src is in slot order). Deterministic, so a backward can rebuild them instead
     of keeping them (``triton_scan(rebuild_qkv=...)``)."""
     from mom_lit.ops import layer_triton as kern
 
     HK, HV = heads * key_dim, heads * value_dim
-    q = kern.conv_fwd(q_src, q_rows, position, weight[:HK], heads, key_dim, True)
-    k = kern.conv_fwd(kv_src[:, :HK], kv_rows, position, weight[HK:2 * HK], heads, key_dim, True)
-    v = kern.conv_fwd(kv_src[:, HK:HK + HV], kv_rows, position, weight[2 * HK:], heads, value_dim, False)
+    q = kern.conv_fwd(q_src, q_rows, position, weight[:HK], heads, key_dim, True, launch=launch)
+    k = kern.conv_fwd(kv_src[:, :HK], kv_rows, position, weight[HK:2 * HK], heads, key_dim, True, launch=launch)
+    v = kern.conv_fwd(kv_src[:, HK:HK + HV], kv_rows, position, weight[2 * HK:], heads, value_dim, False,
+                      launch=launch)
     return q, k, v
 
 
 def slot_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q_rows: torch.Tensor,
               kv_rows: torch.Tensor, position: torch.Tensor, rank: torch.Tensor, heads: int, key_dim: int,
-              value_dim: int, extra: int):
+              value_dim: int, extra: int, launch=None):
     """Slot stage of a MoM layer in Triton: per sorted slot i, SiLU(causal conv) of ``q_src[q_rows[i]] |
     kv_src[kv_rows[i], :2HK+HV]`` inside its segment (zeros before the segment start, no cached state), with q
     and k L2-normalised per head, plus the raw gate columns ``kv_src[kv_rows[i], 2HK+HV:][:extra]``.
@@ -302,4 +308,4 @@ def slot_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, q
         q, k (L, H, K), v (L, H, V) in the input dtype, gates (L, extra).
     """
     return _SlotConv.apply(q_src, kv_src, weight, q_rows, kv_rows, position, rank, heads, key_dim, value_dim,
-                           extra)
+                           extra, launch)

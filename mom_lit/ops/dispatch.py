@@ -25,11 +25,10 @@ from typing import Callable
 import torch
 import torch.fx.experimental._config as fx_config
 
+from mom_lit.config import BACKENDS
 from mom_lit.ops.chunk import EAGER_KERNELS, ChunkKernels, assemble_output, chunk_scan_with, intra_chunk
 
 __all__ = ["BACKENDS", "scan"]
-
-BACKENDS = ("auto", "compiled", "eager", "triton")
 
 logger = logging.getLogger("mom_lit")
 
@@ -104,22 +103,23 @@ def scan(
     chunk_size: int = 64,
     rebuild_qkv=None,
     recompute: str | None = None,
+    launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the memory recurrence with the chosen backend.
 
     Arguments and results are those of :func:`mom_lit.ops.recurrent.recurrent_scan` (q, k: (B, T, H, K);
     v: (B, T, H, V); optional g (B, T, H), gk (B, T, H, K), beta (B, T, H), initial_state (N, H, K, V),
     cu_seqlens (N+1,)) -> (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) fp32 or None), plus
-    ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends. ``rebuild_qkv`` and
-    ``recompute`` reach the Triton scan only (see :func:`mom_lit.ops.triton.triton_scan`); the other backends keep
+    ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends. ``rebuild_qkv``,
+    ``recompute`` and ``launch`` reach the Triton scan only (see :func:`mom_lit.ops.triton.triton_scan`); the other backends keep
     what autograd keeps.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kwargs = dict(g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
                   output_final_state=output_final_state)
-    triton_only = {name: value for name, value in (("rebuild_qkv", rebuild_qkv), ("recompute", recompute))
-                   if value is not None}
+    triton_only = {name: value for name, value in (("rebuild_qkv", rebuild_qkv), ("recompute", recompute),
+                                                   ("launch", launch)) if value is not None}
 
     if backend in ("auto", "triton"):
         triton_scan = _load_triton_scan() if (q.is_cuda or backend == "triton") else None

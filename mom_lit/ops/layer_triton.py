@@ -46,7 +46,7 @@ class StageLaunch:
     num_warps: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageLaunchConfig:
     """Launch settings of the slot and mix kernels: the fastest of a sweep by ``tools/bench_stages.py`` on an H200
     (bf16, 8 x 2048 tokens, 4 heads x 256; BENCHMARKS.md)."""
@@ -74,7 +74,8 @@ class StageLaunchConfig:
                              f"({self.conv_bwd_dx.rows})")
 
 
-LAUNCH = StageLaunchConfig()
+DEFAULT_LAUNCH = StageLaunchConfig()
+"""The library's launch settings (``launch=None`` in every function below)."""
 
 
 @triton.jit
@@ -275,14 +276,14 @@ def _launch_config(D: int, launch: StageLaunch) -> tuple[int, int, int]:
 
 
 def conv_fwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tensor, weight: torch.Tensor, heads: int,
-             dim: int, norm: bool, eps: float = 1e-6) -> torch.Tensor:
+             dim: int, norm: bool, eps: float = 1e-6, launch: StageLaunchConfig | None = None) -> torch.Tensor:
     """(L, heads, dim) SiLU(conv) [L2-normalised per head] of ``src[rows]`` (src (R, heads*dim), any row stride,
     unit column stride; rows None: src's first L rows, L = len(position); weight (heads*dim, W) contiguous)."""
     length = position.numel()
     out = torch.empty(length, heads, dim, device=src.device, dtype=src.dtype)
     if length == 0:
         return out
-    bt, bd, warps = _launch_config(dim, LAUNCH.conv_fwd)
+    bt, bd, warps = _launch_config(dim, (launch or DEFAULT_LAUNCH).conv_fwd)
     _fwd_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), position if rows is None else rows, position, weight, out, length, heads * dim, eps,
         D=dim, W=weight.shape[1], NORM=norm, BT=bt, BD=bd, GATHER=rows is not None, num_warps=warps)
@@ -291,9 +292,11 @@ def conv_fwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tenso
 
 def conv_bwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tensor, weight: torch.Tensor,
              dout: torch.Tensor, heads: int, dim: int, norm: bool, dst: torch.Tensor,
-             dst_rows: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+             dst_rows: torch.Tensor | None, eps: float = 1e-6,
+             launch: StageLaunchConfig | None = None) -> torch.Tensor:
     """Backward of :func:`conv_fwd`: writes d src[rows] into ``dst`` (row ``dst_rows[i]``, or row i when None;
     unit column stride) and returns the filter gradient (heads*dim, W) fp32."""
+    cfg = launch or DEFAULT_LAUNCH
     length = position.numel()
     gather = rows is not None
     rows = rows if gather else position  # a placeholder pointer that the kernels do not read
@@ -301,20 +304,20 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tenso
     if length == 0:
         return torch.zeros(channels, width, device=src.device, dtype=torch.float32)
     dout = dout.reshape(length, channels)
-    bt, bd, warps = _launch_config(dim, LAUNCH.conv_bwd_pre)
+    bt, bd, warps = _launch_config(dim, cfg.conv_bwd_pre)
     dpre = torch.empty(length, channels, device=src.device, dtype=dout.dtype)
     _bwd_pre_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, length, eps,
         C=channels, D=dim, W=width, NORM=norm, BT=bt, BD=bd, GATHER=gather, num_warps=warps)
-    spans = triton.cdiv(length, LAUNCH.dx_span)
+    spans = triton.cdiv(length, cfg.dx_span)
     dweight = torch.empty(spans, width, channels, device=src.device, dtype=torch.float32)
     args = (src, src.stride(0), rows, position, weight, dpre, dst, dst_rows if dst_rows is not None else rows,
-            dst.stride(0), dweight, length, LAUNCH.dx_span)
-    warps = LAUNCH.conv_bwd_dx.num_warps or (4 if LAUNCH.dx_channels <= 128 else 8)
-    options = dict(C=channels, W=width, SCATTER=dst_rows is not None, BT=LAUNCH.conv_bwd_dx.rows,
-                   BC=LAUNCH.dx_channels, GATHER=gather, num_warps=warps)
-    grid = (spans, triton.cdiv(channels, LAUNCH.dx_channels))
-    if LAUNCH.dx_kernel == "taps" and width <= 4:
+            dst.stride(0), dweight, length, cfg.dx_span)
+    warps = cfg.conv_bwd_dx.num_warps or (4 if cfg.dx_channels <= 128 else 8)
+    options = dict(C=channels, W=width, SCATTER=dst_rows is not None, BT=cfg.conv_bwd_dx.rows,
+                   BC=cfg.dx_channels, GATHER=gather, num_warps=warps)
+    grid = (spans, triton.cdiv(channels, cfg.dx_channels))
+    if cfg.dx_kernel == "taps" and width <= 4:
         _bwd_dx_dw_taps_kernel[grid](*args, **options)
     else:
         _bwd_dx_dw_kernel[grid](*args, WP=triton.next_power_of_2(width), **options)
@@ -379,7 +382,7 @@ def _mix_bwd_kernel(o, rank, weight, gate, norm_weight, dout, do, dweight, dgate
 
 
 def mix_fwd(o: torch.Tensor, rank: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
-            norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+            norm_weight: torch.Tensor, eps: float, launch: StageLaunchConfig | None = None) -> torch.Tensor:
     """(N, H, D) gated RMSNorm of sum_j weight[:, j] o[rank[t*J + j]]; o (L, H, D) contiguous, weight (N, J),
     gate (N, H, D) contiguous or None, norm_weight (D,)."""
     num_tokens, slots = weight.shape
@@ -387,18 +390,18 @@ def mix_fwd(o: torch.Tensor, rank: torch.Tensor, weight: torch.Tensor, gate: tor
     out = torch.empty(num_tokens, heads, dim, device=o.device, dtype=o.dtype)
     if num_tokens == 0:
         return out
-    bt, bd, warps = _launch_config(dim, LAUNCH.mix_fwd)
+    bt, bd, warps = _launch_config(dim, (launch or DEFAULT_LAUNCH).mix_fwd)
     _mix_fwd_kernel[(triton.cdiv(num_tokens, bt), heads)](
         o, rank, weight, gate if gate is not None else o, norm_weight, out, num_tokens, eps, J=slots,
         HV=heads * dim, D=dim, HAS_GATE=gate is not None, BT=bt, BD=bd, num_warps=warps)
     return out
 
 
-def mix_bwd(o, rank, weight, gate, norm_weight, dout, eps):
+def mix_bwd(o, rank, weight, gate, norm_weight, dout, eps, launch: StageLaunchConfig | None = None):
     """Gradients of :func:`mix_fwd`: (do (L, H, D), dweight (N, J) fp32, dgate or None, dnorm_weight (D,) fp32)."""
     num_tokens, slots = weight.shape
     heads, dim = o.shape[1], o.shape[2]
-    bt, bd, warps = _launch_config(dim, LAUNCH.mix_bwd)
+    bt, bd, warps = _launch_config(dim, (launch or DEFAULT_LAUNCH).mix_bwd)
     blocks = triton.cdiv(num_tokens, bt)
     do = torch.empty_like(o)
     dweight = torch.empty(num_tokens, slots, heads, device=o.device, dtype=torch.float32)
@@ -427,7 +430,8 @@ def _slot_sum_kernel(src, rank, out, N, C: tl.constexpr, J: tl.constexpr, BT: tl
     tl.store(out + offs_t[:, None] * C + cols[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
-def slot_sum(src: torch.Tensor, rank: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def slot_sum(src: torch.Tensor, rank: torch.Tensor, num_tokens: int,
+             launch: StageLaunchConfig | None = None) -> torch.Tensor:
     """(N, C) ``out[t] = sum_j src[rank[t * J + j]]`` of the (L, C) per-slot rows ``src`` (fp32 sum, src's dtype),
     ``rank`` (N * J,) holding the sorted position of every token-major slot; N = ``num_tokens``, J = L / N.
 
@@ -439,10 +443,11 @@ def slot_sum(src: torch.Tensor, rank: torch.Tensor, num_tokens: int) -> torch.Te
     out = torch.empty(num_tokens, channels, device=src.device, dtype=src.dtype)
     if num_tokens == 0 or channels == 0:
         return out.zero_()
-    bc = min(LAUNCH.slot_sum_channels, triton.next_power_of_2(channels))
-    grid = (triton.cdiv(num_tokens, LAUNCH.slot_sum.rows), triton.cdiv(channels, bc))
+    cfg = launch or DEFAULT_LAUNCH
+    bc = min(cfg.slot_sum_channels, triton.next_power_of_2(channels))
+    grid = (triton.cdiv(num_tokens, cfg.slot_sum.rows), triton.cdiv(channels, bc))
     _slot_sum_kernel[grid](src.contiguous(), rank, out, num_tokens, C=channels, J=length // num_tokens,
-                           BT=LAUNCH.slot_sum.rows, BC=bc, num_warps=LAUNCH.slot_sum.num_warps or 4)
+                           BT=cfg.slot_sum.rows, BC=bc, num_warps=cfg.slot_sum.num_warps or 4)
     return out
 
 

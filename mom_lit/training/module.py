@@ -11,7 +11,6 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from mom_lit.config import MoMConfig
-from mom_lit.layer import MoMLayer
 from mom_lit.model import MoMBlock, MoMForCausalLM, MoMOutput
 from mom_lit.training.faults import NONFINITE_POLICIES, NonFiniteStepError, describe_nonfinite, step_is_finite
 from mom_lit.training.flops import training_flops_per_token
@@ -126,9 +125,7 @@ class MoMLightningModule(L.LightningModule):
 
             apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, MoMBlock))
         if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
-            for layer in self.model.modules():
-                if isinstance(layer, MoMLayer):
-                    layer.compile_stages = False
+            self.model.configure_paths(compile_stages=False)
         if self.hparams.compile:
             self.model.compile()
 
