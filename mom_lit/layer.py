@@ -8,7 +8,7 @@ own token stream; the memories are updated by the configured linear recurrence; 
 All (memory, sequence) segments of the batch go through ONE varlen scan (see ``layout.py``). Memories that a
 token did not select never see it, in training and in decoding alike.
 
-Next to the Triton scan (CUDA), the stages around it run as Triton kernels too (``ops/layer_triton.py``): the slot
+Next to the Triton scan (CUDA), the stages around it run as Triton kernels too (``ops/slots/``, ``ops/mix/``): the slot
 stage reads each slot's inputs in place from the projections and convolves/normalises them in one pass, the mix
 stage reads each token's slot outputs in place from the sorted scan output and applies the weighted sum and the
 gated norm in one pass; both backwards recompute instead of keeping gathered copies and never scatter-add. The
@@ -28,11 +28,12 @@ from torch import nn
 
 from mom_lit.config import MoMConfig
 from mom_lit.layout import build_layout, unsort
-from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
-from mom_lit.ops import scan
-from mom_lit.ops.conv import (SlotSourceShare, projected_slot_conv, rebuild_projected_qkv, slot_conv, slot_qkv,
+from mom_lit.norm import GatedRMSNorm, l2_normalize
+from mom_lit.ops.scan import scan
+from mom_lit.ops.slots import (SlotSourceShare, projected_slot_conv, rebuild_projected_qkv, slot_conv, slot_qkv,
                               varlen_short_conv)
 from mom_lit.ops.decode import decode_step
+from mom_lit.ops.mix import mix_gated_rms_norm, mix_reference
 from mom_lit.plan import ExecutionPlan, PlanCache, compute_dtype
 from mom_lit.router import Router, Routing
 
@@ -200,7 +201,7 @@ class MoMLayer(nn.Module):
 
     def _gates_fused(self, rest: torch.Tensor):
         """:meth:`_gates` by one Triton kernel each way (the slot stage's path)."""
-        from mom_lit.ops.layer_triton import scalar_gates
+        from mom_lit.ops.slots.gates import scalar_gates
 
         return scalar_gates(rest, self.A_log, self.dt_bias, self.num_heads, self.b_proj is not None)
 
@@ -242,8 +243,7 @@ class MoMLayer(nn.Module):
 
     def _mix_reference(self, o: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """(N_tok, J, H, V) slot outputs -> (N_tok, H, V): routing-weighted sum, then the gated RMSNorm."""
-        o = (o * weight.to(o.dtype)[:, :, None, None]).sum(1)  # (N_tok, J, H, V) -> (N_tok, H, V)
-        return self.o_norm(o, gate)
+        return mix_reference(o, weight, gate, self.o_norm)
 
     def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache, plan=None):
         """All (memory, sequence) segments through one varlen scan. Returns (N_tok, J, H, V) slot outputs."""
@@ -320,9 +320,9 @@ class MoMLayer(nn.Module):
 
     def _prepare_slots_triton(self, x_flat, layout, grouped: bool, plan: ExecutionPlan):
         """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
-        backward that recomputes the convolution instead of keeping its inputs (``ops.conv.slot_conv``). Also
+        backward that recomputes the convolution instead of keeping its inputs (``ops.slots.slot_conv``). Also
         returns the scan's ``rebuild_qkv`` (None with ``activation_memory="fast"``). ``grouped``: each slot is
-        projected for its own memory only (``ops.conv.projected_slot_conv``); with ``lean`` the backward recomputes
+        projected for its own memory only (``ops.slots.projected_slot_conv``); with ``lean`` the backward recomputes
         those projections instead of keeping them, with ``balanced`` the scan rebuilds q, k, v from the kept ones."""
         H, K, S = self.num_heads, self.head_dim, self.num_streams
         num_tokens, hidden = x_flat.shape
@@ -370,7 +370,7 @@ class MoMLayer(nn.Module):
                            (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
         return q, k, v, g, gk, beta, rebuild_qkv
 
-    def _decode_step(self, x_flat, memory, state: LayerState, plan: ExecutionPlan):
+    def _decode_step(self, x_flat, memory, state: LayerState, plan: ExecutionPlan | None = None):
         """One token per sequence: update only the selected memories (and the shared one), IN PLACE in ``state``.
 
         x_flat: (B, D); memory: (B, J). Returns (B, J, H, V) slot outputs and ``state`` (its tensors updated).
@@ -379,6 +379,7 @@ class MoMLayer(nn.Module):
         CUDA; the torch reference elsewhere and for the per-key gate of ``gla``).
         """
         c = self.config
+        plan = plan if plan is not None else self.plans.for_input(x_flat)
         batch, hidden = x_flat.shape
 
         def per_stream(weight):  # (S, P, D) -> (B, S, P)

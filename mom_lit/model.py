@@ -14,7 +14,7 @@ from mom_lit.layer import LayerState, MoMLayer
 from mom_lit.layout import sequence_ids
 from mom_lit.losses import (linear_cross_entropy, load_balancing_loss_global, load_balancing_loss_per_sequence,
                             load_fraction, router_z_loss, routing_entropy)
-from mom_lit.ops.fused import FusedRMSNorm, swiglu_mlp
+from mom_lit.fused import FusedRMSNorm, swiglu_mlp
 from mom_lit.plan import ExecutionPlan, PlanCache
 
 

@@ -30,7 +30,7 @@ MixPath = Literal["triton", "torch"]
 DecodePath = Literal["triton", "torch"]
 Recompute = Literal["none", "states", "wy"]
 RECOMPUTE = ("none", "states", "wy")
-TRITON_TILE = 64  # the Triton scan's chunk length (``mom_lit.ops.triton.common.BT``)
+TRITON_TILE = 64  # the Triton scan's chunk length (``mom_lit.ops.scan.triton.common.BT``)
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ class ExecutionPlan:
     chunk_size: int
     """Chunk length of the scan that runs: the Triton tile, or ``MoMConfig.chunk_size`` on the reference."""
     scan_launch: object | None = None
-    """Launch settings of the Triton scan (``mom_lit.ops.triton.scan.LaunchConfig``); None: the library's."""
+    """Launch settings of the Triton scan (``mom_lit.ops.scan.triton.scan.LaunchConfig``); None: the library's."""
     stage_launch: object | None = None
-    """Launch settings of the slot and mix kernels (``mom_lit.ops.layer_triton.StageLaunchConfig``); None: the
+    """Launch settings of the slot and mix kernels (``mom_lit.ops.stage_launch.StageLaunchConfig``); None: the
     library's."""
 
     @property
@@ -94,7 +94,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
-        from mom_lit.ops.triton import triton_scan  # noqa: F401
+        from mom_lit.ops.scan.triton import triton_scan  # noqa: F401
     except (ImportError, AttributeError):
         return False
     return True
@@ -115,7 +115,7 @@ def _grouped_projections(config: MoMConfig, device: torch.device, dtype: torch.d
     """Whether the slot kernels project each slot for its own memory only, by one grouped product (J per token)
     instead of every stream for every token (S per token): where a token skips some stream, without the per-key
     gate, and where torch runs the grouped product as one sync-free kernel for these operands."""
-    from mom_lit.ops.grouped import grouped_mm_available
+    from mom_lit.ops.slots.grouped import grouped_mm_available
 
     slots = (config.topk if config.has_router else 1) + int(config.shared_memory)
     return (config.projections == "auto" and config.update_rule != "gla" and config.num_streams > slots
@@ -180,9 +180,9 @@ def stage_kernels_build(config: MoMConfig, device: torch.device | str, dtype: to
     """Run the slot, gate and mix kernels once, forward and backward, on a few tokens of the layer's dims. A
     Triton installation that cannot build them keeps the reference stages, with one warning."""
     from mom_lit.layout import build_layout
-    from mom_lit.norm import mix_gated_rms_norm
-    from mom_lit.ops.conv import slot_conv
-    from mom_lit.ops.layer_triton import scalar_gates
+    from mom_lit.ops.mix import mix_gated_rms_norm
+    from mom_lit.ops.slots import slot_conv
+    from mom_lit.ops.slots.gates import scalar_gates
 
     c, device = config, torch.device(device)
     H, K, V, S, width = c.num_heads, c.head_dim, c.head_v_dim, c.num_streams, c.conv_size

@@ -214,7 +214,7 @@ def test_summarize_profiles_compares_each_shape_with_fla(tmp_path):
 def test_bench_kernels_variants_one_or_several(tmp_path):
     """--variant-json takes one object or a list: each becomes the settings in use with its fields replaced."""
     bench_kernels = _bench_kernels()
-    from mom_lit.ops.triton.scan import Launch, LaunchConfig
+    from mom_lit.ops.scan.triton.scan import Launch, LaunchConfig
 
     base = LaunchConfig()
     one = tmp_path / "one.json"
@@ -234,7 +234,7 @@ def test_bench_kernels_sweep_picks_each_pass_its_own_setting(monkeypatch):
     kernel name each) gets its own warps, stages and V-block; the tile widths stay those of the settings it started
     from."""
     bench_kernels = _bench_kernels()
-    from mom_lit.ops.triton.scan import DEFAULT_LAUNCH, Launch
+    from mom_lit.ops.scan.triton.scan import DEFAULT_LAUNCH, Launch
 
     fastest = {"state_fwd": (4, 1, 16), "state_recompute": (8, 2, 64), "state_bwd": (4, 2, 32)}
 
@@ -271,7 +271,7 @@ def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypat
     """A variant whose kernels do not build (shared memory, registers) is named with its error; the others are still
     compared. A failing setting in use is an error of the run."""
     bench_kernels = _bench_kernels()
-    from mom_lit.ops.triton.scan import DEFAULT_LAUNCH
+    from mom_lit.ops.scan.triton.scan import DEFAULT_LAUNCH
 
     path = tmp_path / "variants.json"
     path.write_text(json.dumps([{"state_block_v": 16},

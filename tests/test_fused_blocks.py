@@ -1,4 +1,4 @@
-"""Memory-lean RMSNorm and SwiGLU MLP (``mom_lit.ops.fused``) against the plain modules: outputs, all gradients,
+"""Memory-lean RMSNorm and SwiGLU MLP (``mom_lit.fused``) against the plain modules: outputs, all gradients,
 and what they keep for the backward."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mom_lit.losses import linear_cross_entropy
 from mom_lit.norm import RMSNorm
-from mom_lit.ops.fused import FusedRMSNorm, rms_norm, swiglu_mlp
+from mom_lit.fused import FusedRMSNorm, rms_norm, swiglu_mlp
 
 # On CUDA the fused bodies run through torch.compile: the same checks cover that path there.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]

@@ -352,7 +352,7 @@ def _verify_tool():
 
 @pytest.mark.parametrize("state_v_first", [False, True], ids=["state-kv", "state-vk"])
 def test_verify_tool_delta_rule_reference_matches_the_oracle(state_v_first):
-    from mom_lit.ops.recurrent import recurrent_scan
+    from mom_lit.ops.scan.recurrent import recurrent_scan
 
     tool = _verify_tool()
     g = torch.Generator().manual_seed(SEED)

@@ -1,5 +1,5 @@
 """Fast paths of the MoM layer against its reference path: the Triton slot stage (gather, short convolution, SiLU,
-L2 norm; ``mom_lit.ops.conv.slot_conv``) and the layer that uses it.
+L2 norm; ``mom_lit.ops.slots.stage.slot_conv``) and the layer that uses it.
 
 The kernels run natively on a GPU; on CPU the suite reruns this file under ``TRITON_INTERPRET=1`` in a fresh
 process (the interpreter must be active before Triton is first used, see ``test_triton_interpreter.py``).
@@ -19,11 +19,14 @@ import torch
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer
 from mom_lit.plan import compute_dtype, resolve_plan, stage_kernels_build
 from mom_lit.layout import build_layout, sequence_ids, unsort
-from mom_lit.norm import GatedRMSNorm, l2_normalize, mix_gated_rms_norm
-from mom_lit.ops import conv as conv_module
-from mom_lit.ops import layer_triton
-from mom_lit.ops.conv import slot_conv, varlen_short_conv
-from mom_lit.ops.grouped import grouped_kernels_on, grouped_mm_available
+from mom_lit.norm import GatedRMSNorm, l2_normalize
+from mom_lit.ops.mix import mix_gated_rms_norm
+from mom_lit.ops.slots import stage as conv_module
+from mom_lit.ops.slots import kernels as slot_kernels
+from mom_lit.ops.slots.gates import scalar_gates
+from mom_lit.ops.stage_launch import DEFAULT_LAUNCH, StageLaunch, StageLaunchConfig
+from mom_lit.ops.slots import slot_conv, varlen_short_conv
+from mom_lit.ops.slots.grouped import grouped_kernels_on, grouped_mm_available
 
 from invariants import assert_model_invariants
 
@@ -46,18 +49,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # Launch settings: the library's, and small blocks that split these test shapes into several row blocks, spans and
 # channel blocks (a span of 24 rows walked in steps of 8, 16 channels per program), so the boundaries are tested.
-SMALL_LAUNCH = layer_triton.StageLaunchConfig(
-    conv_fwd=layer_triton.StageLaunch(8, 2), conv_bwd_pre=layer_triton.StageLaunch(16, 4),
-    conv_bwd_dx=layer_triton.StageLaunch(8, 2), dx_channels=16, dx_span=24,
-    mix_fwd=layer_triton.StageLaunch(8, 2), mix_bwd=layer_triton.StageLaunch(16, 4),
-    slot_sum=layer_triton.StageLaunch(8, 2), slot_sum_channels=16)
+SMALL_LAUNCH = StageLaunchConfig(
+    conv_fwd=StageLaunch(8, 2), conv_bwd_pre=StageLaunch(16, 4),
+    conv_bwd_dx=StageLaunch(8, 2), dx_channels=16, dx_span=24,
+    mix_fwd=StageLaunch(8, 2), mix_bwd=StageLaunch(16, 4),
+    slot_sum=StageLaunch(8, 2), slot_sum_channels=16)
 
 
 def test_stage_launch_config_rejects_spans_that_overlap():
     with pytest.raises(ValueError, match="dx_span"):
-        layer_triton.StageLaunchConfig(conv_bwd_dx=layer_triton.StageLaunch(16, 4), dx_span=20)
+        StageLaunchConfig(conv_bwd_dx=StageLaunch(16, 4), dx_span=20)
     with pytest.raises(ValueError, match="dx_kernel"):
-        layer_triton.StageLaunchConfig(dx_kernel="3d")
+        StageLaunchConfig(dx_kernel="3d")
 
 
 @pytest.fixture(params=["default-launch", "small-launch"])
@@ -154,9 +157,9 @@ def test_slot_kernels_address_slot_ordered_sources_directly(width, conv_launch):
     identity = torch.arange(length, device=DEVICE)
     results = []
     for rows in (None, identity):
-        out = layer_triton.conv_fwd(src, rows, position, weight, heads, dim, True, launch=conv_launch)
+        out = slot_kernels.conv_fwd(src, rows, position, weight, heads, dim, True, launch=conv_launch)
         dst = torch.full_like(src, float("nan"))
-        dweight = layer_triton.conv_bwd(src, rows, position, weight, dout, heads, dim, True, dst, None,
+        dweight = slot_kernels.conv_bwd(src, rows, position, weight, dout, heads, dim, True, dst, None,
                                         launch=conv_launch)
         results.append((out, dst, dweight))
     for name, a, b in zip(["out", "dsrc", "dweight"], *results):
@@ -276,7 +279,7 @@ def test_slot_sum_adds_each_tokens_slots(dtype, num_tokens, slots, channels, lau
     memory = _routing(num_tokens, 4, slots - 1, gen) if slots > 1 else torch.zeros(num_tokens, 1, dtype=torch.long)
     rank = build_layout(memory, torch.zeros(num_tokens, dtype=torch.long), 1, 5).rank.to(DEVICE)
     src = torch.randn(num_tokens * slots, channels, generator=gen).to(DEVICE, dtype)
-    out = layer_triton.slot_sum(src, rank, num_tokens, launch)
+    out = slot_kernels.slot_sum(src, rank, num_tokens, launch)
     ref = src.double()[rank].view(num_tokens, slots, channels).sum(1)
     assert out.dtype == dtype and out.shape == (num_tokens, channels)
     torch.testing.assert_close(out.double(), ref, atol=1e-6 if dtype == torch.float32 else 2e-2, rtol=1e-2)
@@ -286,7 +289,7 @@ def test_slot_sum_rejects_a_rank_that_does_not_cover_the_slots():
     src, rank = torch.zeros(6, 4), torch.arange(6)
     for bad_rank, num_tokens in ((rank[:-1], 3), (rank, 4), (rank, 0)):
         with pytest.raises(ValueError, match="must index every one of the 6 slots"):
-            layer_triton.slot_sum(src, bad_rank, num_tokens)
+            slot_kernels.slot_sum(src, bad_rank, num_tokens)
 
 
 @kernels
@@ -303,7 +306,7 @@ def test_scalar_gates_match_the_reference_gates(has_beta, has_decay, length):
     rest = wide[:, 2:2 + cols].to(DEVICE, torch.float32).requires_grad_()  # a row stride past its width
     a_log = torch.randn(heads, generator=gen).to(DEVICE).requires_grad_() if has_decay else None
     dt_bias = torch.randn(heads, generator=gen).to(DEVICE).requires_grad_() if has_decay else None
-    g, beta = layer_triton.scalar_gates(rest, a_log, dt_bias, heads, has_beta)
+    g, beta = scalar_gates(rest, a_log, dt_bias, heads, has_beta)
     assert (g is not None) == has_decay and (beta is not None) == has_beta
     leaves = [t for t in (rest, a_log, dt_bias) if t is not None]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
@@ -333,7 +336,7 @@ def test_scalar_gates_without_a_gradient_for_one_output():
     """An unused beta gives its columns a zero gradient (and g's still flows)."""
     rest = torch.randn(40, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
     a_log, dt_bias = torch.zeros(2, device=DEVICE, requires_grad=True), torch.zeros(2, device=DEVICE)
-    g, _beta = layer_triton.scalar_gates(rest, a_log, dt_bias, 2, True)
+    g, _beta = scalar_gates(rest, a_log, dt_bias, 2, True)
     g.sum().backward()
     assert torch.equal(rest.grad[:, :2], torch.zeros_like(rest.grad[:, :2]))
     assert (rest.grad[:, 2:] < 0).all() and a_log.grad is not None
@@ -341,10 +344,10 @@ def test_scalar_gates_without_a_gradient_for_one_output():
 
 def test_scalar_gates_reject_columns_that_do_not_match_the_rule():
     with pytest.raises(ValueError, match=r"rest must be \(L, 4\)"):
-        layer_triton.scalar_gates(torch.zeros(5, 6), torch.zeros(2), torch.zeros(2), 2, True)
+        scalar_gates(torch.zeros(5, 6), torch.zeros(2), torch.zeros(2), 2, True)
     with pytest.raises(ValueError, match="unit column stride"):
-        layer_triton.scalar_gates(torch.zeros(4, 5).t(), None, None, 5, True)
-    assert layer_triton.scalar_gates(torch.zeros(5, 0), None, None, 2, False) == (None, None)
+        scalar_gates(torch.zeros(4, 5).t(), None, None, 5, True)
+    assert scalar_gates(torch.zeros(5, 0), None, None, 2, False) == (None, None)
 
 
 @kernels
@@ -630,8 +633,8 @@ def test_kernels_that_cannot_build_leave_the_reference_path():
     """Launch settings that Triton cannot build (rows per program must be a power of two): the trial run that
     ``resolve_plan`` does before choosing the Triton stages on CUDA reports failure with one warning."""
     cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, backend="triton")
-    bad = dataclasses.replace(layer_triton.DEFAULT_LAUNCH, conv_fwd=layer_triton.StageLaunch(3, 2),
-                              mix_fwd=layer_triton.StageLaunch(3, 2))
+    bad = dataclasses.replace(DEFAULT_LAUNCH, conv_fwd=StageLaunch(3, 2),
+                              mix_fwd=StageLaunch(3, 2))
     with pytest.warns(RuntimeWarning, match="using the reference stages"):
         assert not stage_kernels_build(cfg, DEVICE, torch.float32, bad)
     assert stage_kernels_build(cfg, DEVICE, torch.float32)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mom_lit.ops import chunk_scan, recurrent_scan, scan
-from mom_lit.ops import dispatch
+from mom_lit.ops.scan import chunk_scan, recurrent_scan, scan
+from mom_lit.ops.scan import dispatch
 
 # rule -> which optional inputs it takes; "delta_per_key" (per-key gate + delta rule) is also supported by the op
 RULES: dict[str, tuple[str, ...]] = {

@@ -1,4 +1,4 @@
-"""Triton decoding step (``mom_lit.ops.triton.decode``) against the torch step (``decode_step_reference``).
+"""Triton decoding step (``mom_lit.ops.decode.kernels``) against the torch step (``decode_step_reference``).
 
 Checked on random states: the slot outputs, the selected memories after the step, the conv state (bit for bit:
 it only moves values), and that every memory no slot selected is bit-for-bit unchanged. On a machine without
@@ -23,9 +23,9 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CPU: runs in a fresh interpreter process (tests/test_triton_interpreter.py)", allow_module_level=True)
 
 if not ON_GPU:  # kernels decorated before the interpreter was on would be compiled, not interpreted
-    for _name in [m for m in sys.modules if m.startswith("mom_lit.ops.triton")]:
+    for _name in [m for m in sys.modules if m.startswith("mom_lit.ops.scan.triton")]:
         del sys.modules[_name]
-from mom_lit.ops.triton.decode import triton_decode_step  # noqa: E402  (after the interpreter check)
+from mom_lit.ops.decode.kernels import triton_decode_step  # noqa: E402  (after the interpreter check)
 
 RULES = {  # rule -> (scalar gate, delta rule)
     "linear": (False, False),

@@ -1,4 +1,4 @@
-"""Triton scan (``mom_lit.ops.triton``) against the fp64 references: outputs, final states and every gradient.
+"""Triton scan (``mom_lit.ops.scan.triton``) against the fp64 references: outputs, final states and every gradient.
 
 On a machine without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on small shapes;
 with CUDA the same small cases run on the GPU and the full-size cases (head dims 64..256, bf16/fp16, hundreds of
@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mom_lit.ops.chunk import chunk_scan
-from mom_lit.ops.recurrent import recurrent_scan
+from mom_lit.ops.scan.chunk import chunk_scan
+from mom_lit.ops.scan.recurrent import recurrent_scan
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -55,15 +55,15 @@ def _import_scan_module():
     """
     with _interpreter_without_gpu():
         if not ON_GPU:
-            for name in [m for m in sys.modules if m.startswith("mom_lit.ops.triton")]:
+            for name in [m for m in sys.modules if m.startswith("mom_lit.ops.scan.triton")]:
                 del sys.modules[name]
-        import mom_lit.ops.triton.scan as module
+        import mom_lit.ops.scan.triton.scan as module
     return module
 
 
 scan_module = _import_scan_module()
 triton_scan = scan_module.triton_scan
-from mom_lit.ops.triton.chunk_index import build_chunk_index  # noqa: E402  (after the interpreter switch)
+from mom_lit.ops.scan.triton.chunk_index import build_chunk_index  # noqa: E402  (after the interpreter switch)
 
 # relative RMS error allowed against the fp64 oracle, per input precision and tensor ("grad": any other gradient).
 # dbeta sums large, nearly cancelling products (most of all without a gate, where nothing is ever forgotten), so

@@ -27,7 +27,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without an install too
 
-from mom_lit.ops.triton.scan import DEFAULT_LAUNCH, Launch, LaunchConfig, triton_scan  # noqa: E402
+from mom_lit.ops.scan.triton.scan import DEFAULT_LAUNCH, Launch, LaunchConfig, triton_scan  # noqa: E402
 
 
 def mom_lengths(batch: int, seq_len: int, memories: int, topk: int, shared: bool, gen: torch.Generator) -> list[int]:

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
 from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
-from mom_lit.ops import layer_triton  # noqa: E402
-from mom_lit.ops.triton import scan as scan_kernels  # noqa: E402
+from mom_lit.ops import stage_launch  # noqa: E402
+from mom_lit.ops.scan.triton import scan as scan_kernels  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -652,8 +652,8 @@ def main() -> None:
     args.paths = {name: value for name, value in (("projections", args.projections), ("stages", args.stages),
                                                   ("scan_recompute", args.scan_recompute)) if value is not None}
     if args.stage_launch_json:
-        args.paths["stage_launch"] = _launch_from_json(args.stage_launch_json, layer_triton.DEFAULT_LAUNCH,
-                                                       layer_triton.StageLaunch, "slot/mix")
+        args.paths["stage_launch"] = _launch_from_json(args.stage_launch_json, stage_launch.DEFAULT_LAUNCH,
+                                                       stage_launch.StageLaunch, "slot/mix")
     if args.scan_launch_json:
         args.paths["scan_launch"] = _launch_from_json(args.scan_launch_json, scan_kernels.DEFAULT_LAUNCH,
                                                       scan_kernels.Launch, "scan")

@@ -1,4 +1,4 @@
-"""Time the MoM layer's Triton slot and mix stages (``mom_lit/ops/layer_triton.py``) and sweep their launch settings
+"""Time the MoM layer's Triton slot and mix stages (``mom_lit/ops/slots/kernels.py``) and sweep their launch settings
 (CUDA).
 
 Shapes are those of one layer at the ANCHORS.md setting: B x T tokens routed uniformly at random to top-2 of E = 4
@@ -29,8 +29,9 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit.layout import build_layout, sequence_ids  # noqa: E402
-from mom_lit.ops import layer_triton as kern  # noqa: E402
-from mom_lit.ops.layer_triton import StageLaunch  # noqa: E402
+from mom_lit.ops.mix import kernels as mix_kernels  # noqa: E402
+from mom_lit.ops.slots import kernels as slot_kernels  # noqa: E402
+from mom_lit.ops.stage_launch import DEFAULT_LAUNCH, StageLaunch  # noqa: E402
 
 
 DEVICE = ["cuda"]
@@ -76,18 +77,18 @@ def runners(x) -> dict[str, callable]:
     dst = torch.zeros_like(x["kv_src"])[:, :HK]
 
     def conv_fwd(launch):
-        return kern.conv_fwd(src, x["kv_rows"], lay.position, w, H, D, True, launch=launch)
+        return slot_kernels.conv_fwd(src, x["kv_rows"], lay.position, w, H, D, True, launch=launch)
 
     def conv_bwd(launch):
-        dweight = kern.conv_bwd(src, x["kv_rows"], lay.position, w, x["dout"], H, D, True, dst, x["kv_rows"],
+        dweight = slot_kernels.conv_bwd(src, x["kv_rows"], lay.position, w, x["dout"], H, D, True, dst, x["kv_rows"],
                                 launch=launch)
         return dst, dweight
 
     def mix_fwd(launch):
-        return kern.mix_fwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], 1e-5, launch)
+        return mix_kernels.mix_fwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], 1e-5, launch)
 
     def mix_bwd(launch):
-        return kern.mix_bwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], x["mix_dout"], 1e-5,
+        return mix_kernels.mix_bwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], x["mix_dout"], 1e-5,
                             launch)
 
     return {"conv_fwd": conv_fwd, "conv_bwd": conv_bwd, "mix_fwd": mix_fwd, "mix_bwd": mix_bwd}
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), {str(dtype)[6:]}, projection rows of "
              f"{x['kv_src'].shape[1]} elements", "",
              "| kernel group | setting | ms | largest difference to the defaults (relative) |", "|---|---|---|---|"]
-    default = kern.DEFAULT_LAUNCH
+    default = DEFAULT_LAUNCH
     reference = {name: [t.clone() for t in flat(fn(default))] for name, fn in run.items()}
     for name, fn in run.items():
         lines.append(f"| {name} | library defaults | {bench(functools.partial(fn, default)):.4f} | 0 |")

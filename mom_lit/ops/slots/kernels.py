@@ -1,6 +1,4 @@
-"""Triton kernels of the MoM layer around the scan: the slot stage before it and the mix stage after it.
-
-Slot stage: gather, short convolution, SiLU and L2 norm in one pass.
+"""Triton kernels of the slot stage: gather, short convolution, SiLU and L2 norm in one pass, and the slot sum.
 
 Every sorted slot row ``i`` reads its pre-convolution inputs straight from the projections (``src[rows[i]]``: no
 gathered copy; with ``rows=None`` the projections are in slot order already and row ``i`` is addressed directly,
@@ -13,16 +11,9 @@ gradient rows) and accumulating the filter gradient in registers, reduced once p
 
 A channel group is one head of q, k or v (D channels).
 
-Mix stage: per token, the routing-weighted sum of its J slot outputs (read in place from the scan's sorted
-output through ``rank``), the per-head RMSNorm and the swish output gate, in one pass; its backward recomputes
-the sum and writes every slot's gradient row once (``rank`` is a permutation: no scatter-add).
-
 Slot sum: a token's gradient from its J slots, ``out[t] = sum_j src[rank[t * J + j]]`` (the slot stage's query
 gradient, the grouped projection's input gradient), read in place through ``rank`` and summed in fp32 in one pass
 instead of a gathered (N J, C) copy and a reduction over it.
-
-Gates: Gated DeltaNet's per-head beta and log-decay of every slot from its gate columns, one kernel each way (the
-parameters' gradients as per-block partial sums, added once).
 
 Row offsets are int64: slots x channels overflows int32 at MoM sizes. The kernels also run on CPU under
 ``TRITON_INTERPRET=1``.
@@ -30,66 +21,13 @@ Row offsets are int64: slots x channels overflows int32 at MoM sizes. The kernel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from mom_lit.ops.stage_launch import DEFAULT_LAUNCH, StageLaunchConfig, launch_config, row_block
 
-@dataclass(frozen=True)
-class StageLaunch:
-    """Rows per program (per loop step for ``conv_bwd_dx``) and warps (0: by the program's width, 4 for up to 128
-    channels, else 8)."""
-
-    rows: int = 32
-    num_warps: int = 0
-
-
-@dataclass(frozen=True)
-class StageLaunchConfig:
-    """Launch settings of the slot and mix kernels: the fastest of a sweep by ``tools/bench_stages.py`` on an H200
-    (bf16, 8 x 2048 tokens, 4 heads x 256; BENCHMARKS.md)."""
-
-    conv_fwd: StageLaunch = StageLaunch(16, 4)
-    conv_bwd_pre: StageLaunch = StageLaunch(16, 4)
-    conv_bwd_dx: StageLaunch = StageLaunch(32, 4)
-    dx_channels: int = 64  # channels per conv_bwd_dx program
-    dx_span: int = 512  # rows walked by one conv_bwd_dx program (its filter gradient is reduced once)
-    # "taps": the transposed convolution and filter gradient one tap at a time on (rows, channels) tiles, for
-    # widths up to 4; "tiles": all taps at once on (taps, rows, channels) tiles, any width
-    dx_kernel: str = "taps"
-    mix_fwd: StageLaunch = StageLaunch(8, 8)
-    mix_bwd: StageLaunch = StageLaunch(8, 2)
-    slot_sum: StageLaunch = StageLaunch(16, 4)
-    slot_sum_channels: int = 256  # channels per slot_sum program
-
-    def __post_init__(self) -> None:
-        if self.slot_sum_channels < 16 or self.slot_sum_channels & (self.slot_sum_channels - 1):
-            raise ValueError(f"slot_sum_channels must be a power of two >= 16, got {self.slot_sum_channels}")
-        if self.dx_kernel not in ("taps", "tiles"):
-            raise ValueError(f"dx_kernel must be 'taps' or 'tiles', got {self.dx_kernel!r}")
-        if self.dx_span % self.conv_bwd_dx.rows:  # a step past a span's end would count rows twice
-            raise ValueError(f"dx_span ({self.dx_span}) must be a multiple of conv_bwd_dx.rows "
-                             f"({self.conv_bwd_dx.rows})")
-
-
-DEFAULT_LAUNCH = StageLaunchConfig()
-"""The library's launch settings (``launch=None`` in every function below)."""
-
-
-@triton.jit
-def _row_block(num_rows, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """This program's block: rows pid_t * BT .. + BT of ``num_rows``, the D columns of head program_id(1).
-
-    Returns pid_t, row offsets (BT,), column offsets within the head (BD,), their masks, the (BT, BD) mask and the
-    head's columns (BD,) in the (rows, heads x D) layout.
-    """
-    pid_t, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    mask_t, mask_d = offs_t < num_rows, offs_d < D
-    return pid_t, offs_t, offs_d, mask_t, mask_d, mask_t[:, None] & mask_d[None, :], head * D + offs_d
+__all__ = ["conv_bwd", "conv_fwd", "slot_sum"]
 
 
 @triton.jit
@@ -129,7 +67,7 @@ def _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col
 def _fwd_kernel(src, src_stride, rows, position, weight, out, L, out_stride, eps,
                 D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                 GATHER: tl.constexpr):
-    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
+    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = row_block(L, D, BT, BD)
     pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD, GATHER)
     a = pre * tl.sigmoid(pre)
     if NORM:
@@ -143,7 +81,7 @@ def _bwd_pre_kernel(src, src_stride, rows, position, weight, dout, dout_stride, 
                     C: tl.constexpr, D: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
     """Gradient of the pre-activation (L, C), recomputed from the sources: elementwise but for the L2 norm."""
-    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(L, D, BT, BD)
+    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = row_block(L, D, BT, BD)
     pre = _pre_activation(src, src_stride, rows, position, weight, offs_t, mask_t, col, mask_d, W, BT, BD, GATHER)
     sig = tl.sigmoid(pre)
     g = tl.load(dout + offs_t[:, None] * dout_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -269,12 +207,6 @@ def _bwd_dx_dw_taps_kernel(src, src_stride, rows, position, weight, dpre, dst, d
         tl.store(base + (W - 4) * C, tl.sum(acc3, axis=0), mask=mask_c)
 
 
-def _launch_config(D: int, launch: StageLaunch) -> tuple[int, int, int]:
-    """(rows, head block, warps) of a kernel whose programs cover whole heads of D channels."""
-    bd = triton.next_power_of_2(D)
-    return launch.rows, bd, launch.num_warps or (4 if bd <= 128 else 8)
-
-
 def conv_fwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tensor, weight: torch.Tensor, heads: int,
              dim: int, norm: bool, eps: float = 1e-6, launch: StageLaunchConfig | None = None) -> torch.Tensor:
     """(L, heads, dim) SiLU(conv) [L2-normalised per head] of ``src[rows]`` (src (R, heads*dim), any row stride,
@@ -283,7 +215,7 @@ def conv_fwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tenso
     out = torch.empty(length, heads, dim, device=src.device, dtype=src.dtype)
     if length == 0:
         return out
-    bt, bd, warps = _launch_config(dim, (launch or DEFAULT_LAUNCH).conv_fwd)
+    bt, bd, warps = launch_config(dim, (launch or DEFAULT_LAUNCH).conv_fwd)
     _fwd_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), position if rows is None else rows, position, weight, out, length, heads * dim, eps,
         D=dim, W=weight.shape[1], NORM=norm, BT=bt, BD=bd, GATHER=rows is not None, num_warps=warps)
@@ -304,7 +236,7 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tenso
     if length == 0:
         return torch.zeros(channels, width, device=src.device, dtype=torch.float32)
     dout = dout.reshape(length, channels)
-    bt, bd, warps = _launch_config(dim, cfg.conv_bwd_pre)
+    bt, bd, warps = launch_config(dim, cfg.conv_bwd_pre)
     dpre = torch.empty(length, channels, device=src.device, dtype=dout.dtype)
     _bwd_pre_kernel[(triton.cdiv(length, bt), heads)](
         src, src.stride(0), rows, position, weight, dout, dout.stride(0), dpre, length, eps,
@@ -322,98 +254,6 @@ def conv_bwd(src: torch.Tensor, rows: torch.Tensor | None, position: torch.Tenso
     else:
         _bwd_dx_dw_kernel[grid](*args, WP=triton.next_power_of_2(width), **options)
     return dweight.sum(0).t()  # (C, W)
-
-
-@triton.jit
-def _mixed_rows(o, rank, weight, offs_t, mask_t, col, mask_d, J: tl.constexpr, HV: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr):
-    """(BT, BD) fp32 sum_j weight[t, j] o[rank[t * J + j]] over one head's columns."""
-    acc = tl.zeros((BT, BD), dtype=tl.float32)
-    for j in tl.static_range(J):
-        row = tl.load(rank + offs_t * J + j, mask=mask_t, other=0).to(tl.int64)
-        w = tl.load(weight + offs_t * J + j, mask=mask_t, other=0.0).to(tl.float32)
-        x = tl.load(o + row[:, None] * HV + col[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-        acc += w[:, None] * x.to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _mix_fwd_kernel(o, rank, weight, gate, norm_weight, out, N, eps, J: tl.constexpr, HV: tl.constexpr,
-                    D: tl.constexpr, HAS_GATE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(N, D, BT, BD)
-    acc = _mixed_rows(o, rank, weight, offs_t, mask_t, col, mask_d, J, HV, BT, BD)
-    r = tl.rsqrt(tl.sum(acc * acc, axis=1) / D + eps)
-    y = acc * r[:, None] * tl.load(norm_weight + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    if HAS_GATE:
-        g = tl.load(gate + offs_t[:, None] * HV + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = y * g * tl.sigmoid(g)
-    tl.store(out + offs_t[:, None] * HV + col[None, :], y.to(out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _mix_bwd_kernel(o, rank, weight, gate, norm_weight, dout, do, dweight, dgate, dnorm, N, eps,
-                    J: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, D: tl.constexpr, HAS_GATE: tl.constexpr,
-                    BT: tl.constexpr, BD: tl.constexpr):
-    pid_t, offs_t, offs_d, mask_t, mask_d, mask, col = _row_block(N, D, BT, BD)
-    head = tl.program_id(1)
-    acc = _mixed_rows(o, rank, weight, offs_t, mask_t, col, mask_d, J, HV, BT, BD)
-    r = tl.rsqrt(tl.sum(acc * acc, axis=1) / D + eps)
-    xhat = acc * r[:, None]
-    nw = tl.load(norm_weight + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dy = tl.load(dout + offs_t[:, None] * HV + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        g = tl.load(gate + offs_t[:, None] * HV + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        sg = tl.sigmoid(g)
-        y = xhat * nw[None, :]
-        dg = dy * y * sg * (1.0 + g * (1.0 - sg))
-        tl.store(dgate + offs_t[:, None] * HV + col[None, :], dg.to(dgate.dtype.element_ty), mask=mask)
-        dy = dy * g * sg
-    dy = tl.where(mask, dy, 0.0)
-    tl.store(dnorm + (pid_t * H + head) * D + offs_d, tl.sum(dy * xhat, axis=0), mask=mask_d)
-    dxhat = dy * nw[None, :]
-    # xhat = acc r with r = (mean(acc^2) + eps)^-1/2:  dacc = r (dxhat - xhat mean(dxhat xhat))
-    dacc = r[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None])
-    for j in tl.static_range(J):
-        row = tl.load(rank + offs_t * J + j, mask=mask_t, other=0).to(tl.int64)
-        w = tl.load(weight + offs_t * J + j, mask=mask_t, other=0.0).to(tl.float32)
-        x = tl.load(o + row[:, None] * HV + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(do + row[:, None] * HV + col[None, :], (w[:, None] * dacc).to(do.dtype.element_ty), mask=mask)
-        tl.store(dweight + (offs_t * J + j) * H + head, tl.sum(dacc * x, axis=1), mask=mask_t)
-
-
-def mix_fwd(o: torch.Tensor, rank: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
-            norm_weight: torch.Tensor, eps: float, launch: StageLaunchConfig | None = None) -> torch.Tensor:
-    """(N, H, D) gated RMSNorm of sum_j weight[:, j] o[rank[t*J + j]]; o (L, H, D) contiguous, weight (N, J),
-    gate (N, H, D) contiguous or None, norm_weight (D,)."""
-    num_tokens, slots = weight.shape
-    heads, dim = o.shape[1], o.shape[2]
-    out = torch.empty(num_tokens, heads, dim, device=o.device, dtype=o.dtype)
-    if num_tokens == 0:
-        return out
-    bt, bd, warps = _launch_config(dim, (launch or DEFAULT_LAUNCH).mix_fwd)
-    _mix_fwd_kernel[(triton.cdiv(num_tokens, bt), heads)](
-        o, rank, weight, gate if gate is not None else o, norm_weight, out, num_tokens, eps, J=slots,
-        HV=heads * dim, D=dim, HAS_GATE=gate is not None, BT=bt, BD=bd, num_warps=warps)
-    return out
-
-
-def mix_bwd(o, rank, weight, gate, norm_weight, dout, eps, launch: StageLaunchConfig | None = None):
-    """Gradients of :func:`mix_fwd`: (do (L, H, D), dweight (N, J) fp32, dgate or None, dnorm_weight (D,) fp32)."""
-    num_tokens, slots = weight.shape
-    heads, dim = o.shape[1], o.shape[2]
-    bt, bd, warps = _launch_config(dim, (launch or DEFAULT_LAUNCH).mix_bwd)
-    blocks = triton.cdiv(num_tokens, bt)
-    do = torch.empty_like(o)
-    dweight = torch.empty(num_tokens, slots, heads, device=o.device, dtype=torch.float32)
-    dgate = torch.empty_like(gate) if gate is not None else None
-    dnorm = torch.empty(blocks, heads, dim, device=o.device, dtype=torch.float32)
-    if num_tokens == 0:
-        return do, dweight.sum(-1), dgate, dnorm.sum((0, 1))
-    _mix_bwd_kernel[(blocks, heads)](
-        o, rank, weight, gate if gate is not None else o, norm_weight, dout.contiguous(), do, dweight,
-        dgate if dgate is not None else do, dnorm, num_tokens, eps, J=slots, H=heads, HV=heads * dim, D=dim,
-        HAS_GATE=gate is not None, BT=bt, BD=bd, num_warps=warps)
-    return do, dweight.sum(-1), dgate, dnorm.sum((0, 1))
 
 
 @triton.jit
@@ -449,128 +289,3 @@ def slot_sum(src: torch.Tensor, rank: torch.Tensor, num_tokens: int,
     _slot_sum_kernel[grid](src.contiguous(), rank, out, num_tokens, C=channels, J=length // num_tokens,
                            BT=cfg.slot_sum.rows, BC=bc, num_warps=cfg.slot_sum.num_warps or 4)
     return out
-
-
-@triton.jit
-def _softplus(z):
-    """log(1 + exp(z)) in fp32 without overflow, and with log1p's accuracy where exp(z) is small."""
-    u = tl.exp(-tl.abs(z))
-    w = 1.0 + u
-    # log(w) u / (w - 1) cancels the rounding of w (Goldberg's log1p); w == 1 leaves log1p(u) = u
-    log1p = tl.where(w == 1.0, u, tl.log(w) * u / tl.where(w == 1.0, 1.0, w - 1.0))
-    return tl.maximum(z, 0.0) + log1p
-
-
-@triton.jit
-def _gates_fwd_kernel(rest, rest_stride, a_log, dt_bias, g, beta, L, H: tl.constexpr, HAS_BETA: tl.constexpr,
-                      HAS_DECAY: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
-    offs_t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    offs_h = tl.arange(0, BH)
-    mask_h = offs_h < H
-    mask = (offs_t < L)[:, None] & mask_h[None, :]
-    src = rest + offs_t[:, None] * rest_stride + offs_h[None, :]
-    out = offs_t[:, None] * H + offs_h[None, :]
-    if HAS_BETA:
-        b = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        tl.store(beta + out, tl.sigmoid(b), mask=mask)
-        src += H
-    if HAS_DECAY:
-        z = tl.load(src, mask=mask, other=0.0).to(tl.float32) + \
-            tl.load(dt_bias + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        rate = tl.exp(tl.load(a_log + offs_h, mask=mask_h, other=0.0).to(tl.float32))
-        tl.store(g + out, -rate[None, :] * _softplus(z), mask=mask)
-
-
-@triton.jit
-def _gates_bwd_kernel(rest, rest_stride, a_log, dt_bias, beta, g, dbeta, dg, drest, dparams, L, H: tl.constexpr,
-                      HAS_BETA: tl.constexpr, HAS_DECAY: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
-    """d rest (L, extra) in rest's dtype and this block's partial sums of dA_log and d dt_bias (2, H) fp32."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_t = pid * BT + tl.arange(0, BT)
-    offs_h = tl.arange(0, BH)
-    mask_h = offs_h < H
-    mask = (offs_t < L)[:, None] & mask_h[None, :]
-    out = offs_t[:, None] * H + offs_h[None, :]
-    dst = drest + offs_t[:, None] * (HAS_BETA * H + HAS_DECAY * H) + offs_h[None, :]
-    if HAS_BETA:
-        s = tl.load(beta + out, mask=mask, other=0.0)
-        d = tl.load(dbeta + out, mask=mask, other=0.0)
-        tl.store(dst, (d * s * (1.0 - s)).to(drest.dtype.element_ty), mask=mask)
-        dst += H
-    if HAS_DECAY:
-        col = rest + offs_t[:, None] * rest_stride + offs_h[None, :] + HAS_BETA * H
-        z = tl.load(col, mask=mask, other=0.0).to(tl.float32) + \
-            tl.load(dt_bias + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        rate = tl.exp(tl.load(a_log + offs_h, mask=mask_h, other=0.0).to(tl.float32))
-        d = tl.load(dg + out, mask=mask, other=0.0)
-        # g = -exp(A_log) softplus(z):  dg/dz = -exp(A_log) sigmoid(z),  dg/dA_log = g
-        dz = -rate[None, :] * tl.sigmoid(z) * d
-        tl.store(dst, dz.to(drest.dtype.element_ty), mask=mask)
-        gv = tl.load(g + out, mask=mask, other=0.0)
-        tl.store(dparams + pid * 2 * H + offs_h, tl.sum(d * gv, axis=0), mask=mask_h)
-        tl.store(dparams + pid * 2 * H + H + offs_h, tl.sum(dz, axis=0), mask=mask_h)
-
-
-_GATE_ROWS = 256
-
-
-class _ScalarGates(torch.autograd.Function):
-    """Gated DeltaNet's per-head gates of every slot in one pass: ``beta = sigmoid(b)`` and the log-decay
-    ``g = -exp(A_log) softplus(a + dt_bias)`` from the gate columns ``rest = [b | a]`` (either may be absent)."""
-
-    @staticmethod
-    def forward(ctx, rest, a_log, dt_bias, heads, has_beta, has_decay):
-        length = rest.shape[0]
-        g = torch.empty(length, heads, device=rest.device, dtype=torch.float32) if has_decay else None
-        beta = torch.empty(length, heads, device=rest.device, dtype=torch.float32) if has_beta else None
-        grid = (triton.cdiv(length, _GATE_ROWS),)
-        if length:
-            _gates_fwd_kernel[grid](rest, rest.stride(0), a_log if has_decay else rest, dt_bias if has_decay else rest,
-                                    g if has_decay else beta, beta if has_beta else g, length, H=heads,
-                                    HAS_BETA=has_beta, HAS_DECAY=has_decay, BT=_GATE_ROWS,
-                                    BH=triton.next_power_of_2(heads), num_warps=4)
-        ctx.save_for_backward(rest, a_log, dt_bias, beta, g)
-        ctx.meta = (heads, has_beta, has_decay)
-        return g, beta
-
-    @staticmethod
-    def backward(ctx, dg, dbeta):
-        rest, a_log, dt_bias, beta, g = ctx.saved_tensors
-        heads, has_beta, has_decay = ctx.meta
-        length = rest.shape[0]
-        blocks = triton.cdiv(length, _GATE_ROWS)
-        drest = torch.empty(length, (has_beta + has_decay) * heads, device=rest.device, dtype=rest.dtype)
-        # every block writes its partial sums (all of them: nothing to zero unless there is no block)
-        dparams = rest.new_empty(blocks, 2, heads, dtype=torch.float32) if length else \
-            rest.new_zeros(1, 2, heads, dtype=torch.float32)
-        # an output without a gradient (unused downstream) contributes none
-        if has_decay and dg is None:
-            dg = torch.zeros_like(g)
-        if has_beta and dbeta is None:
-            dbeta = torch.zeros_like(beta)
-        if length:
-            some = g if has_decay else beta  # a placeholder pointer for the absent gate's tensors (never read)
-            _gates_bwd_kernel[(blocks,)](
-                rest, rest.stride(0), a_log if has_decay else rest, dt_bias if has_decay else rest,
-                beta if has_beta else some, g if has_decay else some, dbeta.contiguous() if has_beta else some,
-                dg.contiguous() if has_decay else some, drest, dparams, length, H=heads, HAS_BETA=has_beta,
-                HAS_DECAY=has_decay, BT=_GATE_ROWS, BH=triton.next_power_of_2(heads), num_warps=4)
-        if not has_decay:
-            return drest, None, None, None, None, None
-        dparams = dparams.sum(0)  # (2, H)
-        return drest, dparams[0].to(a_log.dtype), dparams[1].to(dt_bias.dtype), None, None, None
-
-
-def scalar_gates(rest: torch.Tensor, a_log: torch.Tensor | None, dt_bias: torch.Tensor | None,
-                 heads: int, has_beta: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(g, beta), each (L, heads) fp32 or None, of the gate columns ``rest`` (L, extra): b's ``heads`` columns
-    first when ``has_beta``, then a's when ``a_log`` is given; any row stride, unit column stride. One kernel forward,
-    one backward (plus the sum of the parameters' per-block partial gradients), instead of a dozen elementwise
-    passes each way."""
-    has_decay = a_log is not None
-    if not (has_beta or has_decay):
-        return None, None
-    if rest.dim() != 2 or rest.stride(1) != 1 or rest.shape[1] != (has_beta + has_decay) * heads:
-        raise ValueError(f"scalar_gates: rest must be (L, {(has_beta + has_decay) * heads}) with unit column stride, "
-                         f"got shape {tuple(rest.shape)} and strides {rest.stride()}")
-    return _ScalarGates.apply(rest, a_log, dt_bias, heads, has_beta, has_decay)

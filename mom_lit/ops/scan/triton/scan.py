@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from mom_lit.ops.recurrent import check_scan_inputs
-from mom_lit.ops.triton import backward as bwd
-from mom_lit.ops.triton import forward as fwd
-from mom_lit.ops.triton.chunk_index import ChunkIndex, build_chunk_index
-from mom_lit.ops.triton.common import BT, dot_mode
+from mom_lit.ops.scan.recurrent import check_scan_inputs
+from mom_lit.ops.scan.triton import backward as bwd
+from mom_lit.ops.scan.triton import forward as fwd
+from mom_lit.ops.scan.triton.chunk_index import ChunkIndex, build_chunk_index
+from mom_lit.ops.scan.triton.common import BT, dot_mode
 
 __all__ = ["triton_scan"]
 
@@ -350,14 +350,14 @@ def triton_scan(
     cu_seqlens: torch.Tensor | None = None,
     output_final_state: bool = True,
     chunk_size: int = 64,
-    recompute: str = "states",
+    recompute: str | None = None,
     launch: LaunchConfig | None = None,
     rebuild_qkv: tuple[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Sequence[torch.Tensor]]
     | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.recurrent.recurrent_scan`.
+    """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.scan.recurrent.recurrent_scan`.
 
-    ``recompute``: what the backward rebuilds instead of the forward keeping it:
+    ``recompute``: what the backward rebuilds instead of the forward keeping it (None: ``"states"``):
     ``"states"`` the chunk start states (one more sequential pass), ``"wy"`` also W, U and the chunks' triangular
     inverses of the delta rules (the solve and W/U kernels again and a heavier pass; 2 (K + V) bytes in bf16 and
     4 x 64 bytes of fp32 inverse less per scanned token and head),
@@ -378,6 +378,7 @@ def triton_scan(
         raise ValueError("gk (per-key gate) is not supported by the Triton scan; use the chunked reference")
     if chunk_size != BT:
         raise ValueError(f"chunk_size must be {BT} for the Triton scan, got {chunk_size!r}")
+    recompute = "states" if recompute is None else recompute
     if recompute not in _RECOMPUTE:
         raise ValueError(f"recompute must be one of {_RECOMPUTE}, got {recompute!r}")
     shapes = check_scan_inputs(q, k, v, g, None, beta, initial_state, cu_seqlens, scale)

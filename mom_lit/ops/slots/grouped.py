@@ -5,7 +5,7 @@ The sorted layout keeps each memory's slots contiguous (``layout.py``), so slot 
 memories without a loop and without projecting a token for memories it did not select. Its backward is two more
 grouped products (input and weight gradients); the input gradient of a token adds its J slots through the
 inverse slot permutation (a Triton gather-sum, never a scatter-add: this path runs next to the slot kernels).
-The autograd function around them is the slot stage's (``mom_lit.ops.conv.projected_slot_conv``).
+The autograd function around them is the slot stage's (``mom_lit.ops.slots.stage.projected_slot_conv``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def project_slots(x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, en
 def project_slots_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor,
                            rank: torch.Tensor, ends: torch.Tensor, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (N_tok, D) of x and (S, P, D) of weight from the (L, P) gradient of :func:`project_slots`."""
-    from mom_lit.ops.layer_triton import slot_sum  # Triton is imported only where its kernels run
+    from mom_lit.ops.slots.kernels import slot_sum  # Triton is imported only where its kernels run
 
     dy = dy.contiguous()
     dx_slot = torch._grouped_mm(dy, weight, offs=ends)  # (L, D)
