@@ -68,7 +68,9 @@ class MoMConfig:
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of router logits); 0 disables it."""
     chunk_size: int = 64
-    """Chunk length of the chunked scan."""
+    """Chunk length of the chunked reference scan (``compiled``, ``eager``). The Triton scan's tile is 64: with
+    ``backend="triton"`` another value is an error; with ``auto`` the Triton scan runs its own tile (the plan, logged
+    once, says which chunk length runs)."""
     backend: Backend = "auto"
     """Scan backend: auto (Triton on CUDA, compiled reference elsewhere) | triton | compiled | eager."""
     activation_memory: ActivationMemory = "fast"

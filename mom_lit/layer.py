@@ -17,7 +17,6 @@ plain-torch stages remain the reference (CPU, float64, prefill with a conv cache
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,10 +27,10 @@ from torch import nn
 
 from mom_lit.config import MoMConfig
 from mom_lit.layout import build_layout, unsort
-from mom_lit.norm import GatedRMSNorm, l2_normalize
+from mom_lit.norm import GatedRMSNorm
 from mom_lit.ops.scan import scan
-from mom_lit.ops.slots import (SlotSourceShare, projected_slot_conv, rebuild_projected_qkv, slot_conv, slot_qkv,
-                              varlen_short_conv)
+from mom_lit.ops.slots import ScanInputs, triton_slots, varlen_short_conv
+from mom_lit.ops.slots.reference import per_key_log_decay, scalar_gates_reference, split_qkv
 from mom_lit.ops.decode import decode_step
 from mom_lit.ops.mix import mix_gated_rms_norm, mix_reference
 from mom_lit.plan import ExecutionPlan, PlanCache, compute_dtype
@@ -52,11 +51,6 @@ class LayerState:
 class LayerAux:
     routing: Routing | None
     state: LayerState | None
-
-
-def _projection_input(x: torch.Tensor) -> torch.Tensor:
-    """x in the dtype that its matrix products run in: autocast's where autocast is on for x's device, else x's."""
-    return x.to(compute_dtype(x)) if x.is_floating_point() else x
 
 
 def _uses_beta(rule: str) -> bool:
@@ -134,7 +128,82 @@ class MoMLayer(nn.Module):
             bound = 1.0 / math.sqrt(c.conv_size)
             nn.init.uniform_(self.conv_weight, -bound, bound)
 
-    # ---------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_id: torch.Tensor,
+        num_sequences: int,
+        state: LayerState | None = None,
+        use_cache: bool = False,
+        plan: ExecutionPlan | None = None,
+    ) -> tuple[torch.Tensor, LayerAux]:
+        """x: (B, T, D); seq_id: (B*T,) independent-sequence id of each token (rows or packed documents).
+        ``plan``: the implementation of every stage (default: this layer's plan for x's device and dtype)."""
+        plan = plan if plan is not None else self.plans.for_input(x)
+        batch, seq_len, hidden = x.shape
+        H, V = self.num_heads, self.head_v_dim
+        x_flat = x.reshape(batch * seq_len, hidden)  # (N_tok, D)
+        routing, memory, weight = self._route(x_flat)  # (N_tok, J) memory and mixing weight of every slot
+        gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
+        if seq_len == 1 and state is not None and num_sequences == batch and use_cache:  # in-place step
+            o, new_state = self._decode_step(x_flat, memory, state, plan)  # (B, J, H, V)
+            mixed = mix_reference(o, weight, gate, self.o_norm)
+        else:
+            layout = build_layout(memory, seq_id, num_sequences, self.num_streams)
+            inputs = self._slots(x_flat, layout, state, use_cache, plan)
+            o, new_state = self._scan(inputs, layout, state, use_cache, plan)  # (L, H, V) in segment order
+            mixed = self._mix(o, layout, weight, gate, plan)  # (N_tok, H, V)
+        out = self.o_proj(mixed.reshape(batch, seq_len, H * V))
+        return out, LayerAux(routing=routing, state=new_state if use_cache else None)
+
+    # Stages ----------------------------------------------------------------------------------------------------
+    def _slots(self, x_flat, layout, state, use_cache, plan: ExecutionPlan) -> ScanInputs:
+        """The scan's inputs of every memory-sorted slot: projections, short convolution, norms and gates."""
+        S = self.num_streams
+        conv_init = None
+        if state is not None and state.conv is not None:
+            conv_init = state.conv.transpose(0, 1).reshape(S * layout.num_sequences, *state.conv.shape[2:])
+        path = plan.slots if conv_init is None and not use_cache else plan.cached_slots
+        if path in ("grouped", "gathered"):
+            return self._slots_triton(x_flat, layout, path == "grouped", plan)
+        prepare = self._compiled_prepare_slots() if path == "compiled" else self._prepare_slots
+        return ScanInputs(*prepare(x_flat, layout.token, layout.memory, layout.segment, layout.position,
+                                   layout.cu_seqlens, conv_init, use_cache, path == "compiled"))
+
+    def _scan(self, inputs: ScanInputs, layout, state, use_cache, plan: ExecutionPlan):
+        """All (memory, sequence) segments through one varlen scan: (L, H, V) slot outputs and the new state."""
+        H, K, V, S, N = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams, layout.num_sequences
+        initial = state.memory.transpose(0, 1).reshape(S * N, H, K, V) if state is not None else None
+        triton = {}
+        if plan.scan == "triton":
+            triton = dict(rebuild_qkv=inputs.sources, recompute=plan.scan_recompute, launch=plan.scan_launch)
+        batched = [None if t is None else t.unsqueeze(0) for t in (inputs.g, inputs.gk, inputs.beta)]
+        o, final = scan(inputs.q.unsqueeze(0), inputs.k.unsqueeze(0), inputs.v.unsqueeze(0), g=batched[0],
+                        gk=batched[1], beta=batched[2], scale=K ** -0.5, initial_state=initial,
+                        cu_seqlens=layout.cu_seqlens, output_final_state=use_cache, backend=plan.scan_backend,
+                        chunk_size=plan.chunk_size, **triton)
+        new_state = None
+        if use_cache:
+            conv = inputs.conv_final
+            new_state = LayerState(memory=final.view(S, N, H, K, V).transpose(0, 1),
+                                   conv=None if conv is None else conv.view(S, N, *conv.shape[1:]).transpose(0, 1))
+        return o.squeeze(0), new_state
+
+    def _mix(self, o, layout, weight, gate, plan: ExecutionPlan) -> torch.Tensor:
+        """(L, H, V) sorted slot outputs -> (N_tok, H, V): routing-weighted sum per token, then the gated norm."""
+        if plan.mix == "triton":
+            return mix_gated_rms_norm(o, layout.rank, weight, gate, self.o_norm.weight, self.o_norm.eps,
+                                      launch=plan.stage_launch)
+        o = unsort(o, layout).view(weight.shape[0], -1, self.num_heads, self.head_v_dim)  # (N_tok, J, H, V)
+        return mix_reference(o, weight, gate, self.o_norm)
+
+    def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
+        """Slots and scan of all (memory, sequence) segments: (N_tok, J, H, V) slot outputs and the new state."""
+        plan = self.plans.for_input(x_flat)
+        layout = build_layout(memory, seq_id, num_sequences, self.num_streams)
+        o, new_state = self._scan(self._slots(x_flat, layout, state, use_cache, plan), layout, state, use_cache, plan)
+        return unsort(o, layout).view(x_flat.shape[0], -1, self.num_heads, self.head_v_dim), new_state
+
     def _route(self, x_flat: torch.Tensor) -> tuple[Routing | None, torch.Tensor, torch.Tensor]:
         """Memory index (N_tok, J) and mixing weight (N_tok, J) of every slot, shared memory included."""
         num_tokens = x_flat.shape[0]
@@ -175,124 +244,19 @@ class MoMLayer(nn.Module):
         slot_proj = per_stream[token, memory]  # (L, P)
         k, v, rest = slot_proj.split([c.key_dim, c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
         qkv = torch.cat([self.q_proj(x_flat)[token], k, v], dim=1)  # (L, C)
-        g, beta = self._gates(rest)
+        g, beta = scalar_gates_reference(rest, self.A_log, self.dt_bias, self.num_heads, self.b_proj is not None)
         return qkv, g, gk, beta
 
     def _per_key_gate(self, per_stream: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
-        """GLA's low-rank per-key log-gate (L, H, K) of each slot, or None for the other rules."""
+        """GLA's low-rank per-key log-gate (L, H, K) of each slot from every stream's projections (N_tok, S, P)
+        (up-projected per stream, then gathered), or None for the other rules."""
         if self.gk_down is None:
             return None
         c = self.config
-        # Up-project every stream's rank-R code, then gather (no (L, H*K, R) temporary).
-        down = per_stream[..., -c.gla_gate_rank:].float()  # (N_tok, S, R)
-        gk_logit = torch.einsum("nsr,skr->nsk", down, self.gk_up.float()) + self.gk_bias.float()
-        return (F.logsigmoid(gk_logit) / c.gla_gate_normalizer)[token, memory].view(-1, self.num_heads, self.head_dim)
+        gk = per_key_log_decay(per_stream[..., -c.gla_gate_rank:], self.gk_up, self.gk_bias, c.gla_gate_normalizer)
+        return gk[token, memory].view(-1, self.num_heads, self.head_dim)
 
-    def _gates(self, rest: torch.Tensor):
-        """Log-decay g and beta (L, H) fp32 from the b | a projection columns of each slot."""
-        H = self.num_heads
-        beta = g = None
-        if self.b_proj is not None:
-            beta = torch.sigmoid(rest[:, :H].float())  # (L, H)
-        if self.a_proj is not None:
-            a = rest[:, H:2 * H] if self.b_proj is not None else rest[:, :H]
-            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (L, H)
-        return g, beta
-
-    def _gates_fused(self, rest: torch.Tensor):
-        """:meth:`_gates` by one Triton kernel each way (the slot stage's path)."""
-        from mom_lit.ops.slots.gates import scalar_gates
-
-        return scalar_gates(rest, self.A_log, self.dt_bias, self.num_heads, self.b_proj is not None)
-
-    def _split_qkv(self, qkv: torch.Tensor):
-        c, H, K, V = self.config, self.num_heads, self.head_dim, self.head_v_dim
-        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
-        lead = qkv.shape[:-1]
-        return (l2_normalize(q.reshape(*lead, H, K)), l2_normalize(k.reshape(*lead, H, K)), v.reshape(*lead, H, V))
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        seq_id: torch.Tensor,
-        num_sequences: int,
-        state: LayerState | None = None,
-        use_cache: bool = False,
-        plan: ExecutionPlan | None = None,
-    ) -> tuple[torch.Tensor, LayerAux]:
-        """x: (B, T, D); seq_id: (B*T,) independent-sequence id of each token (rows or packed documents).
-        ``plan``: the implementation of every stage (default: this layer's plan for x's device and dtype)."""
-        plan = plan if plan is not None else self.plans.for_input(x)
-        batch, seq_len, hidden = x.shape
-        H, V = self.num_heads, self.head_v_dim
-        x_flat = x.reshape(batch * seq_len, hidden)  # (N_tok, D)
-        routing, memory, weight = self._route(x_flat)
-        gate = self.g_proj(x_flat).view(-1, H, V) if self.g_proj is not None else None
-        if seq_len == 1 and state is not None and num_sequences == batch and use_cache:  # in-place step
-            o, new_state = self._decode_step(x_flat, memory, state, plan)
-            mixed = self._mix_reference(o, weight, gate)
-        else:
-            o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache, plan)
-            if plan.mix == "triton":
-                mixed = mix_gated_rms_norm(o, layout.rank, weight, gate, self.o_norm.weight, self.o_norm.eps,
-                                           launch=plan.stage_launch)
-            else:
-                mixed = self._mix_reference(unsort(o, layout).view(x_flat.shape[0], -1, H, V), weight, gate)
-        out = self.o_proj(mixed.reshape(batch, seq_len, H * V))
-        return out, LayerAux(routing=routing, state=new_state if use_cache else None)
-
-    def _mix_reference(self, o: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """(N_tok, J, H, V) slot outputs -> (N_tok, H, V): routing-weighted sum, then the gated RMSNorm."""
-        return mix_reference(o, weight, gate, self.o_norm)
-
-    def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache, plan=None):
-        """All (memory, sequence) segments through one varlen scan. Returns (N_tok, J, H, V) slot outputs."""
-        plan = plan if plan is not None else self.plans.for_input(x_flat)
-        o, layout, new_state = self._scan_sorted(x_flat, memory, seq_id, num_sequences, state, use_cache, plan)
-        return unsort(o, layout).view(x_flat.shape[0], -1, self.num_heads, self.head_v_dim), new_state
-
-    def _scan_sorted(self, x_flat, memory, seq_id, num_sequences, state, use_cache, plan: ExecutionPlan):
-        """The scan of :meth:`_scan_segments`; returns the segment-sorted (L, H, V) slot outputs and the layout."""
-        H, K, V, S = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams
-        layout = build_layout(memory, seq_id, num_sequences, S)
-        conv_init = None
-        if state is not None and state.conv is not None:
-            conv_init = state.conv.transpose(0, 1).reshape(S * num_sequences, *state.conv.shape[2:])
-        rebuild_qkv = None
-        slots = plan.slots if conv_init is None and not use_cache else plan.cached_slots
-        if slots in ("grouped", "gathered"):
-            q, k, v, g, gk, beta, rebuild_qkv = self._prepare_slots_triton(x_flat, layout, slots == "grouped", plan)
-            conv_final = None
-        else:
-            prepare = self._compiled_prepare_slots() if slots == "compiled" else self._prepare_slots
-            q, k, v, g, gk, beta, conv_final = prepare(x_flat, layout.token, layout.memory, layout.segment,
-                                                       layout.position, layout.cu_seqlens, conv_init, use_cache,
-                                                       slots == "compiled")
-        initial = state.memory.transpose(0, 1).reshape(S * num_sequences, H, K, V) if state is not None else None
-        triton = {}
-        if plan.scan == "triton":
-            triton = dict(rebuild_qkv=rebuild_qkv, recompute=plan.scan_recompute, launch=plan.scan_launch)
-        o, final = scan(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-            g=None if g is None else g.unsqueeze(0),
-            gk=None if gk is None else gk.unsqueeze(0),
-            beta=None if beta is None else beta.unsqueeze(0),
-            scale=K ** -0.5,
-            initial_state=initial,
-            cu_seqlens=layout.cu_seqlens,
-            output_final_state=use_cache,
-            backend=plan.scan_backend,
-            chunk_size=plan.chunk_size,
-            **triton,
-        )
-        new_state = None
-        if use_cache:
-            new_state = LayerState(
-                memory=final.view(S, num_sequences, H, K, V).transpose(0, 1),
-                conv=None if conv_final is None else conv_final.view(S, num_sequences, *conv_final.shape[1:]).transpose(0, 1),
-            )
-        return o.squeeze(0), layout, new_state
-
+    # Slot stage: the reference (plain torch, also compiled) and the Triton kernels --------------------------------
     def _prepare_slots(self, x_flat, token, memory, segment, position, cu_seqlens, conv_init, use_cache, shifted):
         """Projections, short convolution, normalisation and gates of every sorted slot: the scan's inputs."""
         qkv, g, gk, beta = self._slot_inputs(x_flat, token, memory)
@@ -302,7 +266,7 @@ class MoMLayer(nn.Module):
                                                 conv_init, output_final_state=use_cache, shifted=shifted)
         else:
             qkv = F.silu(qkv)
-        q, k, v = self._split_qkv(qkv)
+        q, k, v = split_qkv(qkv, self.num_heads, self.head_dim, self.head_v_dim)
         return q, k, v, g, gk, beta, conv_final
 
     def _compiled_prepare_slots(self):
@@ -318,57 +282,23 @@ class MoMLayer(nn.Module):
                 self.__dict__["prepare"] = self._prepare_slots
         return self.__dict__["prepare"]
 
-    def _prepare_slots_triton(self, x_flat, layout, grouped: bool, plan: ExecutionPlan):
-        """The scan's inputs from the projections in one Triton pass per q/k/v: no gathered (L, C) copies, and a
-        backward that recomputes the convolution instead of keeping its inputs (``ops.slots.slot_conv``). Also
-        returns the scan's ``rebuild_qkv`` (None with ``activation_memory="fast"``). ``grouped``: each slot is
-        projected for its own memory only (``ops.slots.projected_slot_conv``); with ``lean`` the backward recomputes
-        those projections instead of keeping them, with ``balanced`` the scan rebuilds q, k, v from the kept ones."""
-        H, K, S = self.num_heads, self.head_dim, self.num_streams
-        num_tokens, hidden = x_flat.shape
-        launch = plan.stage_launch
+    def _slots_triton(self, x_flat, layout, grouped: bool, plan: ExecutionPlan) -> ScanInputs:
+        """The Triton slot stage (``mom_lit.ops.slots.triton_slots``) on this layer's weights, then the gates."""
         # The projections' operands in autocast's dtype, cast once: autocast would keep a copy of x per product, and
         # the grouped product (bf16 only, not covered by autocast) then applies under mixed precision too.
-        x_flat = _projection_input(x_flat)
+        x_flat = x_flat.to(compute_dtype(x_flat))
         # Rows of a multiple of 16 elements: the slot kernels' loads of a projection row are then aligned and
         # vectorised (rows of 2 K + 2 heads elements are not; 4 x 256 dims: 2056 -> 2064).
         w_stream = self._stream_weights(align=16).to(x_flat.dtype)  # (S, P, D)
-        gk = None
         extra = (self.b_proj is not None) + (self.a_proj is not None)
-        weight = self.conv_weight.to(x_flat.dtype).contiguous()
-        dims = dict(heads=H, key_dim=K, value_dim=self.head_v_dim, launch=launch)
-        activation_memory = plan.activation_memory
-        if grouped:
-            ends = layout.cu_seqlens[layout.num_sequences::layout.num_sequences].to(torch.int32)  # (S,) group ends
-            q_weight = self.q_proj.weight.to(x_flat.dtype)
-            sources = (x_flat, q_weight, w_stream, weight, layout.token, ends, layout.position)
-            # lean keeps no projection (the backward rebuilds them once, for scan and stage through ``share``);
-            # balanced has the scan keep the slot stage's own kept projections instead of q, k, v
-            lean, balanced = activation_memory == "lean", activation_memory == "balanced"
-            share = SlotSourceShare() if lean else None
-            q, k, v, rest, *kept = projected_slot_conv(*sources, layout.rank, share, H, K, self.head_v_dim, extra * H,
-                                                       keep=not lean, expose=balanced, launch=launch)
-            rebuild_qkv = None
-            if lean:
-                rebuild_qkv = (functools.partial(rebuild_projected_qkv, share=share, **dims), sources)
-            elif balanced:  # kept = (q_src, kv_src)
-                rebuild_qkv = (functools.partial(slot_qkv, **dims),
-                               (*kept, weight, layout.token, None, layout.position))
-            g, beta = self._gates_fused(rest)
-            return q, k, v, g, gk, beta, rebuild_qkv
-        kv_src = x_flat @ w_stream.reshape(-1, hidden).t()  # (N_tok, S * P)
-        gk = self._per_key_gate(kv_src.view(num_tokens, S, -1), layout.token, layout.memory)
-        kv_src = kv_src.view(num_tokens * S, -1)  # (N_tok * S, P): row t * S + s
-        kv_rows = layout.token * S + layout.memory
-        q_src = self.q_proj(x_flat)
-        q, k, v, rest = slot_conv(q_src, kv_src, weight, layout.token, kv_rows, layout.position, layout.rank, H, K,
-                                  self.head_v_dim, extra * H, launch=launch)
-        g, beta = self._gates_fused(rest)
-        rebuild_qkv = None
-        if activation_memory != "fast":  # slot_conv keeps these for its own backward anyway
-            rebuild_qkv = (functools.partial(slot_qkv, **dims),
-                           (q_src, kv_src, weight, layout.token, kv_rows, layout.position))
-        return q, k, v, g, gk, beta, rebuild_qkv
+        out = triton_slots(x_flat, self.q_proj.weight.to(x_flat.dtype), w_stream, self.conv_weight.to(x_flat.dtype),
+                           layout, self.num_heads, self.head_dim, self.head_v_dim, extra * self.num_heads, grouped,
+                           plan.activation_memory, plan.stage_launch)
+        from mom_lit.ops.slots.gates import scalar_gates  # Triton is imported only where its kernels run
+
+        gk = None if out.dense is None else self._per_key_gate(out.dense, layout.token, layout.memory)
+        g, beta = scalar_gates(out.gates, self.A_log, self.dt_bias, self.num_heads, self.b_proj is not None)
+        return ScanInputs(out.q, out.k, out.v, g, gk, beta, None, out.sources)
 
     def _decode_step(self, x_flat, memory, state: LayerState, plan: ExecutionPlan | None = None):
         """One token per sequence: update only the selected memories (and the shared one), IN PLACE in ``state``.
@@ -388,10 +318,8 @@ class MoMLayer(nn.Module):
             return F.linear(x_flat, weight.reshape(-1, hidden).to(x_flat.dtype)).view(batch, self.num_streams, -1)
 
         gk = None
-        if self.gk_down is not None:
-            down = per_stream(self.gk_down).float()  # (B, S, R)
-            gk = F.logsigmoid(torch.einsum("bsr,skr->bsk", down, self.gk_up.float()) + self.gk_bias.float())
-            gk = gk / c.gla_gate_normalizer  # (B, S, H*K)
+        if self.gk_down is not None:  # (B, S, H*K)
+            gk = per_key_log_decay(per_stream(self.gk_down), self.gk_up, self.gk_bias, c.gla_gate_normalizer)
         conv_weight = self.conv_weight.to(x_flat.dtype) if self.conv_weight is not None else None
         o = decode_step(self.q_proj(x_flat), per_stream(self.k_proj), per_stream(self.v_proj), memory,
                         state.memory, state.conv, conv_weight, a=per_stream(self.a_proj),

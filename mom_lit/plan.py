@@ -79,8 +79,9 @@ class ExecutionPlan:
         scan = f"chunk {self.chunk_size}"
         if self.scan == "triton":
             scan += f", backward recomputes {self.scan_recompute}"
-        return (f"{self.device.type} {dtype}: scan={self.scan} ({scan}), slots={self.slots} (with a conv cache: {self.cached_slots}), "
-                f"mix={self.mix}, decode={self.decode}, activation_memory={self.activation_memory}")
+        return (f"{self.device.type} {dtype}: scan={self.scan} ({scan}), slots={self.slots} (with a conv cache: "
+                f"{self.cached_slots}), mix={self.mix}, decode={self.decode}, "
+                f"activation_memory={self.activation_memory}")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -148,6 +149,10 @@ def resolve_plan(config: MoMConfig, device: torch.device | str, dtype: torch.dty
     if scan_recompute not in RECOMPUTE:
         raise ValueError(f"scan_recompute must be one of {RECOMPUTE}, got {scan_recompute!r}")
     scan = _scan_path(config, device, dtype)
+    if config.backend == "triton" and config.chunk_size != TRITON_TILE:
+        raise ValueError(f"MoMConfig.chunk_size={config.chunk_size} cannot drive the Triton scan, whose chunk tile is "
+                         f"{TRITON_TILE}: use chunk_size={TRITON_TILE} with backend='triton', or a chunked backend "
+                         "('compiled', 'eager'), which takes any chunk length")
     compiled = (device.type == "cuda" and config.compile_stages and config.backend in ("auto", "triton"))
     reference: Literal["compiled", "eager"] = "compiled" if compiled else "eager"
     if config.stages == "triton":
@@ -204,13 +209,15 @@ def stage_kernels_build(config: MoMConfig, device: torch.device | str, dtype: to
                 outs += slot_conv(rand(num_tokens, H * K), rand(num_tokens * S, H * (K + V + 1)),
                                   rand(H * (2 * K + V), width), layout.token, layout.token * S + layout.memory,
                                   layout.position, layout.rank, H, K, V, H, launch=launch)
-                decay, has_beta = c.update_rule in ("gated_delta", "simple_gla"), c.update_rule in ("gated_delta", "delta")
+                decay = c.update_rule in ("gated_delta", "simple_gla")
+                has_beta = c.update_rule in ("gated_delta", "delta")
                 gates = scalar_gates(rand(num_tokens * S, (decay + has_beta) * H), rand(H) if decay else None,
                                      rand(H) if decay else None, H, has_beta)
                 outs += [t for t in gates if t is not None]
             gate = rand(num_tokens, H, V) if c.use_output_gate else None
-            outs.append(mix_gated_rms_norm(rand(num_tokens, H, V), layout.rank, torch.ones(num_tokens, 1, device=device),
-                                           gate, torch.ones(V, device=device, dtype=dtype), 1e-5, launch=launch))
+            ones = torch.ones(num_tokens, 1, device=device)
+            outs.append(mix_gated_rms_norm(rand(num_tokens, H, V), layout.rank, ones, gate,
+                                           torch.ones(V, device=device, dtype=dtype), 1e-5, launch=launch))
             torch.autograd.backward([t.float().sum() for t in outs])
     except Exception as error:  # noqa: BLE001 - any build or launch failure keeps the reference path
         warnings.warn(f"the Triton slot/mix kernels of the MoM layer failed to run ({type(error).__name__}: "
@@ -223,8 +230,8 @@ class PlanCache:
     """The plans of one model, resolved once per (device, compute dtype) and logged once.
 
     ``overrides`` replace config fields that choose a path (``backend``, ``stages``, ``projections``,
-    ``compile_stages``, ``chunk_size``) for this model only, without touching its config; ``launch`` holds the explicit keyword
-    arguments of :func:`resolve_plan` (``scan_launch``, ``stage_launch``, ``scan_recompute``).
+    ``compile_stages``, ``chunk_size``) for this model only, without touching its config; ``launch`` holds the
+    explicit keyword arguments of :func:`resolve_plan` (``scan_launch``, ``stage_launch``, ``scan_recompute``).
     """
 
     PATH_FIELDS = ("backend", "stages", "projections", "compile_stages", "chunk_size")

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 
 from mom_lit.config import MoMConfig
 from mom_lit.model import MoMBlock, MoMForCausalLM, MoMOutput
+from mom_lit.plan import resolve_plan
 from mom_lit.training.faults import NONFINITE_POLICIES, NonFiniteStepError, describe_nonfinite, step_is_finite
 from mom_lit.training.flops import training_flops_per_token
 from mom_lit.training.metrics import SliceAccuracy
@@ -158,8 +159,10 @@ class MoMLightningModule(L.LightningModule):
         return result
 
     def on_train_start(self) -> None:
+        # the FLOPs of the scan that runs here: the Triton tile on a GPU, the config's chunk length elsewhere
+        chunk = resolve_plan(self.model.plans.config, self.device, torch.float32, trial_run=False).chunk_size
         self._throughput = TokenThroughput.for_device(
-            self.hparams.throughput_window, training_flops_per_token(self.config), self.device,
+            self.hparams.throughput_window, training_flops_per_token(self.config, chunk), self.device,
             str(self.trainer.precision))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -111,8 +111,8 @@ def scan(
     v: (B, T, H, V); optional g (B, T, H), gk (B, T, H, K), beta (B, T, H), initial_state (N, H, K, V),
     cu_seqlens (N+1,)) -> (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) fp32 or None), plus
     ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends. ``rebuild_qkv``,
-    ``recompute`` and ``launch`` reach the Triton scan only (see :func:`mom_lit.ops.scan.triton.triton_scan`); the other backends keep
-    what autograd keeps.
+    ``recompute`` and ``launch`` reach the Triton scan only (see :func:`mom_lit.ops.scan.triton.triton_scan`); the
+    other backends keep what autograd keeps.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -16,7 +16,6 @@ by default not kept: the backward recomputes it with one more sequential pass th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -313,8 +312,8 @@ class _TritonScan(torch.autograd.Function):
         if rebuild_qkv is None:
             qkv_or_sources, ctx.rebuild = (q, k, v), None
         else:  # keep what q, k, v are rebuilt from (the caller keeps those anyway), not q, k, v
-            fn, sources = rebuild_qkv
-            qkv_or_sources, ctx.rebuild = tuple(sources), (fn, len(sources))
+            qkv_or_sources = rebuild_qkv.take_tensors()
+            ctx.rebuild = (rebuild_qkv, len(qkv_or_sources))
         ctx.save_for_backward(*qkv_or_sources, g, beta, h0, cu, *saved[1:], *saved[0][1:])  # index tensors last
         ctx.max_chunks = saved[0].max_chunks
         ctx.scale = scale
@@ -327,8 +326,8 @@ class _TritonScan(torch.autograd.Function):
         if ctx.rebuild is None:
             (q, k, v), tensors = tensors[:3], tensors[3:]
         else:
-            fn, count = ctx.rebuild
-            (q, k, v), tensors = fn(*tensors[:count]), tensors[count:]
+            sources, count = ctx.rebuild
+            (q, k, v), tensors = sources.rebuild(*tensors[:count]), tensors[count:]
         g, beta, h0, cu, gamma, tinv, w, u, h, *index_tensors = tensors
         index = ChunkIndex(ctx.max_chunks, *index_tensors)
         dq, dk, dv, dg, dbeta, dh0 = _backward(
@@ -352,8 +351,7 @@ def triton_scan(
     chunk_size: int = 64,
     recompute: str | None = None,
     launch: LaunchConfig | None = None,
-    rebuild_qkv: tuple[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Sequence[torch.Tensor]]
-    | None = None,
+    rebuild_qkv=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.scan.recurrent.recurrent_scan`.
 
@@ -365,10 +363,11 @@ def triton_scan(
 
     ``launch``: warps, pipelining and tile widths of every kernel (None: ``DEFAULT_LAUNCH``).
 
-    ``rebuild_qkv``: ``(fn, sources)`` where ``fn(*sources)`` gives back the packed (B*T, H, K|V) q, k, v exactly;
-    the forward then keeps ``sources`` instead of q, k, v (for a caller that keeps those sources anyway, such as
-    the MoM layer's slot stage, which derives q, k, v from the projections: 2K + V elements per token and head
-    less). ``fn`` must not capture tensors, so that activation checkpointing sees every saved tensor.
+    ``rebuild_qkv``: an object with ``take_tensors()`` (the tensors to keep, handed over once) and
+    ``rebuild(*tensors)`` (the packed (B*T, H, K|V) q, k, v exactly), such as the MoM slot stage's
+    ``mom_lit.ops.slots.QKVSources``; the forward then keeps those tensors instead of q, k, v (for a caller that keeps
+    them anyway: 2K + V elements per token and head less). It holds no tensor after ``take_tensors``, so that
+    activation checkpointing sees every saved tensor.
 
     q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H) or None; initial_state: (N, H, K, V) or None;
     cu_seqlens: (N + 1,) int offsets with B = 1. Returns o (B, T, H, V) in v's dtype and the (N, H, K, V) fp32
