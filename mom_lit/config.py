@@ -13,6 +13,9 @@ UPDATE_RULES: tuple[str, ...] = get_args(UpdateRule)
 AuxLossType = Literal["global", "per_layer", "per_sequence"]
 AUX_LOSS_TYPES: tuple[str, ...] = get_args(AuxLossType)
 Backend = Literal["auto", "triton", "compiled", "eager"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+Stages = Literal["auto", "triton", "reference"]
+Projections = Literal["auto", "dense"]
 ActivationMemory = Literal["fast", "balanced", "lean"]
 
 
@@ -76,7 +79,9 @@ class MoMConfig:
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of router logits); 0 disables it."""
     chunk_size: int = 64
-    """Chunk length of the chunked scan."""
+    """Chunk length of the chunked reference scan (``compiled``, ``eager``). The Triton scan's tile is 64: with
+    ``backend="triton"`` another value is an error; with ``auto`` the Triton scan runs its own tile (the plan, logged
+    once, says which chunk length runs)."""
     backend: Backend = "auto"
     """Scan backend: auto (Triton on CUDA, compiled reference elsewhere) | triton | compiled | eager."""
     activation_memory: ActivationMemory = "fast"
@@ -92,6 +97,22 @@ class MoMConfig:
     under bf16-mixed autocast the projections run in bf16 from one cast of the layer input, so the same applies
     (lean 10.6 GiB there, against 19.7 GiB, measured before fast took the grouped product too)."""
 
+    stages: Stages = "auto"
+    """The stages around the scan (slot inputs: gather, short convolution, norms, gates; mix: weighted sum of the
+    slots, gated norm). ``auto``: Triton kernels next to the Triton scan on CUDA (run once on a few tokens first; a
+    Triton that cannot build them leaves the reference stages, with one warning), the reference elsewhere.
+    ``triton``: the Triton kernels with any scan backend and device, without that trial run (on CPU under
+    ``TRITON_INTERPRET=1``). ``reference``: the plain-torch stages (``torch.compile``d on CUDA)."""
+    projections: Projections = "auto"
+    """How the slot kernels project each slot's k, v and gates. ``auto``: only the streams each token selected, by
+    one grouped product over the memory-sorted slots, wherever that applies (bf16 on sm90 / sm100 GPUs with torch's
+    grouped kernels, fp32 or bf16 on CPU; a token skipping some stream; no per-key gate). ``dense``: every stream
+    for every token in one matrix product (for measurements)."""
+    compile_stages: bool = True
+    """Run the reference slot stage through ``torch.compile`` on CUDA next to the Triton scan (a forward with a
+    conv cache, or ``stages="reference"``). The training module turns it off under FSDP, whose flat parameters
+    dynamo cannot trace."""
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "num_memories", "topk",
                      "chunk_size", "gla_gate_rank"):
@@ -99,13 +120,13 @@ class MoMConfig:
         self._check_int("conv_size", minimum=0)
         if self.intermediate_size is not None:
             self._check_int("intermediate_size", minimum=1)
-        for name in ("shared_memory", "tie_embeddings", "use_output_gate"):
+        for name in ("shared_memory", "tie_embeddings", "use_output_gate", "compile_stages"):
             self._check_bool(name)
         for name in ("expand_v", "mlp_ratio", "gla_gate_normalizer", "norm_eps", "initializer_range"):
             self._check_real(name, positive=True)
         for name in ("aux_loss_coef", "router_z_loss_coef"):
             self._check_real(name, positive=False)
-        for name in ("update_rule", "aux_loss_type", "backend", "activation_memory"):
+        for name in ("update_rule", "aux_loss_type", "backend", "activation_memory", "stages", "projections"):
             self._check_choice(name)
         if self.topk > self.num_memories:
             raise ConfigError(f"MoMConfig.topk={self.topk} exceeds num_memories={self.num_memories}")

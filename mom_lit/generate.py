@@ -29,6 +29,7 @@ from typing import TextIO
 
 import torch
 
+from mom_lit.config import BACKENDS
 from mom_lit.cuda_graphs import capture_cuda_graph
 from mom_lit.data.tokenizers import Tokenizer, TokenizerNotFoundError, load_tokenizer
 from mom_lit.model import MoMForCausalLM, check_sampling_args, sample_next
@@ -36,7 +37,6 @@ from mom_lit.model import MoMForCausalLM, check_sampling_args, sample_next
 __all__ = ["CapturedStep", "TextStream", "build_parser", "main", "sample_tokens"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("auto", "compiled", "eager", "triton")
 _CONTEXT_TOKENS = 4  # prompt tokens kept as decoding context: some tokenizers spell a token by what precedes it
 _MAX_PENDING = 8  # longer than any UTF-8 character: an undecodable run is shown (as U+FFFD) after this many
 
@@ -283,8 +283,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         loaded = load_checkpoint(args.checkpoint, dtype=dtype, device=device)
         model = loaded.model
-        # Every layer holds the same config object: one assignment switches the whole model's scan backend.
-        model.config.backend = args.backend or ("auto" if device.type == "cuda" else "eager")
+        model.configure_paths(backend=args.backend or ("auto" if device.type == "cuda" else "eager"))
         spec = args.tokenizer or loaded.tokenizer or "byte"
         tokenizer = load_tokenizer(spec)
         texts = args.prompt if args.prompt else [""]

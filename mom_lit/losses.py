@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mom_lit.layout import count_values
-from mom_lit.ops.fused import maybe_compiled
+from mom_lit.fused import maybe_compiled
 from mom_lit.router import Routing
 
 

@@ -17,9 +17,10 @@ from mom_lit import model_card
 from mom_lit.config import MoMConfig
 from mom_lit.layer import LayerState, MoMLayer
 from mom_lit.layout import sequence_ids
+from mom_lit.fused import FusedRMSNorm, swiglu_mlp
 from mom_lit.losses import (linear_cross_entropy, load_balancing_loss_global, load_balancing_loss_per_layer,
                             load_balancing_loss_per_sequence, load_fraction, router_z_loss, routing_entropy)
-from mom_lit.ops.fused import FusedRMSNorm, swiglu_mlp
+from mom_lit.plan import ExecutionPlan, PlanCache
 
 
 @dataclass
@@ -85,8 +86,8 @@ class MoMBlock(nn.Module):
         self.mlp_norm = FusedRMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.mlp_hidden_size)
 
-    def forward(self, x, seq_id, num_sequences, state=None, use_cache=False):
-        h, aux = self.attn(self.attn_norm(x), seq_id, num_sequences, state, use_cache)
+    def forward(self, x, seq_id, num_sequences, state=None, use_cache=False, plan=None):
+        h, aux = self.attn(self.attn_norm(x), seq_id, num_sequences, state, use_cache, plan=plan)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, aux
@@ -140,6 +141,24 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.plans = PlanCache(config)
+
+    def configure_paths(self, **overrides) -> None:
+        """Choose the layers' paths for this model other than its config does, without changing the config:
+        ``backend``, ``stages``, ``projections``, ``compile_stages``, ``chunk_size`` (as the MoMConfig fields) and
+        the launch settings of :func:`mom_lit.plan.resolve_plan`. Call it before running the model (generation picks the
+        eager scan on CPU, FSDP turns the compiled stages off); each call starts from the config again."""
+        self.plans = PlanCache(self.config, **overrides)
+
+    def plan_for(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ExecutionPlan:
+        """The plan every layer follows on ``device`` computing in ``dtype`` (resolved once, then cached)."""
+        return self.plans.get(device, dtype)
+
+    def describe_paths(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
+        """One line naming the implementation of every stage of the layers on ``device`` in ``dtype`` (default:
+        the parameters')."""
+        weight = self.embed.weight
+        return self.plan_for(device or weight.device, dtype or weight.dtype).describe()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -234,6 +253,7 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
         cache: MoMCache | None = None,
         use_cache: bool = False,
         targets: torch.Tensor | None = None,
+        plan: ExecutionPlan | None = None,
     ) -> MoMOutput:
         """Run the model.
 
@@ -246,6 +266,8 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
             use_cache: return the updated state in ``output.cache``.
             targets: (B, T) already-shifted targets (``targets[:, t]`` is what position t predicts), -100 ignored;
                 an alternative to ``labels`` for data pipelines that shift themselves.
+            plan: the layers' paths (default: the model's plan for the device and compute dtype, see
+                :meth:`configure_paths`).
         """
         cfg = self.config
         if input_ids.dim() != 2:
@@ -273,10 +295,11 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
 
         seq_id = sequence_ids(batch, seq_len, cu_seqlens, input_ids.device)
         x = self.embed(input_ids)
+        plan = plan if plan is not None else self.plans.for_input(x)
         routings, new_states = [], []
         for i, block in enumerate(self.blocks):
             state = cache.layers[i] if cache is not None else None
-            x, aux = block(x, seq_id, num_sequences, state, use_cache)
+            x, aux = block(x, seq_id, num_sequences, state, use_cache, plan=plan)
             if aux.routing is not None:
                 routings.append(aux.routing)
             new_states.append(aux.state)

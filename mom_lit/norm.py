@@ -1,4 +1,4 @@
-"""RMSNorm and the gated per-head RMSNorm of the MoM output."""
+"""RMSNorm, the gated per-head RMSNorm of the MoM output and the L2 norm of queries and keys (plain torch)."""
 
 from __future__ import annotations
 
@@ -32,38 +32,3 @@ class GatedRMSNorm(RMSNorm):
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-class _MixGatedRMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, o, rank, weight, gate, norm_weight, eps):
-        from mom_lit.ops import layer_triton as kern
-
-        o, weight = o.contiguous(), weight.contiguous()
-        gate = gate.contiguous() if gate is not None else None
-        out = kern.mix_fwd(o, rank, weight, gate, norm_weight, eps)
-        ctx.save_for_backward(o, rank, weight, gate, norm_weight)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        from mom_lit.ops import layer_triton as kern
-
-        o, rank, weight, gate, norm_weight = ctx.saved_tensors
-        do, dweight, dgate, dnorm = kern.mix_bwd(o, rank, weight, gate, norm_weight, dout, ctx.eps)
-        return do, None, dweight.to(weight.dtype), dgate, dnorm.to(norm_weight.dtype), None
-
-
-def mix_gated_rms_norm(o: torch.Tensor, rank: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
-                       norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton fusion of the MoM output stage: ``GatedRMSNorm(sum_j weight[:, j] o_j, gate)`` per head, where
-    slot j of token t is row ``rank[t * J + j]`` of the scan's segment-sorted output.
-
-    Args:
-        o: (L, H, V) sorted slot outputs; rank: (N_tok * J,) int64 sorted position of each token-major slot;
-        weight: (N_tok, J) routing weights; gate: (N_tok, H, V) or None; norm_weight: (V,).
-    Returns:
-        (N_tok, H, V) in o's dtype. Sums and norms run in fp32 (the reference path rounds in between).
-    """
-    return _MixGatedRMSNorm.apply(o, rank, weight, gate, norm_weight, eps)

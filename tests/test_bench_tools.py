@@ -216,7 +216,7 @@ def test_summarize_profiles_compares_each_shape_with_fla(tmp_path):
 def test_bench_kernels_variants_one_or_several(tmp_path):
     """--variant-json takes one object or a list: each becomes the settings in use with its fields replaced."""
     bench_kernels = _bench_kernels()
-    from mom_lit.ops.triton.scan import Launch, LaunchConfig
+    from mom_lit.ops.scan.triton.scan import Launch, LaunchConfig
 
     base = LaunchConfig()
     one = tmp_path / "one.json"
@@ -233,15 +233,14 @@ def test_bench_kernels_variants_one_or_several(tmp_path):
 
 def test_bench_kernels_sweep_picks_each_pass_its_own_setting(monkeypatch):
     """--sweep keeps the fastest setting of every kernel; each sequential pass (forward, recomputation, backward: a
-    kernel name each) gets its own warps, stages and V-block, and the settings in use are restored."""
+    kernel name each) gets its own warps, stages and V-block; the tile widths stay those of the settings it started
+    from."""
     bench_kernels = _bench_kernels()
-    from mom_lit.ops.triton import scan as scan_module
-    from mom_lit.ops.triton.scan import Launch
+    from mom_lit.ops.scan.triton.scan import DEFAULT_LAUNCH, Launch
 
     fastest = {"state_fwd": (4, 1, 16), "state_recompute": (8, 2, 64), "state_bwd": (4, 2, 32)}
 
-    def kernel_times(inputs, reps=3):
-        cfg = scan_module.LAUNCH
+    def kernel_times(inputs, cfg, reps=3):
         times = {f"{name}_kernel": (1.0 + getattr(cfg, name).num_warps / 100, 1)
                  for name in bench_kernels.CHUNK_KERNELS}
         for name, best in fastest.items():
@@ -251,12 +250,11 @@ def test_bench_kernels_sweep_picks_each_pass_its_own_setting(monkeypatch):
         return times
 
     monkeypatch.setattr(bench_kernels, "kernel_times", kernel_times)
-    cfg, lines = bench_kernels.sweep(None)
+    cfg, lines = bench_kernels.sweep(None, DEFAULT_LAUNCH)
     assert cfg.state_fwd == Launch(4, 1, block_v=16) and cfg.state_recompute == Launch(8, 2, block_v=64)
-    assert cfg.state_bwd == Launch(4, 2, block_v=32) and cfg.state_block_v == scan_module.LAUNCH.state_block_v
-    assert cfg.dqk.num_warps == 4 and cfg.dqk.block_k == scan_module.LAUNCH.dqk.block_k  # tile widths kept
+    assert cfg.state_bwd == Launch(4, 2, block_v=32) and cfg.state_block_v == DEFAULT_LAUNCH.state_block_v
+    assert cfg.dqk.num_warps == 4 and cfg.dqk.block_k == DEFAULT_LAUNCH.dqk.block_k  # tile widths kept
     assert "| state_recompute | 8,2,64 | 0.500 |" in "\n".join(lines)
-    assert scan_module.LAUNCH == scan_module.LaunchConfig()
 
 
 @pytest.mark.parametrize("text, message", [('{"wy_solv": {"num_warps": 1}}', "wy_solv"),
@@ -275,25 +273,24 @@ def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypat
     """A variant whose kernels do not build (shared memory, registers) is named with its error; the others are still
     compared. A failing setting in use is an error of the run."""
     bench_kernels = _bench_kernels()
-    from mom_lit.ops.triton import scan as scan_module
+    from mom_lit.ops.scan.triton.scan import DEFAULT_LAUNCH
 
     path = tmp_path / "variants.json"
     path.write_text(json.dumps([{"state_block_v": 16},
                                 {"state_fwd": {"num_warps": 8, "num_stages": 3, "block_v": 64}}]))
 
-    def kernel_times(inputs):
-        if scan_module.LAUNCH.state_fwd.block_v == 64:
+    def kernel_times(inputs, cfg):
+        if cfg.state_fwd.block_v == 64:
             raise RuntimeError("out of resource: shared memory, Required: 314376")
-        return {"state_fwd_kernel": (0.5 if scan_module.LAUNCH.state_block_v == 16 else 0.6, 1)}
+        return {"state_fwd_kernel": (0.5 if cfg.state_block_v == 16 else 0.6, 1)}
 
     monkeypatch.setattr(bench_kernels, "kernel_times", kernel_times)
-    lines = bench_kernels.compare_variants(None, str(path), errors=False)
+    lines = bench_kernels.compare_variants(None, str(path), DEFAULT_LAUNCH, errors=False)
     assert "variant 1: state_block_v=16" in lines
     assert any(line.startswith("variant 2: state_fwd=Launch(num_warps=8, num_stages=3")
                and "did not run: RuntimeError: out of resource" in line for line in lines)
     assert "| kernel (ms per fwd+bwd) | in use | variant 1 |" in lines
     assert "| state_fwd_kernel | 0.600 | 0.500 |" in lines
-    assert scan_module.LAUNCH == scan_module.LaunchConfig()  # the settings in use are restored
-    monkeypatch.setattr(bench_kernels, "kernel_times", lambda inputs: (_ for _ in ()).throw(RuntimeError("no")))
+    monkeypatch.setattr(bench_kernels, "kernel_times", lambda inputs, cfg: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.raises(RuntimeError):
-        bench_kernels.compare_variants(None, str(path), errors=False)
+        bench_kernels.compare_variants(None, str(path), DEFAULT_LAUNCH, errors=False)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_lit.layout import build_layout
-from mom_lit.ops.conv import varlen_short_conv
+from mom_lit.ops.slots import varlen_short_conv
 
 
 def _reference(x, weight, cu, initial):

@@ -1,4 +1,4 @@
-"""Memory-lean RMSNorm and SwiGLU MLP (``mom_lit.ops.fused``) against the plain modules: outputs, all gradients,
+"""Memory-lean RMSNorm and SwiGLU MLP (``mom_lit.fused``) against the plain modules: outputs, all gradients,
 and what they keep for the backward."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from closeness import assert_close
 
 from mom_lit.losses import linear_cross_entropy
 from mom_lit.norm import RMSNorm
-from mom_lit.ops.fused import FusedRMSNorm, rms_norm, swiglu_mlp
+from mom_lit.fused import FusedRMSNorm, rms_norm, swiglu_mlp
 
 # On CUDA the fused bodies run through torch.compile: the same checks cover that path there.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -19,11 +20,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-def assert_close(actual, expected, tol, msg=""):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
-    a, e = actual.double(), expected.double()
-    err = float(((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-12)).detach())
-    assert err <= tol, f"{msg}: relative RMS error {err:.2e} > {tol:.0e}"
+def assert_same_dtype_and_close(actual, expected, tol, msg=""):
+    assert actual.dtype == expected.dtype, msg
+    assert_close(actual, expected, tol, floor=1e-12, name=msg)
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +63,12 @@ def test_rms_norm_matches_plain_module(shape, dtype, device):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = fused(x1), plain(x2)
     assert y1.dtype == dtype and y1.shape == x.shape
-    assert_close(y1, y2, TOL[dtype])
+    assert_same_dtype_and_close(y1, y2, TOL[dtype])
     dy = torch.randn(shape).to(dtype)
     y1.backward(dy)
     y2.backward(dy)
-    assert_close(x1.grad, x2.grad, TOL[dtype])
-    assert_close(fused.weight.grad, plain.weight.grad, TOL[dtype])
+    assert_same_dtype_and_close(x1.grad, x2.grad, TOL[dtype])
+    assert_same_dtype_and_close(fused.weight.grad, plain.weight.grad, TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -85,12 +84,12 @@ def test_swiglu_mlp_matches_plain(dtype, device):
     out1 = swiglu_mlp(*ins1)
     gate, up = (ins2[0] @ ins2[1].t()).chunk(2, dim=-1)
     out2 = (F.silu(gate) * up) @ ins2[2].t()
-    assert_close(out1, out2, TOL[dtype])
+    assert_same_dtype_and_close(out1, out2, TOL[dtype])
     dout = torch.randn(out1.shape).to(dtype)
     out1.backward(dout)
     out2.backward(dout)
     for name, a, b in zip(("dx", "dw_gate_up", "dw_down"), ins1, ins2):
-        assert_close(a.grad, b.grad, TOL[dtype], msg=name)
+        assert_same_dtype_and_close(a.grad, b.grad, TOL[dtype], msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,13 +109,13 @@ def test_fused_blocks_under_autocast(device):
         gate, up = (h @ ins2[1].t()).chunk(2, dim=-1)
         out2 = (F.silu(gate) * up) @ ins2[2].t()
     assert out1.dtype == out2.dtype == torch.bfloat16
-    assert_close(out1.float(), out2.float(), 2e-2)
+    assert_same_dtype_and_close(out1.float(), out2.float(), 2e-2)
     dout = torch.randn(out1.shape, dtype=torch.bfloat16)
     out1.backward(dout)
     out2.backward(dout)
     for name, a, b in zip(("dx", "dw_gate_up", "dw_down", "dw_norm"), ins1, ins2):
         assert a.grad.dtype == torch.float32, name
-        assert_close(a.grad, b.grad, 3e-2, msg=name)
+        assert_same_dtype_and_close(a.grad, b.grad, 3e-2, msg=name)
 
 
 def test_backward_keeps_only_the_bf16_inputs():
@@ -143,8 +142,8 @@ def test_chunked_loss_matches_full_logits_on_device(dtype, device):
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ours = linear_cross_entropy(h1, w1, targets, chunk_rows=128)
     ref = F.cross_entropy((h2 @ w2.t()).float(), targets, ignore_index=-100, reduction="sum")
-    assert_close(ours, ref, TOL[dtype], "loss")
+    assert_same_dtype_and_close(ours, ref, TOL[dtype], "loss")
     ours.backward()
     ref.backward()
-    assert_close(h1.grad, h2.grad, TOL[dtype], "dhidden")
-    assert_close(w1.grad, w2.grad, TOL[dtype], "dweight")
+    assert_same_dtype_and_close(h1.grad, h2.grad, TOL[dtype], "dhidden")
+    assert_same_dtype_and_close(w1.grad, w2.grad, TOL[dtype], "dweight")

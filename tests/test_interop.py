@@ -47,7 +47,7 @@ def _random_model(config: MoMConfig, seed: int = SEED) -> MoMForCausalLM:
 
 def _logits(model: MoMForCausalLM, seed: int = SEED) -> torch.Tensor:
     # One scan setting for every model compared: fla's config has none (a loaded one says auto, chunks of 64).
-    model.config.backend, model.config.chunk_size = "eager", 8
+    model.configure_paths(backend="eager", chunk_size=8)
     ids = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(ids).logits
@@ -353,7 +353,7 @@ def _verify_tool():
 
 @pytest.mark.parametrize("state_v_first", [False, True], ids=["state-kv", "state-vk"])
 def test_verify_tool_delta_rule_reference_matches_the_oracle(state_v_first):
-    from mom_lit.ops.recurrent import recurrent_scan
+    from mom_lit.ops.scan.recurrent import recurrent_scan
 
     tool = _verify_tool()
     g = torch.Generator().manual_seed(SEED)

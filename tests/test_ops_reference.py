@@ -10,9 +10,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from closeness import assert_close
 
-from mom_lit.ops import chunk_scan, recurrent_scan, scan
-from mom_lit.ops import dispatch
+from mom_lit.ops.scan import chunk_scan, recurrent_scan, scan
+from mom_lit.ops.scan import dispatch
 
 # rule -> which optional inputs it takes; "delta_per_key" (per-key gate + delta rule) is also supported by the op
 RULES: dict[str, tuple[str, ...]] = {
@@ -40,18 +41,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
-    """Relative RMS error of ``out`` against ``ref`` (with an absolute floor) is at most ``tol``; no NaN/inf."""
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    assert torch.isfinite(ref).all(), f"{name}: non-finite reference values"
-    if ref.numel() == 0:
-        return
-    diff = (out.double() - ref.double()).pow(2).mean().sqrt().item()
-    base = max(ref.double().pow(2).mean().sqrt().item(), RMS_FLOOR)
-    assert diff <= tol * base, f"{name}: relative RMS error {diff / base:.3e} > {tol:.1e}"
 
 
 def make_inputs(rule: str, batch: int, seq_len: int, num_states: int, *, seed: int = 42,
@@ -105,7 +94,7 @@ def as_float64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def check_all(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], tol: float, what: str) -> None:
     assert ref.keys() == out.keys()
     for name in ref:
-        assert_close(f"{what} {name}", ref[name], out[name], tol)
+        assert_close(out[name], ref[name], tol, floor=RMS_FLOOR, name=f"{what} {name}")
 
 
 # --- chunked (eager) vs the fp64 token-by-token oracle ------------------------------------------------------------
@@ -155,8 +144,8 @@ def test_varlen_equals_separate_calls() -> None:
         o_n, final_n = chunk_scan(inputs["q"][:, start:end], inputs["k"][:, start:end], inputs["v"][:, start:end],
                                   g=inputs["g"][:, start:end], beta=inputs["beta"][:, start:end],
                                   initial_state=inputs["initial_state"][n:n + 1], chunk_size=16)
-        assert_close(f"segment {n} o", o_n, o[:, start:end], 1e-6)
-        assert_close(f"segment {n} final_state", final_n[0], final[n], 1e-6)
+        assert_close(o[:, start:end], o_n, 1e-6, floor=RMS_FLOOR, name=f"segment {n} o")
+        assert_close(final[n], final_n[0], 1e-6, floor=RMS_FLOOR, name=f"segment {n} final_state")
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64])
@@ -175,8 +164,8 @@ def test_low_precision_inputs_keep_fp32_state() -> None:
     low = {n: (t if n == "initial_state" else t.bfloat16()) for n, t in inputs.items()}
     o, final = chunk_scan(**low, chunk_size=16)
     assert o.dtype == torch.bfloat16 and final.dtype == torch.float32
-    assert_close("bf16 o", ref_o, o.float(), 2e-2)
-    assert_close("bf16 final_state", ref_final, final, 2e-2)
+    assert_close(o.float(), ref_o, 2e-2, floor=RMS_FLOOR, name="bf16 o")
+    assert_close(final, ref_final, 2e-2, floor=RMS_FLOOR, name="bf16 final_state")
 
 
 def test_no_final_state_and_default_initial_state() -> None:
@@ -186,7 +175,7 @@ def test_no_final_state_and_default_initial_state() -> None:
     assert final is None
     zeros = torch.zeros(2, H, K, V)
     o_ref, _ = recurrent_scan(**inputs, initial_state=zeros)
-    assert_close("o", o_ref, o, TOL_CHUNK)
+    assert_close(o, o_ref, TOL_CHUNK, floor=RMS_FLOOR, name="o")
 
 
 # --- gradcheck in float64 on tiny shapes (chunk form) -----------------------------------------------------------

@@ -22,7 +22,7 @@ WITHOUT_TRITON = textwrap.dedent("""
 
     import importlib
     for name in ("mom_lit", "mom_lit.training", "mom_lit.training.cli", "mom_lit.generate", "mom_lit.data",
-                 "mom_lit.interop", "mom_lit.eval", "mom_lit.callbacks", "mom_lit.ops.dispatch",
+                 "mom_lit.interop", "mom_lit.eval", "mom_lit.callbacks", "mom_lit.ops.scan.dispatch",
                  "mom_lit.__main__", "mom_lit.data.prepare_cli", "mom_lit.interop.convert_cli",
                  "mom_lit.eval.length_cli", "mom_lit.eval.__main__"):
         importlib.import_module(name)

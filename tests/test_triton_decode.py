@@ -1,4 +1,4 @@
-"""Triton decoding step (``mom_lit.ops.triton.decode``) against the torch step (``decode_step_reference``).
+"""Triton decoding step (``mom_lit.ops.decode.kernels``) against the torch step (``decode_step_reference``).
 
 Checked on random states: the slot outputs, the selected memories after the step, the conv state (bit for bit:
 it only moves values), and that every memory no slot selected is bit-for-bit unchanged. On a machine without
@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from closeness import relative_rms_error
 
 from mom_lit.ops.decode import decode_step, decode_step_reference
 
@@ -24,9 +25,9 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton", reason="triton is not installed")
 
 if not ON_GPU:  # kernels decorated before the interpreter was on would be compiled, not interpreted
-    for _name in [m for m in sys.modules if m.startswith("mom_lit.ops.triton")]:
+    for _name in [m for m in sys.modules if m.startswith("mom_lit.ops.scan.triton")]:
         del sys.modules[_name]
-from mom_lit.ops.triton.decode import triton_decode_step  # noqa: E402  (after the interpreter check)
+from mom_lit.ops.decode.kernels import triton_decode_step  # noqa: E402  (after the interpreter check)
 
 RULES = {  # rule -> (scalar gate, delta rule)
     "linear": (False, False),
@@ -46,9 +47,7 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if ON_GPU else [])  # bf16: the int
 
 
 def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert torch.isfinite(actual).all()
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-6)).item()
+    return relative_rms_error(actual, expected, floor=1e-6)
 
 
 def make_inputs(rule, heads, key_dim, value_dim, dtype, conv_size=4, conv_dtype=torch.float32, seed=42):
@@ -151,7 +150,10 @@ def test_rejects_states_it_cannot_update_in_place():
 @torch.no_grad()
 def test_model_decoding_with_the_triton_step_matches_the_torch_step():
     """fp32, so that no rounding difference flips a routing decision (bf16 is checked per step above)."""
+    import dataclasses
+
     from mom_lit import MoMConfig, MoMForCausalLM
+    from mom_lit.plan import resolve_plan
 
     dtype = torch.float32
     torch.manual_seed(0)
@@ -160,13 +162,14 @@ def test_model_decoding_with_the_triton_step_matches_the_torch_step():
     model = MoMForCausalLM(cfg).cuda().to(dtype).eval()
     ids = torch.randint(0, 101, (3, 40), device="cuda")
     caches = {}
-    for backend in ("auto", "eager"):
-        model.config.backend = "eager"  # the same prefill for both (and no compile wait)
-        out = model(ids[:, :30], use_cache=True)
-        model.config.backend = backend  # only the decoding steps differ
+    eager = resolve_plan(dataclasses.replace(cfg, backend="eager"), ids.device, dtype)
+    plans = {"auto": model.plan_for(ids.device, dtype), "eager": eager}
+    assert plans["auto"].decode == "triton" and eager.decode == "torch"
+    for backend, plan in plans.items():
+        out = model(ids[:, :30], use_cache=True, plan=eager)  # the same prefill for both (and no compile wait)
         logits, cache = [], out.cache
-        for t in range(30, 40):
-            step = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        for t in range(30, 40):  # only the decoding steps differ
+            step = model(ids[:, t:t + 1], cache=cache, use_cache=True, plan=plan)
             logits.append(step.logits)
             cache = step.cache
         caches[backend] = (torch.cat(logits, 1), cache)
@@ -193,13 +196,14 @@ def test_captured_model_step_replays_the_eager_step():
     spec.loader.exec_module(tool)
     torch.manual_seed(0)
     cfg = MoMConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=2, head_dim=32, num_memories=4,
-                    topk=2, shared_memory=True, backend="eager")  # eager prefill: no compile wait
+                    topk=2, shared_memory=True, backend="auto")
     model = MoMForCausalLM(cfg).cuda().eval()
+    model.configure_paths(backend="eager")  # eager prefill: no compile wait
     prompt = torch.randint(0, 101, (1, 20), device="cuda")
     cache, token = tool.mom_prefill(model, prompt, chunk=8)
     eager_cache = MoMCache([LayerState(s.memory.clone(), s.conv.clone()) for s in cache.layers])
     eager_token = token.clone()
-    cfg.backend = "auto"  # Triton decoding steps
+    model.configure_paths()  # the config's paths again: Triton decoding steps
     replay, error = tool.mom_graph_step(model, cache, token, "cuda")
     assert error <= 1e-4
     tokens = []
@@ -214,15 +218,13 @@ def test_captured_model_step_replays_the_eager_step():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
-def test_generation_with_a_captured_step_gives_the_eager_tokens(monkeypatch):
+def test_generation_with_a_captured_step_gives_the_eager_tokens():
     from mom_lit import MoMConfig, MoMForCausalLM
-    from mom_lit import layer as layer_module
     from mom_lit.generate import sample_tokens
 
-    monkeypatch.setitem(layer_module._FUSION, "disabled", True)  # an eager prefill: no compile wait
     torch.manual_seed(0)
     cfg = MoMConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=2, head_dim=32, num_memories=4,
-                    topk=2, shared_memory=True, backend="auto")
+                    topk=2, shared_memory=True, backend="auto", compile_stages=False)  # eager prefill: no compile
     model = MoMForCausalLM(cfg).cuda().eval()
     prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7]]  # packed prefill, then three sequences decoded together
     eager = list(sample_tokens(model, prompts, max_new_tokens=12, temperature=0))

@@ -23,7 +23,7 @@ def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     targets = [str(Path(__file__).with_name(name)) for name in ("test_triton_scan.py", "test_triton_decode.py")]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets],
-                          env=env, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1])
+                          env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and " failed" not in proc.stdout, report
@@ -37,7 +37,7 @@ def test_stage_launch_settings_do_not_change_results(tmp_path):
     out = tmp_path / "stages.md"
     proc = subprocess.run([sys.executable, str(root / "tools" / "bench_stages.py"), "--device", "cpu", "--tiny",
                            "--out", str(out)], env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
-                          text=True, timeout=600, cwd=root)
+                          text=True, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| conv")
             or line.startswith("| mix")]

@@ -1,4 +1,4 @@
-"""Triton scan (``mom_lit.ops.triton``) against the fp64 references: outputs, final states and every gradient.
+"""Triton scan (``mom_lit.ops.scan.triton``) against the fp64 references: outputs, final states and every gradient.
 
 On a machine without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on small shapes;
 with CUDA the same small cases run on the GPU and the full-size cases (head dims 64..256, bf16/fp16, hundreds of
@@ -16,9 +16,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from closeness import assert_close
 
-from mom_lit.ops.chunk import chunk_scan
-from mom_lit.ops.recurrent import recurrent_scan
+from mom_lit.ops.scan.chunk import chunk_scan
+from mom_lit.ops.scan.recurrent import recurrent_scan
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -56,15 +57,16 @@ def _import_scan_module():
     """
     with _interpreter_without_gpu():
         if not ON_GPU:
-            for name in [m for m in sys.modules if m.startswith("mom_lit.ops.triton")]:
+            for name in [m for m in sys.modules if m.startswith("mom_lit.ops.scan.triton")]:
                 del sys.modules[name]
-        import mom_lit.ops.triton.scan as module
+        import mom_lit.ops.scan.triton.scan as module
     return module
 
 
 scan_module = _import_scan_module()
 triton_scan = scan_module.triton_scan
-from mom_lit.ops.triton.chunk_index import build_chunk_index  # noqa: E402  (after the interpreter switch)
+DEFAULT_LAUNCH = scan_module.DEFAULT_LAUNCH
+from mom_lit.ops.scan.triton.chunk_index import build_chunk_index  # noqa: E402  (after the interpreter switch)
 
 # relative RMS error allowed against the fp64 oracle, per input precision and tensor ("grad": any other gradient).
 # dbeta sums large, nearly cancelling products (most of all without a gate, where nothing is ever forgotten), so
@@ -97,17 +99,6 @@ def nan_poisoned_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(scan_module, "_empty", poisoned)
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    if expected.numel() == 0:
-        return
-    actual, expected = actual.double(), expected.double()
-    scale = expected.pow(2).mean().sqrt().clamp_min(1e-6)
-    err = ((actual - expected).pow(2).mean().sqrt() / scale).item()
-    assert err <= tol, f"{name}: relative RMS error {err:.2e} > {tol:.0e}"
 
 
 def make_inputs(rule, lengths=None, batch=1, seq_len=None, heads=2, key_dim=32, value_dim=16,
@@ -149,11 +140,13 @@ def make_inputs(rule, lengths=None, batch=1, seq_len=None, heads=2, key_dim=32, 
     return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, cu_seqlens=cu)
 
 
-def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0, recompute=None):
+def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0, recompute=None,
+                         launch=None):
     """Compare outputs, final states and the gradients of a random linear loss with the fp64 oracle."""
     names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if inputs[n] is not None]
     leaves = {n: inputs[n].detach().clone().requires_grad_() for n in names}
-    o, ht = triton_scan(**{**inputs, **leaves}, output_final_state=output_final_state, recompute=recompute)
+    o, ht = triton_scan(**{**inputs, **leaves}, output_final_state=output_final_state, recompute=recompute,
+                        launch=launch)
     assert o.dtype == inputs["v"].dtype
 
     ref_leaves = {n: inputs[n].detach().double().requires_grad_() for n in names}
@@ -175,12 +168,12 @@ def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_stat
     ref_grads = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(ref_leaves.values(), ref_grads)]
 
     tol = TOL[dtype]
-    assert_close("o", o, ref_o, tol["o"])
+    assert_close(o, ref_o, tol["o"], name="o")
     if output_final_state:
-        assert_close("final_state", ht, ref_ht, tol["ht"])
+        assert_close(ht, ref_ht, tol["ht"], name="final_state")
     for name, grad, ref in zip(names, grads, ref_grads):
         assert grad.dtype == inputs[name].dtype, f"d{name} has dtype {grad.dtype}"
-        assert_close(f"d{name}", grad, ref, tol.get(f"d{name}", tol["grad"]))
+        assert_close(grad, ref, tol.get(f"d{name}", tol["grad"]), name=f"d{name}")
 
 
 # ---------------------------------------------------------------- small cases (interpreter on CPU, or GPU)
@@ -235,36 +228,35 @@ def test_recomputed_chunk_states_equal_the_forward_ones(dtype):
     flat = {n: None if x is None else x.squeeze(0).contiguous()
             for n, x in inputs.items() if n in ("q", "k", "v", "g", "beta")}  # (T, H, *)
     cu = inputs["cu_seqlens"]
-    _, _, saved = scan_module._forward(flat["q"], flat["k"], flat["v"], flat["g"], flat["beta"], 0.5,
+    _, _, saved = scan_module._forward(DEFAULT_LAUNCH, flat["q"], flat["k"], flat["v"], flat["g"], flat["beta"], 0.5,
                                        inputs["initial_state"], cu, False, "none")
     index, gamma, tinv, w, u, h = saved
     real = int(index.chunk_offsets[-1])  # chunks past the real count are never written
-    again, _ = scan_module._state_pass(flat["k"], flat["v"], w, u, gamma, inputs["initial_state"], index, cu,
-                                       store_final=False, u_final=True)
+    again, _ = scan_module._state_pass(DEFAULT_LAUNCH, flat["k"], flat["v"], w, u, gamma, inputs["initial_state"],
+                                       index, cu, store_final=False, u_final=True)
     assert torch.equal(again[:real], h[:real])
     # rebuilding W and U as well gives the same W, U and states
-    w2, u2 = scan_module._wy_apply(flat["k"], flat["v"], flat["beta"], gamma, tinv, index, cu)
+    w2, u2 = scan_module._wy_apply(DEFAULT_LAUNCH, flat["k"], flat["v"], flat["beta"], gamma, tinv, index, cu)
     assert torch.equal(w2, w)
-    again, _ = scan_module._state_pass(flat["k"], flat["v"], w2, u2, gamma, inputs["initial_state"], index, cu,
-                                       store_final=False, u_final=False)
+    again, _ = scan_module._state_pass(DEFAULT_LAUNCH, flat["k"], flat["v"], w2, u2, gamma, inputs["initial_state"],
+                                       index, cu, store_final=False, u_final=False)
     assert torch.equal(u2, u) and torch.equal(again[:real], h[:real])
 
 
 @pytest.mark.parametrize("tiles", [(16, 16), (64, 16), (16, 64)], ids=["narrow", "wide-k", "wide-v"])
 @pytest.mark.parametrize("rule", ["gated_delta", "simple_gla"])
-def test_backward_tile_widths(rule, tiles, monkeypatch):
+def test_backward_tile_widths(rule, tiles):
     """The per-chunk kernels loop over (or split into programs by) key and value tiles of their launch's widths:
     several tiles per dim, or one wider than the dim (capped), give the same outputs and gradients."""
     block_k, block_v = tiles
     launch = scan_module.LaunchConfig(**{name: scan_module.Launch(4, 2, block_k, block_v)
                                          for name in ("output", "du_local", "dqk", "wy_bwd")})
-    monkeypatch.setattr(scan_module, "LAUNCH", launch)
     inputs = make_inputs(rule, lengths=[70, 1, 45], key_dim=32, value_dim=48)
-    check_against_oracle(inputs, torch.float32)
+    check_against_oracle(inputs, torch.float32, launch=launch)
 
 
 @pytest.mark.parametrize("recompute", ["states", "wy"])
-def test_sequential_passes_take_their_own_value_blocks(recompute, monkeypatch):
+def test_sequential_passes_take_their_own_value_blocks(recompute):
     """The forward's pass, the backward's recomputation of the states and the backward's pass each take their own
     launch's V-block (0: ``state_block_v``): different blocks per pass, several per value dim or one wider than it
     (capped at the padded dim), give the same outputs and gradients. With ``recompute="wy"`` the backward reruns
@@ -272,16 +264,15 @@ def test_sequential_passes_take_their_own_value_blocks(recompute, monkeypatch):
     Launch = scan_module.Launch
     launch = scan_module.LaunchConfig(state_fwd=Launch(4, 2, block_v=16), state_recompute=Launch(4, 2, block_v=64),
                                       state_bwd=Launch(4, 2), state_block_v=32)
-    monkeypatch.setattr(scan_module, "LAUNCH", launch)
-    assert [scan_module._state_block_v(48, getattr(launch, name)) for name in
+    assert [scan_module._state_block_v(48, getattr(launch, name), launch) for name in
             ("state_fwd", "state_recompute", "state_bwd")] == [16, 64, 32]
-    assert scan_module._state_block_v(16, launch.state_recompute) == 16
+    assert scan_module._state_block_v(16, launch.state_recompute, launch) == 16
     inputs = make_inputs("gated_delta", lengths=[70, 1, 45], key_dim=32, value_dim=48)
-    check_against_oracle(inputs, torch.float32, recompute=recompute)
+    check_against_oracle(inputs, torch.float32, recompute=recompute, launch=launch)
 
 
 @pytest.mark.parametrize("rule", ["gated_delta", "delta"])
-def test_wy_products_keep_fp32_operands_for_fp16(rule, monkeypatch):
+def test_wy_products_keep_fp32_operands_for_fp16(rule):
     """fp16 inputs keep fp32 (tf32) operands in the products with the triangular inverse whatever ``wy_products``
     says (fp16's range is too narrow for these gradients): both settings give the same bits, within the fp16
     tolerances. (bf16 rounds them with "input", the default: the full-size bf16 cases below, on a GPU.)"""
@@ -289,10 +280,10 @@ def test_wy_products_keep_fp32_operands_for_fp16(rule, monkeypatch):
     check_against_oracle(inputs, torch.float16)
     results = []
     for wy_products in ("input", "tf32"):
-        monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products=wy_products))
+        launch = scan_module.LaunchConfig(wy_products=wy_products)
         leaves = {n: inputs[n].detach().clone().requires_grad_() for n in ("q", "k", "v", "g", "beta")
                   if inputs[n] is not None}
-        o, ht = triton_scan(**{**inputs, **leaves})
+        o, ht = triton_scan(**{**inputs, **leaves}, launch=launch)
         results.append([o, ht, *torch.autograd.grad(o.float().sum() + ht.sum(), list(leaves.values()))])
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -300,24 +291,24 @@ def test_wy_products_keep_fp32_operands_for_fp16(rule, monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 kernels need a GPU (the interpreter mishandles bf16)")
 @pytest.mark.parametrize("rule", ["gated_delta", "delta"])
-def test_gpu_wy_products_tf32_bf16(rule, monkeypatch):
+def test_gpu_wy_products_tf32_bf16(rule):
     """The fp32-operand setting of the WY products (the default rounds them to bf16) at a full-size bf16 case."""
-    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products="tf32"))
     inputs = make_inputs(rule, lengths=[700, 1, 64, 1000, 333], heads=4, key_dim=128, value_dim=128,
                          dtype=torch.bfloat16, seed=13)
-    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan)
+    check_against_oracle(inputs, torch.bfloat16, oracle=chunk_scan,
+                         launch=scan_module.LaunchConfig(wy_products="tf32"))
 
 
-def test_bf16_wy_products_only_with_full_tiles(monkeypatch):
+def test_bf16_wy_products_only_with_full_tiles():
     """bf16 operands in the products with the triangular inverse only where both dims fill 64-wide tiles (narrower
     bf16 products faulted on an H200 with Triton 3.6); fp16 and fp32 never round them."""
-    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products="input"))
-    assert scan_module._wy_low(torch.bfloat16, 256, 256) and scan_module._wy_low(torch.bfloat16, 64, 128)
+    low = scan_module.LaunchConfig(wy_products="input")
+    assert scan_module._wy_low(low, torch.bfloat16, 256, 256) and scan_module._wy_low(low, torch.bfloat16, 64, 128)
     for K, V in ((32, 16), (64, 32), (128, 16), (32, 64)):
-        assert not scan_module._wy_low(torch.bfloat16, K, V)
-    assert not scan_module._wy_low(torch.float16, 256, 256) and not scan_module._wy_low(torch.float32, 256, 256)
-    monkeypatch.setattr(scan_module, "LAUNCH", scan_module.LaunchConfig(wy_products="tf32"))
-    assert not scan_module._wy_low(torch.bfloat16, 256, 256)
+        assert not scan_module._wy_low(low, torch.bfloat16, K, V)
+    assert not scan_module._wy_low(low, torch.float16, 256, 256)
+    assert not scan_module._wy_low(low, torch.float32, 256, 256)
+    assert not scan_module._wy_low(scan_module.LaunchConfig(wy_products="tf32"), torch.bfloat16, 256, 256)
 
 
 def test_value_tiles_never_narrower_than_key_tiles():

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mom_lit.ops import scan
+from mom_lit.ops.scan import scan
 
 RULE_INPUTS = {"gated_delta": ("g", "beta"), "delta": ("beta",), "simple_gla": ("g",), "gla": ("gk",),
                "linear": ()}

@@ -35,7 +35,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM  # noqa: E402
-from mom_lit import layer as mom_layer  # noqa: E402
 from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.model import SwiGLU  # noqa: E402
 from mom_lit.norm import RMSNorm  # noqa: E402
@@ -197,7 +196,8 @@ def mom_graph_step(model: MoMForCausalLM, cache, token: torch.Tensor, device: st
 
 def run_mom(name: str, overrides: dict, args, contexts, rows, torch_step: bool) -> None:
     torch.manual_seed(0)
-    cfg = MoMConfig(**{**(TINY if args.tiny else FULL), **overrides})
+    # Prefill runs the layer's elementwise stages eagerly: torch.compile's wait would not be part of any number.
+    cfg = MoMConfig(**{**(TINY if args.tiny else FULL), "compile_stages": False, **overrides})
     model = MoMForCausalLM(cfg).to(args.device, torch.bfloat16).eval()
     on_gpu = args.device == "cuda"
     for ctx in contexts:
@@ -206,7 +206,7 @@ def run_mom(name: str, overrides: dict, args, contexts, rows, torch_step: bool) 
         variants += ["Triton step", "Triton step + CUDA graph"] if on_gpu else []
         try:
             with row_timeout(args.row_timeout):
-                cfg.backend = "auto" if on_gpu else "eager"  # the prefill: Triton scan on the GPU
+                model.configure_paths(backend="auto" if on_gpu else "eager")  # the prefill: Triton scan on the GPU
                 cache, token = mom_prefill(model, prompt, args.prefill_chunk)
         except (RowTimeout, RuntimeError) as error:
             rows.extend(dict(model=f"{name}, {v}", context=ctx, error=f"prefill: {error}"[:120]) for v in variants)
@@ -215,7 +215,8 @@ def run_mom(name: str, overrides: dict, args, contexts, rows, torch_step: bool) 
             row = dict(model=f"{name}, {variant}", context=ctx)
             try:
                 with row_timeout(args.row_timeout):
-                    cfg.backend = "eager" if variant == "torch step" else "auto"  # only the step differs
+                    # only the step differs
+                    model.configure_paths(backend="eager" if variant == "torch step" else "auto")
                     if variant.endswith("CUDA graph"):
                         replay, row["graph_max_abs_logit_diff"] = mom_graph_step(model, cache, token, args.device)
                         row["ms"] = time_steps(replay, args)
@@ -350,8 +351,6 @@ def main(argv=None) -> int:
     models = set(args.models.split(","))
     if not models <= {"mom", "gdn", "sdpa"}:
         parser.error(f"--models takes mom, gdn, sdpa; got {args.models}")
-    # Prefill runs the layer's elementwise stages eagerly: torch.compile's wait would not be part of any number.
-    mom_layer._FUSION["disabled"] = True
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"card: {card}, torch {torch.__version__}", flush=True)
     rows: list[dict] = []

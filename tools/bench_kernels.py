@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -26,8 +27,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without an install too
 
-from mom_lit.ops.triton import scan as scan_module  # noqa: E402
-from mom_lit.ops.triton.scan import Launch, LaunchConfig, triton_scan  # noqa: E402
+from mom_lit.ops.scan.triton.scan import DEFAULT_LAUNCH, Launch, LaunchConfig, triton_scan  # noqa: E402
 
 
 def mom_lengths(batch: int, seq_len: int, memories: int, topk: int, shared: bool, gen: torch.Generator) -> list[int]:
@@ -67,16 +67,18 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def time_scan(inputs, backward: bool) -> float:
+def time_scan(inputs, backward: bool, launch: LaunchConfig) -> float:
     q, k, v, g, beta, cu = inputs
     if not backward:
         with torch.no_grad():
-            return bench(lambda: triton_scan(q, k, v, g=g, beta=beta, cu_seqlens=cu, output_final_state=False))
+            return bench(lambda: triton_scan(q, k, v, g=g, beta=beta, cu_seqlens=cu, output_final_state=False,
+                                             launch=launch))
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     do = torch.randn_like(v)
 
     def step():
-        o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False)
+        o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False,
+                           launch=launch)
         # autograd.grad rather than .backward: no copies of the gradients into .grad of the leaves
         torch.autograd.grad(o, leaves, do)
 
@@ -121,11 +123,12 @@ def time_fla(fla_scan, inputs, backward: bool) -> float:
                                              leaves, do))
 
 
-def fla_output_difference(fla_scan, inputs) -> float:
+def fla_output_difference(fla_scan, inputs, launch: LaunchConfig) -> float:
     """Relative RMS difference of the forward outputs of fla and of this scan (a cross-check of both)."""
     q, k, v, g, beta, cu = inputs
     with torch.no_grad():
-        ours = triton_scan(q, k, v, g=g, beta=beta, cu_seqlens=cu, output_final_state=False)[0].float()
+        ours = triton_scan(q, k, v, g=g, beta=beta, cu_seqlens=cu, output_final_state=False,
+                           launch=launch)[0].float()
         theirs = fla_scan(q, k, v, g, beta, cu_seqlens=cu.long(), output_final_state=False)[0].float()
     return ((ours - theirs).norm() / theirs.norm()).item()
 
@@ -140,20 +143,22 @@ def peak_memory_gib(fn) -> float:
 
 
 def fwd_bwd_step(inputs):
+    """A fwd+bwd of the scan on ``inputs`` under the launch settings it is called with."""
     q, k, v, g, beta, cu = inputs
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     do = torch.randn_like(v)
 
-    def step():
-        o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False)
+    def step(launch: LaunchConfig):
+        o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False,
+                           launch=launch)
         return o, torch.autograd.grad(o, leaves, do)
 
     return step
 
 
-def kernel_times(inputs, reps: int = 5) -> dict[str, tuple[float, int]]:
-    """Device ms and launches per fwd+bwd of every kernel (profiler), by kernel name."""
-    step = fwd_bwd_step(inputs)
+def kernel_times(inputs, launch: LaunchConfig, reps: int = 5) -> dict[str, tuple[float, int]]:
+    """Device ms and launches per fwd+bwd of every kernel (profiler) under ``launch``, by kernel name."""
+    step = functools.partial(fwd_bwd_step(inputs), launch)
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -168,17 +173,17 @@ def kernel_times(inputs, reps: int = 5) -> dict[str, tuple[float, int]]:
     return times
 
 
-def kernel_breakdown(inputs) -> str:
-    rows = sorted(((ms, n, name) for name, (ms, n) in kernel_times(inputs).items()), reverse=True)
+def kernel_breakdown(inputs, launch: LaunchConfig) -> str:
+    rows = sorted(((ms, n, name) for name, (ms, n) in kernel_times(inputs, launch).items()), reverse=True)
     lines = ["| kernel | ms per fwd+bwd | launches |", "|---|---|---|"]
     lines += [f"| {name[:60]} | {ms:.3f} | {n} |" for ms, n, name in rows[:12]]
     return "\n".join(lines)
 
 
-def _kernel_times_if_fits(inputs, label: str) -> dict[str, tuple[float, int]] | None:
-    """:func:`kernel_times` under the launch settings in use, or None (reported) where they do not fit the card."""
+def _kernel_times_if_fits(inputs, launch: LaunchConfig, label: str) -> dict[str, tuple[float, int]] | None:
+    """:func:`kernel_times` under ``launch``, or None (reported) where it does not fit the card."""
     try:
-        return kernel_times(inputs, reps=3)
+        return kernel_times(inputs, launch, reps=3)
     except Exception as error:  # noqa: BLE001 - a setting may not fit (registers, shared memory)
         print(f"{label} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
         return None
@@ -188,19 +193,18 @@ CHUNK_KERNELS = ("wy_solve", "wy_apply", "output", "du_local", "dqk", "wy_bwd")
 STATE_KERNELS = ("state_fwd", "state_recompute", "state_bwd")
 
 
-def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
-    """Time every kernel under several launch settings; return the fastest setting per kernel and a report."""
+def sweep(inputs, base: LaunchConfig) -> tuple[LaunchConfig, list[str]]:
+    """Time every kernel under several launch settings; return the fastest setting per kernel and a report. The tile
+    widths of the per-chunk kernels stay those of ``base`` (--sweep-tiles varies them)."""
     chunk_combos = [(4, 1), (4, 2), (8, 1), (8, 2), (8, 3), (4, 3)]
     state_combos = [(8, 1, 32), (8, 2, 32), (8, 1, 16), (8, 2, 16), (4, 1, 16), (4, 2, 16), (8, 1, 64), (4, 1, 32),
                     (8, 2, 64), (8, 3, 32), (4, 2, 32), (4, 2, 64)]
     results = []  # (kernel, (warps, stages, block_v or None), ms)
-    base = scan_module.LAUNCH  # the tile widths of the per-chunk kernels stay as they are (--sweep-tiles varies them)
     for i, (warps, stages, block_v) in enumerate(state_combos):
         chunk = Launch(*chunk_combos[i % len(chunk_combos)])
         cfg = LaunchConfig(state_block_v=block_v, **{name: _with_tiles(chunk, base, name) for name in CHUNK_KERNELS},
                            **{name: Launch(warps, stages) for name in STATE_KERNELS})
-        scan_module.LAUNCH = cfg
-        times = _kernel_times_if_fits(inputs, f"setting {i}")
+        times = _kernel_times_if_fits(inputs, cfg, f"setting {i}")
         if times is None:
             continue
         for name in CHUNK_KERNELS:
@@ -213,7 +217,6 @@ def sweep(inputs) -> tuple[LaunchConfig, list[str]]:
     for name, setting, ms in results:
         if name not in best or ms < best[name][1]:
             best[name] = (setting, ms)
-    scan_module.LAUNCH = base
     cfg = LaunchConfig(state_block_v=base.state_block_v,
                        **{name: _with_tiles(Launch(*best[name][0][:2]), base, name) for name in CHUNK_KERNELS},
                        **{name: Launch(*best[name][0][:2], block_v=best[name][0][2]) for name in STATE_KERNELS})
@@ -246,22 +249,20 @@ def _tile_label(launch: Launch) -> str:
     return f"{launch.num_warps},{launch.num_stages},{launch.block_k},{launch.block_v}"
 
 
-def sweep_tiles(inputs) -> tuple[LaunchConfig, list[str]]:
-    """Time the per-chunk kernels that take tile widths under several widths and launch settings; return the
-    fastest per kernel (settings that exceed the shared memory are skipped)."""
-    base = scan_module.LAUNCH
+def sweep_tiles(inputs, base: LaunchConfig) -> tuple[LaunchConfig, list[str]]:
+    """Time the per-chunk kernels that take tile widths under several widths and launch settings (the others as
+    ``base``); return the fastest per kernel (settings that exceed the shared memory are skipped)."""
     results = []  # (kernel, Launch, ms)
     for block_k, block_v in TILE_WIDTHS:
         for warps, stages in TILE_LAUNCHES:
             launch = Launch(warps, stages, block_k, block_v)
-            scan_module.LAUNCH = dataclasses.replace(base, **{name: launch for name in TILE_KERNELS})
-            times = _kernel_times_if_fits(inputs, str(launch))
+            cfg = dataclasses.replace(base, **{name: launch for name in TILE_KERNELS})
+            times = _kernel_times_if_fits(inputs, cfg, str(launch))
             if times is None:
                 continue
             for name in TILE_KERNELS:
                 results.append((name, launch, times[f"{name}_kernel"][0]))
             print(f"{launch}: " + ", ".join(f"{n}={times[n + '_kernel'][0]:.3f}" for n in TILE_KERNELS), flush=True)
-    scan_module.LAUNCH = base
     best = {name: min(((launch, ms) for n, launch, ms in results if n == name), key=lambda x: x[1])
             for name in TILE_KERNELS}
     lines = ["| kernel | best (warps, stages, BK, BV) | ms | all settings tried (warps, stages, BK, BV): ms |",
@@ -278,8 +279,7 @@ def max_relative_difference(inputs, cfg_a: LaunchConfig, cfg_b: LaunchConfig) ->
     step = fwd_bwd_step(inputs)
     outs = []
     for cfg in (cfg_a, cfg_b):
-        scan_module.LAUNCH = cfg
-        o, grads = step()
+        o, grads = step(cfg)
         outs.append([o, *grads])
     return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*outs))
 
@@ -287,15 +287,16 @@ def max_relative_difference(inputs, cfg_a: LaunchConfig, cfg_b: LaunchConfig) ->
 GRADIENTS = ("o", "dq", "dk", "dv", "dg", "dbeta")
 
 
-def errors_against_fp32(inputs) -> dict[str, float]:
+def errors_against_fp32(inputs, launch: LaunchConfig) -> dict[str, float]:
     """Relative RMS error of o and every gradient against the same scan on the inputs upcast to fp32 (exact
-    products), under the launch settings in use."""
+    products), under ``launch``."""
     q, k, v, g, beta, cu = inputs
     do = torch.randn(v.shape, generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
 
     def run(tensors):
         leaves = [x.detach().requires_grad_() for x in tensors]
-        o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False)
+        o, _ = triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu, output_final_state=False,
+                           launch=launch)
         return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))]
 
     low = run((q, k, v, g, beta))
@@ -326,29 +327,24 @@ def _changed_fields(cfg: LaunchConfig, base: LaunchConfig) -> str:
                      if getattr(cfg, f.name) != getattr(base, f.name))
 
 
-def compare_variants(inputs, path: str, errors: bool = True) -> list[str]:
+def compare_variants(inputs, path: str, base: LaunchConfig, errors: bool = True) -> list[str]:
     """Kernel times (and, with ``errors``, errors against fp32 inputs, which compiles the fp32 kernels too) of the
-    launch settings in use and of each variant of :func:`load_variants`, on the same inputs."""
-    base = scan_module.LAUNCH
+    launch settings ``base`` ("in use") and of each variant of :func:`load_variants`, on the same inputs."""
     configs = load_variants(path, base)
     times, errs, failed = {}, {}, {}
-    try:
-        for label, cfg in configs.items():
-            scan_module.LAUNCH = cfg
-            try:
-                times[label] = kernel_times(inputs)
-                if errors:
-                    errs[label] = errors_against_fp32(inputs)
-            except Exception as error:  # a variant that does not build (shared memory, registers) is reported
-                if label == "in use":
-                    raise
-                times.pop(label, None)
-                failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-                print(f"{label} failed: {failed[label]}", flush=True)
-                continue
-            print(f"{label} timed", flush=True)
-    finally:
-        scan_module.LAUNCH = base
+    for label, cfg in configs.items():
+        try:
+            times[label] = kernel_times(inputs, cfg)
+            if errors:
+                errs[label] = errors_against_fp32(inputs, cfg)
+        except Exception as error:  # a variant that does not build (shared memory, registers) is reported
+            if label == "in use":
+                raise
+            times.pop(label, None)
+            failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            print(f"{label} failed: {failed[label]}", flush=True)
+            continue
+        print(f"{label} timed", flush=True)
     names = sorted(set().union(*times.values()), key=lambda n: -times["in use"].get(n, (0, 0))[0])
     ms = {label: {name: t.get(name, (0.0, 0))[0] for name in names} for label, t in times.items()}
     labels = list(times)
@@ -393,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.variant_json:  # a bad file fails here, not after the sweeps
         try:
-            load_variants(args.variant_json, scan_module.LAUNCH)
+            load_variants(args.variant_json, DEFAULT_LAUNCH)
         except (OSError, ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
             parser.error(f"--variant-json: {error}")
     if not torch.cuda.is_available():
@@ -401,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     H, D = args.heads, args.head_dim
+    in_use = DEFAULT_LAUNCH  # the launch settings of every timing below; the sweeps replace them by their best
     report = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"{args.dtype}, scan heads {H} x {D}, E={args.memories} top-{args.topk} + shared"]
 
@@ -408,9 +405,9 @@ def main(argv: list[str] | None = None) -> None:
         B, T = shapes[0]
         inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
                              H, D, D, dtype, seed=0)
-        best, lines = sweep(inputs)
+        best, lines = sweep(inputs, in_use)
         diff = max_relative_difference(inputs, LaunchConfig(), best)
-        scan_module.LAUNCH = best
+        in_use = best
         report += [f"\nPer-kernel launch sweep at {B} x {T} (ms per fwd+bwd):", *lines, f"\nfastest: {best!r}",
                    f"largest relative difference of o and gradients against the default config: {diff:.1e}"]
         print("\n".join(report[-4:]), flush=True)
@@ -419,23 +416,22 @@ def main(argv: list[str] | None = None) -> None:
         B, T = shapes[0]
         inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
                              H, D, D, dtype, seed=0)
-        before = scan_module.LAUNCH
-        best, lines = sweep_tiles(inputs)
-        diff = max_relative_difference(inputs, before, best)
-        scan_module.LAUNCH = best
+        best, lines = sweep_tiles(inputs, in_use)
+        diff = max_relative_difference(inputs, in_use, best)
+        in_use = best
         report += [f"\nTile sweep of the per-chunk kernels at {B} x {T} (ms per fwd+bwd):", *lines,
                    f"\nfastest: {', '.join(f'{n}={getattr(best, n)}' for n in TILE_KERNELS)}",
                    f"largest relative difference of o and gradients against the settings before: {diff:.1e}"]
         print("\n".join(report[-4:]), flush=True)
 
     if args.launch_json:
-        Path(args.launch_json).write_text(json.dumps(dataclasses.asdict(scan_module.LAUNCH), indent=1))
+        Path(args.launch_json).write_text(json.dumps(dataclasses.asdict(in_use), indent=1))
 
     if args.profile:
         B, T = shapes[0]
         inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
                              H, D, D, dtype, seed=0)
-        report += [f"\nKernel breakdown, MoM scan fwd+bwd at {B} x {T}:", kernel_breakdown(inputs)]
+        report += [f"\nKernel breakdown, MoM scan fwd+bwd at {B} x {T}:", kernel_breakdown(inputs, in_use)]
         print(report[-1], flush=True)
 
     if args.variant_json:
@@ -443,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
                              H, D, D, dtype, seed=0)
         lines = [f"\nLaunch settings in use against variants, MoM scan at {B} x {T}:",
-                 *compare_variants(inputs, args.variant_json, errors=not args.variant_times_only)]
+                 *compare_variants(inputs, args.variant_json, in_use, errors=not args.variant_times_only)]
         report += lines
         print("\n".join(lines), flush=True)
 
@@ -454,16 +450,16 @@ def main(argv: list[str] | None = None) -> None:
     for B, T in shapes:
         lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(B * T))
         inputs = scan_inputs(lengths, H, D, D, dtype, seed=1)
-        fwd, fwd_bwd = time_scan(inputs, False), time_scan(inputs, True)
+        fwd, fwd_bwd = time_scan(inputs, False, in_use), time_scan(inputs, True, in_use)
         tflops = scan_flops(sum(lengths), H, D, D) / fwd / 1e9
         single = scan_inputs([T] * B, H, D, D, dtype, seed=2)
-        single_fwd, single_fb = time_scan(single, False), time_scan(single, True)
+        single_fwd, single_fb = time_scan(single, False, in_use), time_scan(single, True, in_use)
         sdpa_a = time_sdpa(B, T, H, D, dtype, False), time_sdpa(B, T, H, D, dtype, True)
         sdpa_b = time_sdpa(B, T, 16, 64, dtype, False), time_sdpa(B, T, 16, 64, dtype, True)
         q, k, v, g, beta, cu = inputs
         leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
         peak = peak_memory_gib(lambda: triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu,
-                                                   output_final_state=False)[0].sum().backward())
+                                                   output_final_state=False, launch=in_use)[0].sum().backward())
         table.append(f"| {B} x {T} | {sum(lengths)} ({len(lengths)}) | {fwd:.3f} ms | {fwd_bwd:.3f} ms | "
                      f"{tflops:.0f} | {single_fwd:.3f} / {single_fb:.3f} ms | {sdpa_a[0]:.3f} / {sdpa_a[1]:.3f} ms | "
                      f"{sdpa_b[0]:.3f} / {sdpa_b[1]:.3f} ms | {peak:.2f} |")
@@ -483,10 +479,10 @@ def main(argv: list[str] | None = None) -> None:
             lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(B * T))
             for layout, inputs in (("MoM, 3 streams", scan_inputs(lengths, H, D, D, dtype, seed=1)),
                                    ("1 stream", scan_inputs([T] * B, H, D, D, dtype, seed=2))):
-                ours = time_scan(inputs, False), time_scan(inputs, True)
+                ours = time_scan(inputs, False, in_use), time_scan(inputs, True, in_use)
                 theirs = time_fla(fla_scan, inputs, False), time_fla(fla_scan, inputs, True)
                 lines.append(f"| {B} x {T} | {layout} | {ours[0]:.3f} / {ours[1]:.3f} ms | {theirs[0]:.3f} / "
-                             f"{theirs[1]:.3f} ms | {fla_output_difference(fla_scan, inputs):.1e} |")
+                             f"{theirs[1]:.3f} ms | {fla_output_difference(fla_scan, inputs, in_use):.1e} |")
                 print(lines[-1], flush=True)
         report += lines
     text = "\n".join(report)

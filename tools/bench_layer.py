@@ -36,11 +36,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
-from mom_lit import layer as mom_layer  # noqa: E402
 from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
-from mom_lit.ops import layer_triton  # noqa: E402
-from mom_lit.ops.triton import scan as scan_kernels  # noqa: E402
+from mom_lit.ops import stage_launch  # noqa: E402
+from mom_lit.ops.scan.triton import scan as scan_kernels  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -120,9 +119,10 @@ class SDPABlock(nn.Module):
 
 
 class OurLayer(nn.Module):
-    def __init__(self, cfg: MoMConfig):
+    def __init__(self, cfg: MoMConfig, paths: dict):
         super().__init__()
         self.layer = MoMLayer(cfg)
+        self.layer.configure_paths(**paths)
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -162,9 +162,9 @@ def layer_candidates(args, hidden, heads, head_dim):
         cfg = MoMConfig(hidden_size=hidden, num_heads=heads, head_dim=head_dim, expand_v=1.0, num_memories=4, topk=2,
                         shared_memory=True, num_layers=12, backend=backend, vocab_size=32000,
                         activation_memory=memory)
-        cands[f"mom_lit MoM ({label})"] = lambda cfg=cfg: OurLayer(cfg)
+        cands[f"mom_lit MoM ({label})"] = lambda cfg=cfg: OurLayer(cfg, args.paths)
         gdn = MoMConfig(**{**cfg.to_dict(), "num_memories": 1, "topk": 1, "shared_memory": False})
-        cands[f"mom_lit GDN, 1 memory ({label})"] = lambda cfg=gdn: OurLayer(cfg)
+        cands[f"mom_lit GDN, 1 memory ({label})"] = lambda cfg=gdn: OurLayer(cfg, args.paths)
     if fla_available():
         from fla.layers import GatedDeltaNet, MomAttention
 
@@ -241,16 +241,22 @@ def section_layer(args, dtype, rows):
             print(rows[-1], flush=True)
 
 
+def _our_model(cfg: MoMConfig, paths: dict) -> MoMForCausalLM:
+    model = MoMForCausalLM(cfg)
+    model.configure_paths(**paths)
+    return model
+
+
 def model_candidates(args, tiny):
     dims = dict(hidden_size=64, num_heads=2, head_dim=16, num_layers=2, vocab_size=512) if tiny else \
         dict(hidden_size=1024, num_heads=4, head_dim=256, num_layers=12, vocab_size=32000)
     cands = {}
     for backend, memory, label in _our_settings(args):
         ours = dict(dims, backend=backend, tie_embeddings=False, activation_memory=memory)
-        cands[f"mom_lit MoM ({label})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
-            **ours, num_memories=4, topk=2, shared_memory=True))
-        cands[f"mom_lit GDN ({label})"] = lambda ours=ours: MoMForCausalLM(MoMConfig(
-            **ours, num_memories=1, topk=1, shared_memory=False))
+        cands[f"mom_lit MoM ({label})"] = lambda ours=ours: _our_model(MoMConfig(
+            **ours, num_memories=4, topk=2, shared_memory=True), args.paths)
+        cands[f"mom_lit GDN ({label})"] = lambda ours=ours: _our_model(MoMConfig(
+            **ours, num_memories=1, topk=1, shared_memory=False), args.paths)
     if fla_available():
         from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, MomConfig, MomForCausalLM
 
@@ -527,14 +533,15 @@ def section_profile_model(args, dtype, rows):
             torch.cuda.empty_cache()
 
 
-def _apply_launch_json(path: str, kernels, launch_type, label: str) -> None:
-    """Replace fields of ``kernels.LAUNCH`` (the slot/mix stages' or the scan's launch settings) by those of the
-    JSON file ``path``, as ``tools/bench_stages.py --best-json`` or ``tools/bench_kernels.py --launch-json`` write
-    them; nested objects become ``launch_type``."""
+def _launch_from_json(path: str, default, launch_type, label: str):
+    """``default`` (the slot/mix stages' or the scan's launch settings) with the fields of the JSON file ``path``,
+    as ``tools/bench_stages.py --best-json`` or ``tools/bench_kernels.py --launch-json`` write them; nested objects
+    become ``launch_type``."""
     fields = {name: launch_type(**value) if isinstance(value, dict) else value
               for name, value in json.loads(Path(path).read_text()).items()}
-    kernels.LAUNCH = dataclasses.replace(kernels.LAUNCH, **fields)
-    print(f"{label} launch settings: {kernels.LAUNCH}", flush=True)
+    launch = dataclasses.replace(default, **fields)
+    print(f"{label} launch settings: {launch}", flush=True)
+    return launch
 
 
 _PROFILE_LABEL = re.compile(r"^(?P<kind>layer|model) (?P<name>.+), (?P<shape>\d+x\d+), (?P<what>.+)$")
@@ -601,8 +608,8 @@ def main() -> None:
                    help="fp32 weights and inputs, forward under torch.autocast in --dtype (Lightning's bf16-mixed); "
                         "the layer, model and profile sections")
     p.add_argument("--scan-recompute", choices=("none", "states", "wy"), default=None,
-                   help="what the Triton scan's backward rebuilds with activation_memory='fast' (default: "
-                        "mom_lit.ops.triton.scan.RECOMPUTE); none keeps the chunk states (more memory)")
+                   help="what the Triton scan's backward rebuilds (default: by activation memory, states for fast, "
+                        "wy for balanced and lean); none keeps the chunk states (more memory)")
     p.add_argument("--stage-launch-json", default=None,
                    help="launch settings of the slot/mix kernels to use (a JSON object of StageLaunchConfig fields, "
                         "as tools/bench_stages.py --best-json writes)")
@@ -624,8 +631,11 @@ def main() -> None:
                         "rounds, and report the median and range over the rounds (with more than 1, all selected "
                         "models are alive at once)")
     p.add_argument("--projections", choices=("auto", "dense"), default=None,
-                   help="mom_lit.layer.PROJECTIONS: dense projects every stream for every token instead of the "
+                   help="MoMConfig.projections: dense projects every stream for every token instead of the "
                         "selected streams only (auto, the default, where the grouped product applies)")
+    p.add_argument("--stages", choices=("auto", "triton", "reference"), default=None,
+                   help="MoMConfig.stages of our layers and models: reference runs the torch.compile'd reference "
+                        "stages around the scan instead of the Triton slot/mix kernels")
     args = p.parse_args()
     if args.summarize_profiles:
         try:
@@ -638,14 +648,15 @@ def main() -> None:
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     REP_MS[0] = args.rep_ms
+    # how our layers run, handed to every candidate (config fields and launch settings)
+    args.paths = {name: value for name, value in (("projections", args.projections), ("stages", args.stages),
+                                                  ("scan_recompute", args.scan_recompute)) if value is not None}
     if args.stage_launch_json:
-        _apply_launch_json(args.stage_launch_json, layer_triton, layer_triton.StageLaunch, "slot/mix")
+        args.paths["stage_launch"] = _launch_from_json(args.stage_launch_json, stage_launch.DEFAULT_LAUNCH,
+                                                       stage_launch.StageLaunch, "slot/mix")
     if args.scan_launch_json:
-        _apply_launch_json(args.scan_launch_json, scan_kernels, scan_kernels.Launch, "scan")
-    if args.scan_recompute is not None:
-        scan_kernels.RECOMPUTE = args.scan_recompute
-    if args.projections is not None:
-        mom_layer.PROJECTIONS = args.projections
+        args.paths["scan_launch"] = _launch_from_json(args.scan_launch_json, scan_kernels.DEFAULT_LAUNCH,
+                                                      scan_kernels.Launch, "scan")
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
     if args.fla_timing_only and fla_available():
@@ -655,6 +666,7 @@ def main() -> None:
     settings = f"activation memory {','.join(args.activation_memory)}" + \
         (f", scan recompute {args.scan_recompute}" if args.scan_recompute else "") + \
         (f", projections {args.projections}" if args.projections else "") + \
+        (f", stages {args.stages}" if args.stages else "") + \
         (", steps captured as CUDA graphs" if args.cuda_graph else "") + \
         (f", {args.rounds} rounds (median, range)" if args.rounds > 1 else "")
     print(f"device: {device_name}; torch {torch.__version__}; {precision}; {settings}", flush=True)

@@ -1,4 +1,4 @@
-"""Time the MoM layer's Triton slot and mix stages (``mom_lit/ops/layer_triton.py``) and sweep their launch settings
+"""Time the MoM layer's Triton slot and mix stages (``mom_lit/ops/slots/kernels.py``) and sweep their launch settings
 (CUDA).
 
 Shapes are those of one layer at the ANCHORS.md setting: B x T tokens routed uniformly at random to top-2 of E = 4
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -28,8 +29,9 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit.layout import build_layout, sequence_ids  # noqa: E402
-from mom_lit.ops import layer_triton as kern  # noqa: E402
-from mom_lit.ops.layer_triton import StageLaunch  # noqa: E402
+from mom_lit.ops.mix import kernels as mix_kernels  # noqa: E402
+from mom_lit.ops.slots import kernels as slot_kernels  # noqa: E402
+from mom_lit.ops.stage_launch import DEFAULT_LAUNCH, StageLaunch  # noqa: E402
 
 
 DEVICE = ["cuda"]
@@ -74,18 +76,20 @@ def runners(x) -> dict[str, callable]:
     src, w = x["kv_src"][:, :HK], x["weight"][HK:2 * HK].contiguous()
     dst = torch.zeros_like(x["kv_src"])[:, :HK]
 
-    def conv_fwd():
-        return kern.conv_fwd(src, x["kv_rows"], lay.position, w, H, D, True)
+    def conv_fwd(launch):
+        return slot_kernels.conv_fwd(src, x["kv_rows"], lay.position, w, H, D, True, launch=launch)
 
-    def conv_bwd():
-        dweight = kern.conv_bwd(src, x["kv_rows"], lay.position, w, x["dout"], H, D, True, dst, x["kv_rows"])
+    def conv_bwd(launch):
+        dweight = slot_kernels.conv_bwd(src, x["kv_rows"], lay.position, w, x["dout"], H, D, True, dst, x["kv_rows"],
+                                launch=launch)
         return dst, dweight
 
-    def mix_fwd():
-        return kern.mix_fwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], 1e-5)
+    def mix_fwd(launch):
+        return mix_kernels.mix_fwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], 1e-5, launch)
 
-    def mix_bwd():
-        return kern.mix_bwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], x["mix_dout"], 1e-5)
+    def mix_bwd(launch):
+        return mix_kernels.mix_bwd(x["o"], lay.rank, x["mix_weight"], x["gate"], x["norm_weight"], x["mix_dout"], 1e-5,
+                            launch)
 
     return {"conv_fwd": conv_fwd, "conv_bwd": conv_bwd, "mix_fwd": mix_fwd, "mix_bwd": mix_bwd}
 
@@ -145,10 +149,10 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), {str(dtype)[6:]}, projection rows of "
              f"{x['kv_src'].shape[1]} elements", "",
              "| kernel group | setting | ms | largest difference to the defaults (relative) |", "|---|---|---|---|"]
-    default = kern.LAUNCH
-    reference = {name: [t.clone() for t in flat(fn())] for name, fn in run.items()}
+    default = DEFAULT_LAUNCH
+    reference = {name: [t.clone() for t in flat(fn(default))] for name, fn in run.items()}
     for name, fn in run.items():
-        lines.append(f"| {name} | library defaults | {bench(fn):.4f} | 0 |")
+        lines.append(f"| {name} | library defaults | {bench(functools.partial(fn, default)):.4f} | 0 |")
         print(lines[-1], flush=True)
     best = {}
     sweep = {} if args.no_sweep else SWEEP
@@ -165,16 +169,13 @@ def main(argv: list[str] | None = None) -> None:
                 cfg = dataclasses.replace(default, **{field: setting})
             except ValueError:  # an inconsistent setting (StageLaunchConfig says why)
                 continue
-            kern.LAUNCH = cfg
             try:
-                diff = largest_difference(flat(run[group]()), reference[group])
-                ms = bench(run[group])
+                diff = largest_difference(flat(run[group](cfg)), reference[group])
+                ms = bench(functools.partial(run[group], cfg))
             except Exception as error:  # a setting that does not build (shared memory, registers) is reported
                 lines.append(f"| {group} | {field}={setting} | error: {type(error).__name__} | |")
                 print(lines[-1], flush=True)
                 continue
-            finally:
-                kern.LAUNCH = default
             lines.append(f"| {group} | {field}={setting} | {ms:.4f} | {diff:.2e} |")
             print(lines[-1], flush=True)
             if diff < 2e-2 and (field not in best or ms < best[field][1]):

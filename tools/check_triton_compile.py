@@ -6,7 +6,7 @@ ptxas rejecting the code). This tool installs a stand-in driver that reports a C
 and turns every launch into a compile-only call (``warmup``), then drives the library's real entry points with
 small CPU tensors: ``triton_scan`` forward and backward for every rule family, fp32 and bf16, head dims
 64/128/256, with and without an initial state, dense and varlen; ``triton_decode_step``; the slot and mix stages
-of ``ops/layer_triton.py`` (forward and backward). Each kernel is therefore compiled exactly as the library
+of ``ops/slots/`` and ``ops/mix/`` (forward and backward). Each kernel is therefore compiled exactly as the library
 launches it (argument dtypes, divisibility and constexpr specialisation, ``num_warps`` / ``num_stages``).
 Kernel outputs are never written (launches are skipped), which is harmless: no host code reads them here.
 
@@ -50,9 +50,9 @@ from triton.backends.driver import DriverBase  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-MODULES = ("mom_lit.ops.triton.common", "mom_lit.ops.triton.forward", "mom_lit.ops.triton.backward",
-           "mom_lit.ops.triton.decode", "mom_lit.ops.triton.scan", "mom_lit.ops.triton.chunk_index",
-           "mom_lit.ops.layer_triton")
+MODULES = ("mom_lit.ops.scan.triton.common", "mom_lit.ops.scan.triton.forward", "mom_lit.ops.scan.triton.backward",
+           "mom_lit.ops.decode.kernels", "mom_lit.ops.scan.triton.scan", "mom_lit.ops.scan.triton.chunk_index",
+           "mom_lit.ops.stage_launch", "mom_lit.ops.slots.kernels", "mom_lit.ops.slots.gates", "mom_lit.ops.mix.kernels")
 
 
 class CompileOnlyDriver(DriverBase):
@@ -144,7 +144,7 @@ RULES = {"linear": (False, False), "simple_gla": (True, False), "delta": (False,
 
 
 def run_scan(rec: Recorder, quick: bool):
-    from mom_lit.ops.triton.scan import triton_scan
+    from mom_lit.ops.scan.triton.scan import triton_scan
 
     dims = [(64, 64), (128, 128), (256, 256)] + ([] if quick else [(128, 96)])
     dtypes = [torch.float32, torch.bfloat16] + ([] if quick else [torch.float16])
@@ -170,7 +170,7 @@ def run_scan(rec: Recorder, quick: bool):
 
 
 def run_decode(rec: Recorder, quick: bool):
-    from mom_lit.ops.triton.decode import triton_decode_step
+    from mom_lit.ops.decode.kernels import triton_decode_step
 
     shapes = [(4, 256, 256), (2, 128, 128), (2, 64, 64)] + ([] if quick else [(1, 128, 96)])
     for rule, (H, K, V), dtype, conv in itertools.product(
@@ -197,17 +197,17 @@ def run_decode(rec: Recorder, quick: bool):
 
 def run_layer_stages(rec: Recorder, quick: bool):
     from mom_lit.layout import build_layout
-    from mom_lit.norm import mix_gated_rms_norm
-    from mom_lit.ops import layer_triton
-    from mom_lit.ops.conv import slot_conv
+    from mom_lit.ops.mix import mix_gated_rms_norm
+    from mom_lit.ops.slots.gates import scalar_gates
+    from mom_lit.ops.stage_launch import DEFAULT_LAUNCH
+    from mom_lit.ops.slots import slot_conv
 
     shapes = [(4, 256, 256), (2, 128, 128), (2, 64, 64)] + ([] if quick else [(2, 128, 96)])
-    library_launch = layer_triton.LAUNCH
     for (H, K, V), dtype, width, gated, tokens, dx_kernel in itertools.product(
             shapes, (torch.float32, torch.bfloat16), (4, 2), (True, False), (37, 128), ("taps", "tiles")):
         rec.case = (f"layer H{H} K{K} V{V} {str(dtype)[6:]} W={width} gate={int(gated)} N={tokens} "
                     f"dx_kernel={dx_kernel}")
-        layer_triton.LAUNCH = dataclasses.replace(library_launch, dx_kernel=dx_kernel)
+        launch = dataclasses.replace(DEFAULT_LAUNCH, dx_kernel=dx_kernel)
         S, J = 5, 3
 
         def rand(*shape):
@@ -218,14 +218,14 @@ def run_layer_stages(rec: Recorder, quick: bool):
         q_src, kv_src = rand(tokens, H * K), rand(tokens * S, H * (K + V + 2))
         weight = rand(H * (2 * K + V), width)
         outs = list(slot_conv(q_src, kv_src, weight, layout.token, layout.token * S + layout.memory,
-                              layout.position, layout.rank, H, K, V, 2 * H))
+                              layout.position, layout.rank, H, K, V, 2 * H, launch=launch))
         o = rand(layout.token.numel(), H, V)
         gate = rand(tokens, H, V) if gated else None
         routing = torch.rand(tokens, J).to(dtype).requires_grad_()
-        outs.append(mix_gated_rms_norm(o, layout.rank, routing, gate, torch.ones(V, dtype=dtype), 1e-5))
-        outs += layer_triton.scalar_gates(outs[3], rand(H), rand(H), H, True)  # the gate columns of each slot
+        outs.append(mix_gated_rms_norm(o, layout.rank, routing, gate, torch.ones(V, dtype=dtype), 1e-5,
+                                       launch=launch))
+        outs += scalar_gates(outs[3], rand(H), rand(H), H, True)  # the gate columns of each slot
         torch.autograd.backward([t.float().sum() for t in outs])
-    layer_triton.LAUNCH = library_launch
 
 
 # ----------------------------------------------------------------------------------------------------------------

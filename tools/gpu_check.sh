@@ -81,7 +81,7 @@ for step in $STEPS; do
             tests/test_fused_blocks.py tests/test_model_gpu.py ;;
     layer)
         run layer "${LAYER_S:-240}" python tools/bench_layer.py --sections layer --skip fla --out "$OUT/layer.md"
-        MOM_LIT_SLOT_KERNELS=0 run layer_reference_stages "${LAYER_S:-240}" python tools/bench_layer.py \
+        run layer_reference_stages "${LAYER_S:-240}" python tools/bench_layer.py --stages reference \
             --sections layer --skip fla,SDPA,GDN --out "$OUT/layer_reference_stages.md"
         run layer_lean "${LAYER_S:-240}" python tools/bench_layer.py --sections layer \
             --activation-memory lean --skip fla,SDPA,GDN --out "$OUT/layer_lean.md"

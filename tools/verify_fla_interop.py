@@ -423,11 +423,12 @@ def _worst_step(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, str]:
 @contextlib.contextmanager
 def our_backend(ours, backend: str):
     """Run ``ours`` with another scan backend (``eager``: the plain-torch reference) for a while."""
-    saved, ours.config.backend = ours.config.backend, backend
+    saved = dict(ours.plans.overrides)
+    ours.configure_paths(**{**saved, "backend": backend})
     try:
         yield
     finally:
-        ours.config.backend = saved
+        ours.configure_paths(**saved)
 
 
 def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp32=None, stable: bool = False,
@@ -466,11 +467,11 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
             report.add(name, dtype_name, f"ours vs ours fp32 T={length}", *errors(out, own), floor,
                        note=f"ours-internal: our own bf16 error, beside the floor (fla's own); "
                             f"{_flips(low, high)}")
-        if ours.config.backend != "eager":
+        if ours.plans.config.backend != "eager":
             with torch.no_grad(), our_backend(ours, "eager"):
                 eager = ours(ids).logits.float()
             report.add(name, dtype_name, f"ours vs ours eager T={length}", *errors(out, eager), floor,
-                       note=f"ours-internal: backend {ours.config.backend} against the plain-torch reference")
+                       note=f"ours-internal: backend {ours.plans.config.backend} against the plain-torch reference")
         if chunked:
             report.add(name, dtype_name, f"prefill T={length} vs fla recurrent", *errors(out, recurrent), floor,
                        note="fla forced to its fused-recurrent mode")
@@ -499,7 +500,7 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
             our_logits = _our_steps(ours, prompt, fla_greedy)
             our_full = ours(full_ids).logits[:, args.prompt_len:].float()
             our_eager = None
-            if ours.config.backend != "eager":
+            if ours.plans.config.backend != "eager":
                 with our_backend(ours, "eager"):
                     our_eager = _our_steps(ours, prompt, fla_greedy)
 
@@ -520,7 +521,7 @@ def compare(name, fla_model, ours, args, report: Report, dtype_name: str, fla_fp
                  "ours-internal: our cache path against our prefill of prompt + fed tokens")
         if our_eager is not None:
             step_row("ours steps vs ours eager steps", our_logits, our_eager,
-                     f"ours-internal: backend {ours.config.backend} against the plain-torch reference")
+                     f"ours-internal: backend {ours.plans.config.backend} against the plain-torch reference")
     except Exception as error:
         traceback.print_exc()
         report.add(name, dtype_name, "decode", None, None, note=f"fla failed: {type(error).__name__}: {error}")
@@ -590,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             fla_fp32.save_pretrained(saved)
 
             # The other direction: our export of the imported model, read back by fla.
-            ours_fp32, ours_fp32_config = load_fla(saved, dtype=torch.float32, device=device)
-            ours_fp32_config.backend = backend
+            ours_fp32, _ = load_fla(saved, dtype=torch.float32, device=device)
+            ours_fp32.configure_paths(backend=backend)
             exported = save_fla(ours_fp32, Path(tmp) / f"{name}_export")
             reloaded = cls.from_pretrained(exported).to(device).eval()
             ids = torch.randint(0, args.vocab, (args.batch, args.lengths[0]),
@@ -603,8 +604,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for dtype_name in args.dtypes.split(","):
                 dtype = dtypes[dtype_name]
-                ours, ours_config = load_fla(saved, dtype=dtype, device=device)
-                ours_config.backend = backend
+                ours, _ = load_fla(saved, dtype=dtype, device=device)
+                ours.configure_paths(backend=backend)
                 if dtype == torch.float32:
                     fla_model = fla_fp32
                 else:

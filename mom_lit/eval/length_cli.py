@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> list[dict]:
     device = torch.device(args.device)
     loaded = load_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
     model = loaded.model.eval()
-    model.config.backend = args.backend or ("auto" if device.type == "cuda" else "eager")
+    model.configure_paths(backend=args.backend or ("auto" if device.type == "cuda" else "eager"))
     tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer or "byte")
     if args.split is not None:
         if args.text:

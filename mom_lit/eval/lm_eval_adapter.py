@@ -119,8 +119,7 @@ class MoMEvalLM(TemplateLM):
             model = model.to(self._device, DTYPES[dtype]) if dtype else model.to(self._device)
         self.model = model.eval()
         if backend is not None:
-            # Every layer holds the same config object: one assignment switches the whole model's scan backend.
-            self.model.config.backend = backend
+            self.model.configure_paths(backend=backend)
         self.tok = load_tokenizer(tokenizer if tokenizer is not None else (recorded or "byte"))
         if self.tok.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"tokenizer {self.tok.name!r} needs {self.tok.vocab_size} embedding rows but the model "

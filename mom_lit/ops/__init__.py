@@ -1,7 +1,3 @@
-"""Memory-recurrence ops: the token-by-token oracle, the chunked reference and the dispatching ``scan``."""
-
-from mom_lit.ops.chunk import chunk_scan
-from mom_lit.ops.dispatch import BACKENDS, scan
-from mom_lit.ops.recurrent import recurrent_scan
-
-__all__ = ["BACKENDS", "chunk_scan", "recurrent_scan", "scan"]
+"""The stages of the MoM layer, one folder each: ``scan`` (the memory recurrence), ``slots`` (the scan's inputs),
+``mix`` (weighted sum and gated norm of the outputs) and ``decode`` (one token). Each holds its plain-torch
+reference, its Triton kernels and autograd functions, and exports its public functions from its ``__init__``."""

@@ -66,20 +66,23 @@ def matmul_flops_per_token(config: MoMConfig) -> int:
     return 2 * (c.num_layers * per_layer + hidden * c.vocab_size)
 
 
-def scan_flops_per_token(config: MoMConfig) -> int:
+def scan_flops_per_token(config: MoMConfig, chunk_size: int | None = None) -> int:
     """Forward FLOPs of the chunked recurrence per token, summed over heads, active memories and layers.
 
     Per head and chunk of C tokens, a token costs its share of the inter-chunk state products (read q S, the
     state update k^T v, plus k S for the delta rules: 2 K V each) and of the intra-chunk (C x C) products
-    over keys and values (2 C (K + V)).
+    over keys and values (2 C (K + V)). ``chunk_size``: the chunk length of the scan that runs
+    (``ExecutionPlan.chunk_size``: the Triton tile on GPUs); default ``config.chunk_size``.
     """
     c = config
     k, v = c.head_dim, c.head_v_dim
     state_products = 3 if c.update_rule in ("gated_delta", "delta") else 2
-    per_head = 2 * state_products * k * v + 2 * c.chunk_size * (k + v)
+    chunk = c.chunk_size if chunk_size is None else chunk_size
+    per_head = 2 * state_products * k * v + 2 * chunk * (k + v)
     return c.num_layers * active_streams(c) * c.num_heads * per_head
 
 
-def training_flops_per_token(config: MoMConfig) -> int:
-    """Forward + backward FLOPs per trained token (backward = 2x forward)."""
-    return 3 * (matmul_flops_per_token(config) + scan_flops_per_token(config))
+def training_flops_per_token(config: MoMConfig, chunk_size: int | None = None) -> int:
+    """Forward + backward FLOPs per trained token (backward = 2x forward); ``chunk_size`` as
+    :func:`scan_flops_per_token`."""
+    return 3 * (matmul_flops_per_token(config) + scan_flops_per_token(config, chunk_size))

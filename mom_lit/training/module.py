@@ -12,8 +12,8 @@ from torchmetrics import MeanMetric
 
 from mom_lit.config import MoMConfig
 from mom_lit.interop.init_weights import load_init_weights
-from mom_lit.layer import MoMLayer
 from mom_lit.model import MoMBlock, MoMForCausalLM, MoMOutput
+from mom_lit.plan import resolve_plan
 from mom_lit.training.faults import NONFINITE_POLICIES, NonFiniteStepError, describe_nonfinite, step_is_finite
 from mom_lit.training.flops import training_flops_per_token
 from mom_lit.training.metrics import SliceAccuracy
@@ -156,9 +156,7 @@ class MoMLightningModule(L.LightningModule):
             apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, MoMBlock))
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDPStrategy):
-            for layer in self.model.modules():
-                if isinstance(layer, MoMLayer):
-                    layer.compile_stages = False
+            self.model.configure_paths(compile_stages=False)
         if isinstance(strategy, ModelParallelStrategy):
             shard_blocks(self.model, strategy.device_mesh["data_parallel"])
         if self.hparams.compile:
@@ -193,8 +191,10 @@ class MoMLightningModule(L.LightningModule):
         return result
 
     def on_train_start(self) -> None:
+        # the FLOPs of the scan that runs here: the Triton tile on a GPU, the config's chunk length elsewhere
+        chunk = resolve_plan(self.model.plans.config, self.device, torch.float32, trial_run=False).chunk_size
         self._throughput = TokenThroughput.for_device(
-            self.hparams.throughput_window, training_flops_per_token(self.config), self.device,
+            self.hparams.throughput_window, training_flops_per_token(self.config, chunk), self.device,
             str(self.trainer.precision))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

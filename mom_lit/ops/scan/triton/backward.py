@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import (chunk_rows, chunk_tile, load_gates, load_state, mm, mm32, rows_tile,
+from mom_lit.ops.scan.triton.common import (chunk_rows, chunk_tile, load_gates, load_state, mm, mm32, rows_tile,
                                       state_program, store_chunk_tile, store_state)
 
 __all__ = ["dqk_kernel", "du_local_kernel", "state_bwd_kernel", "wy_bwd_kernel"]

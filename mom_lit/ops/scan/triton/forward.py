@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mom_lit.ops.triton.common import (chunk_rows, chunk_tile, load_gates, load_state, mm, mm32, state_program,
+from mom_lit.ops.scan.triton.common import (chunk_rows, chunk_tile, load_gates, load_state, mm, mm32, state_program,
                                       store_chunk_tile, store_state)
 
 __all__ = ["output_kernel", "state_fwd_kernel", "state_recompute_kernel", "wy_apply_kernel", "wy_solve_kernel"]

@@ -5,7 +5,7 @@ The sorted layout keeps each memory's slots contiguous (``layout.py``), so slot 
 memories without a loop and without projecting a token for memories it did not select. Its backward is two more
 grouped products (input and weight gradients); the input gradient of a token adds its J slots through the
 inverse slot permutation (a Triton gather-sum, never a scatter-add: this path runs next to the slot kernels).
-The autograd function around them is the slot stage's (``mom_lit.ops.conv.projected_slot_conv``).
+The autograd function around them is the slot stage's (``mom_lit.ops.slots.stage.projected_slot_conv``).
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ def grouped_kernels_on(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] in _GROUPED_KERNEL_MAJORS
 
 
-def grouped_mm_available(x: torch.Tensor, out_features: int) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands as one sync-free grouped kernel: bf16 on a CUDA device with
-    grouped kernels (fp32 or bf16 on CPU), rows of x and of the output a multiple of 16 bytes (its kernels require
-    16-byte strides)."""
-    if not hasattr(torch, "_grouped_mm") or not grouped_kernels_on(x.device):
+def grouped_mm_available(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes (rows, in_features) operands of ``dtype`` on ``device`` as one sync-free
+    grouped kernel: bf16 on a CUDA device with grouped kernels (fp32 or bf16 on CPU), rows of the input and of the
+    output a multiple of 16 bytes (its kernels require 16-byte strides)."""
+    device = torch.device(device)
+    if not hasattr(torch, "_grouped_mm") or not grouped_kernels_on(device):
         return False
-    dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)
-    row_bytes = x.element_size()
-    return x.dtype in dtypes and (x.shape[1] * row_bytes) % 16 == 0 and (out_features * row_bytes) % 16 == 0
+    dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    row_bytes = torch.empty((), dtype=dtype).element_size()
+    return dtype in dtypes and (in_features * row_bytes) % 16 == 0 and (out_features * row_bytes) % 16 == 0
 
 
 def project_slots(x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -42,12 +43,12 @@ def project_slots(x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, en
 
 
 def project_slots_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, token: torch.Tensor,
-                           rank: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           rank: torch.Tensor, ends: torch.Tensor, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (N_tok, D) of x and (S, P, D) of weight from the (L, P) gradient of :func:`project_slots`."""
-    from mom_lit.ops.layer_triton import slot_sum  # Triton is imported only where its kernels run
+    from mom_lit.ops.slots.kernels import slot_sum  # Triton is imported only where its kernels run
 
     dy = dy.contiguous()
     dx_slot = torch._grouped_mm(dy, weight, offs=ends)  # (L, D)
-    dx = slot_sum(dx_slot, rank, x.shape[0])  # (L, D) -> (N_tok, D): a token's J slots, read through rank
+    dx = slot_sum(dx_slot, rank, x.shape[0], launch)  # (L, D) -> (N_tok, D): a token's J slots, read through rank
     dweight = torch._grouped_mm(dy.t(), x[token], offs=ends)  # (S, P, D); empty groups give zeros
     return dx, dweight

@@ -16,17 +16,16 @@ by default not kept: the backward recomputes it with one more sequential pass th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from mom_lit.ops.recurrent import check_scan_inputs
-from mom_lit.ops.triton import backward as bwd
-from mom_lit.ops.triton import forward as fwd
-from mom_lit.ops.triton.chunk_index import ChunkIndex, build_chunk_index
-from mom_lit.ops.triton.common import BT, dot_mode
+from mom_lit.ops.scan.recurrent import check_scan_inputs
+from mom_lit.ops.scan.triton import backward as bwd
+from mom_lit.ops.scan.triton import forward as fwd
+from mom_lit.ops.scan.triton.chunk_index import ChunkIndex, build_chunk_index
+from mom_lit.ops.scan.triton.common import BT, dot_mode
 
 __all__ = ["triton_scan"]
 
@@ -59,7 +58,7 @@ class Launch:
                 raise ValueError(f"Launch.{name} must be 0 or a power of two >= 16, got {value}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchConfig:
     """Launch settings of every kernel: the fastest of ``tools/bench_kernels.py --sweep`` (and ``--sweep-tiles`` for
     the per-chunk kernels' tile widths) on an H200, bf16, K = V = 256 (see BENCHMARKS.md); every setting there fits
@@ -100,11 +99,10 @@ class LaunchConfig:
             raise ValueError(f"wy_products must be 'tf32' or 'input', got {self.wy_products!r}")
 
 
-LAUNCH = LaunchConfig()
+DEFAULT_LAUNCH = LaunchConfig()
+"""The library's launch settings (``triton_scan(launch=None)``)."""
 
 _RECOMPUTE = ("none", "states", "wy")
-RECOMPUTE = "states"
-"""Default of ``triton_scan(recompute=...)``: the chunk start states are rebuilt in the backward."""
 
 
 def _options(launch: Launch, mode: int) -> dict[str, int]:
@@ -115,14 +113,14 @@ def _block(dim: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
-def _wy_low(dtype: torch.dtype, K: int, V: int) -> bool:
+def _wy_low(cfg: LaunchConfig, dtype: torch.dtype, K: int, V: int) -> bool:
     """Whether the products with the triangular inverse round their operands to the input precision.
 
     Only with key and value dims of at least 64 (full 64-wide tiles): with Triton 3.6 on an H200, wy_apply's bf16
     products faulted (illegal memory access) at (K, V) = (32, 16), (48, 16), (64, 16), (64, 32) and (128, 16),
     while (32, 32), (32, 64) and every dim >= 64 ran correctly; narrower dims keep fp32 operands.
     """
-    return LAUNCH.wy_products == "input" and dtype == torch.bfloat16 and min(K, V) >= 64
+    return cfg.wy_products == "input" and dtype == torch.bfloat16 and min(K, V) >= 64
 
 
 def _chunk_blocks(K: int, V: int, block_k: int = 0, block_v: int = 0) -> tuple[int, int]:
@@ -139,10 +137,10 @@ def _chunk_blocks(K: int, V: int, block_k: int = 0, block_v: int = 0) -> tuple[i
     return BK, max(BV, BK) if V < 64 else BV
 
 
-def _state_block_v(V: int, launch: Launch) -> int:
-    """V-block of a sequential pass: its launch's ``block_v``, else ``LAUNCH.state_block_v``; at most 64 and the
+def _state_block_v(V: int, launch: Launch, cfg: LaunchConfig) -> int:
+    """V-block of a sequential pass: its launch's ``block_v``, else ``cfg.state_block_v``; at most 64 and the
     padded V."""
-    return min(_block(V), launch.block_v or LAUNCH.state_block_v)
+    return min(_block(V), launch.block_v or cfg.state_block_v)
 
 
 def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
@@ -151,7 +149,7 @@ def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
     return {"BK": BK, "BV": BV}
 
 
-def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
+def _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
     """Packed inputs (T, H, *) -> o, final states, and what the backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
@@ -161,27 +159,27 @@ def _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
 
-    gamma, tinv = _solve(k, g, beta, index, cu)
+    gamma, tinv = _solve(cfg, k, g, beta, index, cu)
     w = u = None
     if is_delta:
-        w, u = _wy_apply(k, v, beta, gamma, tinv, index, cu)
+        w, u = _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu)
 
-    h, ht = _state_pass(k, v, w, u, gamma, h0, index, cu, output_final_state, u_final=False)
+    h, ht = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, output_final_state, u_final=False)
     o = _empty(T, H, V, dtype=v.dtype, device=q.device)
     if NC > 0:
-        tiles = _tiles(LAUNCH.output, K, V)
+        tiles = _tiles(cfg.output, K, V)
         fwd.output_kernel[(NC * triton.cdiv(V, tiles["BV"]), H)](
             q, k, v, u if is_delta else dummy, gamma if use_g else dummy, h, o, index.chunk_seg, index.chunk_start,
             cu, scale,
             H=H, K=K, V=V, **tiles, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            **_options(LAUNCH.output, mode))
+            **_options(cfg.output, mode))
     keep_wy = recompute != "wy"
     saved = (index, gamma, tinv if keep_wy else None, w if keep_wy else None, u if keep_wy else None,
              h if recompute == "none" else None)
     return o, ht, saved
 
 
-def _solve(k, g, beta, index, cu):
+def _solve(cfg, k, g, beta, index, cu):
     """The (T, H) fp32 in-chunk cumulative log-decay gamma (None without g) and, for the delta rules, the (T, H, BT)
     fp32 inverse of each chunk's unit lower-triangular system (None otherwise)."""
     T, H, K = k.shape
@@ -195,11 +193,11 @@ def _solve(k, g, beta, index, cu):
             k, g if use_g else dummy, beta if is_delta else dummy, gamma if use_g else dummy,
             tinv if is_delta else dummy, index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, BK=_block(K), USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            **_options(LAUNCH.wy_solve, mode))
+            **_options(cfg.wy_solve, mode))
     return gamma, tinv
 
 
-def _wy_apply(k, v, beta, gamma, tinv, index, cu):
+def _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu):
     """W = Tinv diag(beta Gamma) K (T, H, K) and Uv = Tinv diag(beta) V (T, H, V), in the input precision."""
     T, H, K = k.shape
     V = v.shape[-1]
@@ -212,11 +210,11 @@ def _wy_apply(k, v, beta, gamma, tinv, index, cu):
             k, v, beta, gamma if gamma is not None else k.new_empty(1, dtype=torch.float32), tinv, w, u,
             index.chunk_seg, index.chunk_start, cu,
             H=H, K=K, V=V, BK=BK, BV=BV, USE_G=gamma is not None, MODE=mode,
-            LOW=_wy_low(k.dtype, K, V), **_options(LAUNCH.wy_apply, mode))
+            LOW=_wy_low(cfg, k.dtype, K, V), **_options(cfg.wy_apply, mode))
     return w, u
 
 
-def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
+def _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     """The sequential pass: (NC, H, K, V) start state of every chunk and the (N, H, K, V) fp32 final states.
 
     ``u_final=False`` (forward): u holds Uv and is turned into U = Uv - W S0 in place. ``u_final=True``: u already
@@ -230,9 +228,9 @@ def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     dummy = k.new_empty(1, dtype=torch.float32)
     h = _empty(index.max_chunks, H, K, V, dtype=k.dtype, device=k.device)
     ht = _empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
-    launch = LAUNCH.state_recompute if u_final else LAUNCH.state_fwd
+    launch = cfg.state_recompute if u_final else cfg.state_fwd
     kernel = fwd.state_recompute_kernel if u_final else fwd.state_fwd_kernel
-    BVS = _state_block_v(V, launch)
+    BVS = _state_block_v(V, launch, cfg)
     kernel[(N * H * triton.cdiv(V, BVS),)](
         k, v, w if is_delta else dummy, u if is_delta else dummy, gamma if use_g else dummy, h,
         h0 if h0 is not None else dummy, ht if ht is not None else dummy, index.chunk_offsets,
@@ -242,15 +240,15 @@ def _state_pass(k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     return h, ht
 
 
-def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
+def _backward(cfg, do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     index, gamma, tinv, w, u, h = saved
     index: ChunkIndex
     if beta is not None and w is None:  # W, U and Tinv were not kept: rebuild them, then U and the states in one pass
-        tinv = _solve(k, g, beta, index, cu)[1]
-        w, u = _wy_apply(k, v, beta, gamma, tinv, index, cu)
-        h, _ = _state_pass(k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=False)
+        tinv = _solve(cfg, k, g, beta, index, cu)[1]
+        w, u = _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu)
+        h, _ = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=False)
     elif h is None:
-        h, _ = _state_pass(k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=True)
+        h, _ = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=True)
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -265,25 +263,25 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     grad_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     du = _empty(T, H, V, dtype=grad_dtype, device=q.device)
     if NC > 0:
-        tiles = _tiles(LAUNCH.du_local, K, V)
+        tiles = _tiles(cfg.du_local, K, V)
         bwd.du_local_kernel[(NC * triton.cdiv(V, tiles["BV"]), H)](
             q, k, gamma if use_g else dummy, do, du, index.chunk_seg, index.chunk_start, cu, scale,
             H=H, K=K, V=V, **tiles, USE_G=use_g, MODE=mode,
-            **_options(LAUNCH.du_local, mode))
+            **_options(cfg.du_local, mode))
     dh = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    BVS = _state_block_v(V, LAUNCH.state_bwd)
+    BVS = _state_block_v(V, cfg.state_bwd, cfg)
     bwd.state_bwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy, index.chunk_offsets,
         index.longest_first, cu, scale,
         H=H, K=K, V=V, BKS=_block(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **_options(LAUNCH.state_bwd, mode))
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **_options(cfg.state_bwd, mode))
 
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(T, H, K, dtype=grad_dtype if is_delta else k.dtype, device=q.device)
     dw = _empty(T, H, K, dtype=grad_dtype, device=q.device) if is_delta else dummy
-    dqk_tiles = _tiles(LAUNCH.dqk, K, V)
+    dqk_tiles = _tiles(cfg.dqk, K, V)
     dgam_parts = triton.cdiv(K, dqk_tiles["BK"])  # dqk writes one dgamma slice per key block
     dgam = _empty(dgam_parts, T, H, dtype=torch.float32, device=q.device) if use_g else dummy
     if NC > 0:
@@ -291,7 +289,7 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             q, k, u if is_delta else v, gamma if use_g else dummy, h, dh, do, du, dq, dk, dw, dgam,
             index.chunk_seg, index.chunk_start, cu, scale, T * H,
             H=H, K=K, V=V, **dqk_tiles, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
-            **_options(LAUNCH.dqk, mode))
+            **_options(cfg.dqk, mode))
 
     dg = _empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
     dbeta = _empty(*beta.shape, dtype=beta.dtype, device=q.device) if is_delta else None
@@ -302,23 +300,24 @@ def _backward(do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             k, v, beta if is_delta else dummy, gamma if use_g else dummy, tinv if is_delta else dummy,
             dw, du, dk, dgam, dk_out, dv, dbeta if is_delta else dummy, dg if use_g else dummy,
             index.chunk_seg, index.chunk_start, cu, T * H,
-            H=H, K=K, V=V, **_tiles(LAUNCH.wy_bwd, K, V), DGAM_PARTS=dgam_parts, USE_G=use_g, IS_DELTA=is_delta,
-            MODE=mode, LOW=_wy_low(q.dtype, K, V), **_options(LAUNCH.wy_bwd, mode))
+            H=H, K=K, V=V, **_tiles(cfg.wy_bwd, K, V), DGAM_PARTS=dgam_parts, USE_G=use_g, IS_DELTA=is_delta,
+            MODE=mode, LOW=_wy_low(cfg, q.dtype, K, V), **_options(cfg.wy_bwd, mode))
     return dq, dk_out, dv, dg, dbeta, dh0
 
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute, rebuild_qkv):
-        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, cu, output_final_state, recompute)
+    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute, rebuild_qkv, cfg):
+        o, ht, saved = _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute)
         if rebuild_qkv is None:
             qkv_or_sources, ctx.rebuild = (q, k, v), None
         else:  # keep what q, k, v are rebuilt from (the caller keeps those anyway), not q, k, v
-            fn, sources = rebuild_qkv
-            qkv_or_sources, ctx.rebuild = tuple(sources), (fn, len(sources))
+            qkv_or_sources = rebuild_qkv.take_tensors()
+            ctx.rebuild = (rebuild_qkv, len(qkv_or_sources))
         ctx.save_for_backward(*qkv_or_sources, g, beta, h0, cu, *saved[1:], *saved[0][1:])  # index tensors last
         ctx.max_chunks = saved[0].max_chunks
         ctx.scale = scale
+        ctx.cfg = cfg
         return o, ht
 
     @staticmethod
@@ -327,14 +326,14 @@ class _TritonScan(torch.autograd.Function):
         if ctx.rebuild is None:
             (q, k, v), tensors = tensors[:3], tensors[3:]
         else:
-            fn, count = ctx.rebuild
-            (q, k, v), tensors = fn(*tensors[:count]), tensors[count:]
+            sources, count = ctx.rebuild
+            (q, k, v), tensors = sources.rebuild(*tensors[:count]), tensors[count:]
         g, beta, h0, cu, gamma, tinv, w, u, h, *index_tensors = tensors
         index = ChunkIndex(ctx.max_chunks, *index_tensors)
         dq, dk, dv, dg, dbeta, dh0 = _backward(
-            do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, beta, ctx.scale, h0, cu,
+            ctx.cfg, do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, beta, ctx.scale, h0, cu,
             (index, gamma, tinv, w, u, h))
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None
 
 
 def triton_scan(
@@ -351,21 +350,24 @@ def triton_scan(
     output_final_state: bool = True,
     chunk_size: int = 64,
     recompute: str | None = None,
-    rebuild_qkv: tuple[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Sequence[torch.Tensor]]
-    | None = None,
+    launch: LaunchConfig | None = None,
+    rebuild_qkv=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.recurrent.recurrent_scan`.
+    """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.scan.recurrent.recurrent_scan`.
 
-    ``recompute``: what the backward rebuilds instead of the forward keeping it (None: ``RECOMPUTE``):
+    ``recompute``: what the backward rebuilds instead of the forward keeping it (None: ``"states"``):
     ``"states"`` the chunk start states (one more sequential pass), ``"wy"`` also W, U and the chunks' triangular
     inverses of the delta rules (the solve and W/U kernels again and a heavier pass; 2 (K + V) bytes in bf16 and
     4 x 64 bytes of fp32 inverse less per scanned token and head),
     ``"none"`` nothing (fastest backward, most memory).
 
-    ``rebuild_qkv``: ``(fn, sources)`` where ``fn(*sources)`` gives back the packed (B*T, H, K|V) q, k, v exactly;
-    the forward then keeps ``sources`` instead of q, k, v (for a caller that keeps those sources anyway, such as
-    the MoM layer's slot stage, which derives q, k, v from the projections: 2K + V elements per token and head
-    less). ``fn`` must not capture tensors, so that activation checkpointing sees every saved tensor.
+    ``launch``: warps, pipelining and tile widths of every kernel (None: ``DEFAULT_LAUNCH``).
+
+    ``rebuild_qkv``: an object with ``take_tensors()`` (the tensors to keep, handed over once) and
+    ``rebuild(*tensors)`` (the packed (B*T, H, K|V) q, k, v exactly), such as the MoM slot stage's
+    ``mom_lit.ops.slots.QKVSources``; the forward then keeps those tensors instead of q, k, v (for a caller that keeps
+    them anyway: 2K + V elements per token and head less). It holds no tensor after ``take_tensors``, so that
+    activation checkpointing sees every saved tensor.
 
     q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H) or None; initial_state: (N, H, K, V) or None;
     cu_seqlens: (N + 1,) int offsets with B = 1. Returns o (B, T, H, V) in v's dtype and the (N, H, K, V) fp32
@@ -375,7 +377,7 @@ def triton_scan(
         raise ValueError("gk (per-key gate) is not supported by the Triton scan; use the chunked reference")
     if chunk_size != BT:
         raise ValueError(f"chunk_size must be {BT} for the Triton scan, got {chunk_size!r}")
-    recompute = RECOMPUTE if recompute is None else recompute
+    recompute = "states" if recompute is None else recompute
     if recompute not in _RECOMPUTE:
         raise ValueError(f"recompute must be one of {_RECOMPUTE}, got {recompute!r}")
     shapes = check_scan_inputs(q, k, v, g, None, beta, initial_state, cu_seqlens, scale)
@@ -396,5 +398,6 @@ def triton_scan(
     flat = lambda x, *tail: None if x is None else x.reshape(B * T, H, *tail).contiguous()  # noqa: E731
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     o, ht = _TritonScan.apply(flat(q, K), flat(k, K), flat(v, V), flat(g), flat(beta), scale, h0, cu,
-                              output_final_state, recompute, rebuild_qkv)
+                              output_final_state, recompute, rebuild_qkv,
+                              DEFAULT_LAUNCH if launch is None else launch)
     return o.view(B, T, H, V), ht

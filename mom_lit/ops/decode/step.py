@@ -8,7 +8,7 @@ before it is read with ``q * scale``. Only the selected states and conv rows cha
 O(J H K V) whatever the context length, and a caller that wants to branch from a cache clones it first.
 
 Backends (``backend`` as in :func:`mom_lit.ops.scan`): ``auto`` and ``triton`` run
-:func:`mom_lit.ops.triton.decode.triton_decode_step` on CUDA inputs; the per-key gate of the ``gla`` rule has no
+:func:`mom_lit.ops.decode.kernels.triton_decode_step` on CUDA inputs; the per-key gate of the ``gla`` rule has no
 Triton step and always takes the torch reference, as do CPU inputs and the ``compiled`` / ``eager`` backends.
 """
 
@@ -118,7 +118,7 @@ def decode_step(
     """
     kwargs = dict(a=a, b=b, a_log=a_log, dt_bias=dt_bias, scale=scale)
     if backend in ("auto", "triton") and gk is None and (q.is_cuda or backend == "triton"):
-        from mom_lit.ops.triton.decode import triton_decode_step
+        from mom_lit.ops.decode.kernels import triton_decode_step
 
         _log_choice("triton", f"{backend}: CUDA inputs" if q.is_cuda else backend)
         return triton_decode_step(q, k, v, memory, state, conv_state, conv_weight, **kwargs)

@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from mom_lit.ops.recurrent import check_scan_inputs, compute_dtype
+from mom_lit.ops.scan.recurrent import check_scan_inputs, compute_dtype
 
 __all__ = ["ChunkKernels", "EAGER_KERNELS", "assemble_output", "chunk_layout", "chunk_scan", "chunk_scan_with",
            "intra_chunk", "pass_states", "segsum"]
@@ -375,7 +375,7 @@ def chunk_scan(
     output_final_state: bool = True,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked form of :func:`mom_lit.ops.recurrent.recurrent_scan` (same arguments and results), eager.
+    """Chunked form of :func:`mom_lit.ops.scan.recurrent.recurrent_scan` (same arguments and results), eager.
 
     ``chunk_size`` is the chunk length ``C``; any positive value works, 64 balances the O(C^2) intra-chunk work
     against the number of sequential state steps.

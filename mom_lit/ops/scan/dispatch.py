@@ -1,13 +1,13 @@
 """The one public scan entry point: picks an implementation of the memory recurrence, logs the choice once.
 
 Backends:
-    eager     the chunked reference (``mom_lit.ops.chunk``) in plain PyTorch.
+    eager     the chunked reference (``mom_lit.ops.scan.chunk``) in plain PyTorch.
     compiled  the same, with its two batched stages (intra-chunk work, output assembly) run through
               ``torch.compile`` with only the chunk/step count symbolic: a new batch composition (other segment
               lengths or counts) reuses the compiled code (a count of exactly 1 is specialised once). The
               layout gathers and the short per-chunk state loop stay eager. Falls back to eager, with one
               warning, when compilation is unavailable or fails.
-    triton    ``mom_lit.ops.triton.triton_scan`` (CUDA).
+    triton    ``mom_lit.ops.scan.triton.triton_scan`` (CUDA).
     auto      triton for CUDA inputs when it is importable, the rule has no per-key gate and the inputs are not
               float64; compiled otherwise.
 
@@ -25,11 +25,10 @@ from typing import Callable
 import torch
 import torch.fx.experimental._config as fx_config
 
-from mom_lit.ops.chunk import EAGER_KERNELS, ChunkKernels, assemble_output, chunk_scan_with, intra_chunk
+from mom_lit.config import BACKENDS
+from mom_lit.ops.scan.chunk import EAGER_KERNELS, ChunkKernels, assemble_output, chunk_scan_with, intra_chunk
 
 __all__ = ["BACKENDS", "scan"]
-
-BACKENDS = ("auto", "compiled", "eager", "triton")
 
 logger = logging.getLogger("mom_lit")
 
@@ -85,7 +84,7 @@ def _fall_back_to_eager(error: BaseException) -> None:
 def _load_triton_scan():
     """The Triton scan, or None when its module is missing or cannot be imported here."""
     try:
-        from mom_lit.ops.triton import triton_scan
+        from mom_lit.ops.scan.triton import triton_scan
     except (ImportError, AttributeError):
         return None
     return triton_scan
@@ -107,28 +106,29 @@ def scan(
     chunk_size: int = 64,
     rebuild_qkv=None,
     recompute: str | None = None,
+    launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the memory recurrence with the chosen backend.
 
-    Arguments and results are those of :func:`mom_lit.ops.recurrent.recurrent_scan` (q, k: (B, T, H, K);
+    Arguments and results are those of :func:`mom_lit.ops.scan.recurrent.recurrent_scan` (q, k: (B, T, H, K);
     v: (B, T, H, V); optional g (B, T, H), gk (B, T, H, K), beta (B, T, H), initial_state (N, H, K, V),
     cu_seqlens (N+1,)) -> (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) fp32 or None), plus
-    ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends. ``rebuild_qkv`` and
-    ``recompute`` reach the Triton scan only (see :func:`mom_lit.ops.triton.triton_scan`); the other backends keep
-    what autograd keeps.
+    ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends. ``rebuild_qkv``,
+    ``recompute`` and ``launch`` reach the Triton scan only (see :func:`mom_lit.ops.scan.triton.triton_scan`); the
+    other backends keep what autograd keeps.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kwargs = dict(g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
                   output_final_state=output_final_state)
-    triton_only = {name: value for name, value in (("rebuild_qkv", rebuild_qkv), ("recompute", recompute))
-                   if value is not None}
+    triton_only = {name: value for name, value in (("rebuild_qkv", rebuild_qkv), ("recompute", recompute),
+                                                   ("launch", launch)) if value is not None}
 
     if backend in ("auto", "triton"):
         triton_scan = _load_triton_scan() if (q.is_cuda or backend == "triton") else None
         if backend == "triton":
             if triton_scan is None:
-                raise RuntimeError("backend='triton' was requested but mom_lit.ops.triton.triton_scan is not "
+                raise RuntimeError("backend='triton' was requested but mom_lit.ops.scan.triton.triton_scan is not "
                                    "importable; use backend='compiled' or 'auto'")
             _log_choice("triton", "requested")
             return triton_scan(q, k, v, **kwargs, **triton_only)

@@ -1,0 +1,58 @@
+"""The execution plan: every path of the MoM layer chosen in one place from the config, the device and the dtype,
+and overridden per model without touching the config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mom_lit import MoMConfig, MoMForCausalLM
+from mom_lit.ops.slots.grouped import grouped_mm_available
+from mom_lit.plan import resolve_plan
+from mom_lit.training.flops import scan_flops_per_token, training_flops_per_token
+
+
+def test_plan_follows_the_config_fields():
+    """Every path is one field of the plan, chosen from the config, the device and the dtype."""
+    base = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, num_layers=1)
+    cpu = resolve_plan(base, "cpu", torch.float32)
+    assert (cpu.scan, cpu.slots, cpu.mix, cpu.decode) == ("compiled", "eager", "torch", "torch")
+    assert cpu.chunk_size == base.chunk_size
+    forced = resolve_plan(dataclasses.replace(base, backend="triton", stages="triton", activation_memory="lean"),
+                          "cpu", torch.float32)
+    assert (forced.scan, forced.mix, forced.decode, forced.scan_recompute) == ("triton", "triton", "triton", "wy")
+    assert forced.chunk_size == 64  # the Triton tile
+    assert forced.slots == ("grouped" if grouped_mm_available("cpu", torch.float32, 32, 80) else "gathered")
+    dense = resolve_plan(dataclasses.replace(base, stages="triton", projections="dense"), "cpu", torch.float32)
+    assert dense.slots == "gathered"
+    assert resolve_plan(dataclasses.replace(base, stages="triton", conv_size=0), "cpu", torch.float32).slots == "eager"
+    assert resolve_plan(dataclasses.replace(base, stages="triton"), "cpu", torch.float64).mix == "torch"
+    gla = resolve_plan(dataclasses.replace(base, update_rule="gla"), "cpu", torch.float32)
+    assert gla.decode == "torch" and gla.scan == "compiled"
+    with pytest.raises(ValueError, match="scan_recompute"):
+        resolve_plan(base, "cpu", torch.float32, scan_recompute="all")
+
+
+def test_chunk_size_drives_the_chunked_scan_or_is_rejected_by_triton():
+    """The Triton scan's tile is fixed: an explicit Triton backend with another chunk length is an error naming the
+    field; the chunked reference runs the configured one; the FLOP count takes the chunk length that runs."""
+    cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_layers=1, chunk_size=16)
+    with pytest.raises(ValueError, match="MoMConfig.chunk_size=16"):
+        resolve_plan(dataclasses.replace(cfg, backend="triton"), "cpu", torch.float32)
+    assert resolve_plan(dataclasses.replace(cfg, backend="eager"), "cpu", torch.float32).chunk_size == 16
+    assert scan_flops_per_token(cfg, 64) - scan_flops_per_token(cfg) == cfg.num_layers * 3 * cfg.num_heads * 2 * 48 * 32
+    assert training_flops_per_token(cfg, 16) == training_flops_per_token(cfg)
+
+
+def test_path_overrides_leave_the_config_alone():
+    model = MoMForCausalLM(MoMConfig.from_preset("debug"))
+    config = dataclasses.replace(model.config)
+    model.configure_paths(backend="eager", stages="reference")
+    assert model.config == config
+    assert "scan=eager" in model.describe_paths()
+    with pytest.raises(ValueError, match="unknown path overrides"):
+        model.configure_paths(num_layers=8)
+    with pytest.raises(ValueError, match="MoMConfig.stages"):
+        model.configure_paths(stages="fast")
