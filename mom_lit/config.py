@@ -92,10 +92,9 @@ class MoMConfig:
     slot and head 3K + 2V elements and 64 fp32 values less (2K + V elements without a delta rule). ``lean``: as
     balanced, and the backward recomputes the grouped projections from the layer input (once, for the scan and the
     slot stage) instead of keeping them: neither the query projection nor the slots x heads x (K + V + 2) elements
-    of the per-stream ones. The reference 12-layer model at 8 x 2048 (bf16 weights, H200, graphed step): 16.9 GiB
-    fast, 10.9 GiB balanced at 0.91x fast's tokens/s, 8.5 GiB lean at 0.87x (BENCHMARKS.md). Triton path only;
-    under bf16-mixed autocast the projections run in bf16 from one cast of the layer input, so the same applies
-    (lean 10.6 GiB there, against 19.7 GiB, measured before fast took the grouped product too)."""
+    of the per-stream ones. Each step down trades speed for memory (BENCHMARKS.md, "Peak memory of the training step"). Triton path
+    only; under bf16-mixed autocast the projections run in bf16 from one cast of the layer input, so the same
+    applies."""
 
     stages: Stages = "auto"
     """The stages around the scan (slot inputs: gather, short convolution, norms, gates; mix: weighted sum of the
