@@ -138,7 +138,7 @@ def test_generate_command_names_the_bad_argument(tmp_path, args, message):
     code = generate_main(["--checkpoint", str(tmp_path / "unread.ckpt"), *args], out=io.StringIO(), err=err)
     assert code == 2
     lines = err.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"mom-lit generate: error: {message}"), lines
 
 
 def test_generate_command_refuses_a_fractional_token_count(tmp_path, capsys):
