@@ -247,7 +247,8 @@ def test_val_check_interval_longer_than_an_epoch_is_refused_in_one_line(tmp_path
                           "--trainer.val_check_interval=50")
 
 
-@pytest.mark.parametrize("override", ["--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=2"])
+@pytest.mark.parametrize("override", ["--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=2",
+                                      "--trainer.limit_val_batches=0"])
 def test_val_check_interval_within_an_epoch_or_across_epochs_is_accepted(tmp_path, tiny_prepared, override):
     cli = cli_main(fit_args(tmp_path, f"--data.init_args.data_dir={tiny_prepared}", "--data.init_args.batch_size=2",
                             "--trainer.val_check_interval=50", override)[1:], run=False)

@@ -34,10 +34,11 @@ def train_batches_bound(datamodule: Any, world_size: int) -> int | None:
 
 def check_val_check_interval(trainer: Any, datamodule: Any) -> None:
     """Raises ``ValueError`` when an integer ``trainer.val_check_interval`` exceeds the training batches of one
-    epoch while validation is counted per epoch (``check_val_every_n_epoch`` set): Lightning would refuse it
-    only after the run's folder is written."""
+    epoch while validation is counted per epoch (``check_val_every_n_epoch`` set) and runs (``limit_val_batches``
+    above 0): Lightning would refuse it only after the run's folder is written."""
     interval = trainer.val_check_interval
-    if not isinstance(interval, int) or isinstance(interval, bool) or trainer.check_val_every_n_epoch is None:
+    if (not isinstance(interval, int) or isinstance(interval, bool) or trainer.check_val_every_n_epoch is None
+            or trainer.limit_val_batches == 0):
         return
     bound = train_batches_bound(datamodule, trainer.world_size)
     if bound is None:
