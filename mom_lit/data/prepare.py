@@ -38,24 +38,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
-import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mom_lit.data import remote
 from mom_lit.data.sources import (
@@ -63,14 +56,15 @@ from mom_lit.data.sources import (
     SUPPORTED_SUFFIXES,
     CorpusStats,
     ScannedFile,
-    decode_text,
     discover,
-    jsonl_texts,
-    parquet_texts,
+    discover_sources,
+    iter_documents,
     python_library_dirs,
     scan,
 )
-from mom_lit.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_byte_level_bpe
+from mom_lit.data.token_writer import (TMP_PREFIX, Task, TokenizeWork, token_dtype, write_in_process,
+                                       write_with_optimize)
+from mom_lit.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer, train_byte_level_bpe
 
 __all__ = [
     "META_FILENAME",
@@ -92,103 +86,8 @@ TOKENIZER_FILENAME = "tokenizer.json"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 FORMAT = "mom_lit.tokens/2"
 _LOCK_NAME = ".mom_lit_prepare.lock"
-_TMP_PREFIX = ".tmp-"
-_ENCODE_BATCH = 256  # documents per encode_batch call
 _TASK_BYTES = 4 << 20  # text bytes per tokenising task: files are grouped up to this
 _TASK_FILES = 1024
-_KIND_BY_SUFFIX = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
-
-# One tokenising task: consecutive (file, how to read it, which of its documents to keep (N,) bool).
-Task = list[tuple[Path, str, np.ndarray]]
-
-
-def discover_sources(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
-    """Files to tokenise: the given files plus every supported file under the given folders, sorted per folder."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    return [source.path for source in discover(list(paths))]
-
-
-def iter_documents(
-    path: Path, text_field: str = "text", keep: np.ndarray | None = None, kind: str | None = None
-) -> Iterator[str]:
-    """Texts of the documents of ``path`` in file order, restricted to those where ``keep`` (bool, (N,)) is set.
-
-    ``kind`` is ``"text"`` (the file is one document), ``"jsonl"`` or ``"parquet"``; by default it follows the
-    suffix. Files must be UTF-8: anything else fails naming the file (nothing is replaced silently).
-    """
-    path = Path(path)
-    kind = kind or _KIND_BY_SUFFIX.get(path.suffix)
-    if kind is None:
-        raise ValueError(f"unsupported source {path}: expected one of {SUPPORTED_SUFFIXES}")
-    if kind == "parquet":
-        texts: Iterator[str] = iter(parquet_texts(path, text_field))
-    elif kind == "jsonl":
-        texts = (text for _, text in jsonl_texts(path, text_field))
-    else:
-        texts = iter([decode_text(path.read_bytes(), path)])
-    for row, text in enumerate(texts):
-        if keep is None or keep[row]:
-            yield text
-
-
-def token_dtype(vocab_size: int) -> torch.dtype:
-    """Narrowest stored integer type for ``vocab_size`` ids."""
-    return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
-
-
-class _TokenizeWork:
-    """The per-item function run by litdata workers: tokenise one task (a group of files) of one split.
-
-    ``item`` is an index into ``self.work``; passing indices (not paths) keeps litdata from treating the
-    inputs as files to download.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, work: list[Task], text_field: str, dtype: torch.dtype) -> None:
-        self.tokenizer = tokenizer
-        self.work = work
-        self.text_field = text_field
-        self.dtype = dtype
-
-    def _batches(self, item: int) -> Iterator[list[str]]:
-        """The task's non-empty documents in order, in lists of ``_ENCODE_BATCH``."""
-        texts: list[str] = []
-        for path, kind, keep in self.work[item]:
-            for text in iter_documents(path, self.text_field, keep, kind):
-                if not text:
-                    continue  # an empty document would only add a lone EOS
-                texts.append(text)
-                if len(texts) == _ENCODE_BATCH:
-                    yield texts
-                    texts = []
-        if texts:
-            yield texts
-
-    def _tensors(self, batch: list[list[int]]) -> Iterator[torch.Tensor]:
-        np_dtype = np.uint16 if self.dtype == torch.uint16 else np.int32
-        for ids in batch:
-            ids.append(self.tokenizer.eos_id)
-            yield torch.from_numpy(np.array(ids, dtype=np_dtype))  # numpy converts a list of ints ~4x faster
-
-    def __call__(self, item: int) -> Iterator[torch.Tensor]:
-        if isinstance(self.tokenizer, ByteTokenizer):
-            for texts in self._batches(item):
-                for text in texts:
-                    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-                    yield torch.from_numpy(np.append(data.astype(np.int32), self.tokenizer.eos_id)).to(self.dtype)
-            return
-        # A Hugging Face tokeniser encodes a batch on all cores without the GIL: the next batch is encoded in
-        # the background while this thread reads files and hands the previous one to the writer.
-        with ThreadPoolExecutor(1) as pool:
-            pending: Future[list[list[int]]] | None = None
-            for texts in self._batches(item):
-                submitted = pool.submit(self.tokenizer.encode_batch, texts)
-                if pending is not None:
-                    yield from self._tensors(pending.result())
-                pending = submitted
-            if pending is not None:
-                yield from self._tensors(pending.result())
-
 
 def read_meta(split_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``mom_lit_meta.json`` of a prepared split folder (a local path or a URL)."""
@@ -223,63 +122,6 @@ def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path)):
         yield
-
-
-class _DropVendorLines(io.TextIOBase):
-    """A stdout that forwards every line but litdata's account advertisement (printed by every ``optimize``
-    outside Lightning's hosted studios, with no option to turn it off)."""
-
-    PREFIX = "Create an account on https://lightning.ai/"
-
-    def __init__(self, stream):
-        self.stream, self.pending = stream, ""
-
-    def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            if not line.startswith(self.PREFIX):
-                self.stream.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        # A partial line is held until its newline (or the end), so the advertisement is never split in two.
-        self.stream.flush()
-
-    def close_out(self) -> None:
-        if self.pending and not self.pending.startswith(self.PREFIX):
-            self.stream.write(self.pending)
-        self.pending = ""
-        self.stream.flush()
-
-
-@contextlib.contextmanager
-def _isolated_optimize(cache_root: Path) -> Iterator[None]:
-    """Undo what ``litdata.optimize`` changes in the calling process.
-
-    It forces the multiprocessing start method, installs a SIGINT handler, exports ``DATA_OPTIMIZER_*``
-    variables and clears a cache folder shared by every run on the machine; a private cache folder and a
-    restore afterwards keep a preparation inside a training process from disturbing it.
-    """
-    saved_env = {k: v for k, v in os.environ.items() if k.startswith("DATA_OPTIMIZER_")}
-    saved_method = multiprocessing.get_start_method(allow_none=True)
-    main_thread = threading.current_thread() is threading.main_thread()
-    saved_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
-    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(cache_root / "chunks")
-    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(cache_root / "data")
-    stdout = _DropVendorLines(sys.stdout)
-    try:
-        with contextlib.redirect_stdout(stdout):
-            yield
-    finally:
-        stdout.close_out()
-        for key in [k for k in os.environ if k.startswith("DATA_OPTIMIZER_")]:
-            del os.environ[key]
-        os.environ.update(saved_env)
-        multiprocessing.set_start_method(saved_method, force=True)
-        if main_thread and saved_sigint is not None:
-            signal.signal(signal.SIGINT, saved_sigint)
-        shutil.rmtree(cache_root, ignore_errors=True)
 
 
 def _assign_splits(num_docs: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
@@ -362,7 +204,7 @@ def _install_tokenizer(tok: Tokenizer, out_dir: Path) -> tuple[Tokenizer, dict[s
         return tok, None
     final = out_dir / TOKENIZER_FILENAME
     if not (final.is_file() and final.read_bytes() == tok.path.read_bytes()):
-        tmp = out_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex[:8]}-{TOKENIZER_FILENAME}"
+        tmp = out_dir / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{TOKENIZER_FILENAME}"
         shutil.copyfile(tok.path, tmp)
         os.replace(tmp, final)
     installed = HFTokenizer(final, eos_token=tok.eos_token)
@@ -387,48 +229,6 @@ def _recipe(
     return json.loads(json.dumps(recipe))  # as read back from a file: tuples become lists
 
 
-def _write_in_process(tmp: Path, fn: _TokenizeWork, chunk_tokens: int, split: str, verbose: bool) -> None:
-    """The single-process path: litdata's chunk writer fed directly, no worker process to start."""
-    from litdata import TokensLoader
-    from litdata.streaming.writer import BinaryWriter
-    from tqdm.auto import tqdm
-
-    tmp.mkdir(parents=True)
-    writer = BinaryWriter(str(tmp), chunk_size=chunk_tokens, item_loader=TokensLoader())
-    written = 0
-    for item in tqdm(range(len(fn.work)), desc=f"tokenising {split}", unit="task", disable=not verbose):
-        for tokens in fn(item):
-            writer[written] = tokens
-            written += 1
-    if written:
-        writer.done()
-        writer.merge()
-    else:
-        (tmp / "index.json").write_text(json.dumps({"chunks": [], "config": None}))
-
-
-def _write_with_optimize(
-    tmp: Path, fn: _TokenizeWork, weights: list[int], chunk_tokens: int, workers: int, verbose: bool
-) -> None:
-    """The multi-process path: ``litdata.optimize`` with one task (a group of files) per item."""
-    from litdata import TokensLoader, optimize
-
-    with _isolated_optimize(tmp.parent / f"{_TMP_PREFIX}litdata-{uuid.uuid4().hex[:8]}"):
-        optimize(
-            fn=fn,
-            inputs=list(range(len(fn.work))),
-            output_dir=str(tmp),
-            weights=weights,
-            chunk_size=chunk_tokens,
-            item_loader=TokensLoader(),
-            num_workers=workers,
-            reorder_files=False,
-            keep_data_ordered=True,  # a static assignment of tasks to workers: reproducible chunks
-            start_method="spawn",
-            verbose=verbose,
-        )
-
-
 def _write_split(
     out_dir: Path,
     split: str,
@@ -441,17 +241,17 @@ def _write_split(
     chunk_tokens: int,
     verbose: bool,
 ) -> dict[str, Any]:
-    tmp = out_dir / f"{_TMP_PREFIX}{split}-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir / f"{TMP_PREFIX}{split}-{uuid.uuid4().hex[:8]}"
     dtype = token_dtype(tokenizer.vocab_size)
     work, sizes = _tasks(files, keeps, num_workers)
     weights = [max(1, size) for size in sizes]
-    fn = _TokenizeWork(tokenizer, work, text_field, dtype)
+    fn = TokenizeWork(tokenizer, work, text_field, dtype)
     workers = min(num_workers, len(work))
     try:
         if workers <= 1:
-            _write_in_process(tmp, fn, chunk_tokens, split, verbose)
+            write_in_process(tmp, fn, chunk_tokens, split, verbose)
         else:
-            _write_with_optimize(tmp, fn, weights, chunk_tokens, workers, verbose)
+            write_with_optimize(tmp, fn, weights, chunk_tokens, workers, verbose)
         index = json.loads((tmp / "index.json").read_text())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -668,7 +468,7 @@ def prepare_dataset(
                 if len(done) == len(todo):  # written by a concurrent run while this one waited for the lock
                     metas.update(done)
                     return {split: metas[split] for split in wanted}
-                for stale in out_dir.glob(_TMP_PREFIX + "*"):  # left by an interrupted run; the lock says none is live
+                for stale in out_dir.glob(TMP_PREFIX + "*"):  # left by an interrupted run; the lock says none is live
                     if stale.is_dir():
                         shutil.rmtree(stale, ignore_errors=True)
                     else:

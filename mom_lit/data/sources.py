@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "discover_sources",
+    "iter_documents",
     "BAD_FILE_POLICIES",
     "SUPPORTED_SUFFIXES",
     "CorpusStats",
@@ -373,3 +375,33 @@ def scan(
             "; ".join(bad_examples),
         )
     return kept
+
+
+def discover_sources(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
+    """Files to tokenise: the given files plus every supported file under the given folders, sorted per folder."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    return [source.path for source in discover(list(paths))]
+
+
+def iter_documents(
+    path: Path, text_field: str = "text", keep: np.ndarray | None = None, kind: str | None = None
+) -> Iterator[str]:
+    """Texts of the documents of ``path`` in file order, restricted to those where ``keep`` (bool, (N,)) is set.
+
+    ``kind`` is ``"text"`` (the file is one document), ``"jsonl"`` or ``"parquet"``; by default it follows the
+    suffix. Files must be UTF-8: anything else fails naming the file (nothing is replaced silently).
+    """
+    path = Path(path)
+    kind = kind or _KIND_BY_SUFFIX.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"unsupported source {path}: expected one of {SUPPORTED_SUFFIXES}")
+    if kind == "parquet":
+        texts: Iterator[str] = iter(parquet_texts(path, text_field))
+    elif kind == "jsonl":
+        texts = (text for _, text in jsonl_texts(path, text_field))
+    else:
+        texts = iter([decode_text(path.read_bytes(), path)])
+    for row, text in enumerate(texts):
+        if keep is None or keep[row]:
+            yield text
