@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tools_import import load_tool
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-import scale_runs  # noqa: E402
+scale_runs = load_tool("scale_runs")
 
 
 def free_port() -> int:
