@@ -3,55 +3,55 @@
 
 Plain autograd of ``RMSNorm`` keeps fp32 copies of its input and output (6x the bytes of a bf16 input), and the
 SwiGLU MLP keeps gate, up, SiLU(gate) and their product. Here the norm keeps x and 1/rms, the MLP keeps the
-gate|up projection only. On CUDA the elementwise bodies run through ``torch.compile`` (one fused kernel each
-instead of a pass per operation); elsewhere eagerly. Same arithmetic as the plain modules: fp32 inside, the
+gate|up projection only. The elementwise bodies run through ``torch.compile`` (one fused kernel each instead of
+a pass per operation) where the ``compile`` argument says so (default: on CUDA), elsewhere eagerly. Same arithmetic as the plain modules: fp32 inside, the
 output rounded once to the input dtype.
 """
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from mom_lit.norm import RMSNorm
 
-__all__ = ["FusedRMSNorm", "maybe_compiled", "rms_norm", "swiglu_mlp"]
-
-_COMPILED: dict = {}
+__all__ = ["FusedRMSNorm", "compiled_body", "rms_norm", "swiglu_mlp"]
 
 
-def maybe_compiled(fn, tensor: torch.Tensor):
-    """``torch.compile``d ``fn`` for CUDA tensors (built once), ``fn`` itself elsewhere. A compiler that fails
-    (at build or at its first call) is turned off for the process with a warning: the eager body gives the same
-    result, only slower."""
-    if not tensor.is_cuda or _COMPILED.get("disabled"):
-        return fn
-    if fn not in _COMPILED:
+def compiled_body(fn, tensor: torch.Tensor, compile: bool | None = None):
+    """``fn`` run through ``torch.compile`` where ``compile`` is true (None: for CUDA tensors), else ``fn`` itself.
+
+    The compiled body is built once per function (:func:`_compiled`). A compiler that fails raises, naming the
+    way to run these bodies eagerly; the eager body gives the same result, only slower.
+    """
+    if compile is None:
+        compile = tensor.is_cuda
+    return _compiled(fn) if compile else fn
+
+
+EAGER_ADVICE = ("run the norm, MLP and loss bodies eagerly with model.configure_paths(compile_blocks=False) (or "
+                "resolve_plan(..., compile_blocks=False))")
+
+
+@functools.cache
+def _compiled(fn):
+    try:
+        compiled = torch.compile(fn)
+    except Exception as error:  # noqa: BLE001 - re-raised with the way out
+        raise RuntimeError(f"torch.compile of {fn.__name__} failed ({type(error).__name__}: {error}); "
+                           f"{EAGER_ADVICE}") from error
+
+    @functools.wraps(fn)
+    def run(*args):
         try:
-            compiled = torch.compile(fn)
-        except Exception as error:  # pragma: no cover - depends on the installation
-            _disable(error)
-            return fn
+            return compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as error:  # the compiler's failures, not the body's
+            raise RuntimeError(f"torch.compile of {fn.__name__} failed ({type(error).__name__}: {error}); "
+                               f"{EAGER_ADVICE}") from error
 
-        def run(*args):
-            if _COMPILED.get("disabled"):
-                return fn(*args)
-            try:
-                return compiled(*args)
-            except Exception as error:  # pragma: no cover - depends on the installation
-                _disable(error)
-                return fn(*args)
-
-        _COMPILED[fn] = run
-    return _COMPILED[fn]
-
-
-def _disable(error: Exception) -> None:
-    _COMPILED["disabled"] = True
-    warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); the fused norm, MLP and loss bodies "
-                  "run eagerly", RuntimeWarning, stacklevel=3)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------- RMSNorm
@@ -72,22 +72,24 @@ def _norm_bwd(dy, x, weight, rstd):
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = maybe_compiled(_norm_fwd, x)(x, weight, eps)
+    def forward(ctx, x, weight, eps, compile):
+        y, rstd = compiled_body(_norm_fwd, x, compile)(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.compile = compile
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = maybe_compiled(_norm_bwd, x)(dy.contiguous(), x, weight, rstd)
-        return dx, dw.to(weight.dtype), None
+        dx, dw = compiled_body(_norm_bwd, x, ctx.compile)(dy.contiguous(), x, weight, rstd)
+        return dx, dw.to(weight.dtype), None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x) * weight`` over the last dim, as :class:`mom_lit.norm.RMSNorm`. x: (..., D); weight: (D,)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, compile: bool | None = None) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dim, as :class:`mom_lit.norm.RMSNorm`. x: (..., D); weight: (D,).
+    ``compile``: run the elementwise bodies through ``torch.compile`` (None: for CUDA inputs)."""
     shape = x.shape
-    return _RMSNorm.apply(x.reshape(-1, shape[-1]).contiguous(), weight, eps).view(shape)  # via (R, D)
+    return _RMSNorm.apply(x.reshape(-1, shape[-1]).contiguous(), weight, eps, compile).view(shape)  # via (R, D)
 
 
 # ------------------------------------------------------------------------------------------------- SwiGLU
@@ -108,33 +110,35 @@ class _SwiGLUDown(torch.autograd.Function):
     """``silu(gate) * up @ w_down.T`` from the gate|up projection h; keeps h only (the product is recomputed)."""
 
     @staticmethod
-    def forward(ctx, h, w_down):
-        p = maybe_compiled(_glu_fwd, h)(h)  # (R, I)
+    def forward(ctx, h, w_down, compile):
+        p = compiled_body(_glu_fwd, h, compile)(h)  # (R, I)
         ctx.save_for_backward(h, w_down)
+        ctx.compile = compile
         return p @ w_down.t()
 
     @staticmethod
     def backward(ctx, dout):
         h, w_down = ctx.saved_tensors
-        p = maybe_compiled(_glu_fwd, h)(h)
+        p = compiled_body(_glu_fwd, h, ctx.compile)(h)
         # The backward runs outside autocast: under mixed precision dout and h are bf16 while the weight is fp32,
         # so the products take the activations' dtype (as the autocast forward did) and dw the weight's.
         dw = (dout.t() @ p.to(dout.dtype)).to(w_down.dtype) if ctx.needs_input_grad[1] else None  # (D, I)
-        dh = (maybe_compiled(_glu_bwd, h)(dout @ w_down.to(dout.dtype), h)
+        dh = (compiled_body(_glu_bwd, h, ctx.compile)(dout @ w_down.to(dout.dtype), h)
               if ctx.needs_input_grad[0] else None)
-        return dh, dw
+        return dh, dw, None
 
 
-def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+               compile: bool | None = None) -> torch.Tensor:
     """``down(silu(gate) * up)`` with ``gate | up = x @ w_gate_up.T``. x: (..., D); w_gate_up: (2I, D);
-    w_down: (D, I)."""
+    w_down: (D, I). ``compile``: run the elementwise bodies through ``torch.compile`` (None: for CUDA inputs)."""
     shape = x.shape
     h = x.reshape(-1, shape[-1]) @ w_gate_up.t()  # (R, 2I)
-    return _SwiGLUDown.apply(h, w_down).view(*shape[:-1], w_down.shape[0])
+    return _SwiGLUDown.apply(h, w_down, compile).view(*shape[:-1], w_down.shape[0])
 
 
 class FusedRMSNorm(RMSNorm):
     """:class:`mom_lit.norm.RMSNorm` (same parameter, same output) through :func:`rms_norm`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, compile: bool | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, compile)

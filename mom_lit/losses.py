@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mom_lit.layout import count_values
-from mom_lit.fused import maybe_compiled
+from mom_lit.fused import compiled_body
 from mom_lit.router import Routing
 
 
@@ -93,12 +93,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     so neither the logits nor their gradient ever exist for all rows at once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compile):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        chunk = maybe_compiled(_ce_chunk, hidden)  # on CUDA one fused pass over each chunk's logits
+        chunk = compiled_body(_ce_chunk, hidden, compile)  # compiled: one fused pass over each chunk's logits
         for s in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
             loss, grad = chunk(h @ weight.t(), t, ignore_index, True)
@@ -116,11 +116,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = None if dh is None else dh * grad_total.to(dh.dtype)
         dw = None if dw is None else (dw * grad_total).to(ctx.weight_dtype)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_rows: int | None = None,
+                         compile: bool | None = None) -> torch.Tensor:
     """Summed cross entropy of the logits ``hidden @ weight.T`` against ``targets`` (rows equal to
     ``ignore_index`` add nothing), without materialising all logits: the rows go through in chunks of
     ``chunk_rows`` (default: about 2^26 logits), so memory holds one chunk's fp32 logits instead of
@@ -128,6 +129,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     hidden: (N, D); weight: (vocab, D); targets: (N,) int. Returns a 0-dim fp32 tensor, differentiable in
     ``hidden`` and ``weight`` (their gradients are computed during this call when autograd needs them).
+    ``compile``: run each chunk's loss and gradient through ``torch.compile`` (None: for CUDA inputs).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (N, D) and weight (vocab, D), got {tuple(hidden.shape)} and "
@@ -139,9 +141,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     targets = targets.long()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, compile)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    chunk = maybe_compiled(_ce_chunk, hidden)
+    chunk = compiled_body(_ce_chunk, hidden, compile)
     for s in range(0, hidden.shape[0], chunk_rows):
         total += chunk(hidden[s:s + chunk_rows] @ weight.t(), targets[s:s + chunk_rows], ignore_index, False)[0]
     return total

@@ -73,9 +73,9 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, compile: bool | None = None) -> torch.Tensor:
         # down(silu(gate) * up), keeping only the gate|up projection for the backward
-        return swiglu_mlp(x, self.gate_up.weight, self.down.weight)
+        return swiglu_mlp(x, self.gate_up.weight, self.down.weight, compile)
 
 
 class MoMBlock(nn.Module):
@@ -87,9 +87,10 @@ class MoMBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.mlp_hidden_size)
 
     def forward(self, x, seq_id, num_sequences, state=None, use_cache=False, plan=None):
-        h, aux = self.attn(self.attn_norm(x), seq_id, num_sequences, state, use_cache, plan=plan)
+        compile = plan.blocks == "compiled" if plan is not None else None
+        h, aux = self.attn(self.attn_norm(x, compile), seq_id, num_sequences, state, use_cache, plan=plan)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x, compile), compile)
         return x, aux
 
 
@@ -146,8 +147,9 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
     def configure_paths(self, **overrides) -> None:
         """Choose the layers' paths for this model other than its config does, without changing the config:
         ``backend``, ``stages``, ``projections``, ``compile_stages``, ``chunk_size`` (as the MoMConfig fields) and
-        the launch settings of :func:`mom_lit.plan.resolve_plan`. Call it before running the model (generation picks the
-        eager scan on CPU, FSDP turns the compiled stages off); each call starts from the config again."""
+        the explicit arguments of :func:`mom_lit.plan.resolve_plan` (launch settings, ``compile_blocks``). Call it
+        before running the model (generation picks the eager scan on CPU, FSDP turns the compiled stages off); each
+        call starts from the config again."""
         self.plans = PlanCache(self.config, **overrides)
 
     def plan_for(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ExecutionPlan:
@@ -303,7 +305,7 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
             if aux.routing is not None:
                 routings.append(aux.routing)
             new_states.append(aux.state)
-        hidden = self.norm(x)
+        hidden = self.norm(x, plan.blocks == "compiled")
         with_loss = labels is not None or targets is not None
         out = MoMOutput(hidden_states=hidden, _head_weight=self.lm_head.weight,
                         _logits=None if with_loss else self.lm_head(hidden))
@@ -332,7 +334,8 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
             targets = targets.reshape(-1).long()
             # Mean over the positions that have a target; 0 (not NaN) when none has, e.g. a batch of 1-token docs.
             # Chunked and fused with the LM head: the (B*T, vocab) fp32 logits and their gradient never exist.
-            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets)
+            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
+                                         compile=plan.blocks == "compiled")
             out.lm_loss = total / (targets != -100).sum().clamp(min=1)
             loss = out.lm_loss
             if out.aux_loss is not None and cfg.aux_loss_coef > 0:

@@ -58,6 +58,9 @@ class ExecutionPlan:
     """What the Triton scan's backward rebuilds instead of keeping (``triton_scan(recompute=...)``)."""
     chunk_size: int
     """Chunk length of the scan that runs: the Triton tile, or ``MoMConfig.chunk_size`` on the reference."""
+    blocks: Literal["compiled", "eager"] = "eager"
+    """The elementwise bodies of the blocks' RMSNorm and MLP and of the LM loss (``mom_lit.fused``): one
+    ``torch.compile``d kernel each (on CUDA by default), or eager."""
     scan_launch: object | None = None
     """Launch settings of the Triton scan (``mom_lit.ops.scan.triton.scan.LaunchConfig``); None: the library's."""
     stage_launch: object | None = None
@@ -80,7 +83,7 @@ class ExecutionPlan:
         if self.scan == "triton":
             scan += f", backward recomputes {self.scan_recompute}"
         return (f"{self.device.type} {dtype}: scan={self.scan} ({scan}), slots={self.slots} (with a conv cache: "
-                f"{self.cached_slots}), mix={self.mix}, decode={self.decode}, "
+                f"{self.cached_slots}), mix={self.mix}, decode={self.decode}, blocks={self.blocks}, "
                 f"activation_memory={self.activation_memory}")
 
 
@@ -134,16 +137,22 @@ def stream_rows(config: MoMConfig, align: int = 1) -> int:
 
 def resolve_plan(config: MoMConfig, device: torch.device | str, dtype: torch.dtype, *,
                  scan_launch=None, stage_launch=None, scan_recompute: Recompute | None = None,
-                 trial_run: bool = True) -> ExecutionPlan:
+                 compile_blocks: bool | None = None, trial_run: bool = True) -> ExecutionPlan:
     """The plan of every stage for layers of ``config`` computing in ``dtype`` on ``device``.
 
     ``scan_launch`` / ``stage_launch``: launch settings of the Triton scan and of the slot/mix kernels (None: the
     library's). ``scan_recompute``: what the Triton scan's backward rebuilds (None: from
-    ``config.activation_memory``, ``wy`` for balanced and lean, ``states`` for fast). ``trial_run``: with
+    ``config.activation_memory``, ``wy`` for balanced and lean, ``states`` for fast). ``compile_blocks``: run the
+    elementwise bodies of the blocks' norm and MLP and of the LM loss through ``torch.compile`` (None: on CUDA;
+    False where the compiler fails there). ``trial_run``: with
     ``config.stages="auto"`` on CUDA, run the slot and mix kernels once on a few tokens first, and keep the
     reference stages (one warning) where they cannot build.
     """
     device = torch.device(device)
+    if compile_blocks is None:
+        compile_blocks = device.type == "cuda"
+    if not isinstance(compile_blocks, bool):
+        raise ValueError(f"compile_blocks must be a bool or None, got {compile_blocks!r}")
     if scan_recompute is None:
         scan_recompute = "wy" if config.activation_memory in ("lean", "balanced") else "states"
     if scan_recompute not in RECOMPUTE:
@@ -173,7 +182,7 @@ def resolve_plan(config: MoMConfig, device: torch.device | str, dtype: torch.dty
                          mix="triton" if kernels else "torch", decode=decode,
                          activation_memory=config.activation_memory, scan_recompute=scan_recompute,
                          chunk_size=TRITON_TILE if scan == "triton" else config.chunk_size,
-                         scan_launch=scan_launch, stage_launch=stage_launch)
+                         blocks="compiled" if compile_blocks else "eager", scan_launch=scan_launch, stage_launch=stage_launch)
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -231,18 +240,20 @@ class PlanCache:
 
     ``overrides`` replace config fields that choose a path (``backend``, ``stages``, ``projections``,
     ``compile_stages``, ``chunk_size``) for this model only, without touching its config; ``launch`` holds the
-    explicit keyword arguments of :func:`resolve_plan` (``scan_launch``, ``stage_launch``, ``scan_recompute``).
+    explicit keyword arguments of :func:`resolve_plan` (``scan_launch``, ``stage_launch``, ``scan_recompute``,
+    ``compile_blocks``).
     """
 
     PATH_FIELDS = ("backend", "stages", "projections", "compile_stages", "chunk_size")
+    PLAN_ARGUMENTS = ("scan_launch", "stage_launch", "scan_recompute", "compile_blocks")
 
     def __init__(self, config: MoMConfig, **overrides) -> None:
-        launch = {name: overrides.pop(name) for name in ("scan_launch", "stage_launch", "scan_recompute")
+        launch = {name: overrides.pop(name) for name in self.PLAN_ARGUMENTS
                   if name in overrides}
         unknown = sorted(set(overrides) - set(self.PATH_FIELDS))
         if unknown:
             raise ValueError(f"unknown path overrides {unknown}; known: {list(self.PATH_FIELDS)} and "
-                             "scan_launch, stage_launch, scan_recompute")
+                             f"{', '.join(self.PLAN_ARGUMENTS)}")
         # validated by MoMConfig's own checks
         self.config = dataclasses.replace(config, **overrides) if overrides else config
         self.overrides = {**overrides, **launch}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tools_import import load_tool
 
 pytest.importorskip("triton", reason="the benchmark tools import triton (not installed)")
 
@@ -53,7 +53,7 @@ def test_bench_layer_rounds_and_settings_side_by_side_on_cpu(tmp_path):
 def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
     """--rounds: every round times each candidate once, in the order given; the row gives the median and the range;
     a candidate that fails is reported with its error and not timed again, the others still are."""
-    bench_layer = _tool("bench_layer")
+    bench_layer = load_tool("bench_layer")
     calls = []
     times = iter([3.0, 7.0, 1.0, 9.0, 2.0, 8.0])
 
@@ -81,7 +81,7 @@ def test_bench_layer_memory_of_one_candidate_among_several(monkeypatch):
     gradient is dropped before its step runs (the others' would otherwise stay in its peak)."""
     import torch
 
-    bench_layer = _tool("bench_layer")
+    bench_layer = load_tool("bench_layer")
     modules = {"a": torch.nn.Linear(256, 256, bias=False), "b": torch.nn.Linear(512, 512, bias=False)}
     inputs = {"a": torch.zeros(1024, requires_grad=True), "b": torch.zeros(2048, requires_grad=True)}
     for module in modules.values():
@@ -107,7 +107,7 @@ def test_bench_layer_graphed_replay_keeps_the_step_inputs_alive(monkeypatch):
     import gc
     import weakref
 
-    bench_layer = _tool("bench_layer")
+    bench_layer = load_tool("bench_layer")
 
     class Graph:
         replays = 0
@@ -172,17 +172,8 @@ def test_bench_layer_profile_json_and_stage_launch_on_cpu(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
-def _tool(name: str):
-    """The module of ``tools/<name>.py`` (the tools are scripts, not a package)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def _bench_kernels():
-    return _tool("bench_kernels")
+    return load_tool("bench_kernels")
 
 
 def _profile_entry(device_ms: float, wall_ms: float, launches: dict[str, float]) -> dict:
@@ -199,13 +190,13 @@ def test_summarize_profiles_compares_each_shape_with_fla(tmp_path):
         "model mom_lit MoM (triton), 8x2048, training step": _profile_entry(99.0, 101.0, {"a": 1800}),
         "model fla GatedDeltaNetForCausalLM, 8x2048, training step": _profile_entry(66.0, 140.0, {"c": 1100}),
     }
-    summary = _tool("bench_layer").summarize_profiles(table).splitlines()
+    summary = load_tool("bench_layer").summarize_profiles(table).splitlines()
     assert summary[2] == "| layer mom_lit MoM (triton) | 8x2048 | 6.400 ms | 7.60 ms | 143 | 2.00x |"
     assert summary[3].endswith("| 92 | 1.00x |")
     assert summary[4].endswith("| 6.500 ms | 7.00 ms | 143 | - |")  # no fla row at 2 x 8192
     assert summary[5].endswith("| 1800 | 1.50x |")  # models against fla's model, not its layer
     with pytest.raises(ValueError, match="not a profile"):
-        _tool("bench_layer").summarize_profiles({"layer x": _profile_entry(1.0, 1.0, {})})
+        load_tool("bench_layer").summarize_profiles({"layer x": _profile_entry(1.0, 1.0, {})})
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_layer.py"), "--summarize-profiles", str(bad)],

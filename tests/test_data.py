@@ -1,8 +1,6 @@
 """Tokenisers, preparation into litdata chunks, the Shakespeare corpus and ``TextDataModule``."""
 
 from __future__ import annotations
-
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from tools_import import load_tool
 import torch
 
 from mom_lit.data.datamodule import TextDataModule
@@ -300,10 +299,7 @@ def test_prepare_rejects_bad_inputs(tmp_path: Path) -> None:
 
 def test_prepare_cli_with_worker_processes(tmp_path: Path) -> None:
     """The CLI path through ``litdata.optimize`` with two worker processes, a HF tokenizer and a custom field."""
-    spec = importlib.util.spec_from_file_location("prepare_data", Path(__file__).parents[1] / "tools" / "prepare_data.py")
-    assert spec is not None and spec.loader is not None
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("prepare_data")
 
     tok_path = _word_level_tokenizer(tmp_path / "tok")
     src = tmp_path / "src"

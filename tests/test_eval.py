@@ -1,13 +1,11 @@
 """mom_lit.eval scoring and loss against context length: packed and chunked paths against one plain forward."""
 
 from __future__ import annotations
-
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from tools_import import load_tool
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +13,6 @@ from mom_lit import MoMConfig, MoMForCausalLM
 from mom_lit.eval import bucket_edges, pack_batches, position_loss, score_continuations
 
 SEED = 42
-REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,18 +97,11 @@ def test_position_loss_matches_a_plain_forward(model, chunk, batch):
     assert math.isclose(loss, float(expect_sum[:12].sum()) / tokens, rel_tol=1e-6)
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_length_tool_writes_table_json_and_plot(model, tmp_path):
     pytest.importorskip("matplotlib")
     from mom_lit.interop import save_pretrained
 
-    tool = _load_tool("eval_length")
+    tool = load_tool("eval_length")
     # The tool reads text: a byte-level model over 64 ids sees only the ASCII range below 64.
     text = tmp_path / "doc.txt"
     text.write_text("0123456789:;<=>?" * 20)

@@ -1,20 +1,10 @@
 """tools/plot_training.py: scalars read back from TensorBoard event files, loss and routing plots written."""
 
 from __future__ import annotations
-
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("plot_training", REPO / "tools" / "plot_training.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tools_import import load_tool
 
 
 @pytest.fixture
@@ -42,7 +32,7 @@ def run_dir(tmp_path) -> Path:
 
 
 def test_reads_every_point_and_merges_event_files(run_dir):
-    tool = _tool()
+    tool = load_tool("plot_training")
     scalars = tool.read_scalars(run_dir)
     # Step 20 was logged by both files: the later one wins.
     assert scalars["train/lm_loss"] == [(0, 5.0), (10, 4.0), (20, pytest.approx(3.8)), (30, pytest.approx(3.7)),
@@ -55,7 +45,7 @@ def test_reads_every_point_and_merges_event_files(run_dir):
 
 def test_writes_both_plots(run_dir, tmp_path):
     pytest.importorskip("matplotlib")
-    written = _tool().main([str(run_dir), "--out", str(tmp_path / "plots" / "run"), "--note", "test run"])
+    written = load_tool("plot_training").main([str(run_dir), "--out", str(tmp_path / "plots" / "run"), "--note", "test run"])
     assert set(written) == {"loss", "routing"}
     for path in written.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,8 +58,8 @@ def test_without_routing_scalars_only_the_loss_plot_is_written(tmp_path, capsys)
     writer = SummaryWriter(str(tmp_path / "run"))
     writer.add_scalar("train/loss", 1.0, 0)
     writer.close()
-    written = _tool().main([str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    written = load_tool("plot_training").main([str(tmp_path / "run"), "--out", str(tmp_path / "x")])
     assert set(written) == {"loss"}
     assert "RoutingStatsCallback was not used" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
-        _tool().read_scalars(tmp_path / "empty")
+        load_tool("plot_training").read_scalars(tmp_path / "empty")

@@ -10,7 +10,7 @@ from closeness import assert_close
 
 from mom_lit.losses import linear_cross_entropy
 from mom_lit.norm import RMSNorm
-from mom_lit.fused import FusedRMSNorm, rms_norm, swiglu_mlp
+from mom_lit.fused import FusedRMSNorm, compiled_body, rms_norm, swiglu_mlp
 
 # On CUDA the fused bodies run through torch.compile: the same checks cover that path there.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -147,3 +147,25 @@ def test_chunked_loss_matches_full_logits_on_device(dtype, device):
     ref.backward()
     assert_same_dtype_and_close(h1.grad, h2.grad, TOL[dtype], "dhidden")
     assert_same_dtype_and_close(w1.grad, w2.grad, TOL[dtype], "dweight")
+
+
+def test_compiled_bodies_match_eager_and_a_failing_compiler_names_the_way_out():
+    """``compile=True`` runs the bodies through torch.compile on any device, with the eager result; a compiler
+    that fails raises, naming how to run the bodies eagerly (no process-wide switch to eager)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 16, generator=gen, requires_grad=True)
+    w = torch.randn(16, generator=gen, requires_grad=True)
+    outs = []
+    for compile in (False, True):
+        y = rms_norm(x, w, 1e-6, compile)
+        grads = torch.autograd.grad(y.square().sum(), (x, w))
+        outs.append((y, *grads))
+    for eager, compiled in zip(*outs):
+        assert_close(compiled, eager, 1e-6, floor=1e-12)
+
+    def failing_body(h):
+        raise torch._dynamo.exc.InternalTorchDynamoError("no compiler here")
+
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"failing_body failed.*no compiler here.*compile_blocks=False"):
+            compiled_body(failing_body, x, compile=True)(x)

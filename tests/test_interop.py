@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import lightning as L
 import pytest
+from tools_import import load_tool
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -20,7 +20,6 @@ from mom_lit.interop import (config_from_fla, config_to_fla, export_lightning_ch
 from mom_lit.training import MoMLightningModule
 
 SEED = 42
-REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -323,15 +322,8 @@ def test_lightning_checkpoint_errors(tmp_path):
 
 
 # The command line -------------------------------------------------------------------------------------------
-def _convert_tool():
-    spec = importlib.util.spec_from_file_location("convert_tool", REPO / "tools" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_convert_cli_chain(lightning_ckpt, tmp_path, capsys):
-    tool = _convert_tool()
+    tool = load_tool("convert")
     reference, _ = load_lightning_checkpoint(lightning_ckpt)
     assert tool.main([str(lightning_ckpt), str(tmp_path / "plain")]) == 0
     assert tool.main([str(tmp_path / "plain"), str(tmp_path / "fla"), "--to", "fla"]) == 0
@@ -344,18 +336,11 @@ def test_convert_cli_chain(lightning_ckpt, tmp_path, capsys):
 
 
 # The torch stand-ins of tools/verify_fla_interop.py (its CPU mode for fla's layer logic) -------------------------
-def _verify_tool():
-    spec = importlib.util.spec_from_file_location("verify_fla_tool", REPO / "tools" / "verify_fla_interop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("state_v_first", [False, True], ids=["state-kv", "state-vk"])
 def test_verify_tool_delta_rule_reference_matches_the_oracle(state_v_first):
     from mom_lit.ops.scan.recurrent import recurrent_scan
 
-    tool = _verify_tool()
+    tool = load_tool("verify_fla_interop")
     g = torch.Generator().manual_seed(SEED)
     T, H, K, V = 23, 2, 4, 3
     cu = torch.tensor([0, 5, 5, 6, 23])  # an empty and a one-token segment
@@ -382,7 +367,7 @@ def test_verify_tool_delta_rule_reference_matches_the_oracle(state_v_first):
 
 
 def test_verify_tool_conv_reference_matches_conv1d_and_its_step():
-    tool = _verify_tool()
+    tool = load_tool("verify_fla_interop")
     g = torch.Generator().manual_seed(SEED)
     D, W, cu = 5, 4, [0, 2, 9, 16]
     x = torch.randn(1, cu[-1], D, generator=g, dtype=torch.float64)

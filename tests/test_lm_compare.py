@@ -3,26 +3,19 @@ end to end through the real command line on a tiny model and byte-level data."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
+from tools_import import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def lm_compare():
-    return _tool("lm_compare")
+    return load_tool("lm_compare")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +88,7 @@ def test_run_summarize_plot_end_to_end(lm_compare, byte_data, tmp_path):
     again = lm_compare.main(["summarize", str(out), "--json", str(tmp_path / "again.json")])
     assert again == summary
 
-    plots = _tool("plot_lm_compare").main([str(out / "summary.json"), str(tmp_path / "again.json"),
+    plots = load_tool("plot_lm_compare").main([str(out / "summary.json"), str(tmp_path / "again.json"),
                                            "--out", str(tmp_path / "docs" / "lm")])
     assert [p.name for p in plots] == ["lm_loss.png", "lm_length.png"]
     assert all(p.stat().st_size > 10_000 for p in plots)

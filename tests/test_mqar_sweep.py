@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tools_import import load_tool
 
 from mom_lit.config import MoMConfig
 from mom_lit.training.flops import active_streams
@@ -16,17 +16,8 @@ from mom_lit.training.flops import active_streams
 ROOT = Path(__file__).parents[1]
 
 
-def _tool(name: str):
-    """The module of ``tools/<name>.py`` (the tools are scripts, not a package)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
-sweep = _tool("mqar_sweep")
-plot = _tool("plot_mqar")
+sweep = load_tool("mqar_sweep")
+plot = load_tool("plot_mqar")
 
 
 def _state(name: str) -> tuple[int, int]:

@@ -33,6 +33,10 @@ def test_plan_follows_the_config_fields():
     assert gla.decode == "torch" and gla.scan == "compiled"
     with pytest.raises(ValueError, match="scan_recompute"):
         resolve_plan(base, "cpu", torch.float32, scan_recompute="all")
+    assert cpu.blocks == "eager"  # the compiled bodies by default on CUDA only
+    assert resolve_plan(base, "cpu", torch.float32, compile_blocks=True).blocks == "compiled"
+    with pytest.raises(ValueError, match="compile_blocks"):
+        resolve_plan(base, "cpu", torch.float32, compile_blocks="yes")
 
 
 def test_chunk_size_drives_the_chunked_scan_or_is_rejected_by_triton():
@@ -52,6 +56,8 @@ def test_path_overrides_leave_the_config_alone():
     model.configure_paths(backend="eager", stages="reference")
     assert model.config == config
     assert "scan=eager" in model.describe_paths()
+    model.configure_paths(compile_blocks=True)
+    assert "blocks=compiled" in model.describe_paths()
     with pytest.raises(ValueError, match="unknown path overrides"):
         model.configure_paths(num_layers=8)
     with pytest.raises(ValueError, match="MoMConfig.stages"):

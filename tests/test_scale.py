@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tools_import import load_tool
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-import scale_runs  # noqa: E402
+scale_runs = load_tool("scale_runs")
 
 
 def free_port() -> int:
@@ -124,7 +123,7 @@ def test_scale_runs_reject_a_global_batch_that_does_not_split(tmp_path):
         scale_runs.main(["--dry_run", "--out", str(tmp_path), "--global_batch", "12"])
 
 
-def test_fsdp_clips_through_the_root_module(monkeypatch):
+def test_fsdp_clips_through_the_root_module():
     """Lightning's FSDP precision plugin cannot clip by norm; the module hands the clip to the FSDP root, whose
     norm covers every rank's shard (FSDP itself needs an accelerator, so a stand-in plays the root here)."""
     from types import SimpleNamespace
@@ -132,11 +131,19 @@ def test_fsdp_clips_through_the_root_module(monkeypatch):
     from mom_lit import MoMConfig
     from mom_lit.training import module as module_lib
 
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     calls = []
-    root = SimpleNamespace(clip_grad_norm_=calls.append)
+
+    class Root(FullyShardedDataParallel):
+        """An FSDP root without the process group FSDP needs: only its norm clipping is called."""
+
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+
+    root = Root.__new__(Root)  # FSDP's own __init__ needs an initialised process group
     lm = module_lib.MoMLightningModule(MoMConfig.from_preset("debug"))
     lm._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
-    monkeypatch.setattr(module_lib, "_is_fsdp", lambda model: model is root)
     lm.configure_gradient_clipping(None, 0.5, "norm")
     lm.configure_gradient_clipping(None, 0.25, None)  # Lightning passes None when no algorithm is set
     assert calls == [0.5, 0.25]

@@ -184,16 +184,12 @@ def test_model_decoding_with_the_triton_step_matches_the_torch_step():
 def test_captured_model_step_replays_the_eager_step():
     """The whole per-token step of ``tools/bench_decode.py``, captured once as a CUDA graph (static cache buffers,
     updated in place), gives the eager step's logits and keeps decoding the eager sequence."""
-    import importlib.util
-    from pathlib import Path
+    from tools_import import load_tool
 
     from mom_lit import LayerState, MoMConfig, MoMForCausalLM
     from mom_lit.model import MoMCache
 
-    path = Path(__file__).parents[1] / "tools" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("bench_decode")
     torch.manual_seed(0)
     cfg = MoMConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=2, head_dim=32, num_memories=4,
                     topk=2, shared_memory=True, backend="auto")

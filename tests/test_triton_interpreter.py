@@ -1,8 +1,9 @@
 """On CPU, the Triton kernel tests run under ``TRITON_INTERPRET=1`` in a fresh process.
 
 The interpreter has to be active before Triton's language module is first used, which other tests of the suite
-(torch.compile, inductor) do; a separate process keeps the two apart. On a GPU, ``test_triton_scan.py`` and
-``test_triton_decode.py`` run the kernels natively and this wrapper has nothing to add.
+(torch.compile, inductor) do; a separate process keeps the two apart. On a GPU, ``test_triton_scan.py``,
+``test_triton_decode.py``, ``test_slots.py`` and ``test_mix.py`` run the kernels natively and this wrapper has
+nothing to add.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: there are no kernels to interpret")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_triton_scan.py runs the kernels natively")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel test files run natively")
 def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    targets = [str(Path(__file__).with_name(name)) for name in ("test_triton_scan.py", "test_triton_decode.py")]
+    targets = [str(Path(__file__).with_name(name)) for name in ("test_triton_scan.py", "test_triton_decode.py",
+                                                                   "test_slots.py", "test_mix.py")]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets],
                           env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     report = proc.stdout[-6000:] + proc.stderr[-2000:]

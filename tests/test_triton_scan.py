@@ -10,6 +10,7 @@ for large ones, both on fp64 copies of the inputs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -64,7 +65,6 @@ def _import_scan_module():
 
 
 scan_module = _import_scan_module()
-triton_scan = scan_module.triton_scan
 DEFAULT_LAUNCH = scan_module.DEFAULT_LAUNCH
 from mom_lit.ops.scan.triton.chunk_index import build_chunk_index  # noqa: E402  (after the interpreter switch)
 
@@ -91,14 +91,13 @@ def interpreter_env():
         yield
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_buffers(monkeypatch):
-    """Every tensor the scan allocates starts as NaN, so unwritten rows cannot pass as zeros."""
+def nan_filled(*shape, dtype, device):
+    """The scan's allocator in these tests: every tensor it allocates starts as NaN, so unwritten rows cannot pass
+    as zeros."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    def poisoned(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(scan_module, "_empty", poisoned)
+triton_scan = functools.partial(scan_module.triton_scan, empty=nan_filled)
 
 
 def make_inputs(rule, lengths=None, batch=1, seq_len=None, heads=2, key_dim=32, value_dim=16,
@@ -138,6 +137,25 @@ def make_inputs(rule, lengths=None, batch=1, seq_len=None, heads=2, key_dim=32, 
     g = None if g is None else g.to(DEVICE)
     h0 = None if h0 is None else h0.to(DEVICE)
     return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, cu_seqlens=cu)
+
+
+def test_results_and_buffers_come_from_the_given_allocator():
+    """The allocator argument reaches every allocation, forward and backward: the NaN-filled one of these tests
+    is in effect wherever the kernels write."""
+    made = []
+
+    def recording(*shape, dtype, device):
+        made.append(nan_filled(*shape, dtype=dtype, device=device))
+        return made[-1]
+
+    inputs = make_inputs("gated_delta", lengths=[5, 0, 70])
+    leaves = {n: inputs[n].detach().clone().requires_grad_() for n in ("q", "k", "v", "g", "beta")}
+    o, ht = scan_module.triton_scan(**{**inputs, **leaves}, empty=recording)
+    forward = {t.data_ptr() for t in made}
+    assert o.data_ptr() in forward and ht.data_ptr() in forward
+    (o.sum() + ht.sum()).backward()
+    assert len(made) > len(forward), "the backward allocated nothing through the given allocator"
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves.values())
 
 
 def check_against_oracle(inputs, dtype, oracle=recurrent_scan, output_final_state=True, seed=0, recompute=None,
@@ -229,17 +247,18 @@ def test_recomputed_chunk_states_equal_the_forward_ones(dtype):
             for n, x in inputs.items() if n in ("q", "k", "v", "g", "beta")}  # (T, H, *)
     cu = inputs["cu_seqlens"]
     _, _, saved = scan_module._forward(DEFAULT_LAUNCH, flat["q"], flat["k"], flat["v"], flat["g"], flat["beta"], 0.5,
-                                       inputs["initial_state"], cu, False, "none")
+                                       inputs["initial_state"], cu, False, "none", empty=nan_filled)
     index, gamma, tinv, w, u, h = saved
     real = int(index.chunk_offsets[-1])  # chunks past the real count are never written
     again, _ = scan_module._state_pass(DEFAULT_LAUNCH, flat["k"], flat["v"], w, u, gamma, inputs["initial_state"],
-                                       index, cu, store_final=False, u_final=True)
+                                       index, cu, store_final=False, u_final=True, empty=nan_filled)
     assert torch.equal(again[:real], h[:real])
     # rebuilding W and U as well gives the same W, U and states
-    w2, u2 = scan_module._wy_apply(DEFAULT_LAUNCH, flat["k"], flat["v"], flat["beta"], gamma, tinv, index, cu)
+    w2, u2 = scan_module._wy_apply(DEFAULT_LAUNCH, flat["k"], flat["v"], flat["beta"], gamma, tinv, index, cu,
+                                   empty=nan_filled)
     assert torch.equal(w2, w)
     again, _ = scan_module._state_pass(DEFAULT_LAUNCH, flat["k"], flat["v"], w2, u2, gamma, inputs["initial_state"],
-                                       index, cu, store_final=False, u_final=False)
+                                       index, cu, store_final=False, u_final=False, empty=nan_filled)
     assert torch.equal(u2, u) and torch.equal(again[:real], h[:real])
 
 

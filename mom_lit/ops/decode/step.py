@@ -14,6 +14,7 @@ Triton step and always takes the torch reference, as do CPU inputs and the ``com
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -21,16 +22,16 @@ import torch.nn.functional as F
 
 from mom_lit.norm import l2_normalize
 
-__all__ = ["decode_step", "decode_step_reference"]
+__all__ = ["decode_step", "decode_step_reference", "log_decode_choice"]
 
 logger = logging.getLogger("mom_lit")
-_logged: set[str] = set()
 
 
-def _log_choice(path: str, reason: str) -> None:
-    if path not in _logged:
-        _logged.add(path)
-        logger.info("decode step: %s (%s)", path, reason)
+@functools.cache
+def log_decode_choice(path: str, reason: str) -> None:
+    """Log the decoding step's path and why, once per (path, reason) for the process
+    (``log_decode_choice.cache_clear()`` logs the next choice again)."""
+    logger.info("decode step: %s (%s)", path, reason)
 
 
 def decode_step_reference(
@@ -120,7 +121,7 @@ def decode_step(
     if backend in ("auto", "triton") and gk is None and (q.is_cuda or backend == "triton"):
         from mom_lit.ops.decode.kernels import triton_decode_step
 
-        _log_choice("triton", f"{backend}: CUDA inputs" if q.is_cuda else backend)
+        log_decode_choice("triton", f"{backend}: CUDA inputs" if q.is_cuda else backend)
         return triton_decode_step(q, k, v, memory, state, conv_state, conv_weight, **kwargs)
-    _log_choice("torch", "per-key gate (gla)" if gk is not None else f"{backend} on {q.device.type}")
+    log_decode_choice("torch", "per-key gate (gla)" if gk is not None else f"{backend} on {q.device.type}")
     return decode_step_reference(q, k, v, memory, state, conv_state, conv_weight, gk=gk, **kwargs)

@@ -5,8 +5,9 @@ Backends:
     compiled  the same, with its two batched stages (intra-chunk work, output assembly) run through
               ``torch.compile`` with only the chunk/step count symbolic: a new batch composition (other segment
               lengths or counts) reuses the compiled code (a count of exactly 1 is specialised once). The
-              layout gathers and the short per-chunk state loop stay eager. Falls back to eager, with one
-              warning, when compilation is unavailable or fails.
+              layout gathers and the short per-chunk state loop stay eager. A compiler that fails raises
+              an error naming ``MoMConfig.backend="eager"``, the same scan without compiling; nothing
+              switches backend behind the caller's back.
     triton    ``mom_lit.ops.scan.triton.triton_scan`` (CUDA).
     auto      triton for CUDA inputs when it is importable, the rule has no per-key gate and the inputs are not
               float64; compiled otherwise.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from typing import Callable
 
 import torch
@@ -28,19 +28,16 @@ import torch.fx.experimental._config as fx_config
 from mom_lit.config import BACKENDS
 from mom_lit.ops.scan.chunk import EAGER_KERNELS, ChunkKernels, assemble_output, chunk_scan_with, intra_chunk
 
-__all__ = ["BACKENDS", "scan"]
+__all__ = ["BACKENDS", "ScanCompileError", "compiled_kernels", "log_backend_choice", "scan"]
 
 logger = logging.getLogger("mom_lit")
 
-_compiled_kernels: ChunkKernels | None = None
-_compile_failed = False
-_logged_choices: set[str] = set()
 
-
-def _log_choice(backend: str, reason: str) -> None:
-    if backend not in _logged_choices:
-        _logged_choices.add(backend)
-        logger.info("memory scan backend: %s (%s)", backend, reason)
+@functools.cache
+def log_backend_choice(backend: str, reason: str) -> None:
+    """Log the scan backend that runs and why, once per (backend, reason) for the process
+    (``log_backend_choice.cache_clear()`` logs the next choice again)."""
+    logger.info("memory scan backend: %s (%s)", backend, reason)
 
 
 def _batch_dynamic(compiled: Callable) -> Callable:
@@ -63,22 +60,27 @@ def _batch_dynamic(compiled: Callable) -> Callable:
     return run
 
 
-def _get_compiled_kernels() -> ChunkKernels:
-    global _compiled_kernels
-    if _compiled_kernels is None:
-        # Compilation happens on the first call and takes a while on CPU, with nothing else to show for it.
-        logger.info("compiling the memory scan kernels with torch.compile: the first training or evaluation "
-                    "step takes about a minute on CPU")
-        _compiled_kernels = ChunkKernels(_batch_dynamic(torch.compile(intra_chunk, dynamic=False)),
-                                         _batch_dynamic(torch.compile(assemble_output, dynamic=False)))
-    return _compiled_kernels
+@functools.cache
+def compiled_kernels(compiler: Callable = torch.compile) -> ChunkKernels:
+    """The chunked scan's two batched stages compiled by ``compiler`` (``torch.compile`` or a callable with its
+    signature), built once per compiler. A compiler that fails here raises :class:`ScanCompileError`."""
+    # Compilation happens on the first call and takes a while on CPU, with nothing else to show for it.
+    logger.info("compiling the memory scan kernels with torch.compile: the first training or evaluation "
+                "step takes about a minute on CPU")
+    try:
+        return ChunkKernels(_batch_dynamic(compiler(intra_chunk, dynamic=False)),
+                            _batch_dynamic(compiler(assemble_output, dynamic=False)))
+    except Exception as error:  # noqa: BLE001 - re-raised with the way out
+        raise ScanCompileError(error) from error
 
 
-def _fall_back_to_eager(error: BaseException) -> None:
-    global _compile_failed
-    _compile_failed = True
-    warnings.warn(f"torch.compile of the memory scan failed ({type(error).__name__}: {error}); "
-                  "running the eager chunked scan instead", RuntimeWarning, stacklevel=3)
+class ScanCompileError(RuntimeError):
+    """``torch.compile`` of the chunked scan failed; the message names the backend that runs without it."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"torch.compile of the memory scan failed ({type(error).__name__}: {error}); choose "
+                         "the same chunked scan without compiling with MoMConfig.backend='eager' (--model.config."
+                         "backend eager on the command line, scan(backend='eager') when calling the op)")
 
 
 def _load_triton_scan():
@@ -107,6 +109,7 @@ def scan(
     rebuild_qkv=None,
     recompute: str | None = None,
     launch=None,
+    compiler: Callable = torch.compile,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the memory recurrence with the chosen backend.
 
@@ -115,7 +118,8 @@ def scan(
     cu_seqlens (N+1,)) -> (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) fp32 or None), plus
     ``backend`` (auto | compiled | eager | triton) and ``chunk_size`` of the chunked backends. ``rebuild_qkv``,
     ``recompute`` and ``launch`` reach the Triton scan only (see :func:`mom_lit.ops.scan.triton.triton_scan`); the
-    other backends keep what autograd keeps.
+    other backends keep what autograd keeps. ``compiler`` builds the ``compiled`` backend's kernels (once per
+    compiler object); a compiler that fails raises :class:`ScanCompileError`, which names ``backend='eager'``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -130,26 +134,23 @@ def scan(
             if triton_scan is None:
                 raise RuntimeError("backend='triton' was requested but mom_lit.ops.scan.triton.triton_scan is not "
                                    "importable; use backend='compiled' or 'auto'")
-            _log_choice("triton", "requested")
+            log_backend_choice("triton", "requested")
             return triton_scan(q, k, v, **kwargs, **triton_only)
         if triton_scan is not None and gk is None and q.dtype != torch.float64:
-            _log_choice("triton", "auto: CUDA inputs")
+            log_backend_choice("triton", "auto: CUDA inputs")
             return triton_scan(q, k, v, **kwargs, **triton_only)
         backend = "compiled"
         reason = "auto: no Triton path for these inputs"
     else:
         reason = "requested"
 
-    if backend == "compiled" and not _compile_failed:
+    if backend == "compiled":
+        kernels = compiled_kernels(compiler)
         try:
-            kernels = _get_compiled_kernels()
             out = chunk_scan_with(kernels, q, k, v, chunk_size=chunk_size, **kwargs)
-        except ValueError:
-            raise  # invalid arguments, not a compiler problem
-        except Exception as error:  # noqa: BLE001 - any compiler failure degrades to the eager path
-            _fall_back_to_eager(error)
-        else:
-            _log_choice("compiled", reason)
-            return out
-    _log_choice("eager", reason if backend == "eager" else "torch.compile unavailable")
+        except torch._dynamo.exc.TorchDynamoException as error:  # the compiler's failures, not the scan's
+            raise ScanCompileError(error) from error
+        log_backend_choice("compiled", reason)
+        return out
+    log_backend_choice("eager", reason)
     return chunk_scan_with(EAGER_KERNELS, q, k, v, chunk_size=chunk_size, **kwargs)

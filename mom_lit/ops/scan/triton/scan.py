@@ -17,6 +17,7 @@ by default not kept: the backward recomputes it with one more sequential pass th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -34,7 +35,7 @@ _MAX_KEY_DIM = 4 * 64  # four (64, BV) register blocks of state in the sequentia
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer and result of the scan is allocated here (tests fill it with NaN to catch unwritten rows)."""
+    """The default allocator of every buffer and result of the scan (``triton_scan(empty=...)``)."""
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
@@ -149,7 +150,7 @@ def _tiles(launch: Launch, K: int, V: int) -> dict[str, int]:
     return {"BK": BK, "BV": BV}
 
 
-def _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute):
+def _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute, empty=_empty):
     """Packed inputs (T, H, *) -> o, final states, and what the backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
@@ -159,13 +160,13 @@ def _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute
     mode = dot_mode(q.dtype)
     dummy = q.new_empty(1, dtype=torch.float32)
 
-    gamma, tinv = _solve(cfg, k, g, beta, index, cu)
+    gamma, tinv = _solve(cfg, k, g, beta, index, cu, empty)
     w = u = None
     if is_delta:
-        w, u = _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu)
+        w, u = _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu, empty)
 
-    h, ht = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, output_final_state, u_final=False)
-    o = _empty(T, H, V, dtype=v.dtype, device=q.device)
+    h, ht = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, output_final_state, u_final=False, empty=empty)
+    o = empty(T, H, V, dtype=v.dtype, device=q.device)
     if NC > 0:
         tiles = _tiles(cfg.output, K, V)
         fwd.output_kernel[(NC * triton.cdiv(V, tiles["BV"]), H)](
@@ -179,15 +180,15 @@ def _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute
     return o, ht, saved
 
 
-def _solve(cfg, k, g, beta, index, cu):
+def _solve(cfg, k, g, beta, index, cu, empty=_empty):
     """The (T, H) fp32 in-chunk cumulative log-decay gamma (None without g) and, for the delta rules, the (T, H, BT)
     fp32 inverse of each chunk's unit lower-triangular system (None otherwise)."""
     T, H, K = k.shape
     use_g, is_delta = g is not None, beta is not None
     mode = dot_mode(k.dtype)
     dummy = k.new_empty(1, dtype=torch.float32)
-    gamma = _empty(T, H, dtype=torch.float32, device=k.device) if use_g else None
-    tinv = _empty(T, H, BT, dtype=torch.float32, device=k.device) if is_delta else None
+    gamma = empty(T, H, dtype=torch.float32, device=k.device) if use_g else None
+    tinv = empty(T, H, BT, dtype=torch.float32, device=k.device) if is_delta else None
     if (use_g or is_delta) and index.max_chunks > 0:
         fwd.wy_solve_kernel[(index.max_chunks, H)](
             k, g if use_g else dummy, beta if is_delta else dummy, gamma if use_g else dummy,
@@ -197,12 +198,12 @@ def _solve(cfg, k, g, beta, index, cu):
     return gamma, tinv
 
 
-def _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu):
+def _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu, empty=_empty):
     """W = Tinv diag(beta Gamma) K (T, H, K) and Uv = Tinv diag(beta) V (T, H, V), in the input precision."""
     T, H, K = k.shape
     V = v.shape[-1]
-    w = _empty(T, H, K, dtype=k.dtype, device=k.device)
-    u = _empty(T, H, V, dtype=k.dtype, device=k.device)
+    w = empty(T, H, K, dtype=k.dtype, device=k.device)
+    u = empty(T, H, V, dtype=k.dtype, device=k.device)
     mode = dot_mode(k.dtype)
     BK, BV = _chunk_blocks(K, V)
     if index.max_chunks > 0:
@@ -214,7 +215,7 @@ def _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu):
     return w, u
 
 
-def _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final, u_final):
+def _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final, u_final, empty=_empty):
     """The sequential pass: (NC, H, K, V) start state of every chunk and the (N, H, K, V) fp32 final states.
 
     ``u_final=False`` (forward): u holds Uv and is turned into U = Uv - W S0 in place. ``u_final=True``: u already
@@ -226,8 +227,8 @@ def _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     use_g, is_delta = gamma is not None, u is not None
     mode = dot_mode(k.dtype)
     dummy = k.new_empty(1, dtype=torch.float32)
-    h = _empty(index.max_chunks, H, K, V, dtype=k.dtype, device=k.device)
-    ht = _empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
+    h = empty(index.max_chunks, H, K, V, dtype=k.dtype, device=k.device)
+    ht = empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
     launch = cfg.state_recompute if u_final else cfg.state_fwd
     kernel = fwd.state_recompute_kernel if u_final else fwd.state_fwd_kernel
     BVS = _state_block_v(V, launch, cfg)
@@ -240,15 +241,15 @@ def _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final, u_final):
     return h, ht
 
 
-def _backward(cfg, do, dht, q, k, v, g, beta, scale, h0, cu, saved):
+def _backward(cfg, do, dht, q, k, v, g, beta, scale, h0, cu, saved, empty=_empty):
     index, gamma, tinv, w, u, h = saved
     index: ChunkIndex
     if beta is not None and w is None:  # W, U and Tinv were not kept: rebuild them, then U and the states in one pass
-        tinv = _solve(cfg, k, g, beta, index, cu)[1]
-        w, u = _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu)
-        h, _ = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=False)
+        tinv = _solve(cfg, k, g, beta, index, cu, empty)[1]
+        w, u = _wy_apply(cfg, k, v, beta, gamma, tinv, index, cu, empty)
+        h, _ = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=False, empty=empty)
     elif h is None:
-        h, _ = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=True)
+        h, _ = _state_pass(cfg, k, v, w, u, gamma, h0, index, cu, store_final=False, u_final=True, empty=empty)
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -261,15 +262,15 @@ def _backward(cfg, do, dht, q, k, v, g, beta, scale, h0, cu, saved):
     # intermediate traffic; every product that reads them rounds its operands to bf16 or tf32 anyway), in fp32
     # otherwise (fp16's range is too narrow for gradients)
     grad_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    du = _empty(T, H, V, dtype=grad_dtype, device=q.device)
+    du = empty(T, H, V, dtype=grad_dtype, device=q.device)
     if NC > 0:
         tiles = _tiles(cfg.du_local, K, V)
         bwd.du_local_kernel[(NC * triton.cdiv(V, tiles["BV"]), H)](
             q, k, gamma if use_g else dummy, do, du, index.chunk_seg, index.chunk_start, cu, scale,
             H=H, K=K, V=V, **tiles, USE_G=use_g, MODE=mode,
             **_options(cfg.du_local, mode))
-    dh = _empty(NC, H, K, V, dtype=q.dtype, device=q.device)
-    dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+    dh = empty(NC, H, K, V, dtype=q.dtype, device=q.device)
+    dh0 = empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     BVS = _state_block_v(V, cfg.state_bwd, cfg)
     bwd.state_bwd_kernel[(N * H * triton.cdiv(V, BVS),)](
         q, k, w if is_delta else dummy, gamma if use_g else dummy, do, du, dh,
@@ -278,12 +279,12 @@ def _backward(cfg, do, dht, q, k, v, g, beta, scale, h0, cu, saved):
         H=H, K=K, V=V, BKS=_block(K), BV=BVS, USE_G=use_g, IS_DELTA=is_delta,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, MODE=mode, **_options(cfg.state_bwd, mode))
 
-    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _empty(T, H, K, dtype=grad_dtype if is_delta else k.dtype, device=q.device)
-    dw = _empty(T, H, K, dtype=grad_dtype, device=q.device) if is_delta else dummy
+    dq = empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(T, H, K, dtype=grad_dtype if is_delta else k.dtype, device=q.device)
+    dw = empty(T, H, K, dtype=grad_dtype, device=q.device) if is_delta else dummy
     dqk_tiles = _tiles(cfg.dqk, K, V)
     dgam_parts = triton.cdiv(K, dqk_tiles["BK"])  # dqk writes one dgamma slice per key block
-    dgam = _empty(dgam_parts, T, H, dtype=torch.float32, device=q.device) if use_g else dummy
+    dgam = empty(dgam_parts, T, H, dtype=torch.float32, device=q.device) if use_g else dummy
     if NC > 0:
         bwd.dqk_kernel[(NC * dgam_parts, H)](
             q, k, u if is_delta else v, gamma if use_g else dummy, h, dh, do, du, dq, dk, dw, dgam,
@@ -291,10 +292,10 @@ def _backward(cfg, do, dht, q, k, v, g, beta, scale, h0, cu, saved):
             H=H, K=K, V=V, **dqk_tiles, USE_G=use_g, IS_DELTA=is_delta, MODE=mode,
             **_options(cfg.dqk, mode))
 
-    dg = _empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
-    dbeta = _empty(*beta.shape, dtype=beta.dtype, device=q.device) if is_delta else None
-    dv = _empty(*v.shape, dtype=v.dtype, device=q.device) if is_delta else du.to(v.dtype)
-    dk_out = _empty(*k.shape, dtype=k.dtype, device=q.device) if is_delta else dk
+    dg = empty(*g.shape, dtype=g.dtype, device=q.device) if use_g else None
+    dbeta = empty(*beta.shape, dtype=beta.dtype, device=q.device) if is_delta else None
+    dv = empty(*v.shape, dtype=v.dtype, device=q.device) if is_delta else du.to(v.dtype)
+    dk_out = empty(*k.shape, dtype=k.dtype, device=q.device) if is_delta else dk
     if (use_g or is_delta) and NC > 0:
         bwd.wy_bwd_kernel[(NC, H)](
             k, v, beta if is_delta else dummy, gamma if use_g else dummy, tinv if is_delta else dummy,
@@ -307,8 +308,8 @@ def _backward(cfg, do, dht, q, k, v, g, beta, scale, h0, cu, saved):
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute, rebuild_qkv, cfg):
-        o, ht, saved = _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute)
+    def forward(ctx, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute, rebuild_qkv, cfg, empty):
+        o, ht, saved = _forward(cfg, q, k, v, g, beta, scale, h0, cu, output_final_state, recompute, empty)
         if rebuild_qkv is None:
             qkv_or_sources, ctx.rebuild = (q, k, v), None
         else:  # keep what q, k, v are rebuilt from (the caller keeps those anyway), not q, k, v
@@ -318,6 +319,7 @@ class _TritonScan(torch.autograd.Function):
         ctx.max_chunks = saved[0].max_chunks
         ctx.scale = scale
         ctx.cfg = cfg
+        ctx.empty = empty
         return o, ht
 
     @staticmethod
@@ -332,8 +334,8 @@ class _TritonScan(torch.autograd.Function):
         index = ChunkIndex(ctx.max_chunks, *index_tensors)
         dq, dk, dv, dg, dbeta, dh0 = _backward(
             ctx.cfg, do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, beta, ctx.scale, h0, cu,
-            (index, gamma, tinv, w, u, h))
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None
+            (index, gamma, tinv, w, u, h), ctx.empty)
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None, None
 
 
 def triton_scan(
@@ -352,6 +354,7 @@ def triton_scan(
     recompute: str | None = None,
     launch: LaunchConfig | None = None,
     rebuild_qkv=None,
+    empty: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked scan in Triton; arguments and results as :func:`mom_lit.ops.scan.recurrent.recurrent_scan`.
 
@@ -368,6 +371,10 @@ def triton_scan(
     ``mom_lit.ops.slots.QKVSources``; the forward then keeps those tensors instead of q, k, v (for a caller that keeps
     them anyway: 2K + V elements per token and head less). It holds no tensor after ``take_tensors``, so that
     activation checkpointing sees every saved tensor.
+
+    ``empty``: the allocator of every buffer and result, forward and backward, called as
+    ``empty(*shape, dtype=..., device=...)`` (None: ``torch.empty``). Kernel tests pass one that fills with NaN,
+    so that a row no kernel writes cannot pass as zeros.
 
     q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H) or None; initial_state: (N, H, K, V) or None;
     cu_seqlens: (N + 1,) int offsets with B = 1. Returns o (B, T, H, V) in v's dtype and the (N, H, K, V) fp32
@@ -399,5 +406,5 @@ def triton_scan(
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     o, ht = _TritonScan.apply(flat(q, K), flat(k, K), flat(v, V), flat(g), flat(beta), scale, h0, cu,
                               output_final_state, recompute, rebuild_qkv,
-                              DEFAULT_LAUNCH if launch is None else launch)
+                              DEFAULT_LAUNCH if launch is None else launch, _empty if empty is None else empty)
     return o.view(B, T, H, V), ht
