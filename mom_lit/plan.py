@@ -11,6 +11,7 @@ the kernels are explicit arguments (for benchmarks and tests), never patched mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -111,8 +112,25 @@ def _scan_path(config: MoMConfig, device: torch.device, dtype: torch.dtype) -> S
     if backend == "auto":
         if device.type == "cuda" and config.update_rule != "gla" and dtype != torch.float64 and _triton_importable():
             return "triton"
+        if device.type == "cpu" and not cpu_compiler_available():
+            return "eager"  # auto takes the best path this machine has; an explicit "compiled" would fail instead
         return "compiled"
     return backend
+
+
+@functools.cache
+def cpu_compiler_available() -> bool:
+    """Whether ``torch.compile`` finds the C++ compiler it builds CPU code with (looked up once per process). A
+    machine without one runs ``backend="auto"`` on the eager chunked scan, with one warning."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # noqa: BLE001 - torch raises several kinds for "no compiler"
+        logger.warning("no C++ compiler for torch.compile (%s): the CPU memory scan runs the eager chunked "
+                       "reference; install g++ (or set CXX) for the compiled one", error)
+        return False
+    return True
 
 
 def _grouped_projections(config: MoMConfig, device: torch.device, dtype: torch.dtype) -> bool:

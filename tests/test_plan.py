@@ -4,6 +4,10 @@ and overridden per model without touching the config."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -62,3 +66,23 @@ def test_path_overrides_leave_the_config_alone():
         model.configure_paths(num_layers=8)
     with pytest.raises(ValueError, match="MoMConfig.stages"):
         model.configure_paths(stages="fast")
+
+
+def test_auto_runs_the_eager_scan_where_torch_compile_has_no_cpu_compiler(tmp_path):
+    """A machine without a C++ compiler: ``backend="auto"`` resolves to the eager chunked scan (said in the log),
+    ``backend="compiled"`` keeps what was asked for."""
+    script = textwrap.dedent("""
+        import torch
+        from mom_lit import MoMConfig
+        from mom_lit.plan import cpu_compiler_available, resolve_plan
+        config = dict(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, num_memories=2, topk=1)
+        print(cpu_compiler_available(),
+              resolve_plan(MoMConfig(**config), "cpu", torch.float32).scan,
+              resolve_plan(MoMConfig(**config, backend="compiled"), "cpu", torch.float32).scan)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")}
+    env["PATH"] = str(tmp_path)  # no compiler on it
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "eager", "compiled"]
+    assert "no C++ compiler for torch.compile" in proc.stderr
