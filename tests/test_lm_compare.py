@@ -65,6 +65,20 @@ def test_run_refuses_bad_inputs_before_writing(lm_compare, byte_data, tmp_path):
         lm_compare.main(["run", "--variant", "gdn", "--data", str(byte_data), "--tokens", "1e3", "--out", str(out)])
 
 
+def test_eval_length_reads_the_documents_of_a_prepared_split(byte_data):
+    from mom_lit.data.prepare import read_meta
+    from mom_lit.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("byte")
+    meta = read_meta(byte_data / "val")
+    docs = _tool("eval_length").split_documents(byte_data / "val", tokenizer.eos_id)
+    # Every stored block of 1024 tokens is read; a document ends with its EOS, except one cut by the last block.
+    assert sum(map(len, docs)) == meta["num_tokens"] // 1024 * 1024
+    assert all(d[-1] == tokenizer.eos_id for d in docs[:-1]) and len(docs) >= meta["num_documents"] - 1
+    sources = {Path(p).read_text() for p in meta["sources"]}
+    assert all(tokenizer.decode(d[:-1]) in sources for d in docs[:-1])
+
+
 TINY = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.config.hidden_size=32",
         "--model.config.num_layers=2", "--model.config.num_heads=2", "--model.config.head_dim=16",
         "--model.config.backend=eager", "--data.init_args.seq_len=32", "--data.init_args.batch_size=2",
