@@ -71,9 +71,9 @@ class MoMConfig:
     """Std of the normal init of embeddings and MLP/LM-head matrices."""
     aux_loss_type: AuxLossType = "global"
     """Which tokens one load-balancing group holds (each group scores ``E * sum_e f_e * P_e``, 1 when balanced).
-    ``global``: all layers' tokens of the batch pooled (Mixtral, fla); single layers may stay imbalanced while the
-    pooled load is even. ``per_layer``: one group per layer over the batch's tokens, the mean over layers (the MoM
-    paper's layer-wise loss). ``per_sequence``: one group per (layer, sequence), the mean over groups."""
+    ``global``: all layers' tokens of the batch pooled (as Mixtral's loss does); single layers may stay imbalanced
+    while the pooled load is even. ``per_layer``: one group per layer over the batch's tokens, the mean over layers
+    (the MoM paper's layer-wise loss). ``per_sequence``: one group per (layer, sequence), the mean over groups."""
     aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss in ``loss``."""
     router_z_loss_coef: float = 0.0

@@ -58,11 +58,31 @@ def test_run_refuses_bad_inputs_before_writing(lm_compare, byte_data, tmp_path):
         lm_compare.main(["run", "--variant", "gdn", "--data", str(byte_data), "--tokens", "1e3", "--out", str(out)])
 
 
+def test_eval_length_reads_the_documents_of_a_prepared_split(byte_data):
+    from mom_lit.data.prepare import read_meta
+    from mom_lit.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("byte")
+    meta = read_meta(byte_data / "val")
+    docs = _tool("eval_length").split_documents(byte_data / "val", tokenizer.eos_id)
+    # Every stored block of 1024 tokens is read; a document ends with its EOS, except one cut by the last block.
+    assert sum(map(len, docs)) == meta["num_tokens"] // 1024 * 1024
+    assert all(d[-1] == tokenizer.eos_id for d in docs[:-1]) and len(docs) >= meta["num_documents"] - 1
+    sources = {Path(p).read_text() for p in meta["sources"]}
+    assert all(tokenizer.decode(d[:-1]) in sources for d in docs[:-1])
+
+
 TINY = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.config.hidden_size=32",
         "--model.config.num_layers=2", "--model.config.num_heads=2", "--model.config.head_dim=16",
         "--model.config.backend=eager", "--data.init_args.seq_len=32", "--data.init_args.batch_size=2",
         "--data.init_args.num_workers=0", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
-        "--trainer.log_every_n_steps=1", "--model.warmup_steps=1", "--trainer.enable_model_summary=false"]
+        "--trainer.log_every_n_steps=1", "--model.warmup_steps=1", "--trainer.enable_model_summary=false",
+        # The config's callbacks with routing logged every 2 steps instead of 50 (no progress bar).
+        "--trainer.callbacks=" + json.dumps([
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"save_top_k": 0, "save_last": True}},
+            {"class_path": "mom_lit.callbacks.RoutingStatsCallback", "init_args": {"log_every_n_steps": 2}}]),
+        "--trainer.enable_progress_bar=false"]
 
 
 @pytest.mark.slow
@@ -78,6 +98,10 @@ def test_run_summarize_plot_end_to_end(lm_compare, byte_data, tmp_path):
     params = summary["parameters"]
     assert params["active_per_token"] < params["total"]
     assert summary["config"]["aux_loss_type"] == "per_layer" and summary["tokens_per_sec"] > 0
+    assert 0 < summary["tokens_per_sec_wall"] < summary["tokens_per_sec"]
+    routing = summary["routing"]
+    assert len(routing["max_min_ratio_per_layer"]) == 2 and routing["max_min_ratio_worst"] == max(
+        routing["max_min_ratio_per_layer"])
     assert "--trainer.max_steps=4" in summary["command"] and summary["git"]["commit"]
     buckets = summary["length"]["buckets"]
     assert [b["stop"] for b in buckets] == [64, 128] and all(b["tokens"] > 0 for b in buckets)

@@ -267,6 +267,8 @@ def summarize(out: str | Path, json_path: str | Path | None = None, skip_steps: 
         "tokens_per_sec": rates[len(rates) // 2] if rates else None,
         "tokens_per_sec_note": f"median of the logged 20-batch windows from step {skip} on (validation excluded)",
         "fit_seconds": record.get("fit_seconds"),
+        # Over the whole command: start-up, compilation, validation and checkpoints included.
+        "tokens_per_sec_wall": (train[-1][0] / record["fit_seconds"]) if train and record.get("fit_seconds") else None,
         "peak_memory_gib": max(peak) if peak else None,
         "final_aux_loss": aux[-1][1] if aux else None,
         "routing": {"max_min_ratio_worst": worst[-1][1] if worst else None,
