@@ -61,10 +61,11 @@ def test_run_refuses_bad_inputs_before_writing(lm_compare, byte_data, tmp_path):
 def test_eval_length_reads_the_documents_of_a_prepared_split(byte_data):
     from mom_lit.data.prepare import read_meta
     from mom_lit.data.tokenizers import load_tokenizer
+    from mom_lit.eval.length_cli import split_documents
 
     tokenizer = load_tokenizer("byte")
     meta = read_meta(byte_data / "val")
-    docs = _tool("eval_length").split_documents(byte_data / "val", tokenizer.eos_id)
+    docs = split_documents(byte_data / "val", tokenizer.eos_id)
     # Every stored block of 1024 tokens is read; a document ends with its EOS, except one cut by the last block.
     assert sum(map(len, docs)) == meta["num_tokens"] // 1024 * 1024
     assert all(d[-1] == tokenizer.eos_id for d in docs[:-1]) and len(docs) >= meta["num_documents"] - 1
