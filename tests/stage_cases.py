@@ -30,6 +30,12 @@ SMALL_LAUNCH = StageLaunchConfig(
 LAUNCHES = {"default-launch": None, "small-launch": SMALL_LAUNCH}
 
 
+@pytest.fixture(params=list(LAUNCHES))
+def launch(request):
+    """Each kernel test once with the library's launch settings and once with the small blocks."""
+    return LAUNCHES[request.param]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error with an absolute floor of 1e-3 on the reference's norm: a gradient that is zero in exact
     arithmetic (the router's with top-1 routing) compares as rounding noise."""

@@ -57,12 +57,13 @@ def _missing_build_backend() -> str | None:
     return None
 
 
+NO_BUILD_BACKEND = _missing_build_backend()
+needs_build_backend = pytest.mark.skipif(NO_BUILD_BACKEND is not None, reason=NO_BUILD_BACKEND or "")
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
     """A venv holding the wheel built from this checkout; returns its ``bin`` folder."""
-    reason = _missing_build_backend()
-    if reason is not None:
-        pytest.skip(reason)
     root = tmp_path_factory.mktemp("install")
     _copy_sources(root / "src")  # the build writes build/ and *.egg-info beside the sources
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
@@ -85,6 +86,7 @@ def _env(bin_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@needs_build_backend
 def test_installed_wheel_runs_every_verb_outside_the_repository(venv, tmp_path):
     work = tmp_path / "work"
     (work / "texts").mkdir(parents=True)
@@ -141,11 +143,9 @@ def test_installed_wheel_runs_every_verb_outside_the_repository(venv, tmp_path):
 
 
 @pytest.mark.slow
+@needs_build_backend
 def test_editable_install_finds_the_shipped_configs_in_the_checkout(tmp_path):
     """``pip install -e .`` maps the package onto the checkout: the configs are read from its ``configs/``."""
-    reason = _missing_build_backend()
-    if reason is not None:
-        pytest.skip(reason)
     _copy_sources(tmp_path / "src")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(tmp_path / "venv")],
                    check=True, capture_output=True)

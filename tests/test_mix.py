@@ -13,16 +13,12 @@ import torch
 
 pytest.importorskip("triton", reason="the mix stage's fast path is Triton kernels (triton is not installed)")
 
-from stage_cases import DEVICE, DTYPES, LAUNCHES, kernels, rel_err, routing  # noqa: E402
+# launch: a fixture (each test with the library's launch settings and with small blocks)
+from stage_cases import DEVICE, DTYPES, kernels, launch, rel_err, routing  # noqa: E402,F401
 
 from mom_lit.layout import build_layout, sequence_ids, unsort  # noqa: E402
 from mom_lit.norm import GatedRMSNorm  # noqa: E402
 from mom_lit.ops.mix import mix_gated_rms_norm  # noqa: E402
-
-
-@pytest.fixture(params=list(LAUNCHES))
-def launch(request):
-    return LAUNCHES[request.param]
 
 
 @kernels

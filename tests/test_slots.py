@@ -15,7 +15,9 @@ import torch
 
 pytest.importorskip("triton", reason="the slot stage's fast path is Triton kernels (triton is not installed)")
 
-from stage_cases import DEVICE, DTYPES, LAUNCHES, NATIVE, SMALL_LAUNCH, kernels, rel_err, routing  # noqa: E402
+# launch: a fixture (each test with the library's launch settings and with small blocks)
+from stage_cases import (DEVICE, DTYPES, NATIVE, SMALL_LAUNCH, kernels, launch,  # noqa: E402,F401
+                         rel_err, routing)
 
 from mom_lit.layout import build_layout, sequence_ids  # noqa: E402
 from mom_lit.norm import l2_normalize  # noqa: E402
@@ -23,11 +25,6 @@ from mom_lit.ops.slots import QKVSources, projected_slot_conv, slot_conv, varlen
 from mom_lit.ops.slots import kernels as slot_kernels  # noqa: E402
 from mom_lit.ops.slots.gates import scalar_gates  # noqa: E402
 from mom_lit.ops.stage_launch import StageLaunch, StageLaunchConfig  # noqa: E402
-
-
-@pytest.fixture(params=list(LAUNCHES))
-def launch(request):
-    return LAUNCHES[request.param]
 
 
 @pytest.fixture(params=["default-launch", "small-launch", "tiles-small-launch"])
