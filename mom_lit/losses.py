@@ -31,9 +31,15 @@ def load_balancing_loss_global(routings: list[Routing], num_memories: int) -> to
 
 
 def load_balancing_loss_per_layer(routings: list[Routing], num_memories: int) -> torch.Tensor:
-    """One group per layer (all of the batch's tokens of that layer); the mean over layers."""
-    losses = [(load_fraction(r.memory, num_memories) * r.probs.mean(0)).sum() for r in routings]
-    return num_memories * torch.stack(losses).mean()
+    """One group per layer (all of the batch's tokens of that layer); the mean over layers. One count over
+    layer-offset memory ids instead of a count per layer."""
+    probs = torch.stack([r.probs for r in routings])  # (L, N_tok, E)
+    memory = torch.stack([r.memory for r in routings])  # (L, N_tok, k)
+    layers = memory.shape[0]
+    offset = torch.arange(layers, device=memory.device).view(layers, 1, 1) * num_memories
+    counts = count_values(memory + offset, layers * num_memories).float().view(layers, num_memories)  # (L, E)
+    fraction = counts / memory[0].numel()
+    return num_memories * (fraction * probs.mean(1)).sum(-1).mean()
 
 
 def load_balancing_loss_per_sequence(routings: list[Routing], seq_id: torch.Tensor, num_sequences: int,
