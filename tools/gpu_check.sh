@@ -25,6 +25,10 @@
 #   devicetime  the layer targets on device time: profiles of our MoM layer's and fla's GatedDeltaNet's fwd+bwd
 #           at 8 x 2048 and 2 x 8192 (fla autotunes in the untimed warm-up calls of its first profile), every
 #           kernel in OUT/devicetime.json, and a table of device and wall time per call
+#   against before/after against another checkout of mom_lit (BASE=<its folder>), both timed in this call, in turn:
+#           the layer's fwd+bwd device time at 8 x 2048 (profiled, ROUNDS rounds, base and this alternating) and the
+#           12-layer training step eager and captured as a CUDA graph (3 rounds in one process per tree), each with
+#           activation memory fast and balanced; tools/compare_trees.py writes OUT/against.md
 #   decode  bench_decode.py: per-token latency against context length, MoM / GDN / SDPA
 #   interop verify_fla_interop.py: our converted models against fla's, fp32 and bf16 (needs fla)
 #   scale   scale_runs.py with 2+ GPUs: 1 GPU, DDP, FSDP, two single-GPU "nodes"
@@ -43,6 +47,7 @@ fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
 shift
 ALL_STEPS="tests layer model compare interleaved graphs mixed stages profile devicetime decode interop scale"
+# "against" runs only when named (it needs BASE)
 STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
@@ -147,6 +152,40 @@ for step in $STEPS; do
                 --profile-json "$OUT/devicetime.json" --profile-out "$OUT/devicetime_profiles.txt"
         done
         python tools/bench_layer.py --summarize-profiles "$OUT/devicetime.json" | tee "$OUT/devicetime.md" ;;
+    against)
+        if [ -z "${BASE:-}" ] || [ ! -f "${BASE:-}/tools/bench_layer.py" ]; then
+            echo "against: BASE must name another checkout of mom_lit (got '${BASE:-}')" | tee -a "$OUT/summary.txt"
+            status=1
+            continue
+        fi
+        base=$(cd "$BASE" && pwd)
+        mkdir -p "$OUT/against"
+        # tree_run TREE LABEL NAME ARGS...: bench_layer.py of TREE (its package first on the path) from TREE's folder
+        tree_run() {
+            local tree=$1 label=$2 name=$3 here=$PWD
+            shift 3
+            cd "$tree" || return
+            PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" run "against/${label}_$name" "${PROFILE_S:-300}" \
+                python tools/bench_layer.py --activation-memory fast,balanced "$@"
+            cd "$here" || return
+        }
+        for round in $(seq "${ROUNDS:-2}"); do
+            order="$base $PWD"
+            [ $((round % 2)) -eq 0 ] && order="$PWD $base"
+            for tree in $order; do
+                label=this
+                [ "$tree" = "$base" ] && label=base
+                tree_run "$tree" "$label" "r${round}_profile" --sections profile --profile-shape 8x2048 \
+                    --skip "fla,SDPA,Mom,1 memory" --profile-json "$OUT/against/${label}_r${round}_profile.json" \
+                    --profile-out "$OUT/against/${label}_profiles.txt"
+                [ "$round" -gt 1 ] && continue
+                tree_run "$tree" "$label" r1_model_eager --sections model --rounds 3 --rep-ms 1000 \
+                    --skip "GDN,checkpointed,Llama,fla" --out "$OUT/against/${label}_r1_model.md"
+                tree_run "$tree" "$label" r1_model_graphed --sections model --rounds 3 --rep-ms 1000 --cuda-graph \
+                    --skip "GDN,checkpointed,Llama,fla" --out "$OUT/against/${label}_r1_model_graphed.md"
+            done
+        done
+        python tools/compare_trees.py "$OUT/against" | tee "$OUT/against.md" ;;
     decode)
         run decode "${DECODE_S:-420}" python tools/bench_decode.py --json "$OUT/decode.json" ;;
     interop)
