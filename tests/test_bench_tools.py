@@ -50,14 +50,14 @@ def test_bench_layer_rounds_and_settings_side_by_side_on_cpu(tmp_path):
             assert re.search(r"\| [0-9.]+ ms \([0-9.]+-[0-9.]+\) \|", row), row
 
 
-def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
+def test_bench_layer_rounds_time_candidates_in_turn():
     """--rounds: every round times each candidate once, in the order given; the row gives the median and the range;
     a candidate that fails is reported with its error and not timed again, the others still are."""
     bench_layer = load_tool("bench_layer")
     calls = []
     times = iter([3.0, 7.0, 1.0, 9.0, 2.0, 8.0])
 
-    def bench(fn, device):
+    def bench(fn):
         fn()
         return next(times)
 
@@ -65,9 +65,8 @@ def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
         calls.append("broken")
         raise RuntimeError("out of resource")
 
-    monkeypatch.setattr(bench_layer, "bench", bench)
     result = bench_layer.bench_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
-                                       "broken": broken}, "cpu", rounds=3)
+                                       "broken": broken}, rounds=3, time_one=bench)
     assert calls == ["a", "b", "broken", "a", "b", "a", "b"]
     assert result["a"] == [3.0, 1.0, 2.0] and result["b"] == [7.0, 9.0, 8.0]
     assert result["broken"] == "error: RuntimeError: out of resource"
@@ -76,7 +75,7 @@ def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
     assert bench_layer.format_ms(result["broken"]) == result["broken"]
 
 
-def test_bench_layer_memory_of_one_candidate_among_several(monkeypatch):
+def test_bench_layer_memory_of_one_candidate_among_several():
     """With several candidates alive, a candidate's peak leaves out the others' weights and inputs, and every
     gradient is dropped before its step runs (the others' would otherwise stay in its peak)."""
     import torch
@@ -93,12 +92,10 @@ def test_bench_layer_memory_of_one_candidate_among_several(monkeypatch):
         seen.append([m.weight.grad for m in modules.values()] + [x.grad for x in inputs.values()])
         return 1.0
 
-    monkeypatch.setattr(bench_layer, "peak_memory_gib", peak)
-    mem = bench_layer._alone_peak_gib(modules, "a", lambda: None, "cuda", inputs)
+    mem = bench_layer._alone_peak_gib(modules, "a", lambda: None, "cuda", inputs, measure=peak)
     assert seen == [[None, None, None, None]]
     assert mem == pytest.approx(1.0 - (512 * 512 + 2048) * 4 / 2**30)
-    monkeypatch.setattr(bench_layer, "peak_memory_gib", lambda step, device: None)
-    assert bench_layer._alone_peak_gib(modules, "a", lambda: None, "cpu") is None
+    assert bench_layer._alone_peak_gib(modules, "a", lambda: None, "cpu") is None  # no peak off CUDA
 
 
 def test_bench_layer_graphed_replay_keeps_the_step_inputs_alive(monkeypatch):
