@@ -93,7 +93,8 @@ class MoMLayer(nn.Module):
         self.plans = PlanCache(self.config, **overrides)
 
     def reset_parameters(self) -> None:
-        init_layer(self)  # mom_lit.initialization: the model's init scheme in one place
+        """(Re)initialise every parameter in place (:func:`mom_lit.initialization.init_layer`)."""
+        init_layer(self)
 
     def forward(
         self,

@@ -150,6 +150,7 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
         return self.plan_for(device or weight.device, dtype or weight.dtype).describe()
 
     def reset_parameters(self) -> None:
+        """(Re)initialise every parameter in place (:func:`mom_lit.initialization.init_model`)."""
         init_model(self)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
