@@ -282,3 +282,30 @@ def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypat
     monkeypatch.setattr(bench_kernels, "kernel_times", lambda inputs, cfg: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.raises(RuntimeError):
         bench_kernels.compare_variants(None, str(path), DEFAULT_LAUNCH, errors=False)
+
+
+def test_sdpa_baseline_decodes_through_its_kv_cache_as_it_attends_causally():
+    """The benchmarks' SDPA attention: a prefill into the KV cache, then one token at a time (at a python position
+    over the filled part, or at a device position over the whole buffer under a mask) gives the outputs of causal
+    attention over the whole sequence."""
+    import torch
+
+    benchlib = load_tool("benchlib")
+    torch.manual_seed(0)
+    attn = benchlib.SDPAAttention(32, heads=4)
+    batch, seq_len, prefill, max_len = 2, 9, 5, 12
+    x = torch.randn(batch, seq_len, 32)
+    angles = torch.arange(max_len).float()[:, None] * torch.rand(4)  # (max_len, hd/2)
+    cos, sin = angles.cos(), angles.sin()
+    with torch.no_grad():
+        full = attn(x, rope=(cos[:seq_len], sin[:seq_len]))
+        for masked in (False, True):
+            cache = tuple(torch.zeros(batch, 4, max_len, 8) for _ in range(2))  # (B, nh, max_len, hd)
+            steps = [attn(x[:, :prefill], rope=(cos[:prefill], sin[:prefill]), cache=cache, start=0)]
+            for t in range(prefill, seq_len):
+                rope = (cos[t:t + 1], sin[t:t + 1])
+                if masked:
+                    steps.append(attn(x[:, t:t + 1], rope=rope, cache=cache, start=None, pos=torch.tensor([t])))
+                else:
+                    steps.append(attn(x[:, t:t + 1], rope=rope, cache=cache, start=t))
+            torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)

@@ -346,6 +346,14 @@ def compare_variants(inputs, path: str, base: LaunchConfig, errors: bool = True)
     return lines
 
 
+def first_shape_inputs(args, dtype: torch.dtype):
+    """Scan inputs of the MoM layout at the first of ``--shapes`` (routing and values of seed 0): what the sweeps,
+    the profile and the variants time."""
+    B, T = args.shapes[0]
+    lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0))
+    return scan_inputs(lengths, args.heads, args.head_dim, args.head_dim, dtype, seed=0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", type=lambda text: [parse_shape(s) for s in text.split(",")],
@@ -389,8 +397,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.sweep:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         best, lines = sweep(inputs, in_use)
         diff = max_relative_difference(inputs, LaunchConfig(), best)
         in_use = best
@@ -400,8 +407,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.sweep_tiles:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         best, lines = sweep_tiles(inputs, in_use)
         diff = max_relative_difference(inputs, in_use, best)
         in_use = best
@@ -415,15 +421,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.profile:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         report += [f"\nKernel breakdown, MoM scan fwd+bwd at {B} x {T}:", kernel_breakdown(inputs, in_use)]
         print(report[-1], flush=True)
 
     if args.variant_json:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         lines = [f"\nLaunch settings in use against variants, MoM scan at {B} x {T}:",
                  *compare_variants(inputs, args.variant_json, in_use, errors=not args.variant_times_only)]
         report += lines
