@@ -188,6 +188,17 @@ class MoMConfig:
     def has_router(self) -> bool:
         return self.num_memories > 1
 
+    @property
+    def has_beta(self) -> bool:
+        """Whether the update rule writes with a delta correction of strength ``beta`` (its own projection)."""
+        return self.update_rule in ("gated_delta", "delta")
+
+    @property
+    def has_scalar_gate(self) -> bool:
+        """Whether the update rule decays each head's memory by a scalar gate (``a`` projection, ``A_log``,
+        ``dt_bias``)."""
+        return self.update_rule in ("gated_delta", "simple_gla")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -17,7 +17,6 @@ plain-torch stages remain the reference (CPU, float64, prefill with a conv cache
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mom_lit.config import MoMConfig
+from mom_lit.initialization import init_layer
 from mom_lit.layout import build_layout, unsort
 from mom_lit.norm import GatedRMSNorm
 from mom_lit.ops.scan import scan
@@ -35,30 +35,15 @@ from mom_lit.ops.decode import decode_step
 from mom_lit.ops.mix import mix_gated_rms_norm, mix_reference
 from mom_lit.plan import ExecutionPlan, PlanCache, compute_dtype
 from mom_lit.router import Router, Routing
+from mom_lit.state import LayerState
 
-
-@dataclass
-class LayerState:
-    """Recurrent state of one layer for N independent sequences."""
-
-    memory: torch.Tensor
-    """(N, S, H, K, V) fp32 matrix memories (S streams: routed memories, then the shared one)."""
-    conv: torch.Tensor | None
-    """(N, S, W-1, C) last W-1 pre-convolution q|k|v inputs of each stream, or None without convolution."""
+__all__ = ["LayerAux", "LayerState", "MoMLayer"]
 
 
 @dataclass
 class LayerAux:
     routing: Routing | None
     state: LayerState | None
-
-
-def _uses_beta(rule: str) -> bool:
-    return rule in ("gated_delta", "delta")
-
-
-def _uses_scalar_gate(rule: str) -> bool:
-    return rule in ("gated_delta", "simple_gla")
 
 
 class MoMLayer(nn.Module):
@@ -77,8 +62,8 @@ class MoMLayer(nn.Module):
         # Per-stream projections, stacked (stream-major) so that no Python loop over memories is needed.
         self.k_proj = nn.Parameter(torch.empty(streams, c.key_dim, hidden))
         self.v_proj = nn.Parameter(torch.empty(streams, c.value_dim, hidden))
-        self.b_proj = nn.Parameter(torch.empty(streams, c.num_heads, hidden)) if _uses_beta(self.rule) else None
-        if _uses_scalar_gate(self.rule):
+        self.b_proj = nn.Parameter(torch.empty(streams, c.num_heads, hidden)) if c.has_beta else None
+        if c.has_scalar_gate:
             self.a_proj = nn.Parameter(torch.empty(streams, c.num_heads, hidden))
             self.A_log = nn.Parameter(torch.empty(c.num_heads))
             self.dt_bias = nn.Parameter(torch.empty(c.num_heads))
@@ -107,26 +92,9 @@ class MoMLayer(nn.Module):
         :meth:`mom_lit.model.MoMForCausalLM.configure_paths`)."""
         self.plans = PlanCache(self.config, **overrides)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        c = self.config
-        std = c.initializer_range
-        for w in (self.q_proj.weight, self.k_proj, self.v_proj, self.b_proj, self.a_proj, self.gk_down,
-                  self.g_proj.weight if self.g_proj is not None else None,
-                  self.router.weight if self.router is not None else None):
-            if w is not None:
-                nn.init.normal_(w, std=std)
-        if self.gk_up is not None:
-            nn.init.normal_(self.gk_up, std=1.0 / math.sqrt(c.gla_gate_rank))
-        # Residual-branch output: scaled down with depth (GPT-2 style).
-        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * c.num_layers))
-        if self.A_log is not None:
-            self.A_log.copy_(torch.empty(c.num_heads).uniform_(1, 16).log())
-            dt = torch.exp(torch.rand(c.num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        if self.conv_weight is not None:
-            bound = 1.0 / math.sqrt(c.conv_size)
-            nn.init.uniform_(self.conv_weight, -bound, bound)
+        """(Re)initialise every parameter in place (:func:`mom_lit.initialization.init_layer`)."""
+        init_layer(self)
 
     def forward(
         self,
@@ -159,10 +127,7 @@ class MoMLayer(nn.Module):
     # Stages ----------------------------------------------------------------------------------------------------
     def _slots(self, x_flat, layout, state, use_cache, plan: ExecutionPlan) -> ScanInputs:
         """The scan's inputs of every memory-sorted slot: projections, short convolution, norms and gates."""
-        S = self.num_streams
-        conv_init = None
-        if state is not None and state.conv is not None:
-            conv_init = state.conv.transpose(0, 1).reshape(S * layout.num_sequences, *state.conv.shape[2:])
+        conv_init = state.scan_conv() if state is not None else None  # (S * N, W-1, C) or None
         path = plan.slots if conv_init is None and not use_cache else plan.cached_slots
         if path in ("grouped", "gathered"):
             return self._slots_triton(x_flat, layout, path == "grouped", plan)
@@ -172,21 +137,18 @@ class MoMLayer(nn.Module):
 
     def _scan(self, inputs: ScanInputs, layout, state, use_cache, plan: ExecutionPlan):
         """All (memory, sequence) segments through one varlen scan: (L, H, V) slot outputs and the new state."""
-        H, K, V, S, N = self.num_heads, self.head_dim, self.head_v_dim, self.num_streams, layout.num_sequences
-        initial = state.memory.transpose(0, 1).reshape(S * N, H, K, V) if state is not None else None
+        initial = state.scan_memory() if state is not None else None  # (S * N, H, K, V) or None
         triton = {}
         if plan.scan == "triton":
             triton = dict(rebuild_qkv=inputs.sources, recompute=plan.scan_recompute, launch=plan.scan_launch)
         batched = [None if t is None else t.unsqueeze(0) for t in (inputs.g, inputs.gk, inputs.beta)]
         o, final = scan(inputs.q.unsqueeze(0), inputs.k.unsqueeze(0), inputs.v.unsqueeze(0), g=batched[0],
-                        gk=batched[1], beta=batched[2], scale=K ** -0.5, initial_state=initial,
+                        gk=batched[1], beta=batched[2], scale=self.head_dim ** -0.5, initial_state=initial,
                         cu_seqlens=layout.cu_seqlens, output_final_state=use_cache, backend=plan.scan_backend,
                         chunk_size=plan.chunk_size, **triton)
         new_state = None
         if use_cache:
-            conv = inputs.conv_final
-            new_state = LayerState(memory=final.view(S, N, H, K, V).transpose(0, 1),
-                                   conv=None if conv is None else conv.view(S, N, *conv.shape[1:]).transpose(0, 1))
+            new_state = LayerState.from_scan(final, inputs.conv_final, self.num_streams, layout.num_sequences)
         return o.squeeze(0), new_state
 
     def _mix(self, o, layout, weight, gate, plan: ExecutionPlan) -> torch.Tensor:
@@ -196,13 +158,6 @@ class MoMLayer(nn.Module):
                                       launch=plan.stage_launch)
         o = unsort(o, layout).view(weight.shape[0], -1, self.num_heads, self.head_v_dim)  # (N_tok, J, H, V)
         return mix_reference(o, weight, gate, self.o_norm)
-
-    def _scan_segments(self, x_flat, memory, seq_id, num_sequences, state, use_cache):
-        """Slots and scan of all (memory, sequence) segments: (N_tok, J, H, V) slot outputs and the new state."""
-        plan = self.plans.for_input(x_flat)
-        layout = build_layout(memory, seq_id, num_sequences, self.num_streams)
-        o, new_state = self._scan(self._slots(x_flat, layout, state, use_cache, plan), layout, state, use_cache, plan)
-        return unsort(o, layout).view(x_flat.shape[0], -1, self.num_heads, self.head_v_dim), new_state
 
     def _route(self, x_flat: torch.Tensor) -> tuple[Routing | None, torch.Tensor, torch.Tensor]:
         """Memory index (N_tok, J) and mixing weight (N_tok, J) of every slot, shared memory included."""
@@ -328,8 +283,4 @@ class MoMLayer(nn.Module):
         return o, state
 
     def empty_state(self, num_sequences: int, device, dtype=torch.float32) -> LayerState:
-        S, H, K, V = self.num_streams, self.num_heads, self.head_dim, self.head_v_dim
-        conv = None
-        if self.conv_weight is not None:
-            conv = torch.zeros(num_sequences, S, self.config.conv_size - 1, self.conv_channels, device=device, dtype=dtype)
-        return LayerState(memory=torch.zeros(num_sequences, S, H, K, V, device=device, dtype=torch.float32), conv=conv)
+        return LayerState.empty(self.config, num_sequences, device, dtype)

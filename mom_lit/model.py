@@ -15,27 +15,14 @@ from torch import nn
 
 from mom_lit import model_card
 from mom_lit.config import MoMConfig
-from mom_lit.layer import LayerState, MoMLayer
+from mom_lit.initialization import init_model
+from mom_lit.layer import MoMLayer
 from mom_lit.layout import sequence_ids
 from mom_lit.fused import FusedRMSNorm, swiglu_mlp
 from mom_lit.losses import (linear_cross_entropy, load_balancing_loss_global, load_balancing_loss_per_layer,
                             load_balancing_loss_per_sequence, load_fraction, router_z_loss, routing_entropy)
 from mom_lit.plan import ExecutionPlan, PlanCache
-
-
-@dataclass
-class MoMCache:
-    """Recurrent state of every layer for N independent sequences: O(1) in the context length."""
-
-    layers: list[LayerState]
-    seen_tokens: int = 0
-
-    @property
-    def num_sequences(self) -> int:
-        return self.layers[0].memory.shape[0]
-
-    def nbytes(self) -> int:
-        return sum(s.memory.nbytes + (s.conv.nbytes if s.conv is not None else 0) for s in self.layers)
+from mom_lit.state import MoMCache
 
 
 @dataclass
@@ -162,15 +149,9 @@ class MoMForCausalLM(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY_N
         weight = self.embed.weight
         return self.plan_for(device or weight.device, dtype or weight.dtype).describe()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        std = self.config.initializer_range
-        nn.init.normal_(self.embed.weight, std=std)
-        nn.init.normal_(self.lm_head.weight, std=std)
-        for block in self.blocks:
-            nn.init.normal_(block.mlp.gate_up.weight, std=std)
-            nn.init.normal_(block.mlp.down.weight, std=std / math.sqrt(2 * self.config.num_layers))
-            block.attn.reset_parameters()
+        """(Re)initialise every parameter in place (:func:`mom_lit.initialization.init_model`)."""
+        init_model(self)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

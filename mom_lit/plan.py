@@ -148,8 +148,7 @@ def stream_rows(config: MoMConfig, align: int = 1) -> int:
     """Rows of the stacked per-stream projections that the slot kernels read: k | v | beta, gate logits, padded
     to a multiple of ``align`` (the per-key gate's code of ``gla`` comes after)."""
     c = config
-    rows = c.key_dim + c.value_dim + c.num_heads * (int(c.update_rule in ("gated_delta", "delta"))
-                                                   + int(c.update_rule in ("gated_delta", "simple_gla")))
+    rows = c.key_dim + c.value_dim + c.num_heads * (int(c.has_beta) + int(c.has_scalar_gate))
     return rows + (-rows % align)
 
 
@@ -236,8 +235,7 @@ def stage_kernels_build(config: MoMConfig, device: torch.device | str, dtype: to
                 outs += slot_conv(rand(num_tokens, H * K), rand(num_tokens * S, H * (K + V + 1)),
                                   rand(H * (2 * K + V), width), layout.token, layout.token * S + layout.memory,
                                   layout.position, layout.rank, H, K, V, H, launch=launch)
-                decay = c.update_rule in ("gated_delta", "simple_gla")
-                has_beta = c.update_rule in ("gated_delta", "delta")
+                decay, has_beta = c.has_scalar_gate, c.has_beta
                 gates = scalar_gates(rand(num_tokens * S, (decay + has_beta) * H), rand(H) if decay else None,
                                      rand(H) if decay else None, H, has_beta)
                 outs += [t for t in gates if t is not None]

@@ -50,14 +50,14 @@ def test_bench_layer_rounds_and_settings_side_by_side_on_cpu(tmp_path):
             assert re.search(r"\| [0-9.]+ ms \([0-9.]+-[0-9.]+\) \|", row), row
 
 
-def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
+def test_bench_layer_rounds_time_candidates_in_turn():
     """--rounds: every round times each candidate once, in the order given; the row gives the median and the range;
     a candidate that fails is reported with its error and not timed again, the others still are."""
     bench_layer = load_tool("bench_layer")
     calls = []
     times = iter([3.0, 7.0, 1.0, 9.0, 2.0, 8.0])
 
-    def bench(fn, device):
+    def bench(fn):
         fn()
         return next(times)
 
@@ -65,9 +65,8 @@ def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
         calls.append("broken")
         raise RuntimeError("out of resource")
 
-    monkeypatch.setattr(bench_layer, "bench", bench)
     result = bench_layer.bench_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
-                                       "broken": broken}, "cpu", rounds=3)
+                                       "broken": broken}, rounds=3, time_one=bench)
     assert calls == ["a", "b", "broken", "a", "b", "a", "b"]
     assert result["a"] == [3.0, 1.0, 2.0] and result["b"] == [7.0, 9.0, 8.0]
     assert result["broken"] == "error: RuntimeError: out of resource"
@@ -76,7 +75,7 @@ def test_bench_layer_rounds_time_candidates_in_turn(monkeypatch):
     assert bench_layer.format_ms(result["broken"]) == result["broken"]
 
 
-def test_bench_layer_memory_of_one_candidate_among_several(monkeypatch):
+def test_bench_layer_memory_of_one_candidate_among_several():
     """With several candidates alive, a candidate's peak leaves out the others' weights and inputs, and every
     gradient is dropped before its step runs (the others' would otherwise stay in its peak)."""
     import torch
@@ -93,12 +92,10 @@ def test_bench_layer_memory_of_one_candidate_among_several(monkeypatch):
         seen.append([m.weight.grad for m in modules.values()] + [x.grad for x in inputs.values()])
         return 1.0
 
-    monkeypatch.setattr(bench_layer, "peak_memory_gib", peak)
-    mem = bench_layer._alone_peak_gib(modules, "a", lambda: None, "cuda", inputs)
+    mem = bench_layer._alone_peak_gib(modules, "a", lambda: None, "cuda", inputs, measure=peak)
     assert seen == [[None, None, None, None]]
     assert mem == pytest.approx(1.0 - (512 * 512 + 2048) * 4 / 2**30)
-    monkeypatch.setattr(bench_layer, "peak_memory_gib", lambda step, device: None)
-    assert bench_layer._alone_peak_gib(modules, "a", lambda: None, "cpu") is None
+    assert bench_layer._alone_peak_gib(modules, "a", lambda: None, "cpu") is None  # no peak off CUDA
 
 
 def test_bench_layer_graphed_replay_keeps_the_step_inputs_alive(monkeypatch):
@@ -285,3 +282,30 @@ def test_bench_kernels_reports_a_variant_that_does_not_build(tmp_path, monkeypat
     monkeypatch.setattr(bench_kernels, "kernel_times", lambda inputs, cfg: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.raises(RuntimeError):
         bench_kernels.compare_variants(None, str(path), DEFAULT_LAUNCH, errors=False)
+
+
+def test_sdpa_baseline_decodes_through_its_kv_cache_as_it_attends_causally():
+    """The benchmarks' SDPA attention: a prefill into the KV cache, then one token at a time (at a python position
+    over the filled part, or at a device position over the whole buffer under a mask) gives the outputs of causal
+    attention over the whole sequence."""
+    import torch
+
+    benchlib = load_tool("benchlib")
+    torch.manual_seed(0)
+    attn = benchlib.SDPAAttention(32, heads=4)
+    batch, seq_len, prefill, max_len = 2, 9, 5, 12
+    x = torch.randn(batch, seq_len, 32)
+    angles = torch.arange(max_len).float()[:, None] * torch.rand(4)  # (max_len, hd/2)
+    cos, sin = angles.cos(), angles.sin()
+    with torch.no_grad():
+        full = attn(x, rope=(cos[:seq_len], sin[:seq_len]))
+        for masked in (False, True):
+            cache = tuple(torch.zeros(batch, 4, max_len, 8) for _ in range(2))  # (B, nh, max_len, hd)
+            steps = [attn(x[:, :prefill], rope=(cos[:prefill], sin[:prefill]), cache=cache, start=0)]
+            for t in range(prefill, seq_len):
+                rope = (cos[t:t + 1], sin[t:t + 1])
+                if masked:
+                    steps.append(attn(x[:, t:t + 1], rope=rope, cache=cache, start=None, pos=torch.tensor([t])))
+                else:
+                    steps.append(attn(x[:, t:t + 1], rope=rope, cache=cache, start=t))
+            torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)

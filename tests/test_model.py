@@ -273,9 +273,13 @@ def test_decode_step_equals_one_token_scan(rule):
     state.memory.normal_()
     state.conv.normal_()
     x = torch.randn(batch, cfg.hidden_size)
-    _, memory, _ = layer._route(x)
-    fast, fast_state = layer._decode_step(x, memory, LayerState(state.memory.clone(), state.conv.clone()))
-    ref, ref_state = layer._scan_segments(x, memory, torch.arange(batch), batch, state, use_cache=True)
-    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=1e-5)
+    seq_id = torch.arange(batch)
+    # (B, 1, D): one token of each sequence, the in-place decoding step
+    fast, fast_aux = layer(x.unsqueeze(1), seq_id, batch, LayerState(state.memory.clone(), state.conv.clone()),
+                           use_cache=True)
+    # (1, B, D): the same tokens as B one-token sequences of one row, through the slot stage and the varlen scan
+    ref, ref_aux = layer(x.unsqueeze(0), seq_id, batch, state, use_cache=True)
+    fast_state, ref_state = fast_aux.state, ref_aux.state
+    torch.testing.assert_close(fast.squeeze(1), ref.squeeze(0), atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(fast_state.memory, ref_state.memory, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(fast_state.conv, ref_state.conv, atol=ATOL, rtol=1e-5)

@@ -25,11 +25,9 @@ import contextlib
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,47 +37,26 @@ from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.model import SwiGLU  # noqa: E402
 from mom_lit.norm import RMSNorm  # noqa: E402
 
-FULL = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_heads=4, head_dim=256, mlp_ratio=3.0,
-            num_memories=4, topk=2, shared_memory=True)
-TINY = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, head_dim=16, mlp_ratio=3.0,
-            num_memories=4, topk=2, shared_memory=True)
+from benchlib import (SDPAAttention, device_name, mean_ms, model_dims, release_cached, sync, table_header,  # noqa: E402
+                      table_row)
+
+MOM = dict(num_memories=4, topk=2, shared_memory=True)
 
 
 # ------------------------------------------------------------------------------------------ SDPA baseline
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, nh, T, hd) with cos/sin (T, hd/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 class AttentionBlock(nn.Module):
+    """Pre-norm transformer block: the benchmarks' SDPA attention (rotary positions, KV cache), SwiGLU MLP."""
+
     def __init__(self, hidden: int, heads: int, mlp_hidden: int, eps: float):
         super().__init__()
-        self.heads, self.head_dim = heads, hidden // heads
         self.attn_norm = RMSNorm(hidden, eps)
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.out = nn.Linear(hidden, hidden, bias=False)
+        self.attn = SDPAAttention(hidden, heads)
         self.mlp_norm = RMSNorm(hidden, eps)
         self.mlp = SwiGLU(hidden, mlp_hidden)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int | None, pos: torch.Tensor | None):
-        """x (B, T, D). Prefill (start=0, T tokens) or one step at python ``start`` (attends over the filled part)
-        or at device ``pos`` (start=None: attends over the whole buffer under a mask, static shapes)."""
-        batch, seq_len, hidden = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(batch, seq_len, 3, self.heads, self.head_dim).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if start is None:
-            k_cache.index_copy_(2, pos, k)
-            v_cache.index_copy_(2, pos, v)
-            mask = torch.arange(k_cache.shape[2], device=x.device) <= pos  # (max_len,)
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[None, None, None, :])
-        else:
-            k_cache[:, :, start:start + seq_len] = k
-            v_cache[:, :, start:start + seq_len] = v
-            keys, values = k_cache[:, :, :start + seq_len], v_cache[:, :, :start + seq_len]
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=seq_len > 1)  # prefill: start = 0
-        x = x + self.out(y.transpose(1, 2).reshape(batch, seq_len, hidden))
+        """x (B, T, D); ``start`` and ``pos`` as :meth:`benchlib.SDPAAttention.forward`."""
+        x = x + self.attn(self.attn_norm(x), rope=(cos, sin), cache=(k_cache, v_cache), start=start, pos=pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -138,23 +115,6 @@ def row_timeout(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_steps(step, args) -> float:
-    """Milliseconds per call of ``step`` (after ``args.warmup`` untimed calls)."""
-    for _ in range(args.warmup):
-        step()
-    sync(args.device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(args.device)
-    return (time.perf_counter() - start) / args.steps * 1e3
-
-
 def mom_prefill(model: MoMForCausalLM, prompt: torch.Tensor, chunk: int):
     """Cache and next token after ``prompt`` (1, C), fed through the cache in chunks of ``chunk`` tokens."""
     cache = None
@@ -197,7 +157,7 @@ def mom_graph_step(model: MoMForCausalLM, cache, token: torch.Tensor, device: st
 def run_mom(name: str, overrides: dict, args, contexts, rows, torch_step: bool) -> None:
     torch.manual_seed(0)
     # Prefill runs the layer's elementwise stages eagerly: torch.compile's wait would not be part of any number.
-    cfg = MoMConfig(**{**(TINY if args.tiny else FULL), "compile_stages": False, **overrides})
+    cfg = MoMConfig(**{**model_dims(args.tiny), **MOM, "compile_stages": False, **overrides})
     model = MoMForCausalLM(cfg).to(args.device, torch.bfloat16).eval()
     on_gpu = args.device == "cuda"
     for ctx in contexts:
@@ -219,27 +179,25 @@ def run_mom(name: str, overrides: dict, args, contexts, rows, torch_step: bool) 
                     model.configure_paths(backend="eager" if variant == "torch step" else "auto")
                     if variant.endswith("CUDA graph"):
                         replay, row["graph_max_abs_logit_diff"] = mom_graph_step(model, cache, token, args.device)
-                        row["ms"] = time_steps(replay, args)
+                        row["ms"] = mean_ms(replay, args.device, args.steps, args.warmup)
                     else:
                         def step():
                             nonlocal cache, token
                             out = model(token, cache=cache, use_cache=True)
                             cache, token = out.cache, out.logits[:, -1:].argmax(-1)
 
-                        row["ms"] = time_steps(step, args)
+                        row["ms"] = mean_ms(step, args.device, args.steps, args.warmup)
             except (RowTimeout, RuntimeError) as error:
                 row["error"] = f"{type(error).__name__}: {error}"[:120]
             rows.append(row)
             print(json.dumps(row), flush=True)
         del cache
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(args.device)
 
 
 def run_sdpa(args, contexts, rows) -> None:
     torch.manual_seed(0)
-    base = TINY if args.tiny else FULL
-    cfg = MoMConfig(**base)
+    cfg = MoMConfig(**model_dims(args.tiny), **MOM)
     heads = 2 if args.tiny else 16
     model = AttentionLM(cfg.vocab_size, cfg.hidden_size, cfg.num_layers, heads, cfg.mlp_hidden_size)
     model = model.to(args.device, torch.bfloat16).eval()
@@ -261,7 +219,7 @@ def run_sdpa(args, contexts, rows) -> None:
                             token = model(token, start=position).argmax(-1)
                             position += 1
 
-                        row["ms"] = time_steps(step, args)
+                        row["ms"] = mean_ms(step, args.device, args.steps, args.warmup)
                     else:
                         pos = torch.full((1,), ctx, device=args.device)
                         first = token.clone()
@@ -279,27 +237,25 @@ def run_sdpa(args, contexts, rows) -> None:
                         graph.replay()
                         sync(args.device)
                         row["graph_max_abs_logit_diff"] = (logits.float() - eager).abs().max().item()
-                        row["ms"] = time_steps(graph.replay, args)
+                        row["ms"] = mean_ms(graph.replay, args.device, args.steps, args.warmup)
             except (RowTimeout, RuntimeError) as error:
                 row["error"] = f"{type(error).__name__}: {error}"[:120]
             rows.append(row)
             print(json.dumps(row), flush=True)
             model.k_cache = model.v_cache = None
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            release_cached(args.device)
 
 
 # ------------------------------------------------------------------------------------------ report
 def table(rows, contexts) -> str:
     names = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["| model, B = 1, per token | " + " | ".join(f"C = {c:,}" for c in contexts) + " |",
-             "|---|" + "---|" * len(contexts)]
+    lines = table_header(["model, B = 1, per token", *(f"C = {c:,}" for c in contexts)])
     for name in names:
         cells = []
         for ctx in contexts:
             row = next((r for r in rows if r["model"] == name and r["context"] == ctx), None)
             cells.append("" if row is None else f"{row['ms']:.2f} ms" if "ms" in row else "error")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(table_row([name, *cells]))
     return "\n".join(lines)
 
 
@@ -351,7 +307,7 @@ def main(argv=None) -> int:
     models = set(args.models.split(","))
     if not models <= {"mom", "gdn", "sdpa"}:
         parser.error(f"--models takes mom, gdn, sdpa; got {args.models}")
-    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    card = device_name(args.device)
     print(f"card: {card}, torch {torch.__version__}", flush=True)
     rows: list[dict] = []
     with torch.no_grad():

@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without an install too
 
 from mom_lit.ops.scan.triton.scan import DEFAULT_LAUNCH, Launch, LaunchConfig, triton_scan  # noqa: E402
+
+from benchlib import bench as _bench  # noqa: E402
+from benchlib import fla_hopper_guard_lifted, parse_shape, peak_memory_gib, table_header, table_row  # noqa: E402
 
 
 def mom_lengths(batch: int, seq_len: int, memories: int, topk: int, shared: bool, gen: torch.Generator) -> list[int]:
@@ -64,7 +66,8 @@ def scan_flops(tokens: int, heads: int, key_dim: int, value_dim: int, chunk: int
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    """Median milliseconds of ``fn()`` on CUDA (``do_bench`` over 200 ms)."""
+    return _bench(fn, "cuda", rep_ms=200, warmup_ms=25)
 
 
 def time_scan(inputs, backward: bool, launch: LaunchConfig) -> float:
@@ -96,18 +99,12 @@ def time_sdpa(batch: int, seq_len: int, heads: int, head_dim: int, dtype: torch.
 
 
 def load_fla():
-    """fla's chunk_gated_delta_rule when fla is importable, else None.
-
-    fla 0.6 refuses its gated backward on Hopper with Triton < 3.7.1, whose compiler gives it a wrong dk (fla issue
-    #640); the kernels' work is the same, so the guard is lifted here for timing only (fla's gradients are not
-    used).
-    """
+    """fla's chunk_gated_delta_rule when fla is importable, else None. Its timings run with fla's Hopper guard lifted
+    (``benchlib.fla_hopper_guard_lifted``: timing only, fla's gradients are not used)."""
     try:
-        import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError:
         return None
-    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
     return chunk_gated_delta_rule
 
 
@@ -131,15 +128,6 @@ def fla_output_difference(fla_scan, inputs, launch: LaunchConfig) -> float:
                            launch=launch)[0].float()
         theirs = fla_scan(q, k, v, g, beta, cu_seqlens=cu.long(), output_final_state=False)[0].float()
     return ((ours - theirs).norm() / theirs.norm()).item()
-
-
-def peak_memory_gib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def fwd_bwd_step(inputs):
@@ -175,8 +163,8 @@ def kernel_times(inputs, launch: LaunchConfig, reps: int = 5) -> dict[str, tuple
 
 def kernel_breakdown(inputs, launch: LaunchConfig) -> str:
     rows = sorted(((ms, n, name) for name, (ms, n) in kernel_times(inputs, launch).items()), reverse=True)
-    lines = ["| kernel | ms per fwd+bwd | launches |", "|---|---|---|"]
-    lines += [f"| {name[:60]} | {ms:.3f} | {n} |" for ms, n, name in rows[:12]]
+    lines = table_header(["kernel", "ms per fwd+bwd", "launches"])
+    lines += [table_row([name[:60], f"{ms:.3f}", n]) for ms, n, name in rows[:12]]
     return "\n".join(lines)
 
 
@@ -220,8 +208,7 @@ def sweep(inputs, base: LaunchConfig) -> tuple[LaunchConfig, list[str]]:
     cfg = LaunchConfig(state_block_v=base.state_block_v,
                        **{name: _with_tiles(Launch(*best[name][0][:2]), base, name) for name in CHUNK_KERNELS},
                        **{name: Launch(*best[name][0][:2], block_v=best[name][0][2]) for name in STATE_KERNELS})
-    lines = ["| kernel | best (warps, stages[, BV]) | ms | all settings tried (warps, stages[, BV]): ms |",
-             "|---|---|---|---|"]
+    lines = table_header(["kernel", "best (warps, stages[, BV])", "ms", "all settings tried (warps, stages[, BV]): ms"])
     for name in CHUNK_KERNELS + STATE_KERNELS:
         tried = ", ".join(f"{_setting(s)}: {ms:.3f}" for n, s, ms in results if n == name)
         lines.append(f"| {name} | {_setting(best[name][0])} | {best[name][1]:.3f} | {tried} |")
@@ -265,8 +252,8 @@ def sweep_tiles(inputs, base: LaunchConfig) -> tuple[LaunchConfig, list[str]]:
             print(f"{launch}: " + ", ".join(f"{n}={times[n + '_kernel'][0]:.3f}" for n in TILE_KERNELS), flush=True)
     best = {name: min(((launch, ms) for n, launch, ms in results if n == name), key=lambda x: x[1])
             for name in TILE_KERNELS}
-    lines = ["| kernel | best (warps, stages, BK, BV) | ms | all settings tried (warps, stages, BK, BV): ms |",
-             "|---|---|---|---|"]
+    lines = table_header(["kernel", "best (warps, stages, BK, BV)", "ms",
+                          "all settings tried (warps, stages, BK, BV): ms"])
     for name in TILE_KERNELS:
         tried = ", ".join(f"{_tile_label(launch)}: {ms:.3f}" for n, launch, ms in results if n == name)
         lines.append(f"| {name} | ({_tile_label(best[name][0])}) | {best[name][1]:.3f} | {tried} |")
@@ -350,20 +337,27 @@ def compare_variants(inputs, path: str, base: LaunchConfig, errors: bool = True)
     labels = list(times)
     lines = [f"{label}: {_changed_fields(cfg, base)}" + (f" -- did not run: {failed[label]}" if label in failed else "")
              for label, cfg in configs.items() if label != "in use"]
-    lines += ["| kernel (ms per fwd+bwd) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    lines += [f"| {name[:60]} | " + " | ".join(f"{ms[label][name]:.3f}" for label in labels) + " |"
-              for name in names[:12]]
-    lines.append("| all kernels | " + " | ".join(f"{sum(ms[label].values()):.3f}" for label in labels) + " |")
+    lines += table_header(["kernel (ms per fwd+bwd)", *labels])
+    lines += [table_row([name[:60], *(f"{ms[label][name]:.3f}" for label in labels)]) for name in names[:12]]
+    lines.append(table_row(["all kernels", *(f"{sum(ms[label].values()):.3f}" for label in labels)]))
     if errors:
-        lines += ["", "| relative RMS error against fp32 inputs | " + " | ".join(GRADIENTS) + " |",
-                  "|---|" + "---|" * len(GRADIENTS)]
-        lines += [f"| {label} | " + " | ".join(f"{errs[label][n]:.2e}" for n in GRADIENTS) + " |" for label in labels]
+        lines += ["", *table_header(["relative RMS error against fp32 inputs", *GRADIENTS])]
+        lines += [table_row([label, *(f"{errs[label][n]:.2e}" for n in GRADIENTS)]) for label in labels]
     return lines
+
+
+def first_shape_inputs(args, dtype: torch.dtype):
+    """Scan inputs of the MoM layout at the first of ``--shapes`` (routing and values of seed 0): what the sweeps,
+    the profile and the variants time."""
+    B, T = args.shapes[0]
+    lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0))
+    return scan_inputs(lengths, args.heads, args.head_dim, args.head_dim, dtype, seed=0)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="8x2048,2x8192", help="comma-separated BxT of the layer input")
+    parser.add_argument("--shapes", type=lambda text: [parse_shape(s) for s in text.split(",")],
+                        default=[(8, 2048), (2, 8192)], help="comma-separated BxT of the layer input")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=256)
     parser.add_argument("--memories", type=int, default=4)
@@ -395,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
     dtype = getattr(torch, args.dtype)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = args.shapes
     H, D = args.heads, args.head_dim
     in_use = DEFAULT_LAUNCH  # the launch settings of every timing below; the sweeps replace them by their best
     report = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -403,8 +397,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.sweep:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         best, lines = sweep(inputs, in_use)
         diff = max_relative_difference(inputs, LaunchConfig(), best)
         in_use = best
@@ -414,8 +407,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.sweep_tiles:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         best, lines = sweep_tiles(inputs, in_use)
         diff = max_relative_difference(inputs, in_use, best)
         in_use = best
@@ -429,24 +421,21 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.profile:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         report += [f"\nKernel breakdown, MoM scan fwd+bwd at {B} x {T}:", kernel_breakdown(inputs, in_use)]
         print(report[-1], flush=True)
 
     if args.variant_json:
         B, T = shapes[0]
-        inputs = scan_inputs(mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(0)),
-                             H, D, D, dtype, seed=0)
+        inputs = first_shape_inputs(args, dtype)
         lines = [f"\nLaunch settings in use against variants, MoM scan at {B} x {T}:",
                  *compare_variants(inputs, args.variant_json, in_use, errors=not args.variant_times_only)]
         report += lines
         print("\n".join(lines), flush=True)
 
-    table = ["| shape (B x T) | scan tokens (segments) | MoM scan fwd | MoM scan fwd+bwd | fwd TFLOP/s | "
-             "1-stream scan fwd / fwd+bwd | SDPA 4x256 fwd / fwd+bwd | SDPA 16x64 fwd / fwd+bwd | "
-             "scan peak GiB (fwd+bwd) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = table_header(["shape (B x T)", "scan tokens (segments)", "MoM scan fwd", "MoM scan fwd+bwd", "fwd TFLOP/s",
+                          "1-stream scan fwd / fwd+bwd", "SDPA 4x256 fwd / fwd+bwd", "SDPA 16x64 fwd / fwd+bwd",
+                          "scan peak GiB (fwd+bwd)"])
     for B, T in shapes:
         lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(B * T))
         inputs = scan_inputs(lengths, H, D, D, dtype, seed=1)
@@ -459,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         q, k, v, g, beta, cu = inputs
         leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
         peak = peak_memory_gib(lambda: triton_scan(*leaves[:3], g=leaves[3], beta=leaves[4], cu_seqlens=cu,
-                                                   output_final_state=False, launch=in_use)[0].sum().backward())
+                                                   output_final_state=False, launch=in_use)[0].sum().backward(),
+                               "cuda", above_start=True)
         table.append(f"| {B} x {T} | {sum(lengths)} ({len(lengths)}) | {fwd:.3f} ms | {fwd_bwd:.3f} ms | "
                      f"{tflops:.0f} | {single_fwd:.3f} / {single_fb:.3f} ms | {sdpa_a[0]:.3f} / {sdpa_a[1]:.3f} ms | "
                      f"{sdpa_b[0]:.3f} / {sdpa_b[1]:.3f} ms | {peak:.2f} |")
@@ -473,17 +463,18 @@ def main(argv: list[str] | None = None) -> None:
         import fla
 
         lines = [f"\nfla {fla.__version__} chunk_gated_delta_rule on the same inputs (its Hopper guard lifted, "
-                 "timing only):", "| shape (B x T) | layout | ours fwd / fwd+bwd | fla fwd / fwd+bwd | "
-                 "o difference ours vs fla |", "|---|---|---|---|---|"]
-        for B, T in shapes:
-            lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(B * T))
-            for layout, inputs in (("MoM, 3 streams", scan_inputs(lengths, H, D, D, dtype, seed=1)),
-                                   ("1 stream", scan_inputs([T] * B, H, D, D, dtype, seed=2))):
-                ours = time_scan(inputs, False, in_use), time_scan(inputs, True, in_use)
-                theirs = time_fla(fla_scan, inputs, False), time_fla(fla_scan, inputs, True)
-                lines.append(f"| {B} x {T} | {layout} | {ours[0]:.3f} / {ours[1]:.3f} ms | {theirs[0]:.3f} / "
-                             f"{theirs[1]:.3f} ms | {fla_output_difference(fla_scan, inputs, in_use):.1e} |")
-                print(lines[-1], flush=True)
+                 "timing only):", *table_header(["shape (B x T)", "layout", "ours fwd / fwd+bwd", "fla fwd / fwd+bwd",
+                                                 "o difference ours vs fla"])]
+        with fla_hopper_guard_lifted():
+            for B, T in shapes:
+                lengths = mom_lengths(B, T, args.memories, args.topk, True, torch.Generator().manual_seed(B * T))
+                for layout, inputs in (("MoM, 3 streams", scan_inputs(lengths, H, D, D, dtype, seed=1)),
+                                       ("1 stream", scan_inputs([T] * B, H, D, D, dtype, seed=2))):
+                    ours = time_scan(inputs, False, in_use), time_scan(inputs, True, in_use)
+                    theirs = time_fla(fla_scan, inputs, False), time_fla(fla_scan, inputs, True)
+                    lines.append(f"| {B} x {T} | {layout} | {ours[0]:.3f} / {ours[1]:.3f} ms | {theirs[0]:.3f} / "
+                                 f"{theirs[1]:.3f} ms | {fla_output_difference(fla_scan, inputs, in_use):.1e} |")
+                    print(lines[-1], flush=True)
         report += lines
     text = "\n".join(report)
     print("\n" + text)

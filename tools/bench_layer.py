@@ -1,9 +1,8 @@
 """Side-by-side GPU benchmark of the MoM layer and model against fla and SDPA attention.
 
-Sections (``--sections``):
+Sections (``--sections``; per-token decoding latency is ``tools/bench_decode.py``'s):
   layer   one layer forward and forward+backward (loss = sum of outputs), peak memory
   model   a 12-layer model, one training step (forward + backward), tokens/s, peak memory
-  decode  per-token latency of an eager decode loop after a prefill of C tokens
   profile top device kernels of each selected layer's forward+backward (8 x 2048, or --profile-shape)
   profile_model  the same for each selected model's training step
 
@@ -12,8 +11,8 @@ memory, bf16). fla (flash-linear-attention) and transformers are optional: rows 
 skipped. fla 0.6.0 refuses the gated backward on Hopper with Triton < 3.7.1 because it computes wrong gradients
 there; ``--fla-timing-only`` lifts that guard so that its speed can be timed, never to trust its numbers.
 
-Example (GPU):  python tools/bench_layer.py --sections layer,model,decode --out bench.md
-Smoke run (CPU): python tools/bench_layer.py --device cpu --tiny --sections layer,model,decode
+Example (GPU):  python tools/bench_layer.py --sections layer,model --out bench.md
+Smoke run (CPU): python tools/bench_layer.py --device cpu --tiny --sections layer,model
 Mixed precision (fp32 weights, products under bf16 autocast, as Lightning's bf16-mixed): add --mixed
 """
 
@@ -22,19 +21,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import (GIB, SDPAAttention, bench, bench_rounds, checkpoint_blocks, device_name,  # noqa: E402
+                      error_cell, fla_available, fla_hopper_guard_lifted, format_ms, mean_ms, model_dims, parse_shape,
+                      peak_memory_gib, release_cached, sync, table_header, table_row)
 from mom_lit import MoMConfig, MoMForCausalLM, MoMLayer  # noqa: E402
 from mom_lit.cuda_graphs import capture_cuda_graph  # noqa: E402
 from mom_lit.layout import sequence_ids  # noqa: E402
@@ -42,82 +43,7 @@ from mom_lit.ops import stage_launch  # noqa: E402
 from mom_lit.ops.scan.triton import scan as scan_kernels  # noqa: E402
 
 
-# --------------------------------------------------------------------------------------------------- timing
-REP_MS = [500]  # CUDA: milliseconds of timed repeats per measurement (--rep-ms)
-
-
-def bench(fn, device: str, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of ``fn()``."""
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=min(100, REP_MS[0]), rep=REP_MS[0], return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_memory_gib(fn, device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
-def error_cell(error: Exception) -> str:
-    """The table cell of a candidate that failed: its error, shortened (one failure must not hide the others)."""
-    return f"error: {type(error).__name__}: {str(error)[:80]}"
-
-
-def bench_rounds(fns: dict, device: str, rounds: int) -> dict[str, list[float] | str]:
-    """Milliseconds of every ``fns[name]()`` per round: each round times every candidate once, in turn, so that a
-    drift of the host or of the clocks during the run reaches every candidate alike instead of favouring those
-    timed first. A candidate that fails is reported as an error string and left out of the later rounds."""
-    times: dict[str, list[float] | str] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if isinstance(times[name], str):
-                continue
-            try:
-                times[name].append(bench(fn, device))
-            except Exception as e:  # one failing candidate must not hide the others
-                times[name] = error_cell(e)
-    return times
-
-
-def format_ms(times: list[float] | str, digits: int = 2) -> str:
-    """Median milliseconds, with the range over the rounds when there were several."""
-    if isinstance(times, str):
-        return times
-    median = f"{statistics.median(times):.{digits}f} ms"
-    return median if len(times) == 1 else f"{median} ({min(times):.{digits}f}-{max(times):.{digits}f})"
-
-
 # --------------------------------------------------------------------------------------------------- layers
-class SDPABlock(nn.Module):
-    """Plain causal attention: qkv projection, 16 heads x 64, SDPA, output projection."""
-
-    def __init__(self, hidden: int, heads: int = 16):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.o = nn.Linear(hidden, hidden, bias=False)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(o.transpose(1, 2).reshape(b, t, d))
-
-
 class OurLayer(nn.Module):
     def __init__(self, cfg: MoMConfig, paths: dict):
         super().__init__()
@@ -129,23 +55,14 @@ class OurLayer(nn.Module):
         return self.layer(x, sequence_ids(b, t, None, x.device), b)[0]
 
 
+def _timer(args):
+    """How one candidate is timed: ``bench`` on ``--device`` over ``--rep-ms`` of repeats."""
+    return functools.partial(bench, device=args.device, rep_ms=args.rep_ms)
+
+
 def selected(args, candidates: dict):
     skip = [s for s in args.skip.split(",") if s]
     return [(name, make) for name, make in candidates.items() if not any(s in name for s in skip)]
-
-
-def fla_available() -> bool:
-    try:
-        import fla  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def lift_fla_hopper_guard() -> None:
-    import fla.ops.common.chunk_o as chunk_o
-
-    chunk_o.TRITON_ABOVE_3_7_1 = True
 
 
 def _our_settings(args):
@@ -172,7 +89,7 @@ def layer_candidates(args, hidden, heads, head_dim):
                                                                   head_dim=head_dim, expand_v=1))
         cands["fla MomAttention"] = lambda: _first(MomAttention(hidden_size=hidden, num_heads=heads, head_dim=head_dim,
                                                                 expand_v=1, num_memories=4, topk=2, shared_mem=True))
-    cands["SDPA attention"] = lambda: SDPABlock(hidden)
+    cands["SDPA attention"] = lambda: SDPAAttention(hidden)
     return cands
 
 
@@ -230,8 +147,8 @@ def section_layer(args, dtype, rows):
                     module(x)
 
             fwd[name] = forward
-        times_fb = bench_rounds(fwd_bwd, args.device, args.rounds)
-        times_f = bench_rounds(fwd, args.device, args.rounds)
+        times_fb = bench_rounds(fwd_bwd, args.rounds, _timer(args))
+        times_f = bench_rounds(fwd, args.rounds, _timer(args))
         for name in modules:
             mem = None
             if not isinstance(times_fb[name], str):
@@ -248,8 +165,7 @@ def _our_model(cfg: MoMConfig, paths: dict) -> MoMForCausalLM:
 
 
 def model_candidates(args, tiny):
-    dims = dict(hidden_size=64, num_heads=2, head_dim=16, num_layers=2, vocab_size=512) if tiny else \
-        dict(hidden_size=1024, num_heads=4, head_dim=256, num_layers=12, vocab_size=32000)
+    dims = model_dims(tiny)
     cands = {}
     for backend, memory, label in _our_settings(args):
         ours = dict(dims, backend=backend, tie_embeddings=False, activation_memory=memory)
@@ -288,16 +204,6 @@ class _HF(nn.Module):
 
     def forward(self, ids, labels=None):
         return self.inner(input_ids=ids, labels=labels)
-
-
-def _checkpointed(model: MoMForCausalLM) -> MoMForCausalLM:
-    """Every block recomputed in the backward, as ``MoMLightningModule(activation_checkpointing=True)`` does."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-    from mom_lit.model import MoMBlock
-
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, MoMBlock))
-    return model
 
 
 def _training_step(make, args, dtype, b: int, t: int):
@@ -339,7 +245,7 @@ def _graph_memory_gib() -> float:
     replay allocates nothing, so the peak of allocated memory would miss the pool."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    return torch.cuda.memory_reserved() / 2**30
+    return torch.cuda.memory_reserved() / GIB
 
 
 def section_model(args, dtype, rows):
@@ -349,12 +255,11 @@ def section_model(args, dtype, rows):
     cands = model_candidates(args, args.tiny)
     for _, _, label in _our_settings(args):  # activation checkpointing's memory/time trade (skip: "checkpointed")
         cands[f"mom_lit MoM, checkpointed blocks ({label})"] = \
-            lambda make=cands[f"mom_lit MoM ({label})"]: _checkpointed(make())
+            lambda make=cands[f"mom_lit MoM ({label})"]: checkpoint_blocks(make())
     if args.rounds == 1:
         for name, make in selected(args, cands):
             _time_models(args, dtype, {name: make}, b, t, rows)
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            release_cached(args.device)
     else:
         _time_models(args, dtype, dict(selected(args, cands)), b, t, rows)
 
@@ -373,7 +278,7 @@ def _time_models(args, dtype, makers: dict, b: int, t: int, rows) -> None:
                 reserved += memory[name]
         except Exception as e:
             failed[name] = error_cell(e)
-    times = bench_rounds(steps, args.device, args.rounds)
+    times = bench_rounds(steps, args.rounds, _timer(args))
     for name in makers:
         result = failed.get(name) or times[name]
         if isinstance(result, str):
@@ -388,69 +293,22 @@ def _time_models(args, dtype, makers: dict, b: int, t: int, rows) -> None:
         print(rows[-1], flush=True)
 
 
-def _alone_peak_gib(modules: dict, name: str, step, device: str, inputs: dict | None = None) -> float | None:
-    """Peak memory of ``step`` (``modules[name]``'s), as if that module and its input were the only ones alive:
-    every gradient is dropped first, and the other modules' weights and inputs are left out of the peak."""
+def _alone_peak_gib(modules: dict, name: str, step, device: str, inputs: dict | None = None,
+                    measure=peak_memory_gib) -> float | None:
+    """Peak memory of ``step`` (``modules[name]``'s, by ``measure(step, device)``), as if that module and its input
+    were the only ones alive: every gradient is dropped first, and the other modules' weights and inputs are left
+    out of the peak."""
     inputs = inputs or {}
     for module in modules.values():
         module.zero_grad(set_to_none=True)
     for x in inputs.values():
         x.grad = None
-    peak = peak_memory_gib(step, device)
+    peak = measure(step, device)
     if peak is None:
         return None
     others = [p for other, module in modules.items() if other != name for p in module.parameters()]
     others += [x for other, x in inputs.items() if other != name]
-    return peak - sum(t.numel() * t.element_size() for t in others) / 2**30
-
-
-@torch.no_grad()
-def section_decode(args, dtype, rows):
-    contexts = [64, 256] if args.tiny else [1024, 8192, 32768, 65536]
-    for name, make in selected(args, model_candidates(args, args.tiny)):
-        if "fla" in name and not args.decode_fla:
-            continue
-        torch.manual_seed(0)
-        model = make().to(args.device, dtype).eval()
-        vocab = model.inner.config.vocab_size if isinstance(model, _HF) else model.config.vocab_size
-        for ctx in contexts:
-            prompt = torch.randint(0, vocab, (1, ctx), device=args.device)
-            try:
-                if isinstance(model, _HF):
-                    out = model.inner(input_ids=prompt, use_cache=True)
-                    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-                    def step(state=[None]):
-                        nonlocal cache, nxt
-                        o = model.inner(input_ids=nxt, past_key_values=cache, use_cache=True)
-                        cache, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
-                else:
-                    out = model(prompt, use_cache=True)
-                    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-
-                    def step():
-                        nonlocal cache, nxt
-                        o = model(nxt, cache=cache, use_cache=True)
-                        cache, nxt = o.cache, o.logits[:, -1:].argmax(-1)
-
-                for _ in range(5):
-                    step()
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(30):
-                    step()
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                ms = (time.perf_counter() - t0) / 30 * 1e3
-            except Exception as e:
-                rows.append(("decode", name, f"C={ctx}", error_cell(e), "", ""))
-                break
-            rows.append(("decode", name, f"C={ctx}", f"{ms:.2f} ms/token", "", ""))
-            print(rows[-1], flush=True)
-        del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    return peak - sum(t.numel() * t.element_size() for t in others) / GIB
 
 
 def _profile(fn, args, label: str) -> str:
@@ -459,24 +317,14 @@ def _profile(fn, args, label: str) -> str:
     With ``--profile-json``, every kernel's device milliseconds and launches per call are added to that file under
     ``label``, so that two profiles can be compared kernel by kernel."""
     cuda = args.device == "cuda"
-    for _ in range(3):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) / 3 * 1e3
+    wall_ms = mean_ms(fn, args.device, calls=3, warmup=3)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for _ in range(3):
             fn()
-        if cuda:
-            torch.cuda.synchronize()
+        sync(args.device)
     averages = prof.key_averages()
     self_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     total_key = "cuda_time_total" if cuda else "cpu_time_total"
@@ -518,8 +366,7 @@ def section_profile(args, dtype, rows):
         _report_profile(args, _profile(lambda: _fwd_bwd(module, x, args, dtype), args,
                                        f"layer {name}, {b}x{t}, fwd+bwd"))
         del module
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(args.device)
 
 
 def section_profile_model(args, dtype, rows):
@@ -529,8 +376,7 @@ def section_profile_model(args, dtype, rows):
         model, step = _training_step(make, args, dtype, b, t)
         _report_profile(args, _profile(step, args, f"model {name}, {b}x{t}, training step"))
         del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(args.device)
 
 
 def _launch_from_json(path: str, default, launch_type, label: str):
@@ -568,15 +414,6 @@ def summarize_profiles(table: dict) -> str:
     return "\n".join(lines)
 
 
-def _batch_by_length(text: str) -> tuple[int, int]:
-    """``"8x2048"`` -> (8, 2048); anything else raises the ArgumentTypeError that argparse reports as a usage
-    error naming the option."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(f"expected BxT with positive integers, such as 8x2048, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def _activation_memories(text: str) -> list[str]:
     """``"fast,balanced"`` -> ["fast", "balanced"]; an unknown setting is a usage error naming the option."""
     settings = [part.strip() for part in text.split(",") if part.strip()]
@@ -586,21 +423,25 @@ def _activation_memories(text: str) -> list[str]:
     return settings
 
 
+SECTIONS = {"layer": section_layer, "model": section_model, "profile": section_profile,
+            "profile_model": section_profile_model}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="layer,model,decode")
+    p.add_argument("--sections", default="layer,model",
+                   help="comma list of layer, model, profile, profile_model")
     p.add_argument("--backends", default=None, help="comma list of mom_lit scan backends (default: triton on CUDA)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
     p.add_argument("--fla-timing-only", action="store_true", help="lift fla's Hopper guard (timing only)")
-    p.add_argument("--decode-fla", action="store_true", help="also time fla models in the decode section")
     p.add_argument("--skip", default="", help="comma list of substrings: candidates whose name contains one are skipped")
     p.add_argument("--out", default=None, help="write the markdown table here too")
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: milliseconds of timed repeats per measurement")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     p.add_argument("--profile-out", default=None, help="append the profile tables to this file too")
-    p.add_argument("--profile-shape", type=_batch_by_length, default=(8, 2048), metavar="BxT",
+    p.add_argument("--profile-shape", type=parse_shape, default=(8, 2048), metavar="BxT",
                    help="batch x sequence length of the profile and profile_model sections (default 8x2048)")
     p.add_argument("--profile-json", default=None,
                    help="add each profile's kernels (device ms and launches per call) to this JSON file")
@@ -647,7 +488,9 @@ def main() -> None:
         p.error("--cuda-graph needs a CUDA device")
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
-    REP_MS[0] = args.rep_ms
+    unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
+    if unknown:
+        p.error(f"--sections: unknown {unknown}; known: {', '.join(SECTIONS)} (decoding: tools/bench_decode.py)")
     # how our layers run, handed to every candidate (config fields and launch settings)
     args.paths = {name: value for name, value in (("projections", args.projections), ("stages", args.stages),
                                                   ("scan_recompute", args.scan_recompute)) if value is not None}
@@ -659,9 +502,7 @@ def main() -> None:
                                                       scan_kernels.Launch, "scan")
     args.backends = (args.backends or ("triton" if args.device == "cuda" else "compiled")).split(",")
     dtype = getattr(torch, args.dtype)
-    if args.fla_timing_only and fla_available():
-        lift_fla_hopper_guard()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    card = device_name(args.device)
     precision = f"fp32 weights, autocast {args.dtype}" if args.mixed else args.dtype
     settings = f"activation memory {','.join(args.activation_memory)}" + \
         (f", scan recompute {args.scan_recompute}" if args.scan_recompute else "") + \
@@ -669,16 +510,15 @@ def main() -> None:
         (f", stages {args.stages}" if args.stages else "") + \
         (", steps captured as CUDA graphs" if args.cuda_graph else "") + \
         (f", {args.rounds} rounds (median, range)" if args.rounds > 1 else "")
-    print(f"device: {device_name}; torch {torch.__version__}; {precision}; {settings}", flush=True)
+    print(f"device: {card}; torch {torch.__version__}; {precision}; {settings}", flush=True)
     rows: list[tuple] = []
-    sections = {"layer": section_layer, "model": section_model, "decode": section_decode, "profile": section_profile,
-                "profile_model": section_profile_model}
-    for s in args.sections.split(","):
-        sections[s](args, dtype, rows)
-    lines = [f"Device: {device_name}, torch {torch.__version__}, {precision}, {settings}", "",
-             "| section | candidate | shape | time (fwd+bwd / step / per token) | fwd only / throughput | peak memory |",
-             "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    with fla_hopper_guard_lifted(args.fla_timing_only):
+        for s in args.sections.split(","):
+            SECTIONS[s](args, dtype, rows)
+    lines = [f"Device: {card}, torch {torch.__version__}, {precision}, {settings}", "",
+             *table_header(["section", "candidate", "shape", "time (fwd+bwd / step)", "fwd only / throughput",
+                            "peak memory"])]
+    lines += [table_row(r) for r in rows]
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -17,14 +17,11 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,39 +30,31 @@ from mom_lit.ops.mix import kernels as mix_kernels  # noqa: E402
 from mom_lit.ops.slots import kernels as slot_kernels  # noqa: E402
 from mom_lit.ops.stage_launch import DEFAULT_LAUNCH, StageLaunch  # noqa: E402
 
+from benchlib import bench, device_name, parse_shape, table_header, table_row  # noqa: E402
 
-DEVICE = ["cuda"]
 
-
-def bench(fn) -> float:
-    """Median milliseconds of ``fn()`` (CUDA: ``do_bench``; CPU: a few timed calls, for smoke runs)."""
-    if DEVICE[0] == "cuda":
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def time_kernel(fn, device: str) -> float:
+    """Median milliseconds of ``fn()`` (CUDA: ``do_bench`` over 100 ms; CPU: three calls, for smoke runs)."""
+    return bench(fn, device, rep_ms=100, warmup_ms=25, warmup=0, reps=3)
 
 
 def make_inputs(batch: int, seq_len: int, heads: int, dim: int, memories: int, topk: int, width: int,
-                dtype: torch.dtype, align: int = 16):
+                dtype: torch.dtype, device: str, align: int = 16):
     gen = torch.Generator().manual_seed(0)
     tokens, streams = batch * seq_len, memories + 1
     memory = torch.rand(tokens, memories, generator=gen).topk(topk, -1).indices
     memory = torch.cat([memory, torch.full_like(memory[:, :1], memories)], 1)  # + shared memory
     layout = build_layout(memory, sequence_ids(batch, seq_len, None, "cpu"), batch, streams)
-    layout = type(layout)(**{k: (v.to(DEVICE[0]) if torch.is_tensor(v) else v) for k, v in vars(layout).items()})
+    layout = type(layout)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(layout).items()})
     HK = heads * dim
-    rand = lambda *shape: torch.randn(*shape, device=DEVICE[0]).to(dtype)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
     return dict(
         layout=layout, heads=heads, dim=dim, kv_rows=layout.token * streams + layout.memory,
         # projection rows padded to a multiple of ``align`` elements, as the layer lays them out (align 16)
         q_src=rand(tokens, HK), kv_src=rand(tokens * streams, -(-(2 * HK + 2 * heads) // align) * align),
         weight=rand(3 * HK, width),
         dout=rand(layout.token.numel(), heads, dim), o=rand(layout.token.numel(), heads, dim),
-        mix_weight=torch.rand(tokens, topk + 1, device=DEVICE[0]), gate=rand(tokens, heads, dim),
+        mix_weight=torch.rand(tokens, topk + 1, device=device), gate=rand(tokens, heads, dim),
         norm_weight=rand(dim), mix_dout=rand(tokens, heads, dim))
 
 
@@ -124,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: a smoke run under TRITON_INTERPRET=1 (fp32, the interpreter mishandles bf16)")
     p.add_argument("--tiny", action="store_true", help="2 x 40 tokens, 2 heads x 16, a short sweep")
-    p.add_argument("--shape", default="8x2048", help="BxT of the layer input")
+    p.add_argument("--shape", type=parse_shape, default=(8, 2048), metavar="BxT", help="BxT of the layer input")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=256)
     p.add_argument("--no-sweep", action="store_true", help="time the library's settings only")
@@ -134,25 +123,26 @@ def main(argv: list[str] | None = None) -> None:
                    help="projection rows of 2 K + 2 heads elements (not padded to a multiple of 16)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     args = p.parse_args(argv)
-    DEVICE[0] = args.device
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_stages.py needs a CUDA device (or --device cpu under TRITON_INTERPRET=1)")
     if args.tiny:
-        args.shape, args.heads, args.head_dim = "2x40", 2, 16
+        args.shape, args.heads, args.head_dim = (2, 40), 2, 16
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    batch, seq_len = map(int, args.shape.split("x"))
-    x = make_inputs(batch, seq_len, args.heads, args.head_dim, 4, 2, 4, dtype, align=1 if args.unaligned else 16)
+    batch, seq_len = args.shape
+    x = make_inputs(batch, seq_len, args.heads, args.head_dim, 4, 2, 4, dtype, args.device,
+                    align=1 if args.unaligned else 16)
     run = runners(x)
     slots, channels = x["layout"].token.numel(), args.heads * args.head_dim
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
-    lines = [f"Device: {device_name}, torch {torch.__version__}, triton {triton.__version__}; "
-             f"{args.shape}, {slots} slots x {channels} channels (one of q/k/v), {str(dtype)[6:]}, projection rows of "
-             f"{x['kv_src'].shape[1]} elements", "",
-             "| kernel group | setting | ms | largest difference to the defaults (relative) |", "|---|---|---|---|"]
+    card = device_name(args.device) + ("" if args.device == "cuda" else " (Triton interpreter)")
+    lines = [f"Device: {card}, torch {torch.__version__}, triton {triton.__version__}; "
+             f"{batch}x{seq_len}, {slots} slots x {channels} channels (one of q/k/v), {str(dtype)[6:]}, projection "
+             f"rows of {x['kv_src'].shape[1]} elements", "",
+             *table_header(["kernel group", "setting", "ms", "largest difference to the defaults (relative)"])]
     default = DEFAULT_LAUNCH
     reference = {name: [t.clone() for t in flat(fn(default))] for name, fn in run.items()}
     for name, fn in run.items():
-        lines.append(f"| {name} | library defaults | {bench(functools.partial(fn, default)):.4f} | 0 |")
+        ms = time_kernel(functools.partial(fn, default), args.device)
+        lines.append(table_row([name, "library defaults", f"{ms:.4f}", 0]))
         print(lines[-1], flush=True)
     best = {}
     sweep = {} if args.no_sweep else SWEEP
@@ -171,12 +161,12 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 diff = largest_difference(flat(run[group](cfg)), reference[group])
-                ms = bench(functools.partial(run[group], cfg))
+                ms = time_kernel(functools.partial(run[group], cfg), args.device)
             except Exception as error:  # a setting that does not build (shared memory, registers) is reported
-                lines.append(f"| {group} | {field}={setting} | error: {type(error).__name__} | |")
+                lines.append(table_row([group, f"{field}={setting}", f"error: {type(error).__name__}", ""]))
                 print(lines[-1], flush=True)
                 continue
-            lines.append(f"| {group} | {field}={setting} | {ms:.4f} | {diff:.2e} |")
+            lines.append(table_row([group, f"{field}={setting}", f"{ms:.4f}", f"{diff:.2e}"]))
             print(lines[-1], flush=True)
             if diff < 2e-2 and (field not in best or ms < best[field][1]):
                 best[field] = (setting, ms)

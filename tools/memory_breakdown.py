@@ -22,14 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mom_lit import MoMConfig, MoMForCausalLM  # noqa: E402
-from mom_lit.model import MoMBlock  # noqa: E402
 
-GIB = 2 ** 30
+from benchlib import GIB, bench, checkpoint_blocks, model_dims, peak_memory_gib, release_cached, sync  # noqa: E402
 
 
 def build(kind: str, tiny: bool, device: str, dtype: torch.dtype) -> MoMForCausalLM:
-    dims = dict(hidden_size=64, num_heads=2, head_dim=16, num_layers=2, vocab_size=512) if tiny else \
-        dict(hidden_size=1024, num_heads=4, head_dim=256, num_layers=12, vocab_size=32000)
+    dims = model_dims(tiny)
     routing = dict(num_memories=4, topk=2, shared_memory=True) if kind == "mom" else \
         dict(num_memories=1, topk=1, shared_memory=False)
     backend = "triton" if device == "cuda" else "compiled"
@@ -120,14 +118,9 @@ def step_time_and_peak(model, ids, device) -> tuple[float, float]:
     if device != "cuda":
         step()
         return float("nan"), float("nan")
-    import triton.testing
-
-    ms = float(triton.testing.do_bench(step, warmup=100, rep=500, return_mode="median"))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return ms, torch.cuda.max_memory_allocated() / GIB
+    ms = bench(step, device, rep_ms=500)
+    sync(device)
+    return ms, peak_memory_gib(step, device)
 
 
 def main() -> None:
@@ -149,15 +142,12 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         print("\n".join(saved_tensor_table(model, ids, args.top)), flush=True)
         if args.checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, MoMBlock))
+            checkpoint_blocks(model)
             ms, peak = step_time_and_peak(model, ids, args.device)
             print(f"## {kind} with activation checkpointing: step {ms:.1f} ms, {b * t / ms:.1f} K tok/s, "
                   f"peak {peak:.2f} GiB", flush=True)
         del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(args.device)
 
 
 if __name__ == "__main__":

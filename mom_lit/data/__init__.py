@@ -17,7 +17,7 @@ _EXPORTS = {
     "TokenBlockCollate": "mom_lit.data.packing",
     "document_cu_seqlens": "mom_lit.data.packing",
     "prepare_dataset": "mom_lit.data.prepare",
-    "read_meta": "mom_lit.data.prepare",
+    "read_meta": "mom_lit.data.prepared",
     "ensure_shakespeare": "mom_lit.data.shakespeare",
     "TextDataModule": "mom_lit.data.datamodule",
     "MQARDataModule": "mom_lit.data.mqar",

@@ -27,7 +27,7 @@ from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
 from mom_lit.data import remote
 from mom_lit.data.packing import TokenBlockCollate
-from mom_lit.data.prepare import SPLITS, read_meta, recorded_tokenizer
+from mom_lit.data.prepared import SPLITS, read_meta, recorded_tokenizer
 from mom_lit.data.shakespeare import ensure_shakespeare, shakespeare_dir
 from mom_lit.data.tokenizers import load_tokenizer
 

@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from mom_lit.data import remote
+from mom_lit.data.prepared import (FORMAT, META_FILENAME, SPLITS, TOKENIZER_FILENAME, read_meta, recorded_tokenizer,
+                                   summarize)
 from mom_lit.data.sources import (
     BAD_FILE_POLICIES,
     SUPPORTED_SUFFIXES,
@@ -62,7 +63,7 @@ from mom_lit.data.sources import (
     python_library_dirs,
     scan,
 )
-from mom_lit.data.token_writer import (TMP_PREFIX, Task, TokenizeWork, token_dtype, write_in_process,
+from mom_lit.data.token_writer import (TMP_PREFIX, TokenizeWork, group_tasks, token_dtype, write_in_process,
                                        write_with_optimize)
 from mom_lit.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer, train_byte_level_bpe
 
@@ -81,37 +82,7 @@ __all__ = [
 
 logger = logging.getLogger("mom_lit")
 
-META_FILENAME = "mom_lit_meta.json"
-TOKENIZER_FILENAME = "tokenizer.json"
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-FORMAT = "mom_lit.tokens/2"
 _LOCK_NAME = ".mom_lit_prepare.lock"
-_TASK_BYTES = 4 << 20  # text bytes per tokenising task: files are grouped up to this
-_TASK_FILES = 1024
-
-def read_meta(split_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``mom_lit_meta.json`` of a prepared split folder (a local path or a URL)."""
-    path = remote.join(split_dir, META_FILENAME)  # split_dir may be a URL
-    if not remote.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {split_dir} is not a split prepared by mom_lit")
-    return json.loads(remote.read_text(path))
-
-
-def recorded_tokenizer(data_dir: str | os.PathLike[str]) -> str:
-    """The tokeniser spec the data in ``data_dir`` (a folder or a URL) were prepared with.
-
-    The ``tokenizer.json`` recorded in the first split's metadata, else ``"byte"`` (also for data prepared
-    before tokeniser files were recorded: loading then names the mismatch with the recorded fingerprint).
-    """
-    root = data_dir if remote.is_url(data_dir) else Path(data_dir).expanduser()
-    for split in SPLITS:
-        if remote.isfile(remote.join(root, split, META_FILENAME)):
-            record = read_meta(remote.join(root, split)).get("tokenizer_file")
-            if record and remote.is_url(root):
-                raise ValueError(f"data_dir {data_dir} records the tokenizer file {record['path']!r}, which is not "
-                                 "read from a URL: pass the tokenizer (a local tokenizer.json or a hub name)")
-            return str((root / record["path"]).resolve()) if record else "byte"
-    return "byte"
 
 
 @contextlib.contextmanager
@@ -148,32 +119,6 @@ def _cap_files(kept: list[ScannedFile], max_files: int | None, seed: int, stats:
         if i not in chosen:
             stats.add("capped", file.source.size)
     return [file for i, file in enumerate(kept) if i in chosen]
-
-
-def _tasks(files: list[ScannedFile], keeps: list[np.ndarray], workers: int) -> tuple[list[Task], list[int]]:
-    """Consecutive files with kept documents grouped into tasks; their text bytes.
-
-    A task holds about ``_TASK_BYTES``, less when that would leave fewer than four tasks per worker.
-    """
-    total = sum(int(f.doc_bytes[k].sum()) for f, k in zip(files, keeps))
-    target = max(1, min(_TASK_BYTES, total // (4 * max(1, workers))))
-    tasks: list[Task] = []
-    sizes: list[int] = []
-    current: Task = []
-    size = 0
-    for file, keep in zip(files, keeps):
-        if not keep.any():
-            continue
-        current.append((file.source.path, file.source.kind, keep))
-        size += int(file.doc_bytes[keep].sum())
-        if size >= target or len(current) >= _TASK_FILES:
-            tasks.append(current)
-            sizes.append(size)
-            current, size = [], 0
-    if current:
-        tasks.append(current)
-        sizes.append(size)
-    return tasks, sizes
 
 
 def _bpe_sample(files: list[ScannedFile], keeps: list[np.ndarray], text_field: str, budget: float, seed: int):
@@ -243,7 +188,7 @@ def _write_split(
 ) -> dict[str, Any]:
     tmp = out_dir / f"{TMP_PREFIX}{split}-{uuid.uuid4().hex[:8]}"
     dtype = token_dtype(tokenizer.vocab_size)
-    work, sizes = _tasks(files, keeps, num_workers)
+    work, sizes = group_tasks(files, keeps, num_workers)
     weights = [max(1, size) for size in sizes]
     fn = TokenizeWork(tokenizer, work, text_field, dtype)
     workers = min(num_workers, len(work))
@@ -487,28 +432,3 @@ def prepare_dataset(
             lock.unlink(missing_ok=True)
         raise
     return {split: metas[split] for split in wanted}
-
-
-def summarize(metas: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A JSON-ready summary of a preparation: file counts, the tokeniser, and per split files/documents/tokens."""
-    first = next(iter(metas.values()))
-    corpus = first.get("corpus", {})
-    return {
-        "files": corpus.get("files"),
-        "bytes": corpus.get("bytes"),
-        "tokenizer": {
-            "name": first["tokenizer"],
-            "vocab_size": first["vocab_size"],
-            "eos_id": first["eos_id"],
-            "file": first.get("tokenizer_file"),
-        },
-        "splits": {
-            split: {
-                "files": meta.get("num_files"),
-                "documents": meta["num_documents"],
-                "bytes": meta.get("num_bytes"),
-                "tokens": meta["num_tokens"],
-            }
-            for split, meta in metas.items()
-        },
-    }

@@ -1,4 +1,5 @@
-"""Token chunks on disk: the tokenising work of one split and the two ways of writing it with litdata.
+"""Token chunks on disk: the tokenising work of one split (its files grouped into tasks) and the two ways of
+writing it with litdata.
 
 ``TokenizeWork`` turns a task (a group of files) into one token tensor per document, ended by EOS. It is written
 either in this process (litdata's chunk writer fed directly) or by ``litdata.optimize`` in worker processes, whose
@@ -25,14 +26,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mom_lit.data.sources import iter_documents
+from mom_lit.data.sources import ScannedFile, iter_documents
 from mom_lit.data.tokenizers import ByteTokenizer, Tokenizer
 
 TMP_PREFIX = ".tmp-"
 _ENCODE_BATCH = 256  # documents per encode_batch call
+TASK_BYTES = 4 << 20  # text bytes per tokenising task: files are grouped up to this
+TASK_FILES = 1024
 
 # One tokenising task: consecutive (file, how to read it, which of its documents to keep (N,) bool).
 Task = list[tuple[Path, str, np.ndarray]]
+
+
+def group_tasks(files: list[ScannedFile], keeps: list[np.ndarray], workers: int) -> tuple[list[Task], list[int]]:
+    """Consecutive files with kept documents grouped into tasks; their text bytes.
+
+    A task holds about ``TASK_BYTES``, less when that would leave fewer than four tasks per worker.
+    """
+    total = sum(int(f.doc_bytes[k].sum()) for f, k in zip(files, keeps))
+    target = max(1, min(TASK_BYTES, total // (4 * max(1, workers))))
+    tasks: list[Task] = []
+    sizes: list[int] = []
+    current: Task = []
+    size = 0
+    for file, keep in zip(files, keeps):
+        if not keep.any():
+            continue
+        current.append((file.source.path, file.source.kind, keep))
+        size += int(file.doc_bytes[keep].sum())
+        if size >= target or len(current) >= TASK_FILES:
+            tasks.append(current)
+            sizes.append(size)
+            current, size = [], 0
+    if current:
+        tasks.append(current)
+        sizes.append(size)
+    return tasks, sizes
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:

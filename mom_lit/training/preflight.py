@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from mom_lit.data import remote
-from mom_lit.data.prepare import read_meta
+from mom_lit.data.prepared import read_meta
 
 __all__ = ["train_batches_bound", "check_val_check_interval", "check_validation_after_resume"]
 
