@@ -169,20 +169,27 @@ for step in $STEPS; do
                 python tools/bench_layer.py --activation-memory fast,balanced "$@"
             cd "$here" || return
         }
+        # by measurement, then tree (base and this alternate, the order flipping every round), so that a run cut
+        # short still holds both trees of what it measured
         for round in $(seq "${ROUNDS:-2}"); do
             order="$base $PWD"
             [ $((round % 2)) -eq 0 ] && order="$PWD $base"
-            for tree in $order; do
-                label=this
-                [ "$tree" = "$base" ] && label=base
-                tree_run "$tree" "$label" "r${round}_profile" --sections profile --profile-shape 8x2048 \
-                    --skip "fla,SDPA,Mom,1 memory" --profile-json "$OUT/against/${label}_r${round}_profile.json" \
-                    --profile-out "$OUT/against/${label}_profiles.txt"
-                [ "$round" -gt 1 ] && continue
-                tree_run "$tree" "$label" r1_model_eager --sections model --rounds 3 --rep-ms 1000 \
-                    --skip "GDN,checkpointed,Llama,fla" --out "$OUT/against/${label}_r1_model.md"
-                tree_run "$tree" "$label" r1_model_graphed --sections model --rounds 3 --rep-ms 1000 --cuda-graph \
-                    --skip "GDN,checkpointed,Llama,fla" --out "$OUT/against/${label}_r1_model_graphed.md"
+            for what in profile model_graphed model; do
+                [ "$round" -gt 1 ] && [ "$what" != profile ] && continue
+                for tree in $order; do
+                    label=this
+                    [ "$tree" = "$base" ] && label=base
+                    case $what in
+                    profile) tree_run "$tree" "$label" "r${round}_profile" --sections profile --profile-shape 8x2048 \
+                        --skip "fla,SDPA,Mom,1 memory" --profile-json "$OUT/against/${label}_r${round}_profile.json" \
+                        --profile-out "$OUT/against/${label}_profiles.txt" ;;
+                    model_graphed) tree_run "$tree" "$label" r1_model_graphed --sections model --rounds 3 \
+                        --rep-ms 1000 --cuda-graph --skip "GDN,checkpointed,Llama,fla" \
+                        --out "$OUT/against/${label}_r1_model_graphed.md" ;;
+                    model) tree_run "$tree" "$label" r1_model --sections model --rounds 3 --rep-ms 1000 \
+                        --skip "GDN,checkpointed,Llama,fla" --out "$OUT/against/${label}_r1_model.md" ;;
+                    esac
+                done
             done
         done
         python tools/compare_trees.py "$OUT/against" | tee "$OUT/against.md" ;;
