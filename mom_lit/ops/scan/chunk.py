@@ -18,10 +18,11 @@ computed for all chunks at once (``intra_chunk``); the states are then passed th
 with one small matmul per chunk step (``pass_states``), and the outputs are assembled for all chunks at once
 (``assemble_output``).
 
-Decays are never formed as a difference of long cumulative sums: a decay from j to i inside a chunk is the exp of
-a masked cumulative sum over (j, i] (``segsum``); decays from the chunk start are cumulative sums from the start
-and decays to the chunk end are sums over (j, C] (the last row of the segment sums, or a reversed cumulative
-sum per key); every exponent is <= 0.
+Decays are never formed as a difference of long fp32 cumulative sums: a decay from j to i inside a chunk is the
+exp of the sum over (j, i], for a scalar gate the difference of two float64 cumulative sums (``scalar_decays``,
+exact to fp32 rounding), for a per-key gate a masked cumulative sum (``segsum``); decays from the chunk start are
+cumulative sums from the start and decays to the chunk end are sums over (j, C] (the last row of the segment
+sums, or a reversed cumulative sum per key); every exponent is <= 0.
 
 Packed segments (``cu_seqlens``) are laid out chunk by chunk, each padded only to a multiple of ``C`` with
 identity tokens (zero key, value and query, gate 0, beta 0), so segments never mix and no segment is padded to
@@ -38,7 +39,7 @@ import torch
 from mom_lit.ops.scan.recurrent import check_scan_inputs, compute_dtype
 
 __all__ = ["ChunkKernels", "EAGER_KERNELS", "assemble_output", "chunk_layout", "chunk_scan", "chunk_scan_with",
-           "intra_chunk", "pass_states", "segsum"]
+           "intra_chunk", "pass_states", "scalar_decays", "segsum"]
 
 # Sub-block length of the per-key-gate scores: the exact (sub, sub, K) segment sums are only formed on the
 # diagonal blocks, keeping the memory of a chunk at C * sub * K instead of C * C * K.
@@ -57,6 +58,21 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     repeated = x.unsqueeze(-1).expand(*x.shape, length).masked_fill(~below, 0.0)
     sums = repeated.cumsum(-2)
     return sums.masked_fill(~below.logical_or(torch.eye(length, dtype=torch.bool, device=x.device)), float("-inf"))
+
+
+def scalar_decays(g: torch.Tensor) -> torch.Tensor:
+    """``exp(segsum(g))`` for a scalar log-gate: (..., C) -> (..., C, C), ``Gamma_i / Gamma_j`` for j <= i, 0 above.
+
+    Each segment sum is the difference of two cumulative sums taken in float64: for fp32 gates (and any chunk
+    length in use) the difference is exact to far below fp32 rounding, so this matches :func:`segsum` while
+    costing one elementwise pass over (C, C) instead of a cumulative sum over it (and the same in the backward).
+    """
+    length = g.shape[-1]
+    wide = torch.float64 if g.dtype != torch.float64 else g.dtype
+    sums = g.to(wide).cumsum(-1)  # (..., C)
+    diff = (sums.unsqueeze(-1) - sums.unsqueeze(-2)).to(g.dtype)  # (..., i, j) = sum_{j < l <= i} g_l
+    above = torch.ones(length, length, dtype=torch.bool, device=g.device).triu(1)
+    return diff.masked_fill(above, float("-inf")).exp()
 
 
 def _suffix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -181,38 +197,39 @@ def intra_chunk(
 
     q, k, v = chunked(q) * scale, chunked(k), chunked(v)  # (NC, H, C, K|V)
     key_dim = k.shape[-1]
-    # query rows, and for the delta rule key rows too: both are scored against the keys in one product
-    rows = q.unsqueeze(0) if beta is None else torch.stack([q, k])  # (R, NC, H, C, K)
+    b = None if beta is None else chunked(beta).unsqueeze(-1)  # (NC, H, C, 1)
+    # Scored against the keys: the queries, and for the delta rule the beta-scaled keys (the rows of A).
+    # A = diag(beta) strict_lower(D(K, K)): the solve reads only the strictly lower triangle of A (unit diagonal
+    # implied) and projects its gradient onto it, so the diagonal needs no masking.
     if g is not None:
         g = chunked(g)  # (NC, H, C)
-        decays = segsum(g).exp()  # (NC, H, C, C): Gamma_i / Gamma_j, 0 above the diagonal
-        scores = (rows @ k.transpose(-1, -2)) * decays  # (R, NC, H, C, C)
+        decays = scalar_decays(g)  # (NC, H, C, C): Gamma_i / Gamma_j, 0 above the diagonal
+        p = (q @ k.transpose(-1, -2)) * decays  # (NC, H, C, C)
+        a = None if b is None else ((b * k) @ k.transpose(-1, -2)) * decays
         # Gamma_i = exp(g_0) * decays[i, 0];  Gamma_C / Gamma_j = decays[C-1, j]
         from_start = (decays[..., :, 0] * g[..., :1].exp()).unsqueeze(-1)  # (NC, H, C, 1)
         to_end = decays[..., -1, :].unsqueeze(-1)  # (NC, H, C, 1)
         chunk_decay = from_start[..., -1:, :]  # (NC, H, 1, 1)
     elif gk is not None:
         gk = chunked(gk)  # (NC, H, C, K)
+        rows = q.unsqueeze(0) if b is None else torch.stack([q, b * k])  # (R, NC, H, C, K)
         scores = _per_key_gate_scores(rows, k, gk)  # (R, NC, H, C, C)
+        p, a = scores[0], (None if b is None else scores[1])
         from_start = gk.cumsum(-2).exp()  # (NC, H, C, K)
         to_end = _suffix_sums(gk, -2).exp()  # (NC, H, C, K)
         chunk_decay = from_start[..., -1, :].unsqueeze(-1)  # (NC, H, K, 1)
     else:
-        scores = (rows @ k.transpose(-1, -2)).tril()
+        p = (q @ k.transpose(-1, -2)).tril()
+        a = None if b is None else (b * k) @ k.transpose(-1, -2)
         from_start = to_end = chunk_decay = None
 
-    p = scores[0]  # (NC, H, C, C) query-key scores
     q_decayed = q if from_start is None else q * from_start
     k_to_end_t = (k if to_end is None else k * to_end).transpose(-1, -2)  # Kd^T: (NC, H, K, C)
-    if beta is None:
+    if b is None:
         value_steps = _gather_rows(k_to_end_t @ v, step_chunks, 0.0)
         decay_steps = None if chunk_decay is None else _gather_rows(chunk_decay, step_chunks, 1.0)
         return IntraChunk(q_decayed, p @ v, None, value_steps, decay_steps)
 
-    b = chunked(beta).unsqueeze(-1)  # (NC, H, C, 1)
-    # The solve reads only the strictly lower triangle of A (unit diagonal implied) and its gradient w.r.t. A is
-    # projected onto that triangle, so the diagonal of the key-key scores needs no masking.
-    a = b * scores[1]
     k_decayed = k if from_start is None else k * from_start
     rhs = torch.cat([b * k_decayed, b * v], -1)  # (NC, H, C, K + V)
     solved = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)  # [W | Uv]
