@@ -68,8 +68,7 @@ def scalar_decays(g: torch.Tensor) -> torch.Tensor:
     costing one elementwise pass over (C, C) instead of a cumulative sum over it (and the same in the backward).
     """
     length = g.shape[-1]
-    wide = torch.float64 if g.dtype != torch.float64 else g.dtype
-    sums = g.to(wide).cumsum(-1)  # (..., C)
+    sums = g.to(torch.float64).cumsum(-1)  # (..., C)
     diff = (sums.unsqueeze(-1) - sums.unsqueeze(-2)).to(g.dtype)  # (..., i, j) = sum_{j < l <= i} g_l
     above = torch.ones(length, length, dtype=torch.bool, device=g.device).triu(1)
     return diff.masked_fill(above, float("-inf")).exp()
