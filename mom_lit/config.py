@@ -78,10 +78,12 @@ class MoMConfig:
     """Weight of the load-balancing loss in ``loss``."""
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of router logits); 0 disables it."""
-    chunk_size: int = 64
-    """Chunk length of the chunked reference scan (``compiled``, ``eager``). The Triton scan's tile is 64: with
-    ``backend="triton"`` another value is an error; with ``auto`` the Triton scan runs its own tile (the plan, logged
-    once, says which chunk length runs)."""
+    chunk_size: int | None = None
+    """Chunk length of the chunked reference scan (``compiled``, ``eager``). None: the plan's choice for the head
+    dims, 32 where the key and value heads are at most 32 wide and 64 above (the faster of the two on CPU: a
+    token's intra-chunk work grows with C, its share of the per-chunk state products with K V / C). The Triton
+    scan's tile is 64: with ``backend="triton"`` another value is an error; with ``auto`` the Triton scan runs its
+    own tile (the plan, logged once, says which chunk length runs)."""
     backend: Backend = "auto"
     """Scan backend: auto (Triton on CUDA, compiled reference elsewhere) | triton | compiled | eager."""
     activation_memory: ActivationMemory = "fast"
@@ -114,8 +116,10 @@ class MoMConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "num_memories", "topk",
-                     "chunk_size", "gla_gate_rank"):
+                     "gla_gate_rank"):
             self._check_int(name, minimum=1)
+        if self.chunk_size is not None:
+            self._check_int("chunk_size", minimum=1)
         self._check_int("conv_size", minimum=0)
         if self.intermediate_size is not None:
             self._check_int("intermediate_size", minimum=1)

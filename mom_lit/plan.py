@@ -21,7 +21,8 @@ import torch
 
 from mom_lit.config import MoMConfig
 
-__all__ = ["ExecutionPlan", "PlanCache", "compute_dtype", "resolve_plan", "stage_kernels_build"]
+__all__ = ["ExecutionPlan", "PlanCache", "compute_dtype", "reference_chunk_size", "resolve_plan",
+           "stage_kernels_build"]
 
 logger = logging.getLogger("mom_lit")
 
@@ -32,6 +33,14 @@ DecodePath = Literal["triton", "torch"]
 Recompute = Literal["none", "states", "wy"]
 RECOMPUTE = ("none", "states", "wy")
 TRITON_TILE = 64  # the Triton scan's chunk length (``mom_lit.ops.scan.triton.common.BT``)
+
+
+def reference_chunk_size(config: MoMConfig) -> int:
+    """Chunk length of the chunked reference scan: ``config.chunk_size``, or where that is None 32 for heads at
+    most 32 wide (keys and values) and 64 for wider ones, the faster of the two on CPU for those head dims."""
+    if config.chunk_size is not None:
+        return config.chunk_size
+    return 32 if max(config.head_dim, config.head_v_dim) <= 32 else 64
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ class ExecutionPlan:
     scan_recompute: Recompute
     """What the Triton scan's backward rebuilds instead of keeping (``triton_scan(recompute=...)``)."""
     chunk_size: int
-    """Chunk length of the scan that runs: the Triton tile, or ``MoMConfig.chunk_size`` on the reference."""
+    """Chunk length of the scan that runs: the Triton tile, or :func:`reference_chunk_size` on the reference."""
     blocks: Literal["compiled", "eager"] = "eager"
     """The elementwise bodies of the blocks' RMSNorm and MLP and of the LM loss (``mom_lit.fused``): one
     ``torch.compile``d kernel each (on CUDA by default), or eager."""
@@ -175,7 +184,7 @@ def resolve_plan(config: MoMConfig, device: torch.device | str, dtype: torch.dty
     if scan_recompute not in RECOMPUTE:
         raise ValueError(f"scan_recompute must be one of {RECOMPUTE}, got {scan_recompute!r}")
     scan = _scan_path(config, device, dtype)
-    if config.backend == "triton" and config.chunk_size != TRITON_TILE:
+    if config.backend == "triton" and config.chunk_size not in (None, TRITON_TILE):
         raise ValueError(f"MoMConfig.chunk_size={config.chunk_size} cannot drive the Triton scan, whose chunk tile is "
                          f"{TRITON_TILE}: use chunk_size={TRITON_TILE} with backend='triton', or a chunked backend "
                          "('compiled', 'eager'), which takes any chunk length")
@@ -198,7 +207,7 @@ def resolve_plan(config: MoMConfig, device: torch.device | str, dtype: torch.dty
     return ExecutionPlan(device=device, dtype=dtype, scan=scan, slots=slots, cached_slots=reference,
                          mix="triton" if kernels else "torch", decode=decode,
                          activation_memory=config.activation_memory, scan_recompute=scan_recompute,
-                         chunk_size=TRITON_TILE if scan == "triton" else config.chunk_size,
+                         chunk_size=TRITON_TILE if scan == "triton" else reference_chunk_size(config),
                          blocks="compiled" if compile_blocks else "eager", scan_launch=scan_launch, stage_launch=stage_launch)
 
 

@@ -15,6 +15,7 @@ from closeness import assert_close
 
 from mom_lit.ops.scan import chunk_scan, recurrent_scan, scan
 from mom_lit.ops.scan import dispatch
+from mom_lit.ops.scan.chunk import scalar_decays, segsum
 
 # rule -> which optional inputs it takes; "delta_per_key" (per-key gate + delta rule) is also supported by the op
 RULES: dict[str, tuple[str, ...]] = {
@@ -133,6 +134,23 @@ def test_chunk_varlen_matches_recurrent(rule: str, chunk_size: int, lengths: lis
     for n, length in enumerate(lengths):
         if length == 0:
             assert torch.equal(out["final_state"][n], inputs["initial_state"][n].detach())
+
+
+@pytest.mark.parametrize("gate", ["normal", "near_zero", "very_negative", "mixed"])
+def test_scalar_decays_match_the_float64_segment_sums(gate: str) -> None:
+    """The scalar-gate decay matrix (a difference of float64 cumulative sums) is as exact as fp32 allows: each
+    decay is exp of its float64 segment sum up to the rounding of that sum to fp32 (a relative error of
+    |sum| * 2^-24, plus the rounding of exp), however large the cumulative sums before it; zero above the diagonal."""
+    g = make_inputs("simple_gla", batch=3, seq_len=64, num_states=1, gate=gate, seed=3)["g"].detach()
+    g = g.permute(0, 2, 1)  # (B, H, C): gates along the last dim
+    sums = segsum(g.double())  # (B, H, C, C), -inf above the diagonal
+    decays = scalar_decays(g)
+    assert decays.dtype == torch.float32
+    assert torch.equal(decays.triu(1), torch.zeros_like(decays))
+    kept = sums.exp() > 1e-30  # fp32 normal range
+    relative = (decays.double() - sums.exp()).abs() / sums.exp()
+    bound = (sums.abs() + 2.0) * torch.finfo(torch.float32).eps
+    assert (relative <= bound)[kept].all(), gate
 
 
 def test_varlen_equals_separate_calls() -> None:

@@ -23,7 +23,7 @@ def test_plan_follows_the_config_fields():
     base = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, num_memories=4, topk=2, num_layers=1)
     cpu = resolve_plan(base, "cpu", torch.float32)
     assert (cpu.scan, cpu.slots, cpu.mix, cpu.decode) == ("compiled", "eager", "torch", "torch")
-    assert cpu.chunk_size == base.chunk_size
+    assert base.chunk_size is None and cpu.chunk_size == 32  # the plan's choice for 16-wide heads
     forced = resolve_plan(dataclasses.replace(base, backend="triton", stages="triton", activation_memory="lean"),
                           "cpu", torch.float32)
     assert (forced.scan, forced.mix, forced.decode, forced.scan_recompute) == ("triton", "triton", "triton", "wy")
@@ -52,6 +52,18 @@ def test_chunk_size_drives_the_chunked_scan_or_is_rejected_by_triton():
     assert resolve_plan(dataclasses.replace(cfg, backend="eager"), "cpu", torch.float32).chunk_size == 16
     assert scan_flops_per_token(cfg, 64) - scan_flops_per_token(cfg) == cfg.num_layers * 3 * cfg.num_heads * 2 * 48 * 32
     assert training_flops_per_token(cfg, 16) == training_flops_per_token(cfg)
+
+
+@pytest.mark.parametrize(("head_dim", "expand_v", "chunk"), [(16, 1.0, 32), (32, 1.0, 32), (32, 2.0, 64), (64, 1.0, 64)])
+def test_unset_chunk_size_is_the_plans_choice_for_the_head_dims(head_dim, expand_v, chunk):
+    """chunk_size=None: the chunked reference runs 32 for heads at most 32 wide (keys and values) and 64 for wider
+    ones; the Triton scan its tile; the FLOP count without an explicit chunk takes the reference's."""
+    cfg = MoMConfig(hidden_size=64, num_heads=2, head_dim=head_dim, expand_v=expand_v, num_layers=1)
+    assert resolve_plan(cfg, "cpu", torch.float32).chunk_size == chunk
+    assert resolve_plan(dataclasses.replace(cfg, backend="eager"), "cpu", torch.float32).chunk_size == chunk
+    assert resolve_plan(dataclasses.replace(cfg, backend="triton"), "cpu", torch.float32).chunk_size == 64
+    assert scan_flops_per_token(cfg) == scan_flops_per_token(cfg, chunk)
+    assert resolve_plan(dataclasses.replace(cfg, chunk_size=8), "cpu", torch.float32).chunk_size == 8
 
 
 def test_path_overrides_leave_the_config_alone():

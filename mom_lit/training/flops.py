@@ -9,6 +9,7 @@ not hardware utilisation).
 from __future__ import annotations
 
 from mom_lit.config import MoMConfig
+from mom_lit.plan import reference_chunk_size
 
 
 def active_streams(config: MoMConfig) -> int:
@@ -72,12 +73,13 @@ def scan_flops_per_token(config: MoMConfig, chunk_size: int | None = None) -> in
     Per head and chunk of C tokens, a token costs its share of the inter-chunk state products (read q S, the
     state update k^T v, plus k S for the delta rules: 2 K V each) and of the intra-chunk (C x C) products
     over keys and values (2 C (K + V)). ``chunk_size``: the chunk length of the scan that runs
-    (``ExecutionPlan.chunk_size``: the Triton tile on GPUs); default ``config.chunk_size``.
+    (``ExecutionPlan.chunk_size``: the Triton tile on GPUs); default the chunked reference's
+    (:func:`mom_lit.plan.reference_chunk_size`).
     """
     c = config
     k, v = c.head_dim, c.head_v_dim
     state_products = 3 if c.update_rule in ("gated_delta", "delta") else 2
-    chunk = c.chunk_size if chunk_size is None else chunk_size
+    chunk = reference_chunk_size(c) if chunk_size is None else chunk_size
     per_head = 2 * state_products * k * v + 2 * chunk * (k + v)
     return c.num_layers * active_streams(c) * c.num_heads * per_head
 

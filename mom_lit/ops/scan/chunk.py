@@ -18,10 +18,11 @@ computed for all chunks at once (``intra_chunk``); the states are then passed th
 with one small matmul per chunk step (``pass_states``), and the outputs are assembled for all chunks at once
 (``assemble_output``).
 
-Decays are never formed as a difference of long cumulative sums: a decay from j to i inside a chunk is the exp of
-a masked cumulative sum over (j, i] (``segsum``); decays from the chunk start are cumulative sums from the start
-and decays to the chunk end are sums over (j, C] (the last row of the segment sums, or a reversed cumulative
-sum per key); every exponent is <= 0.
+Decays are never formed as a difference of long fp32 cumulative sums: a decay from j to i inside a chunk is the
+exp of the sum over (j, i], for a scalar gate the difference of two float64 cumulative sums (``scalar_decays``,
+exact to fp32 rounding), for a per-key gate a masked cumulative sum (``segsum``); decays from the chunk start are
+cumulative sums from the start and decays to the chunk end are sums over (j, C] (the last row of the segment
+sums, or a reversed cumulative sum per key); every exponent is <= 0.
 
 Packed segments (``cu_seqlens``) are laid out chunk by chunk, each padded only to a multiple of ``C`` with
 identity tokens (zero key, value and query, gate 0, beta 0), so segments never mix and no segment is padded to
@@ -38,7 +39,7 @@ import torch
 from mom_lit.ops.scan.recurrent import check_scan_inputs, compute_dtype
 
 __all__ = ["ChunkKernels", "EAGER_KERNELS", "assemble_output", "chunk_layout", "chunk_scan", "chunk_scan_with",
-           "intra_chunk", "pass_states", "segsum"]
+           "intra_chunk", "pass_states", "scalar_decays", "segsum"]
 
 # Sub-block length of the per-key-gate scores: the exact (sub, sub, K) segment sums are only formed on the
 # diagonal blocks, keeping the memory of a chunk at C * sub * K instead of C * C * K.
@@ -57,6 +58,20 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     repeated = x.unsqueeze(-1).expand(*x.shape, length).masked_fill(~below, 0.0)
     sums = repeated.cumsum(-2)
     return sums.masked_fill(~below.logical_or(torch.eye(length, dtype=torch.bool, device=x.device)), float("-inf"))
+
+
+def scalar_decays(g: torch.Tensor) -> torch.Tensor:
+    """``exp(segsum(g))`` for a scalar log-gate: (..., C) -> (..., C, C), ``Gamma_i / Gamma_j`` for j <= i, 0 above.
+
+    Each segment sum is the difference of two cumulative sums taken in float64: for fp32 gates (and any chunk
+    length in use) the difference is exact to far below fp32 rounding, so this matches :func:`segsum` while
+    costing one elementwise pass over (C, C) instead of a cumulative sum over it (and the same in the backward).
+    """
+    length = g.shape[-1]
+    sums = g.to(torch.float64).cumsum(-1)  # (..., C)
+    diff = (sums.unsqueeze(-1) - sums.unsqueeze(-2)).to(g.dtype)  # (..., i, j) = sum_{j < l <= i} g_l
+    above = torch.ones(length, length, dtype=torch.bool, device=g.device).triu(1)
+    return diff.masked_fill(above, float("-inf")).exp()
 
 
 def _suffix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -120,30 +135,44 @@ class IntraChunk(NamedTuple):
     decay_steps: torch.Tensor | None  # (J*N, H, 1, 1) scalar gate, (J*N, H, K, 1) per-key gate; additive rules
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor, pad: torch.Tensor | float) -> torch.Tensor:
-    """``x[index]`` where ``index == len(x)`` selects ``pad`` (a padding token / an identity step)."""
-    pad_row = torch.full_like(x[:1], pad) if isinstance(pad, float) else pad.expand_as(x[:1]).to(x.dtype)
-    return torch.cat([x, pad_row])[index]
+def _place_rows(x: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base`` with row ``index[i]`` replaced by ``x[i]`` (one-to-one ``index``): (M, ...) into (R, ...).
 
-
-class _Relayout(torch.autograd.Function):
-    """``cat([x, 0])[index]`` for a one-to-one ``index`` whose inverse is known.
-
-    The adjoint of such a gather is the inverse gather, so the backward is a plain gather too, never an
-    accumulating scatter. ``index`` may point at row ``len(x)`` (the zero row) and ``inverse`` may point one past
-    the last output row likewise (slots that receive no gradient).
+    Differentiable in ``x`` (its gradient is the plain gather ``grad[index]``); ``base`` holds the rows no ``x``
+    lands on (padding tokens, identity steps) and may be an expanded constant.
     """
+    return torch.index_copy(base.to(x.dtype), 0, index, x)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Rows of ``x`` placed at the one-to-one ``index`` of ``rows`` zero rows; the backward is the plain gather
+    ``grad[index]``, never an accumulating scatter (as for its adjoint, :class:`_GatherRows`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.index_dims = index.dim()
-        return _gather_rows(x, index, 0.0)
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return x.new_zeros(rows, *x.shape[1:]).index_copy_(0, index, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return _gather_rows(grad.flatten(0, ctx.index_dims - 1), inverse, 0.0), None, None
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[index]`` for a one-to-one ``index`` into the ``len(x)`` rows; the backward places the gradient rows back
+    (zero where no row was read), never an accumulating scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
 
 
 def to_chunks(x: torch.Tensor | None, layout: ChunkLayout) -> torch.Tensor | None:
@@ -151,12 +180,15 @@ def to_chunks(x: torch.Tensor | None, layout: ChunkLayout) -> torch.Tensor | Non
 
     Kept out of the compiled stage on purpose: a gather fused into its consumers is recomputed in every inner loop.
     """
-    return None if x is None else _Relayout.apply(x, layout.gather, layout.scatter)
+    if x is None:
+        return None
+    slots = _ScatterRows.apply(x, layout.scatter, layout.gather.numel())  # (NC*C, H, ...)
+    return slots.view(*layout.gather.shape, *x.shape[1:])
 
 
 def to_tokens(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """(NC*C, H, ...) chunk slots -> (L, H, ...) flat tokens (padding slots dropped)."""
-    return _Relayout.apply(x, layout.scatter, layout.gather.flatten())
+    return _GatherRows.apply(x, layout.scatter)
 
 
 def intra_chunk(
@@ -166,13 +198,15 @@ def intra_chunk(
     g: torch.Tensor | None,
     gk: torch.Tensor | None,
     beta: torch.Tensor | None,
-    step_chunks: torch.Tensor,
+    start_order: torch.Tensor,
+    step_slots: torch.Tensor,
     scale: float,
 ) -> IntraChunk:
     """All state-independent work of every chunk at once.
 
     q, k: (NC, C, H, K); v: (NC, C, H, V); g, beta: (NC, C, H); gk: (NC, C, H, K), padding slots zero.
-    step_chunks: (J*N,) chunk of every state step, NC for an identity step.
+    start_order: (NC,) row of each chunk in the (J*N) step order; step_slots: any (J*N,) tensor (its length is
+    the number of step rows; the rows no chunk lands on are identity steps).
     """
     dtype = compute_dtype(q, k, v, g, gk, beta)
 
@@ -180,39 +214,41 @@ def intra_chunk(
         return x.to(dtype).transpose(1, 2)  # (NC, C, H, ...) -> (NC, H, C, ...)
 
     q, k, v = chunked(q) * scale, chunked(k), chunked(v)  # (NC, H, C, K|V)
-    key_dim = k.shape[-1]
-    # query rows, and for the delta rule key rows too: both are scored against the keys in one product
-    rows = q.unsqueeze(0) if beta is None else torch.stack([q, k])  # (R, NC, H, C, K)
+    key_dim, h, steps = k.shape[-1], k.shape[1], step_slots.shape[0]
+    b = None if beta is None else chunked(beta).unsqueeze(-1)  # (NC, H, C, 1)
+    # Scored against the keys: the queries, and for the delta rule the beta-scaled keys (the rows of A).
+    # A = diag(beta) strict_lower(D(K, K)): the solve reads only the strictly lower triangle of A (unit diagonal
+    # implied) and projects its gradient onto it, so the diagonal needs no masking.
     if g is not None:
         g = chunked(g)  # (NC, H, C)
-        decays = segsum(g).exp()  # (NC, H, C, C): Gamma_i / Gamma_j, 0 above the diagonal
-        scores = (rows @ k.transpose(-1, -2)) * decays  # (R, NC, H, C, C)
+        decays = scalar_decays(g)  # (NC, H, C, C): Gamma_i / Gamma_j, 0 above the diagonal
+        p = (q @ k.transpose(-1, -2)) * decays  # (NC, H, C, C)
+        a = None if b is None else ((b * k) @ k.transpose(-1, -2)) * decays
         # Gamma_i = exp(g_0) * decays[i, 0];  Gamma_C / Gamma_j = decays[C-1, j]
         from_start = (decays[..., :, 0] * g[..., :1].exp()).unsqueeze(-1)  # (NC, H, C, 1)
         to_end = decays[..., -1, :].unsqueeze(-1)  # (NC, H, C, 1)
         chunk_decay = from_start[..., -1:, :]  # (NC, H, 1, 1)
     elif gk is not None:
         gk = chunked(gk)  # (NC, H, C, K)
+        rows = q.unsqueeze(0) if b is None else torch.stack([q, b * k])  # (R, NC, H, C, K)
         scores = _per_key_gate_scores(rows, k, gk)  # (R, NC, H, C, C)
+        p, a = scores[0], (None if b is None else scores[1])
         from_start = gk.cumsum(-2).exp()  # (NC, H, C, K)
         to_end = _suffix_sums(gk, -2).exp()  # (NC, H, C, K)
         chunk_decay = from_start[..., -1, :].unsqueeze(-1)  # (NC, H, K, 1)
     else:
-        scores = (rows @ k.transpose(-1, -2)).tril()
+        p = (q @ k.transpose(-1, -2)).tril()
+        a = None if b is None else (b * k) @ k.transpose(-1, -2)
         from_start = to_end = chunk_decay = None
 
-    p = scores[0]  # (NC, H, C, C) query-key scores
     q_decayed = q if from_start is None else q * from_start
     k_to_end_t = (k if to_end is None else k * to_end).transpose(-1, -2)  # Kd^T: (NC, H, K, C)
-    if beta is None:
-        value_steps = _gather_rows(k_to_end_t @ v, step_chunks, 0.0)
-        decay_steps = None if chunk_decay is None else _gather_rows(chunk_decay, step_chunks, 1.0)
+    if b is None:
+        value_steps = _place_rows(k_to_end_t @ v, start_order, v.new_zeros(()).expand(steps, h, key_dim, v.shape[-1]))
+        decay_steps = (None if chunk_decay is None else
+                       _place_rows(chunk_decay, start_order, v.new_ones(()).expand(steps, *chunk_decay.shape[1:])))
         return IntraChunk(q_decayed, p @ v, None, value_steps, decay_steps)
 
-    b = chunked(beta).unsqueeze(-1)  # (NC, H, C, 1)
-    # The solve reads only the strictly lower triangle of A (unit diagonal implied) and its gradient w.r.t. A is
-    # projected onto that triangle, so the diagonal of the key-key scores needs no masking.
-    a = b * scores[1]
     k_decayed = k if from_start is None else k * from_start
     rhs = torch.cat([b * k_decayed, b * v], -1)  # (NC, H, C, K + V)
     solved = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)  # [W | Uv]
@@ -221,8 +257,9 @@ def intra_chunk(
     eye = torch.eye(key_dim, dtype=dtype, device=q.device)
     start_map = eye if chunk_decay is None else chunk_decay * eye  # Gamma_C as a (K, K) diagonal
     transition = start_map - k_solved[..., :key_dim]  # (NC, H, K, K)
-    transition_steps = _gather_rows(transition, step_chunks, eye)
-    value_steps = _gather_rows(k_solved[..., key_dim:], step_chunks, 0.0)
+    transition_steps = _place_rows(transition, start_order, eye.expand(steps, h, key_dim, key_dim))
+    value_steps = _place_rows(k_solved[..., key_dim:], start_order, v.new_zeros(()).expand(steps, h, key_dim,
+                                                                                          v.shape[-1]))
     return IntraChunk(q_decayed - p_solved[..., :key_dim], p_solved[..., key_dim:], transition_steps, value_steps,
                       None)
 
@@ -355,7 +392,7 @@ def chunk_scan_with(
 
     flat = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731  (B, T, ...) -> (B*T, ...)
     chunks = [to_chunks(flat(x), layout) for x in (q, k, v, g, gk, beta)]  # (NC, C, H, ...)
-    intra = kernels.intra(*chunks, layout.step_chunks, scale)
+    intra = kernels.intra(*chunks, layout.start_order, layout.step_chunks, scale)
     start_steps, final = pass_states(intra, initial, layout.steps)
     o = to_tokens(kernels.output(intra.o_local, intra.q_state, start_steps, layout.start_order), layout)  # (L, H, V)
     return o.view(B, T, H, V).to(v.dtype), (final if output_final_state else None)
