@@ -2,8 +2,8 @@
 
 The interpreter has to be active before Triton's language module is first used, which other tests of the suite
 (torch.compile, inductor) do; a separate process keeps the two apart. On a GPU, ``test_triton_scan.py``,
-``test_triton_decode.py``, ``test_slots.py`` and ``test_mix.py`` run the kernels natively and this wrapper has
-nothing to add.
+``test_triton_decode.py``, ``test_slots.py``, ``test_mix.py`` and ``test_layer_fast_paths.py`` run the kernels
+natively and this wrapper has nothing to add.
 """
 
 from __future__ import annotations
@@ -19,16 +19,24 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: there are no kernels to interpret")
 
 
+# Two interpreted processes side by side, one thread each, so that a 2-core machine runs both halves at once.
+INTERPRETED_SHARDS = (("test_triton_scan.py", "test_triton_decode.py", "test_slots.py", "test_mix.py"),
+                      ("test_layer_fast_paths.py",))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel test files run natively")
 def test_triton_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    targets = [str(Path(__file__).with_name(name)) for name in ("test_triton_scan.py", "test_triton_decode.py",
-                                                                   "test_slots.py", "test_mix.py")]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets],
-                          env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    report = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, report
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+    """The kernel tests (scan, decoding step, slot and mix stages) and the layer's fast paths, interpreted."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               *(str(Path(__file__).with_name(name)) for name in shard)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1]) for shard in INTERPRETED_SHARDS]
+    for shard, proc in zip(INTERPRETED_SHARDS, procs):
+        stdout, stderr = proc.communicate()
+        report = f"{' '.join(shard)}:\n" + stdout[-6000:] + stderr[-2000:]
+        assert proc.returncode == 0, report
+        assert " passed" in stdout and " failed" not in stdout, report
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the stage kernels run natively in their own tests")
