@@ -25,8 +25,9 @@ def varlen_short_conv(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SiLU(causal depthwise conv) of each segment of ``x``.
 
-    ``shifted=False`` runs one library depthwise convolution and patches the segment heads (fastest eagerly);
-    ``shifted=True`` sums W shifted, masked copies, which ``torch.compile`` fuses into a single kernel.
+    ``shifted=False`` runs one causal depthwise convolution over the whole (L, C) layout and patches the segment
+    heads (fastest eagerly); ``shifted=True`` sums W shifted, masked copies, which ``torch.compile`` fuses into a
+    single kernel.
 
     Args:
         x: (L, C) segment-sorted inputs.
@@ -83,14 +84,43 @@ def _conv_by_shifts(x, weight, segment, position, initial_state):
     return y
 
 
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """``y[t] = sum_j weight[:, j] * x[t - (W-1) + j]`` (zeros before row 0) of x (L, C), in x's row-major layout.
+
+    A library ``conv1d`` wants channels first: (C, L) transposed copies of the input, of the output and of their
+    gradients, each as slow as the convolution itself. Here every tap is a row-shifted view of one zero-padded
+    copy, and the backward is the same sum over the gradient shifted the other way."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        length, width = x.shape[0], weight.shape[1]
+        padded = F.pad(x, (0, 0, width - 1, 0))  # (L+W-1, C): padded[t + j] = x[t - (W-1) + j]
+        y = padded[width - 1:] * weight[:, width - 1]
+        for j in range(width - 1):
+            y.addcmul_(padded[j:j + length], weight[:, j])
+        ctx.save_for_backward(padded, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        padded, weight = ctx.saved_tensors
+        length, width = dy.shape[0], weight.shape[1]
+        dy = dy.contiguous()
+        after = F.pad(dy, (0, 0, 0, width - 1))  # (L+W-1, C): x[t] reaches y[t + (W-1) - j] through tap j
+        dx = after[:length] * weight[:, width - 1]
+        for j in range(width - 1):
+            dx.addcmul_(after[width - 1 - j:width - 1 - j + length], weight[:, j])
+        dweight = torch.stack([torch.linalg.vecdot(dy, padded[j:j + length], dim=0) for j in range(width)], 1)
+        return dx, dweight  # (L, C), (C, W)
+
+
 def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
     length, channels = x.shape
     width = weight.shape[1]
     # One depthwise conv over the whole layout; it is right everywhere except the first W-1 rows of each
     # segment, which saw the previous segment's tail. Those rows (a fixed number: no host sync) are recomputed
     # from the segment's own cached inputs and written over it.
-    y = F.conv1d(x.t().unsqueeze(0), weight.unsqueeze(1), padding=width - 1, groups=channels)  # (1, C, L+W-1)
-    y = y[0, :, :length].t()  # (L, C)
+    y = _CausalDepthwiseConv.apply(x, weight)  # (L, C)
     if width > 1 and length > 0:
         seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # (S,)
         head = torch.arange(width - 1, device=x.device)  # positions 0..W-2 of every segment
