@@ -88,29 +88,29 @@ class _CausalDepthwiseConv(torch.autograd.Function):
     """``y[t] = sum_j weight[:, j] * x[t - (W-1) + j]`` (zeros before row 0) of x (L, C), in x's row-major layout.
 
     A library ``conv1d`` wants channels first: (C, L) transposed copies of the input, of the output and of their
-    gradients, each as slow as the convolution itself. Here every tap is a row-shifted view of one zero-padded
-    copy, and the backward is the same sum over the gradient shifted the other way."""
+    gradients, each as slow as the convolution itself. Here tap j adds the rows of x shifted down by W-1-j, as
+    in-place products on row ranges (views), and the backward is the same sum over the gradient shifted up."""
 
     @staticmethod
     def forward(ctx, x, weight):
         length, width = x.shape[0], weight.shape[1]
-        padded = F.pad(x, (0, 0, width - 1, 0))  # (L+W-1, C): padded[t + j] = x[t - (W-1) + j]
-        y = padded[width - 1:] * weight[:, width - 1]
-        for j in range(width - 1):
-            y.addcmul_(padded[j:j + length], weight[:, j])
-        ctx.save_for_backward(padded, weight)
+        y = x * weight[:, width - 1]
+        for shift in range(1, min(width, length + 1)):
+            y[shift:].addcmul_(x[:length - shift], weight[:, width - 1 - shift])  # y[t] += w * x[t - shift]
+        ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        padded, weight = ctx.saved_tensors
-        length, width = dy.shape[0], weight.shape[1]
+        x, weight = ctx.saved_tensors
+        length, width = x.shape[0], weight.shape[1]
         dy = dy.contiguous()
-        after = F.pad(dy, (0, 0, 0, width - 1))  # (L+W-1, C): x[t] reaches y[t + (W-1) - j] through tap j
-        dx = after[:length] * weight[:, width - 1]
-        for j in range(width - 1):
-            dx.addcmul_(after[width - 1 - j:width - 1 - j + length], weight[:, j])
-        dweight = torch.stack([torch.linalg.vecdot(dy, padded[j:j + length], dim=0) for j in range(width)], 1)
+        dx = dy * weight[:, width - 1]
+        dweight = x.new_zeros(weight.shape)  # (C, W): taps shifted past the whole input see nothing
+        dweight[:, width - 1] = (dy * x).sum(0)
+        for shift in range(1, min(width, length + 1)):
+            dx[:length - shift].addcmul_(dy[shift:], weight[:, width - 1 - shift])  # x[t] reached y[t + shift]
+            dweight[:, width - 1 - shift] = (dy[shift:] * x[:length - shift]).sum(0)
         return dx, dweight  # (L, C), (C, W)
 
 
