@@ -196,9 +196,11 @@ class MoMLayer(nn.Module):
         w_stream = self._stream_weights()
         per_stream = (x_flat @ w_stream.reshape(-1, hidden).to(x_flat.dtype).t()).view(num_tokens, self.num_streams, -1)
         gk = self._per_key_gate(per_stream, token, memory)
-        slot_proj = per_stream[token, memory]  # (L, P)
+        # Gathers as index_select of whole rows: their backward is an index_add, not an accumulating index_put.
+        slot_proj = per_stream.view(num_tokens * self.num_streams, -1).index_select(
+            0, token * self.num_streams + memory)  # (L, P): row (token, memory) of per_stream
         k, v, rest = slot_proj.split([c.key_dim, c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
-        qkv = torch.cat([self.q_proj(x_flat)[token], k, v], dim=1)  # (L, C)
+        qkv = torch.cat([self.q_proj(x_flat).index_select(0, token), k, v], dim=1)  # (L, C)
         g, beta = scalar_gates_reference(rest, self.A_log, self.dt_bias, self.num_heads, self.b_proj is not None)
         return qkv, g, gk, beta
 

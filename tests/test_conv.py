@@ -26,7 +26,7 @@ def _reference(x, weight, cu, initial):
 @pytest.mark.parametrize("lengths", [[5, 0, 1, 9, 3], [0, 0, 2], [17], [1, 1, 1, 1]], ids=str)
 @pytest.mark.parametrize("width", [2, 4])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("shifted", [False, True], ids=["conv1d", "shifts"])
+@pytest.mark.parametrize("shifted", [False, True], ids=["whole_layout", "shifts"])
 def test_matches_per_segment_conv(lengths, width, with_state, shifted):
     torch.manual_seed(0)
     channels = 6

@@ -25,8 +25,9 @@ def varlen_short_conv(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SiLU(causal depthwise conv) of each segment of ``x``.
 
-    ``shifted=False`` runs one library depthwise convolution and patches the segment heads (fastest eagerly);
-    ``shifted=True`` sums W shifted, masked copies, which ``torch.compile`` fuses into a single kernel.
+    ``shifted=False`` runs one causal depthwise convolution over the whole (L, C) layout and patches the segment
+    heads (fastest eagerly); ``shifted=True`` sums W shifted, masked copies, which ``torch.compile`` fuses into a
+    single kernel.
 
     Args:
         x: (L, C) segment-sorted inputs.
@@ -83,14 +84,44 @@ def _conv_by_shifts(x, weight, segment, position, initial_state):
     return y
 
 
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """``y[t] = sum_j weight[:, j] * x[t - (W-1) + j]`` (zeros before row 0) of x (L, C), in x's row-major layout.
+
+    A library ``conv1d`` wants channels first: (C, L) transposed copies of the input, of the output and of their
+    gradients, each as slow as the convolution itself. Here tap j adds the rows of x shifted down by W-1-j, as
+    in-place products on row ranges (views), and the backward is the same sum over the gradient shifted up."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        length, width = x.shape[0], weight.shape[1]
+        y = x * weight[:, width - 1]
+        for shift in range(1, min(width, length + 1)):
+            y[shift:].addcmul_(x[:length - shift], weight[:, width - 1 - shift])  # y[t] += w * x[t - shift]
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        length, width = x.shape[0], weight.shape[1]
+        dy = dy.contiguous()
+        dx = dy * weight[:, width - 1]
+        dweight = x.new_zeros(weight.shape)  # (C, W): taps shifted past the whole input see nothing
+        dweight[:, width - 1] = (dy * x).sum(0)
+        for shift in range(1, min(width, length + 1)):
+            dx[:length - shift].addcmul_(dy[shift:], weight[:, width - 1 - shift])  # x[t] reached y[t + shift]
+            dweight[:, width - 1 - shift] = (dy[shift:] * x[:length - shift]).sum(0)
+        return dx, dweight  # (L, C), (C, W)
+
+
 def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
     length, channels = x.shape
     width = weight.shape[1]
     # One depthwise conv over the whole layout; it is right everywhere except the first W-1 rows of each
-    # segment, which saw the previous segment's tail. Those rows (a fixed number: no host sync) are recomputed
-    # from the segment's own cached inputs and written over it.
-    y = F.conv1d(x.t().unsqueeze(0), weight.unsqueeze(1), padding=width - 1, groups=channels)  # (1, C, L+W-1)
-    y = y[0, :, :length].t()  # (L, C)
+    # segment, whose taps before the segment start read the previous segment's tail (zeros before row 0) instead
+    # of the segment's own cached inputs. Those rows (a fixed number: no host sync) get the difference added in
+    # place: no copy of y, and rows past a short segment's end add zeros.
+    y = _CausalDepthwiseConv.apply(x, weight)  # (L, C)
     if width > 1 and length > 0:
         seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # (S,)
         head = torch.arange(width - 1, device=x.device)  # positions 0..W-2 of every segment
@@ -98,15 +129,15 @@ def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
         valid = head < seq_len.unsqueeze(1)  # (S, W-1)
         taps = torch.arange(width, device=x.device)  # tap j reads the input at position p - (W-1) + j
         src = head[:, None] - (width - 1) + taps  # (W-1, W) position inside the segment
-        from_x = x[(rows.unsqueeze(-1) - (width - 1) + taps).clamp(0, length - 1)]  # (S, W-1, W, C)
+        read = rows.unsqueeze(-1) - (width - 1) + taps  # (S, W-1, W) row of x the whole-layout conv read
+        seen = torch.where((read >= 0).unsqueeze(-1), x[read.clamp(0, length - 1)], 0)  # (S, W-1, W, C)
         if initial_state is None:
-            from_state = torch.zeros_like(from_x)
+            own = torch.zeros_like(seen)
         else:
             idx = (src + width - 1).clamp(0, width - 2)  # (W-1, W) index into the cached inputs
-            from_state = initial_state[:, idx].to(x.dtype)  # (S, W-1, W, C)
-        window = torch.where((src >= 0)[None, :, :, None], from_x, from_state)
-        fixed = (window * weight.t().to(x.dtype)).sum(2)  # (S, W-1, C)
-        target = torch.where(valid, rows, torch.full_like(rows, length))  # invalid rows go to a dropped spare row
-        y = torch.cat([y, y.new_zeros(1, channels)])
-        y = y.index_put((target.reshape(-1),), fixed.reshape(-1, channels))[:length]
+            own = initial_state[:, idx].to(x.dtype)  # (S, W-1, W, C)
+        before = (src >= 0).logical_not()[None, :, :, None] & valid[:, :, None, None]  # (S, W-1, W, 1)
+        delta = (torch.where(before, own - seen, 0) * weight.t().to(x.dtype)).sum(2)  # (S, W-1, C)
+        # rows past the layout's end belong to no segment (their delta is zero): clamped to a real row
+        y.index_put_((rows.clamp(max=length - 1).reshape(-1),), delta.reshape(-1, channels), accumulate=True)
     return y
