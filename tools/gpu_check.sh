@@ -25,7 +25,8 @@
 #   devicetime  the layer targets on device time: profiles of our MoM layer's and fla's GatedDeltaNet's fwd+bwd
 #           at 8 x 2048 and 2 x 8192 (fla autotunes in the untimed warm-up calls of its first profile), every
 #           kernel in OUT/devicetime.json, and a table of device and wall time per call
-#   against before/after against another checkout of mom_lit (BASE=<its folder>), both timed in this call, in turn:
+#   against (only when named) before/after against another checkout of mom_lit (BASE=<its folder>), both timed
+#           in this call, in turn:
 #           the layer's fwd+bwd device time at 8 x 2048 (profiled, ROUNDS rounds, base and this alternating) and the
 #           12-layer training step eager and captured as a CUDA graph (3 rounds in one process per tree), each with
 #           activation memory fast and balanced; tools/compare_trees.py writes OUT/against.md
