@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from benchlib import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,16 +176,10 @@ def quickstart_worker(threads: int, warmup: int, steps: int) -> dict[str, object
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    median_ms = bench(step, "cpu", warmup=warmup, reps=steps)
     import mom_lit
 
-    return {"first_step_s": first, "steps_per_s": 1.0 / statistics.median(times), "threads": threads,
+    return {"first_step_s": first, "steps_per_s": 1e3 / median_ms, "threads": threads,
             "package": str(Path(mom_lit.__file__).resolve().parent)}
 
 
