@@ -35,7 +35,9 @@ def test_matches_per_segment_conv(lengths, width, with_state, shifted):
     weight = torch.randn(channels, width, dtype=torch.float64, requires_grad=True)
     segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     position = torch.arange(x.shape[0]) - cu[segment]
-    initial = torch.randn(len(lengths), width - 1, channels, dtype=torch.float64) if with_state else None
+    initial = None
+    if with_state:
+        initial = torch.randn(len(lengths), width - 1, channels, dtype=torch.float64, requires_grad=True)
     y, final = varlen_short_conv(x, weight, segment, position, cu, initial, output_final_state=True, shifted=shifted)
     ref_y, ref_final = _reference(x, weight, cu, initial if with_state else torch.zeros(len(lengths), width - 1, channels,
                                                                                        dtype=torch.float64))
@@ -43,8 +45,70 @@ def test_matches_per_segment_conv(lengths, width, with_state, shifted):
     torch.testing.assert_close(final, ref_final)
     if x.shape[0]:
         gy = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, (x, weight), gy),
-                                   torch.autograd.grad(ref_y, (x, weight), gy))
+        inputs = (x, weight) + ((initial,) if with_state else ())
+        torch.testing.assert_close(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(ref_y, inputs, gy))
+
+
+def _segments(lengths):
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return cu, segment, torch.arange(int(cu[-1])) - cu[segment]
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 1, 9, 3], [1, 0, 2], [6]], ids=str)
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_whole_layout_conv_gradcheck(lengths, width, with_state):
+    """Every gradient of the whole-layout convolution (x, filter, cached inputs) against finite differences."""
+    torch.manual_seed(0)
+    cu, segment, position = _segments(lengths)
+    x = torch.randn(int(cu[-1]), 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, width, dtype=torch.float64, requires_grad=True)
+    inputs = [x, weight]
+    if with_state:
+        inputs.append(torch.randn(len(lengths), width - 1, 3, dtype=torch.float64, requires_grad=True))
+
+    def conv(x, weight, initial=None):
+        return varlen_short_conv(x, weight, segment, position, cu, initial)[0]
+
+    assert torch.autograd.gradcheck(conv, tuple(inputs))
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_long_layout_matches_per_segment_conv(with_state):
+    """A layout of several hundred rows (the CPU backward sums the filter gradient over blocks of rows)."""
+    torch.manual_seed(0)
+    lengths = [300, 0, 1, 257, 2, 140]
+    cu, segment, position = _segments(lengths)
+    x = torch.randn(int(cu[-1]), 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    initial = torch.randn(len(lengths), 3, 5, dtype=torch.float64, requires_grad=True)
+    y, _ = varlen_short_conv(x, weight, segment, position, cu, initial if with_state else None)
+    ref_y, _ = _reference(x, weight, cu, initial if with_state else torch.zeros_like(initial))
+    torch.testing.assert_close(y, ref_y)
+    gy = torch.randn_like(y)
+    inputs = (x, weight, initial) if with_state else (x, weight)
+    torch.testing.assert_close(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(ref_y, inputs, gy))
+
+
+def test_whole_layout_conv_keeps_bf16():
+    """bf16 inputs give a bf16 output and bf16 gradients, close to the float64 result."""
+    torch.manual_seed(0)
+    cu, segment, position = _segments([40, 1, 0, 300])
+    x = torch.randn(int(cu[-1]), 8, dtype=torch.float64)
+    weight = torch.randn(8, 4, dtype=torch.float64)
+    initial = torch.randn(4, 3, 8, dtype=torch.float64)
+    grads, ys = {}, {}
+    for dtype in (torch.bfloat16, torch.float64):
+        inputs = [t.to(dtype).requires_grad_() for t in (x, weight, initial)]
+        y, _ = varlen_short_conv(inputs[0], inputs[1], segment, position, cu, inputs[2])
+        y.backward(torch.ones_like(y))
+        ys[dtype], grads[dtype] = y, [t.grad for t in inputs]
+    assert ys[torch.bfloat16].dtype == torch.bfloat16
+    assert [g.dtype for g in grads[torch.bfloat16]] == [torch.bfloat16] * 3
+    torch.testing.assert_close(ys[torch.bfloat16].double(), ys[torch.float64], rtol=2e-2, atol=2e-2)
+    for low, high in zip(grads[torch.bfloat16], grads[torch.float64]):
+        torch.testing.assert_close(low.double(), high, rtol=2e-2, atol=0.1 * high.abs().max().item())
 
 
 def test_layout_keeps_time_order_and_covers_every_slot():

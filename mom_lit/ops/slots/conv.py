@@ -45,10 +45,9 @@ def varlen_short_conv(
         raise ValueError(f"conv initial_state must have shape {(num_segments, width - 1, channels)}, "
                          f"got {tuple(initial_state.shape)}")
     if shifted:
-        y = _conv_by_shifts(x, weight, segment, position, initial_state)
+        y = F.silu(_conv_by_shifts(x, weight, segment, position, initial_state))
     else:
-        y = _conv_then_patch_heads(x, weight, cu_seqlens, initial_state)
-    y = F.silu(y)
+        y = _SegmentConvSilu.apply(x, weight, cu_seqlens, initial_state)
 
     final_state = None
     if output_final_state:
@@ -84,60 +83,103 @@ def _conv_by_shifts(x, weight, segment, position, initial_state):
     return y
 
 
-class _CausalDepthwiseConv(torch.autograd.Function):
-    """``y[t] = sum_j weight[:, j] * x[t - (W-1) + j]`` (zeros before row 0) of x (L, C), in x's row-major layout.
+def _conv_rows(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """``y[t] = sum_j taps[j] * x[t - (W-1) + j]`` (zeros before row 0) of x (L, C), taps (W, C): tap j adds the
+    rows of x shifted down by W-1-j as in-place products on row ranges (views), in x's row-major layout. (A library
+    ``conv1d`` wants channels first: transposed copies of the input and output, each as slow as the convolution.)"""
+    length, width = x.shape[0], taps.shape[0]
+    y = x * taps[width - 1]
+    for shift in range(1, min(width, length + 1)):
+        y[shift:].addcmul_(x[:length - shift], taps[width - 1 - shift])  # y[t] += w * x[t - shift]
+    return y
 
-    A library ``conv1d`` wants channels first: (C, L) transposed copies of the input, of the output and of their
-    gradients, each as slow as the convolution itself. Here tap j adds the rows of x shifted down by W-1-j, as
-    in-place products on row ranges (views), and the backward is the same sum over the gradient shifted up."""
+
+def _tap_gradients(dz: torch.Tensor, x: torch.Tensor, width: int, block: int = 256) -> torch.Tensor:
+    """(W, C) ``sum_t dz[t] * x[t - (W-1-j)]`` of each tap j, in x's dtype. On CPU the products accumulate in place
+    (at least fp32) over blocks of ``block`` rows, which stay in a core's cache: a full-size product per tap costs a
+    fresh allocation and a pass through memory each. Elsewhere one product per tap, each summed by ``sum``."""
+    length, channels = x.shape
+    if x.device.type != "cpu":
+        # (a tap shifted past the whole input sums nothing: zeros)
+        return torch.stack([(dz[shift:] * x[:length - shift]).sum(0) for shift in reversed(range(width))])
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    acc = x.new_zeros(width, min(block, length), channels, dtype=acc_dtype)  # (W, block, C)
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        for shift in range(min(width, end)):
+            first = max(start, shift)  # rows t >= shift have an input t - shift
+            acc[width - 1 - shift, :end - first].addcmul_(dz[first:end], x[first - shift:end - shift])
+    return acc.sum(1).to(x.dtype)
+
+
+class _SegmentHeads:
+    """Where the whole-layout convolution of :func:`_conv_rows` is wrong: the first W-1 rows of each segment, whose
+    taps before the segment start read the previous segment's tail (zeros before row 0) instead of the segment's
+    own cached inputs (zeros without a cache). A fixed number of rows (no host sync); rows past a short segment's
+    end, and past the layout's end (clamped to a real row), are masked out."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, length: int, width: int) -> None:
+        device = cu_seqlens.device
+        seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # (S,)
+        head = torch.arange(width - 1, device=device)  # positions 0..W-2 of every segment
+        rows = cu_seqlens[:-1].unsqueeze(1) + head  # (S, W-1)
+        taps = torch.arange(width, device=device)  # tap j reads the input at position p - (W-1) + j
+        src = head[:, None] - (width - 1) + taps  # (W-1, W) position inside the segment
+        read = rows.unsqueeze(-1) - (width - 1) + taps  # (S, W-1, W) row of x the whole-layout conv read
+        self.rows = rows.clamp(max=length - 1).reshape(-1)  # (S*(W-1),)
+        self.read = read.clamp(0, length - 1)  # (S, W-1, W)
+        self.read_inside = (read >= 0).unsqueeze(-1)  # (S, W-1, W, 1): rows before row 0 read zeros
+        self.state_index = (src + width - 1).clamp(0, width - 2)  # (W-1, W) index into the cached inputs
+        valid = head < seq_len.unsqueeze(1)  # (S, W-1)
+        self.before = (src < 0)[None, :, :, None] & valid[:, :, None, None]  # (S, W-1, W, 1)
+
+    def differences(self, x: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+        """(S, W-1, W, C) what each wrong tap should have read minus what it read (zero for right taps)."""
+        seen = torch.where(self.read_inside, x[self.read], 0)  # (S, W-1, W, C)
+        own = 0 if initial_state is None else initial_state[:, self.state_index].to(x.dtype)  # (S, W-1, W, C)
+        return torch.where(self.before, own - seen, 0)
+
+
+class _SegmentConvSilu(torch.autograd.Function):
+    """``SiLU(z)``, z the causal depthwise convolution of every segment of x (L, C) by weight (C, W): one
+    convolution over the whole layout (:func:`_conv_rows`), then the first W-1 rows of each segment corrected in
+    place (:class:`_SegmentHeads`). Keeps x and z; the backward is the same sum over the gradient shifted up, the
+    correction's gradient added at the few rows it read (no full-size buffer)."""
 
     @staticmethod
-    def forward(ctx, x, weight):
-        length, width = x.shape[0], weight.shape[1]
-        y = x * weight[:, width - 1]
-        for shift in range(1, min(width, length + 1)):
-            y[shift:].addcmul_(x[:length - shift], weight[:, width - 1 - shift])  # y[t] += w * x[t - shift]
-        ctx.save_for_backward(x, weight)
-        return y
+    def forward(ctx, x, weight, cu_seqlens, initial_state):
+        length, channels = x.shape
+        width = weight.shape[1]
+        taps = weight.t().contiguous()  # (W, C): a contiguous row broadcasts several times faster than a column
+        z = _conv_rows(x, taps)  # (L, C)
+        heads = None
+        if width > 1 and length > 0:
+            heads = _SegmentHeads(cu_seqlens, length, width)
+            delta = (heads.differences(x, initial_state) * taps).sum(2)  # (S, W-1, C)
+            z.index_put_((heads.rows,), delta.reshape(-1, channels), accumulate=True)
+        ctx.save_for_backward(x, taps, z, initial_state)
+        ctx.heads, ctx.weight_dtype = heads, weight.dtype
+        return F.silu(z)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        length, width = x.shape[0], weight.shape[1]
-        dy = dy.contiguous()
-        dx = dy * weight[:, width - 1]
-        dweight = x.new_zeros(weight.shape)  # (C, W): taps shifted past the whole input see nothing
-        dweight[:, width - 1] = (dy * x).sum(0)
+        x, taps, z, initial_state = ctx.saved_tensors
+        heads = ctx.heads
+        length, channels = x.shape
+        width = taps.shape[0]
+        dz = torch.ops.aten.silu_backward(dy.contiguous(), z)  # (L, C) in one pass
+        dx = dz * taps[width - 1]
         for shift in range(1, min(width, length + 1)):
-            dx[:length - shift].addcmul_(dy[shift:], weight[:, width - 1 - shift])  # x[t] reached y[t + shift]
-            dweight[:, width - 1 - shift] = (dy[shift:] * x[:length - shift]).sum(0)
-        return dx, dweight  # (L, C), (C, W)
-
-
-def _conv_then_patch_heads(x, weight, cu_seqlens, initial_state):
-    length, channels = x.shape
-    width = weight.shape[1]
-    # One depthwise conv over the whole layout; it is right everywhere except the first W-1 rows of each
-    # segment, whose taps before the segment start read the previous segment's tail (zeros before row 0) instead
-    # of the segment's own cached inputs. Those rows (a fixed number: no host sync) get the difference added in
-    # place: no copy of y, and rows past a short segment's end add zeros.
-    y = _CausalDepthwiseConv.apply(x, weight)  # (L, C)
-    if width > 1 and length > 0:
-        seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # (S,)
-        head = torch.arange(width - 1, device=x.device)  # positions 0..W-2 of every segment
-        rows = cu_seqlens[:-1].unsqueeze(1) + head  # (S, W-1)
-        valid = head < seq_len.unsqueeze(1)  # (S, W-1)
-        taps = torch.arange(width, device=x.device)  # tap j reads the input at position p - (W-1) + j
-        src = head[:, None] - (width - 1) + taps  # (W-1, W) position inside the segment
-        read = rows.unsqueeze(-1) - (width - 1) + taps  # (S, W-1, W) row of x the whole-layout conv read
-        seen = torch.where((read >= 0).unsqueeze(-1), x[read.clamp(0, length - 1)], 0)  # (S, W-1, W, C)
-        if initial_state is None:
-            own = torch.zeros_like(seen)
-        else:
-            idx = (src + width - 1).clamp(0, width - 2)  # (W-1, W) index into the cached inputs
-            own = initial_state[:, idx].to(x.dtype)  # (S, W-1, W, C)
-        before = (src >= 0).logical_not()[None, :, :, None] & valid[:, :, None, None]  # (S, W-1, W, 1)
-        delta = (torch.where(before, own - seen, 0) * weight.t().to(x.dtype)).sum(2)  # (S, W-1, C)
-        # rows past the layout's end belong to no segment (their delta is zero): clamped to a real row
-        y.index_put_((rows.clamp(max=length - 1).reshape(-1),), delta.reshape(-1, channels), accumulate=True)
-    return y
+            dx[:length - shift].addcmul_(dz[shift:], taps[width - 1 - shift])  # x[t] reached z[t + shift]
+        dtaps = _tap_gradients(dz, x, width)
+        dinit = None
+        if heads is not None:
+            dhead = dz[heads.rows].view(-1, width - 1, 1, channels)  # (S, W-1, 1, C)
+            dtaps += (heads.differences(x, initial_state) * dhead).sum((0, 1))
+            dseen = torch.where(heads.before & heads.read_inside, dhead * taps, 0)  # (S, W-1, W, C) d(-seen)
+            dx.index_put_((heads.read.reshape(-1),), -dseen.reshape(-1, channels), accumulate=True)
+            if initial_state is not None and ctx.needs_input_grad[3]:
+                down = torch.where(heads.before, dhead * taps, 0).to(initial_state.dtype)  # (S, W-1, W, C)
+                dinit = torch.zeros_like(initial_state)
+                dinit.index_add_(1, heads.state_index.reshape(-1), down.flatten(1, 2))
+        return dx, dtaps.t().contiguous().to(ctx.weight_dtype), None, dinit
