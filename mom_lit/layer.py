@@ -30,7 +30,7 @@ from mom_lit.layout import build_layout, unsort
 from mom_lit.norm import GatedRMSNorm
 from mom_lit.ops.scan import scan
 from mom_lit.ops.slots import ScanInputs, triton_slots, varlen_short_conv
-from mom_lit.ops.slots.reference import per_key_log_decay, scalar_gates_reference, split_qkv
+from mom_lit.ops.slots.reference import per_key_log_decay, qkv_heads, scalar_gates_reference
 from mom_lit.ops.decode import decode_step
 from mom_lit.ops.mix import mix_gated_rms_norm, mix_reference
 from mom_lit.plan import ExecutionPlan, PlanCache, compute_dtype
@@ -186,7 +186,8 @@ class MoMLayer(nn.Module):
         return torch.cat(parts, dim=1)
 
     def _slot_inputs(self, x_flat: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
-        """Gather each slot's pre-convolution q|k|v (L, C) and its gates from the projections of its token.
+        """Gather each slot's pre-convolution q (L, HK) and k|v (L, HK + HV) and its gates from the projections of
+        its token (q and k|v apart: concatenating them would copy every slot's inputs once more).
 
         Per-stream projections are computed for every stream and then gathered per slot: one matmul, no loop
         over memories, at (S / J) times the projection FLOPs of a grouped matmul over the sorted layout.
@@ -199,10 +200,10 @@ class MoMLayer(nn.Module):
         # Gathers as index_select of whole rows: their backward is an index_add, not an accumulating index_put.
         slot_proj = per_stream.view(num_tokens * self.num_streams, -1).index_select(
             0, token * self.num_streams + memory)  # (L, P): row (token, memory) of per_stream
-        k, v, rest = slot_proj.split([c.key_dim, c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
-        qkv = torch.cat([self.q_proj(x_flat).index_select(0, token), k, v], dim=1)  # (L, C)
+        kv, rest = slot_proj.split([c.key_dim + c.value_dim, slot_proj.shape[1] - c.key_dim - c.value_dim], dim=1)
+        q = self.q_proj(x_flat).index_select(0, token)  # (L, HK)
         g, beta = scalar_gates_reference(rest, self.A_log, self.dt_bias, self.num_heads, self.b_proj is not None)
-        return qkv, g, gk, beta
+        return q, kv, g, gk, beta
 
     def _per_key_gate(self, per_stream: torch.Tensor, token: torch.Tensor, memory: torch.Tensor):
         """GLA's low-rank per-key log-gate (L, H, K) of each slot from every stream's projections (N_tok, S, P)
@@ -216,14 +217,23 @@ class MoMLayer(nn.Module):
     # Slot stage: the reference (plain torch, also compiled) and the Triton kernels --------------------------------
     def _prepare_slots(self, x_flat, token, memory, segment, position, cu_seqlens, conv_init, use_cache, shifted):
         """Projections, short convolution, normalisation and gates of every sorted slot: the scan's inputs."""
-        qkv, g, gk, beta = self._slot_inputs(x_flat, token, memory)
+        q, kv, g, gk, beta = self._slot_inputs(x_flat, token, memory)
         conv_final = None
         if self.conv_weight is not None:
-            qkv, conv_final = varlen_short_conv(qkv, self.conv_weight.to(qkv.dtype), segment, position, cu_seqlens,
-                                                conv_init, output_final_state=use_cache, shifted=shifted)
+            # channels q | k | v of the filter and of the cached inputs (S*N, W-1, C)
+            HK = q.shape[1]
+            weight = self.conv_weight.to(q.dtype)
+            init_q = init_kv = None
+            if conv_init is not None:
+                init_q, init_kv = conv_init[..., :HK], conv_init[..., HK:]
+            conv = dict(output_final_state=use_cache, shifted=shifted)
+            q, final_q = varlen_short_conv(q, weight[:HK], segment, position, cu_seqlens, init_q, **conv)
+            kv, final_kv = varlen_short_conv(kv, weight[HK:], segment, position, cu_seqlens, init_kv, **conv)
+            if use_cache:
+                conv_final = torch.cat([final_q, final_kv], dim=-1)  # (S*N, W-1, C)
         else:
-            qkv = F.silu(qkv)
-        q, k, v = split_qkv(qkv, self.num_heads, self.head_dim, self.head_v_dim)
+            q, kv = F.silu(q), F.silu(kv)
+        q, k, v = qkv_heads(q, kv, self.num_heads, self.head_dim, self.head_v_dim)
         return q, k, v, g, gk, beta, conv_final
 
     def _compiled_prepare_slots(self):

@@ -1,5 +1,5 @@
 """The slot stage's elementwise pieces in plain torch (the reference, also run through ``torch.compile``): the
-gates of the scalar-gate rules, the low-rank per-key log-decay of ``gla`` and the split of the convolved q|k|v
+gates of the scalar-gate rules, the low-rank per-key log-decay of ``gla`` and the split of the convolved q and k|v
 into normalised heads. The projections and the gathers are the layer's (its weights); the short convolution is
 ``conv.py``'s."""
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mom_lit.norm import l2_normalize
 
-__all__ = ["per_key_log_decay", "scalar_gates_reference", "split_qkv"]
+__all__ = ["per_key_log_decay", "qkv_heads", "scalar_gates_reference"]
 
 
 def scalar_gates_reference(rest: torch.Tensor, a_log: torch.Tensor | None, dt_bias: torch.Tensor | None,
@@ -33,10 +33,9 @@ def per_key_log_decay(down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor, 
     return F.logsigmoid(logit) / normalizer
 
 
-def split_qkv(qkv: torch.Tensor, heads: int, key_dim: int, value_dim: int):
-    """(..., 2HK + HV) convolved q|k|v -> L2-normalised q, k (..., H, K) and v (..., H, V)."""
-    HK = heads * key_dim
-    q, k, v = qkv.split([HK, HK, heads * value_dim], dim=-1)
-    lead = qkv.shape[:-1]
+def qkv_heads(q: torch.Tensor, kv: torch.Tensor, heads: int, key_dim: int, value_dim: int):
+    """Convolved q (..., HK) and k|v (..., HK + HV) -> L2-normalised q, k (..., H, K) and v (..., H, V)."""
+    k, v = kv.split([heads * key_dim, heads * value_dim], dim=-1)
+    lead = q.shape[:-1]
     return (l2_normalize(q.reshape(*lead, heads, key_dim)), l2_normalize(k.reshape(*lead, heads, key_dim)),
             v.reshape(*lead, heads, value_dim))
