@@ -76,13 +76,14 @@ def test_whole_layout_conv_gradcheck(lengths, width, with_state):
 
 @pytest.mark.parametrize("with_state", [False, True])
 def test_long_layout_matches_per_segment_conv(with_state):
-    """A layout of several hundred rows (the CPU backward sums the filter gradient over blocks of rows)."""
+    """A layout of several hundred rows of 96 channels: the CPU backward sums the filter gradient over blocks of
+    65536 elements (682 rows here), so over a block boundary inside a segment."""
     torch.manual_seed(0)
     lengths = [300, 0, 1, 257, 2, 140]
     cu, segment, position = _segments(lengths)
-    x = torch.randn(int(cu[-1]), 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    initial = torch.randn(len(lengths), 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(int(cu[-1]), 96, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(96, 4, dtype=torch.float64, requires_grad=True)
+    initial = torch.randn(len(lengths), 3, 96, dtype=torch.float64, requires_grad=True)
     y, _ = varlen_short_conv(x, weight, segment, position, cu, initial if with_state else None)
     ref_y, _ = _reference(x, weight, cu, initial if with_state else torch.zeros_like(initial))
     torch.testing.assert_close(y, ref_y)

@@ -94,11 +94,13 @@ def _conv_rows(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _tap_gradients(dz: torch.Tensor, x: torch.Tensor, width: int, block: int = 256) -> torch.Tensor:
+def _tap_gradients(dz: torch.Tensor, x: torch.Tensor, width: int, block_elements: int = 1 << 16) -> torch.Tensor:
     """(W, C) ``sum_t dz[t] * x[t - (W-1-j)]`` of each tap j, in x's dtype. On CPU the products accumulate in place
-    (at least fp32) over blocks of ``block`` rows, which stay in a core's cache: a full-size product per tap costs a
-    fresh allocation and a pass through memory each. Elsewhere one product per tap, each summed by ``sum``."""
+    (at least fp32) over blocks of about ``block_elements`` elements, which stay in a core's cache (and still split
+    over two threads): a full-size product per tap costs a fresh allocation and a pass through memory each.
+    Elsewhere one product per tap, each summed by ``sum``."""
     length, channels = x.shape
+    block = max(1, block_elements // max(channels, 1))  # rows per block
     if x.device.type != "cpu":
         # (a tap shifted past the whole input sums nothing: zeros)
         return torch.stack([(dz[shift:] * x[:length - shift]).sum(0) for shift in reversed(range(width))])
