@@ -20,15 +20,16 @@ from mom_lit.norm import RMSNorm
 __all__ = ["FusedRMSNorm", "compiled_body", "rms_norm", "swiglu_mlp"]
 
 
-def compiled_body(fn, tensor: torch.Tensor, compile: bool | None = None):
-    """``fn`` run through ``torch.compile`` where ``compile`` is true (None: for CUDA tensors), else ``fn`` itself.
+def compiled_body(fn, tensor: torch.Tensor, compile: bool | None = None, eager=None):
+    """``fn`` run through ``torch.compile`` where ``compile`` is true (None: for CUDA tensors), else ``eager`` (the
+    same arithmetic, rounding for rounding, in fewer passes over memory) or ``fn`` itself.
 
     The compiled body is built once per function (:func:`_compiled`). A compiler that fails raises, naming the
     way to run these bodies eagerly; the eager body gives the same result, only slower.
     """
     if compile is None:
         compile = tensor.is_cuda
-    return _compiled(fn) if compile else fn
+    return _compiled(fn) if compile else (eager or fn)
 
 
 EAGER_ADVICE = ("run the norm, MLP and loss bodies eagerly with model.configure_paths(compile_blocks=False) (or "
@@ -106,6 +107,20 @@ def _glu_bwd(dp, h):
     return torch.cat([dgate, d * gate * sig], dim=-1).to(h.dtype)
 
 
+def _glu_bwd_eager(dp, h):
+    """:func:`_glu_bwd` written straight into the two halves of its result, temporaries reused in place (same
+    operations, same rounding: products and sums commute exactly)."""
+    gate, up = h.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    d = dp.float()
+    dh = torch.empty(h.shape, dtype=sig.dtype, device=h.device)  # (R, 2I)
+    dgate, dup = dh.chunk(2, dim=-1)
+    slope = torch.rsub(sig, 1).mul_(gate).add_(1)  # 1 + gate (1 - sig)
+    torch.mul(d, up, out=dgate).mul_(sig).mul_(slope)
+    torch.mul(d, gate, out=dup).mul_(sig)
+    return dh.to(h.dtype)
+
+
 class _SwiGLUDown(torch.autograd.Function):
     """``silu(gate) * up @ w_down.T`` from the gate|up projection h; keeps h only (the product is recomputed)."""
 
@@ -123,7 +138,7 @@ class _SwiGLUDown(torch.autograd.Function):
         # The backward runs outside autocast: under mixed precision dout and h are bf16 while the weight is fp32,
         # so the products take the activations' dtype (as the autocast forward did) and dw the weight's.
         dw = (dout.t() @ p.to(dout.dtype)).to(w_down.dtype) if ctx.needs_input_grad[1] else None  # (D, I)
-        dh = (compiled_body(_glu_bwd, h, ctx.compile)(dout @ w_down.to(dout.dtype), h)
+        dh = (compiled_body(_glu_bwd, h, ctx.compile, _glu_bwd_eager)(dout @ w_down.to(dout.dtype), h)
               if ctx.needs_input_grad[0] else None)
         return dh, dw, None
 
