@@ -125,3 +125,31 @@ def test_layout_keeps_time_order_and_covers_every_slot():
         assert (tokens[1:] > tokens[:-1]).all()  # strictly increasing time inside a segment
         assert (layout.memory[lo:hi] == s // 3).all() and (seq_id[tokens] == s % 3).all()
         assert torch.equal(layout.position[lo:hi], torch.arange(int(hi - lo)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_layout_conv_on_cuda_matches_float64_reference(dtype):
+    """On a GPU (no blocked filter gradient there) the output, final state and every gradient against the
+    per-segment float64 reference on the CPU."""
+    torch.manual_seed(0)
+    lengths = [300, 0, 1, 257, 2, 140]
+    cu, segment, position = _segments(lengths)
+    x = torch.randn(int(cu[-1]), 64, dtype=torch.float64)
+    weight = torch.randn(64, 4, dtype=torch.float64)
+    initial = torch.randn(len(lengths), 3, 64, dtype=torch.float64)
+    gy = torch.randn(int(cu[-1]), 64, dtype=torch.float64)
+    ref_inputs = [t.clone().requires_grad_() for t in (x, weight, initial)]
+    ref_y, ref_final = _reference(ref_inputs[0], ref_inputs[1], cu, ref_inputs[2])
+    ref_grads = torch.autograd.grad(ref_y, ref_inputs, gy)
+    inputs = [t.to("cuda", dtype).requires_grad_() for t in (x, weight, initial)]
+    y, final = varlen_short_conv(inputs[0], inputs[1], segment.cuda(), position.cuda(), cu.cuda(), inputs[2],
+                                 output_final_state=True)
+    grads = torch.autograd.grad(y, inputs, gy.to("cuda", dtype))
+    assert y.dtype == dtype and [g.dtype for g in grads] == [dtype] * 3
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y.double().cpu(), ref_y, **tol)
+    torch.testing.assert_close(final.double().cpu(), ref_final, **tol)
+    for got, want in zip(grads, ref_grads):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))

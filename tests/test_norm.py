@@ -42,3 +42,22 @@ def test_l2_normalize_matches_plain_expression(dtype):
            torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}[dtype]
     torch.testing.assert_close(grads[0], grads[1], **tol)
     assert torch.equal(grads[0][:, :4], torch.zeros_like(grads[0][:, :4]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_normalize_on_cuda_matches_float64(dtype):
+    """The hand-written backward on a GPU against the float64 plain expression on the CPU."""
+    torch.manual_seed(0)
+    base = torch.randn(512, 3, 64, dtype=torch.float64)
+    gy = torch.randn_like(base)
+    ref = base.clone().requires_grad_()
+    want_y = _plain(ref)
+    (want_g,) = torch.autograd.grad(want_y, ref, gy)
+    x = base.to("cuda", dtype).requires_grad_()
+    y = l2_normalize(x)
+    (g,) = torch.autograd.grad(y, x, gy.to("cuda", dtype))
+    assert y.dtype == dtype and g.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double().cpu(), want_y.detach(), **tol)
+    torch.testing.assert_close(g.double().cpu(), want_g, **tol)

@@ -84,7 +84,8 @@ for step in $STEPS; do
         python -c "import xdist" >/dev/null 2>&1 && workers=(-n 8)
         run tests "${TESTS_S:-420}" python -m pytest "${workers[@]}" -q -rfE --tb=short -p no:cacheprovider \
             tests/test_triton_scan.py tests/test_triton_decode.py tests/test_slots.py tests/test_mix.py \
-            tests/test_layer_fast_paths.py tests/test_fused_blocks.py tests/test_model_gpu.py ;;
+            tests/test_layer_fast_paths.py tests/test_fused_blocks.py tests/test_model_gpu.py \
+            tests/test_conv.py tests/test_norm.py ;;
     layer)
         run layer "${LAYER_S:-240}" python tools/bench_layer.py --sections layer --skip fla --out "$OUT/layer.md"
         run layer_reference_stages "${LAYER_S:-240}" python tools/bench_layer.py --stages reference \
