@@ -48,7 +48,10 @@ def _compiled(fn):
     def run(*args):
         try:
             return compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException as error:  # the compiler's failures, not the body's
+        except Exception as error:  # noqa: BLE001 - sorted below
+            # A failing compiler raises many types (dynamo's own, inductor's, the C++ toolchain's, bare internal
+            # assertions): the eager body tells its failures from the body's own errors, which it raises again.
+            fn(*args)
             raise RuntimeError(f"torch.compile of {fn.__name__} failed ({type(error).__name__}: {error}); "
                                f"{EAGER_ADVICE}") from error
 

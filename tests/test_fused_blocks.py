@@ -163,12 +163,27 @@ def test_compiled_bodies_match_eager_and_a_failing_compiler_names_the_way_out():
     for eager, compiled in zip(*outs):
         assert_close(compiled, eager, 1e-6, floor=1e-12)
 
-    def failing_body(h):
-        raise torch._dynamo.exc.InternalTorchDynamoError("no compiler here")
+    @torch.library.custom_op("mom_lit_tests::eager_only_double", mutates_args=())
+    def eager_only_double(h: torch.Tensor) -> torch.Tensor:
+        return h * 2
 
+    @eager_only_double.register_fake
+    def _(h):  # what the compiler traces with: it fails there, as a broken compiler would
+        raise ValueError("no compiler here")
+
+    def failing_body(h):
+        return eager_only_double(h)
+
+    assert torch.equal(compiled_body(failing_body, x, compile=False)(x), x * 2)
     for _ in range(2):
-        with pytest.raises(RuntimeError, match=r"failing_body failed.*no compiler here.*compile_blocks=False"):
+        with pytest.raises(RuntimeError, match=r"(?s)failing_body failed.*no compiler here.*compile_blocks=False"):
             compiled_body(failing_body, x, compile=True)(x)
+
+    def broken_body(h):  # the body's own error, compiled or not, is raised as it is
+        raise KeyError("the body's own")
+
+    with pytest.raises(KeyError, match="the body's own"):
+        compiled_body(broken_body, x, compile=True)(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
