@@ -94,16 +94,26 @@ def _conv_rows(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _conv_rows_backward(dz: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The input gradient of :func:`_conv_rows`: ``dx[t] = sum_j taps[j] * dz[t + (W-1) - j]`` (zeros past the
+    last row), the same in-place products on the gradient shifted up."""
+    length, width = dz.shape[0], taps.shape[0]
+    dx = dz * taps[width - 1]
+    for shift in range(1, min(width, length + 1)):
+        dx[:length - shift].addcmul_(dz[shift:], taps[width - 1 - shift])  # x[t] reached z[t + shift]
+    return dx
+
+
 def _tap_gradients(dz: torch.Tensor, x: torch.Tensor, width: int, block_elements: int = 1 << 16) -> torch.Tensor:
     """(W, C) ``sum_t dz[t] * x[t - (W-1-j)]`` of each tap j, in x's dtype. On CPU the products accumulate in place
     (at least fp32) over blocks of about ``block_elements`` elements, which stay in a core's cache (and still split
     over two threads): a full-size product per tap costs a fresh allocation and a pass through memory each.
     Elsewhere one product per tap, each summed by ``sum``."""
     length, channels = x.shape
-    block = max(1, block_elements // max(channels, 1))  # rows per block
     if x.device.type != "cpu":
         # (a tap shifted past the whole input sums nothing: zeros)
         return torch.stack([(dz[shift:] * x[:length - shift]).sum(0) for shift in reversed(range(width))])
+    block = max(1, block_elements // max(channels, 1))  # rows per block
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     acc = x.new_zeros(width, min(block, length), channels, dtype=acc_dtype)  # (W, block, C)
     for start in range(0, length, block):
@@ -167,21 +177,20 @@ class _SegmentConvSilu(torch.autograd.Function):
     def backward(ctx, dy):
         x, taps, z, initial_state = ctx.saved_tensors
         heads = ctx.heads
-        length, channels = x.shape
+        channels = x.shape[1]
         width = taps.shape[0]
         dz = torch.ops.aten.silu_backward(dy.contiguous(), z)  # (L, C) in one pass
-        dx = dz * taps[width - 1]
-        for shift in range(1, min(width, length + 1)):
-            dx[:length - shift].addcmul_(dz[shift:], taps[width - 1 - shift])  # x[t] reached z[t + shift]
+        dx = _conv_rows_backward(dz, taps)
         dtaps = _tap_gradients(dz, x, width)
         dinit = None
         if heads is not None:
             dhead = dz[heads.rows].view(-1, width - 1, 1, channels)  # (S, W-1, 1, C)
             dtaps += (heads.differences(x, initial_state) * dhead).sum((0, 1))
-            dseen = torch.where(heads.before & heads.read_inside, dhead * taps, 0)  # (S, W-1, W, C) d(-seen)
+            dread = dhead * taps  # (S, W-1, W, C): the gradient of each tap's input at the segment heads
+            dseen = torch.where(heads.before & heads.read_inside, dread, 0)  # d(-seen)
             dx.index_put_((heads.read.reshape(-1),), -dseen.reshape(-1, channels), accumulate=True)
             if initial_state is not None and ctx.needs_input_grad[3]:
-                down = torch.where(heads.before, dhead * taps, 0).to(initial_state.dtype)  # (S, W-1, W, C)
+                down = torch.where(heads.before, dread, 0).to(initial_state.dtype)  # (S, W-1, W, C)
                 dinit = torch.zeros_like(initial_state)
                 dinit.index_add_(1, heads.state_index.reshape(-1), down.flatten(1, 2))
         return dx, dtaps.t().contiguous().to(ctx.weight_dtype), None, dinit
