@@ -105,12 +105,16 @@ class ScaleProbe(L.Callback):
         self._batch_end: float | None = None  # host clock at the end of the previous micro-batch
         self._data_wait = 0.0  # host seconds between micro-batches after the start mark
         self._timed_batches = 0
+        self._comm = CommunicationMeter()
 
     @staticmethod
     def _now(device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._comm.attach(trainer.strategy.model)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -128,7 +132,9 @@ class ScaleProbe(L.Callback):
             if trainer.global_step >= self.warmup_steps:
                 self._start = self._now(pl_module.device)
                 self._batch_end = time.perf_counter()
+                self._comm.skip_seen()
             return
+        self._comm.poll()
         self._tokens += batch["input_ids"].numel()
         self._timed_batches += 1
         self._batch_end = time.perf_counter()
@@ -153,7 +159,7 @@ class ScaleProbe(L.Callback):
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
         timed_steps = self._timed_batches / accumulate
-        comm = ddp_exposed_communication_s(trainer.strategy.model)
+        comm = self._comm.mean_s()
         mine = torch.tensor([self._tokens / elapsed if elapsed > 0 else float("nan"), peak / 2**30,
                              reserved / 2**30, float(self._tokens),
                              elapsed / timed_steps if timed_steps else float("nan"),
@@ -183,18 +189,51 @@ class ScaleProbe(L.Callback):
         (self.out_dir / PROBE_FILE).write_text(json.dumps(probe, indent=1))
 
 
-def ddp_exposed_communication_s(model: Any) -> float:
-    """Seconds per synchronising backward pass that DDP's gradient all-reduce was not hidden under the backward
-    computation: DDP's timers (averaged over the iterations torch samples), all-reduce time minus its overlap
-    with the backward computation. NaN for a model DDP does not wrap (one process, FSDP)."""
-    from torch.nn.parallel import DistributedDataParallel
+class CommunicationMeter:
+    """Seconds per synchronising backward pass during which DDP's gradient all-reduce was not hidden under the
+    backward computation (all-reduce time minus its overlap), averaged over the timed iterations only.
 
-    if not isinstance(model, DistributedDataParallel):
-        return float("nan")
-    timings = model._get_ddp_logging_data()
-    if "avg_backward_comm_time" not in timings:  # no iteration sampled yet
-        return float("nan")
-    return max(0, timings["avg_backward_comm_time"] - timings["avg_backward_compute_comm_overlap_time"]) / 1e9
+    DDP times every iteration once its sampling rate is 1; the newest iteration's figures are read after each
+    micro-batch and told apart by their start stamp, so warm-up iterations (the first all-reduce sets up the
+    communicator) never enter the average. NaN for a model DDP does not wrap (one process, FSDP).
+    """
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._seen: set[int] = set()  # start stamps of the iterations already read or skipped
+        self._exposed_ns: list[int] = []
+
+    def attach(self, model: Any) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            model._set_ddp_runtime_logging_sample_rate(1)
+            self._model = model
+
+    def _latest(self) -> tuple[int, int] | None:
+        """(start stamp, exposed ns) of the newest timed iteration, or None before the first one."""
+        if self._model is None:
+            return None
+        timings = self._model._get_ddp_logging_data()
+        if "backward_comm_time_start" not in timings:
+            return None
+        exposed = timings["backward_comm_time"] - timings["backward_compute_comm_overlap_time"]
+        return int(timings["backward_comm_time_start"]), max(0, int(exposed))
+
+    def skip_seen(self) -> None:
+        """Leave the iterations timed so far (the warm-up) out of the average."""
+        latest = self._latest()
+        if latest is not None:
+            self._seen.add(latest[0])
+
+    def poll(self) -> None:
+        latest = self._latest()
+        if latest is not None and latest[0] not in self._seen:
+            self._seen.add(latest[0])
+            self._exposed_ns.append(latest[1])
+
+    def mean_s(self) -> float:
+        return sum(self._exposed_ns) / len(self._exposed_ns) / 1e9 if self._exposed_ns else float("nan")
 
 
 @dataclass(frozen=True)
