@@ -87,7 +87,7 @@ TINY = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.con
 
 
 @pytest.mark.slow
-def test_run_summarize_plot_end_to_end(lm_compare, byte_data, tmp_path):
+def test_run_summarize_plot_end_to_end(lm_compare, byte_data, tmp_path, capsys):
     out = tmp_path / "mom"
     summary = lm_compare.main(["run", "--variant", "mom", "--data", str(byte_data), "--tokens", "200", "--seed", "0",
                                "--out", str(out), "--length-factor", "4", "--length-docs", "4", "--", *TINY])
@@ -114,7 +114,21 @@ def test_run_summarize_plot_end_to_end(lm_compare, byte_data, tmp_path):
     again = lm_compare.main(["summarize", str(out), "--json", str(tmp_path / "again.json")])
     assert again == summary
 
-    plots = load_tool("plot_lm_compare").main([str(out / "summary.json"), str(tmp_path / "again.json"),
-                                           "--out", str(tmp_path / "docs" / "lm")])
+    # A second seed of the same label (the same run relabelled as seed 1) and a run of another label: the table
+    # has one row per label, with the seeds' mean and range and the difference from the first label per seed.
+    plot = load_tool("plot_lm_compare")
+    (tmp_path / "seed1.json").write_text(json.dumps({**summary, "seed": 1, "final_val_loss": 5.0}))
+    (tmp_path / "other.json").write_text(json.dumps({**summary, "label": "other",
+                                                     "final_val_loss": summary["final_val_loss"] + 0.25}))
+    capsys.readouterr()
+    plots = plot.main([str(out / "summary.json"), str(tmp_path / "seed1.json"), str(tmp_path / "other.json"),
+                       "--out", str(tmp_path / "docs" / "lm")])
     assert [p.name for p in plots] == ["lm_loss.png", "lm_length.png"]
     assert all(p.stat().st_size > 10_000 for p in plots)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    final = summary["final_val_loss"]
+    assert [r[0].strip() for r in rows[1:]] == ["mom", "other"] and rows[1][2].strip() == "0,1"
+    assert rows[1][4].strip() == f"{(final + 5.0) / 2:.4f} ({min(final, 5.0):.4f}-{max(final, 5.0):.4f})"
+    assert rows[1][5].strip() == "-" and rows[2][5].strip() == "+0.2500"
+    with pytest.raises(SystemExit, match="same seed 0"):
+        plot.main([str(out / "summary.json"), str(tmp_path / "again.json"), "--out", str(tmp_path / "x")])

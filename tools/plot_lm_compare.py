@@ -1,13 +1,17 @@
-"""Plots of the language-model comparison from the summaries ``tools/lm_compare.py`` writes.
+"""Plots and a table of the language-model comparison from the summaries ``tools/lm_compare.py`` writes.
 
-* ``STEM_loss.png``: loss against training tokens, one colour per run: validation loss (markers, solid) and the
-  training loss (thin, lighter).
-* ``STEM_length.png``: loss against position in the context (buckets of ``mom-lit evaluate length``), one line per
-  run that has a length evaluation, with the training context marked.
+Runs are grouped by label (the variant, or ``--label``); runs of one label differ in their seed.
+
+* ``STEM_loss.png``: validation loss against training tokens, one colour per label: the mean over seeds (markers)
+  with the seeds' lowest-to-highest range shaded, and the training loss (thin, lighter) of a label with one run.
+* ``STEM_length.png``: loss against position in the context (buckets of ``mom-lit evaluate length``), one line
+  per label (mean over seeds), with the training context marked.
+* On stdout, a Markdown table: per label, the final validation loss (mean and range over seeds) and its
+  difference from the first label's at each shared seed, parameters, tokens and tokens/s.
 
 Usage::
 
-    python tools/plot_lm_compare.py runs/lm/mom_s0/summary.json runs/lm/gdn_s0/summary.json --out docs/lm_compare
+    python tools/plot_lm_compare.py runs/lm/*/summary.json --out docs/lm_compare
 
 Needs matplotlib (``pip install matplotlib``).
 """
@@ -30,34 +34,84 @@ def _millions(n: float) -> str:
     return f"{n / 1e6:.1f}M"
 
 
-def _describe(s: dict[str, Any]) -> str:
-    p = s["parameters"]
-    rate = f"{s['tokens_per_sec'] / 1e3:.0f}K tokens/s" if s.get("tokens_per_sec") else "tokens/s unknown"
-    return (f"{s['label']}: {_millions(p['total'])} parameters ({_millions(p['active_per_token'])} active), "
-            f"{rate}")
+def group_by_label(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs of one label (a variant, or a variant with other settings), in the order first seen; each label's
+    runs must differ in their seed only."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        runs = groups.setdefault(s["label"], [])
+        if any(r["seed"] == s["seed"] for r in runs):
+            raise SystemExit(f"two summaries of label {s['label']!r} have the same seed {s['seed']}: give one "
+                             "of them its own --label")
+        runs.append(s)
+    return groups
 
 
-def _note(summaries: list[dict[str, Any]]) -> str:
+def mean_curve(runs: list[dict[str, Any]], key: str = "val_loss") -> list[tuple[int, float, float, float]]:
+    """(tokens, mean, lowest, highest) over the runs at the token counts that every run reached."""
+    points = [dict(map(tuple, r[key])) for r in runs]
+    shared = sorted(set.intersection(*(set(p) for p in points))) if points else []
+    return [(t, sum(p[t] for p in points) / len(points), min(p[t] for p in points), max(p[t] for p in points))
+            for t in shared]
+
+
+def _describe(label: str, runs: list[dict[str, Any]]) -> str:
+    p = runs[0]["parameters"]
+    rates = sorted(r["tokens_per_sec"] for r in runs if r.get("tokens_per_sec"))
+    rate = f"{rates[len(rates) // 2] / 1e3:.0f}K tokens/s" if rates else "tokens/s unknown"
+    seeds = ",".join(str(r["seed"]) for r in runs)
+    return (f"{label}: {_millions(p['total'])} parameters ({_millions(p['active_per_token'])} active), "
+            f"{rate}, seed(s) {seeds}")
+
+
+def _note(groups: dict[str, list[dict[str, Any]]]) -> str:
+    summaries = [s for runs in groups.values() for s in runs]
     devices = sorted({s["device"] for s in summaries})
-    seeds = sorted({s["seed"] for s in summaries})
     commits = sorted({(s["git"]["commit"] or "?")[:8] for s in summaries})
-    return ("; ".join(_describe(s) for s in summaries)
-            + f". Context {summaries[0]['seq_len']}, seed(s) {seeds}, {', '.join(devices)}, "
-            f"commit {', '.join(commits)}.")
+    return ("; ".join(_describe(label, runs) for label, runs in groups.items())
+            + f". Context {summaries[0]['seq_len']}, {', '.join(devices)}, commit {', '.join(commits)}.")
 
 
-def plot_loss(summaries: list[dict[str, Any]], path: Path) -> None:
+def table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: per label, the final validation loss (mean over seeds, lowest-highest) and its difference from
+    the first label's at the same seeds."""
+    first_label, first = next(iter(groups.items()))
+    lines = ["| run | parameters (active) | seeds | tokens | final val loss: mean (lowest-highest) "
+             f"| minus {first_label}'s, per seed | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for label, runs in groups.items():
+        finals = [r["final_val_loss"] for r in runs]
+        p = runs[0]["parameters"]
+        spread = f" ({min(finals):.4f}-{max(finals):.4f})" if len(finals) > 1 else ""
+        base = {r["seed"]: r["final_val_loss"] for r in first}
+        diffs = [] if label == first_label else [f"{r['final_val_loss'] - base[r['seed']]:+.4f}" for r in runs
+                                                  if r["seed"] in base]
+        rates = sorted(r["tokens_per_sec"] for r in runs if r.get("tokens_per_sec"))
+        rate = f"{rates[len(rates) // 2]:,.0f}" if rates else "-"
+        lines.append(f"| {label} | {_millions(p['total'])} ({_millions(p['active_per_token'])}) "
+                     f"| {','.join(str(r['seed']) for r in runs)} | {_millions(runs[0]['tokens'])} "
+                     f"| {sum(finals) / len(finals):.4f}{spread} | {' '.join(diffs) or '-'} | {rate} |")
+    return "\n".join(lines)
+
+
+def plot_loss(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Validation loss against tokens per label: the mean over seeds (markers) with the seeds' range shaded; the
+    training loss (thin, lighter) where a label has a single run."""
     fig = new_figure(figsize=(7.5, 4.6), dpi=120)
     ax = fig.add_subplot()
-    for i, s in enumerate(summaries):
+    for i, (label, runs) in enumerate(groups.items()):
         colour = f"C{i}"
-        if s["train_loss"]:
-            x, y = zip(*s["train_loss"])
-            ax.plot([v / 1e6 for v in x], y, color=colour, alpha=0.35, linewidth=0.8, label=f"{s['label']} train")
-        if s["val_loss"]:
-            x, y = zip(*s["val_loss"])
-            ax.plot([v / 1e6 for v in x], y, color=colour, marker="o", markersize=3, label=f"{s['label']} val")
-    finals = [s["final_val_loss"] for s in summaries if s.get("final_val_loss") is not None]
+        if len(runs) == 1 and runs[0]["train_loss"]:
+            x, y = zip(*runs[0]["train_loss"])
+            ax.plot([v / 1e6 for v in x], y, color=colour, alpha=0.35, linewidth=0.8, label=f"{label} train")
+        curve = mean_curve(runs)
+        if curve:
+            x, mean, low, high = zip(*curve)
+            x = [v / 1e6 for v in x]
+            name = f"{label} val" + (f", mean of {len(runs)} seeds" if len(runs) > 1 else "")
+            ax.plot(x, mean, color=colour, marker="o", markersize=3, label=name)
+            if len(runs) > 1:
+                ax.fill_between(x, low, high, color=colour, alpha=0.2, linewidth=0)
+    finals = [s["final_val_loss"] for runs in groups.values() for s in runs if s.get("final_val_loss") is not None]
     if finals:  # the early loss is far above the end: keep the end readable
         ax.set_ylim(min(finals) - 0.3, max(finals) + 1.5)
     ax.set_xlabel("training tokens (millions)")
@@ -65,22 +119,30 @@ def plot_loss(summaries: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Language-model loss at matched training tokens", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    add_footnote(fig, _note(summaries))
+    add_footnote(fig, _note(groups))
     fig.savefig(path)
 
 
-def plot_length(summaries: list[dict[str, Any]], path: Path) -> bool:
-    runs = [s for s in summaries if s.get("length")]
+def plot_length(groups: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Loss per position bucket, one line per label (the mean over its seeds' length evaluations)."""
+    measured = {label: [r for r in runs if r.get("length")] for label, runs in groups.items()}
+    runs = [r for rs in measured.values() for r in rs]
     if not runs:
         return False
     fig = new_figure(figsize=(7.5, 4.6), dpi=120)
     ax = fig.add_subplot()
-    for i, s in enumerate(summaries):
-        if not s.get("length"):
+    for i, (label, rs) in enumerate(measured.items()):
+        if not rs:
             continue
-        rows = [r for r in s["length"]["buckets"] if math.isfinite(r["loss"])]
-        ax.plot([r["stop"] for r in rows], [r["loss"] for r in rows], color=f"C{i}", marker="o", markersize=3,
-                label=s["label"])
+        buckets: dict[int, list[float]] = {}
+        for r in rs:
+            for b in r["length"]["buckets"]:
+                if math.isfinite(b["loss"]):
+                    buckets.setdefault(b["stop"], []).append(b["loss"])
+        stops = sorted(stop for stop, losses in buckets.items() if len(losses) == len(rs))
+        name = label + (f", mean of {len(rs)} seeds" if len(rs) > 1 else "")
+        ax.plot(stops, [sum(buckets[v]) / len(rs) for v in stops], color=f"C{i}", marker="o", markersize=3,
+                label=name)
     train_length = runs[0]["length"]["meta"].get("train_length")
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", label=f"training context {train_length}")
@@ -113,13 +175,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         if not path.is_file():
             raise SystemExit(f"summary {path} does not exist")
         summaries.append(json.loads(path.read_text()))
+    groups = group_by_label(summaries)
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = [stem.with_name(stem.name + "_loss.png")]
-    plot_loss(summaries, written[0])
+    plot_loss(groups, written[0])
     length = stem.with_name(stem.name + "_length.png")
-    if plot_length(summaries, length):
+    if plot_length(groups, length):
         written.append(length)
+    print(table(groups))
     for path in written:
         print(f"wrote {path}")
     return written
