@@ -3,7 +3,8 @@
 Runs are grouped by label (the variant, or ``--label``); runs of one label differ in their seed.
 
 * ``STEM_loss.png``: validation loss against training tokens, one colour per label: the mean over seeds (markers)
-  with the seeds' lowest-to-highest range shaded, and the training loss (thin, lighter) of a label with one run.
+  with the seeds' lowest-to-highest range shaded, and the training loss (thin, lighter) of a label with one run;
+  with several labels, a lower panel of each label's validation loss minus the first label's at the same seed.
 * ``STEM_length.png``: loss against position in the context (buckets of ``mom-lit evaluate length``), one line
   per label (mean over seeds), with the training context marked.
 * On stdout, a Markdown table: per label, the final validation loss (mean and range over seeds) and its
@@ -93,11 +94,27 @@ def table(groups: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[tuple[int, float, float, float]]:
+    """(tokens, mean, lowest, highest) over the seeds both labels ran of the validation loss minus the base
+    label's at the same seed: the data order is the seed's, so the pairs differ in the model only."""
+    by_seed = {r["seed"]: dict(map(tuple, r["val_loss"])) for r in base}
+    diffs = [{t: v - by_seed[r["seed"]][t] for t, v in r["val_loss"] if t in by_seed[r["seed"]]}
+             for r in runs if r["seed"] in by_seed]
+    shared = sorted(set.intersection(*(set(d) for d in diffs))) if diffs else []
+    return [(t, sum(d[t] for d in diffs) / len(diffs), min(d[t] for d in diffs), max(d[t] for d in diffs))
+            for t in shared]
+
+
 def plot_loss(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Validation loss against tokens per label: the mean over seeds (markers) with the seeds' range shaded; the
-    training loss (thin, lighter) where a label has a single run."""
-    fig = new_figure(figsize=(7.5, 4.6), dpi=120)
-    ax = fig.add_subplot()
+    training loss (thin, lighter) where a label has a single run. With several labels, a lower panel shows each
+    label's difference from the first one, seed by seed (mean and range)."""
+    labels = list(groups)
+    fig = new_figure(figsize=(7.5, 6.4 if len(labels) > 1 else 4.6), dpi=120)
+    if len(labels) > 1:
+        ax, dax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    else:
+        ax, dax = fig.add_subplot(), None
     for i, (label, runs) in enumerate(groups.items()):
         colour = f"C{i}"
         if len(runs) == 1 and runs[0]["train_loss"]:
@@ -111,14 +128,26 @@ def plot_loss(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
             ax.plot(x, mean, color=colour, marker="o", markersize=3, label=name)
             if len(runs) > 1:
                 ax.fill_between(x, low, high, color=colour, alpha=0.2, linewidth=0)
+        diff = paired_difference(runs, groups[labels[0]]) if dax is not None and i > 0 else []
+        if diff:
+            x, mean, low, high = zip(*diff)
+            x = [v / 1e6 for v in x]
+            dax.plot(x, mean, color=colour, marker="o", markersize=3, label=f"{label} - {labels[0]}")
+            if any(lo != hi for lo, hi in zip(low, high)):  # several seeds
+                dax.fill_between(x, low, high, color=colour, alpha=0.2, linewidth=0)
     finals = [s["final_val_loss"] for runs in groups.values() for s in runs if s.get("final_val_loss") is not None]
     if finals:  # the early loss is far above the end: keep the end readable
         ax.set_ylim(min(finals) - 0.3, max(finals) + 1.5)
-    ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Language-model loss at matched training tokens", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if dax is not None:
+        dax.axhline(0.0, color="grey", linewidth=0.8)
+        dax.set_ylabel("val loss difference\n(same seed; below 0: lower)", fontsize=8)
+        dax.grid(True, alpha=0.3)
+        dax.legend(fontsize=8)
+    (dax if dax is not None else ax).set_xlabel("training tokens (millions)")
     add_footnote(fig, _note(groups))
     fig.savefig(path)
 
