@@ -149,6 +149,16 @@ def test_chunked_loss_matches_full_logits_on_device(dtype, device):
     assert_same_dtype_and_close(w1.grad, w2.grad, TOL[dtype], "dweight")
 
 
+@torch.library.custom_op("mom_lit_tests::eager_only_double", mutates_args=())
+def _eager_only_double(h: torch.Tensor) -> torch.Tensor:
+    return h * 2
+
+
+@_eager_only_double.register_fake
+def _(h):  # what the compiler traces with: it fails there, as a broken compiler would
+    raise ValueError("no compiler here")
+
+
 def test_compiled_bodies_match_eager_and_a_failing_compiler_names_the_way_out():
     """``compile=True`` runs the bodies through torch.compile on any device, with the eager result; a compiler
     that fails raises, naming how to run the bodies eagerly (no process-wide switch to eager)."""
@@ -163,16 +173,8 @@ def test_compiled_bodies_match_eager_and_a_failing_compiler_names_the_way_out():
     for eager, compiled in zip(*outs):
         assert_close(compiled, eager, 1e-6, floor=1e-12)
 
-    @torch.library.custom_op("mom_lit_tests::eager_only_double", mutates_args=())
-    def eager_only_double(h: torch.Tensor) -> torch.Tensor:
-        return h * 2
-
-    @eager_only_double.register_fake
-    def _(h):  # what the compiler traces with: it fails there, as a broken compiler would
-        raise ValueError("no compiler here")
-
     def failing_body(h):
-        return eager_only_double(h)
+        return _eager_only_double(h)
 
     assert torch.equal(compiled_body(failing_body, x, compile=False)(x), x * 2)
     for _ in range(2):

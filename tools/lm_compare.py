@@ -247,6 +247,7 @@ def summarize(out: str | Path, json_path: str | Path | None = None, skip_steps: 
     # The last optimizer step anything was logged at: the closing validation when the run ended as planned
     # (training values are logged only every log_every_n_steps).
     last_step = max((step for series in scalars.values() for step, _ in series), default=-1)
+    tokens = seen(last_step) if last_step >= 0 else 0
     train = [[seen(step), value] for step, value in scalars.get("train/lm_loss", [])]
     val = [[seen(step), value] for step, value in scalars.get("val/loss", [])]
     skip = skip_steps if skip_steps is not None else min(50, record["steps"] // 10)
@@ -264,15 +265,14 @@ def summarize(out: str | Path, json_path: str | Path | None = None, skip_steps: 
         # What the run did, which is less than planned when it was stopped early (e.g. trainer.max_time).
         "seq_len": record["seq_len"], "tokens_per_step": per_step, "steps_planned": record["steps"],
         "steps": last_step + 1,
-        "tokens": seen(last_step) if last_step >= 0 else 0,
+        "tokens": tokens,
         "val_loss": val, "final_val_loss": val[-1][1] if val else None,
         "train_loss": _subsample(train, TRAIN_POINTS),
         "tokens_per_sec": rates[len(rates) // 2] if rates else None,
         "tokens_per_sec_note": f"median of the logged 20-batch windows from step {skip} on (validation excluded)",
         "fit_seconds": record.get("fit_seconds"),
         # Over the whole command: start-up, compilation, validation and checkpoints included.
-        "tokens_per_sec_wall": (seen(last_step) / record["fit_seconds"]
-                                if last_step >= 0 and record.get("fit_seconds") else None),
+        "tokens_per_sec_wall": tokens / record["fit_seconds"] if tokens and record.get("fit_seconds") else None,
         "peak_memory_gib": max(peak) if peak else None,
         "final_aux_loss": aux[-1][1] if aux else None,
         "routing": {"max_min_ratio_worst": worst[-1][1] if worst else None,

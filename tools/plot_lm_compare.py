@@ -48,12 +48,16 @@ def group_by_label(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, 
     return groups
 
 
+def spread(series: list[dict[int, float]]) -> list[tuple[int, float, float, float]]:
+    """(x, mean, lowest, highest) over the series at the x values that every series has."""
+    shared = sorted(set.intersection(*(set(one) for one in series))) if series else []
+    return [(x, sum(one[x] for one in series) / len(series), min(one[x] for one in series),
+             max(one[x] for one in series)) for x in shared]
+
+
 def mean_curve(runs: list[dict[str, Any]], key: str = "val_loss") -> list[tuple[int, float, float, float]]:
     """(tokens, mean, lowest, highest) over the runs at the token counts that every run reached."""
-    points = [dict(map(tuple, r[key])) for r in runs]
-    shared = sorted(set.intersection(*(set(p) for p in points))) if points else []
-    return [(t, sum(p[t] for p in points) / len(points), min(p[t] for p in points), max(p[t] for p in points))
-            for t in shared]
+    return spread([dict(map(tuple, r[key])) for r in runs])
 
 
 def _describe(label: str, runs: list[dict[str, Any]]) -> str:
@@ -98,11 +102,8 @@ def paired_difference(runs: list[dict[str, Any]], base: list[dict[str, Any]]) ->
     """(tokens, mean, lowest, highest) over the seeds both labels ran of the validation loss minus the base
     label's at the same seed: the data order is the seed's, so the pairs differ in the model only."""
     by_seed = {r["seed"]: dict(map(tuple, r["val_loss"])) for r in base}
-    diffs = [{t: v - by_seed[r["seed"]][t] for t, v in r["val_loss"] if t in by_seed[r["seed"]]}
-             for r in runs if r["seed"] in by_seed]
-    shared = sorted(set.intersection(*(set(d) for d in diffs))) if diffs else []
-    return [(t, sum(d[t] for d in diffs) / len(diffs), min(d[t] for d in diffs), max(d[t] for d in diffs))
-            for t in shared]
+    return spread([{t: v - by_seed[r["seed"]][t] for t, v in r["val_loss"] if t in by_seed[r["seed"]]}
+                   for r in runs if r["seed"] in by_seed])
 
 
 def plot_loss(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -163,15 +164,10 @@ def plot_length(groups: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     for i, (label, rs) in enumerate(measured.items()):
         if not rs:
             continue
-        buckets: dict[int, list[float]] = {}
-        for r in rs:
-            for b in r["length"]["buckets"]:
-                if math.isfinite(b["loss"]):
-                    buckets.setdefault(b["stop"], []).append(b["loss"])
-        stops = sorted(stop for stop, losses in buckets.items() if len(losses) == len(rs))
+        curve = spread([{b["stop"]: b["loss"] for b in r["length"]["buckets"] if math.isfinite(b["loss"])}
+                        for r in rs])
         name = label + (f", mean of {len(rs)} seeds" if len(rs) > 1 else "")
-        ax.plot(stops, [sum(buckets[v]) / len(rs) for v in stops], color=f"C{i}", marker="o", markersize=3,
-                label=name)
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], color=f"C{i}", marker="o", markersize=3, label=name)
     train_length = runs[0]["length"]["meta"].get("train_length")
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", label=f"training context {train_length}")

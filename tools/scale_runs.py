@@ -134,7 +134,8 @@ class ScaleProbe(L.Callback):
                 self._batch_end = time.perf_counter()
                 self._comm.skip_seen()
             return
-        self._comm.poll()
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # DDP synchronises on this micro-batch only
+            self._comm.poll()
         self._tokens += batch["input_ids"].numel()
         self._timed_batches += 1
         self._batch_end = time.perf_counter()
